@@ -1,0 +1,192 @@
+"""What the HTTP tests share: an in-memory operations backend built on the bus's own types, a
+listener running it on a free port of 127.0.0.1, and a small blocking HTTP client run in a
+thread (real sockets, no mocks)."""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from broker.bus.base import HistoryResult, Publication, StreamPosition
+from broker.errors import BusUnavailable, FrameError
+from broker.http import HttpLimits, serve_http
+from broker.metrics import broker_metrics, merge, render, stats_from_snapshot
+
+API_KEY = "test-api-key"
+_SEGMENT = r"[A-Za-z0-9_-]+"
+_TOPIC = re.compile(rf"{_SEGMENT}(\.{_SEGMENT})*\Z")
+_PATTERN = re.compile(rf"({_SEGMENT}|\*)(\.({_SEGMENT}|\*))*(\.>)?\Z|>\Z")
+
+
+class MemoryBackend:
+    """An :class:`~broker.http.OpsBackend` holding topics in memory, the way the one-worker
+    bus does: offsets from 1, a bounded history, an epoch per topic."""
+
+    def __init__(self, history_size: int = 5, max_data_size: int = 1000) -> None:
+        self.is_ready = True
+        self.bus_up = True
+        self.history_size = history_size
+        self.max_data_size = max_data_size
+        self.topics: dict[str, list[Publication]] = {}
+        self.offsets: dict[str, int] = {}
+        self.epoch = uuid.uuid4().hex[:8]
+        self.members: dict[str, set[str]] = {}
+        self.connections: dict[str, int] = {}
+        self.fail_with: BaseException | None = None
+        self.delay = 0.0
+        self.metrics = [broker_metrics(0), broker_metrics(1)]
+
+    def _check(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if not self.bus_up:
+            raise BusUnavailable("bus down")
+
+    def ready(self) -> tuple[bool, dict[str, object]]:
+        return self.is_ready, {"workers": {"0": True, "1": self.is_ready}, "bus": self.bus_up}
+
+    async def metrics_text(self) -> str:
+        return render(merge(m.registry.snapshot() for m in self.metrics))
+
+    async def stats(self) -> dict[str, Any]:
+        return stats_from_snapshot(merge(m.registry.snapshot() for m in self.metrics))
+
+    def validate_topic(self, topic: str, wildcard: bool = False) -> None:
+        ok = len(topic.encode()) <= 255 and (_PATTERN if wildcard else _TOPIC).match(topic)
+        if not ok:
+            raise FrameError("bad_topic", f"invalid topic: {topic!r}")
+
+    async def publish(self, topic: str, data_json: str) -> Publication:
+        self._check()
+        await trio.sleep(self.delay)
+        if len(data_json.encode()) > self.max_data_size:
+            raise FrameError("too_large", "data too large")
+        offset = self.offsets[topic] = self.offsets.get(topic, 0) + 1
+        pub = Publication(topic, offset, self.epoch, None, data_json)
+        held = self.topics.setdefault(topic, [])
+        held.append(pub)
+        del held[: -self.history_size]
+        self.metrics[0].publications_in.inc(source="http")
+        return pub
+
+    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
+        self._check()
+        held = self.topics.get(topic, [])
+        latest = StreamPosition(self.offsets.get(topic, 0), self.epoch)
+        first_held = held[0].offset if held else latest.offset + 1
+        if since is None:
+            return HistoryResult(tuple(held[:limit]), latest, True, None)
+        if since.epoch != self.epoch:
+            missed = (1, first_held - 1)
+            return HistoryResult(tuple(held[:limit]), latest, False, missed)
+        after = [p for p in held if p.offset > since.offset]
+        if since.offset + 1 < first_held:
+            missed2 = (since.offset + 1, first_held - 1)
+            return HistoryResult(tuple(after[:limit]), latest, False, missed2)
+        return HistoryResult(tuple(after[:limit]), latest, True, None)
+
+    async def presence(self, topic: str) -> list[str]:
+        self._check()
+        return sorted(self.members.get(topic, ()))
+
+    async def disconnect(self, client_id: str) -> int:
+        return self.connections.pop(client_id, 0)
+
+    def info(self) -> dict[str, object]:
+        return {"ws_port": 8765, "ws_scheme": "ws", "node": "test-node", "workers": 2}
+
+
+@attrs.define
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error_code(self) -> str:
+        code: str = self.json()["error"]["code"]
+        return code
+
+
+def _request_sync(
+    port: int, method: str, path: str, body: bytes | None, headers: dict[str, str]
+) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+@attrs.define
+class Listener:
+    port: int
+    backend: MemoryBackend
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = API_KEY,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        hdrs = dict(headers or {})
+        if key is not None:
+            hdrs["Authorization"] = f"Bearer {key}"
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        return await trio.to_thread.run_sync(_request_sync, self.port, method, path, data, hdrs)
+
+    async def raw(self, data: bytes, *, read_until_close: bool = True) -> bytes:
+        """Send bytes on a fresh connection and return everything received until the server
+        closes it (or 10 s pass)."""
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        received = bytearray()
+        async with stream:
+            await stream.send_all(data)
+            with trio.move_on_after(10):
+                while True:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                    if not read_until_close and b"\r\n\r\n" in received:
+                        break
+        return bytes(received)
+
+
+@asynccontextmanager
+async def running_listener(
+    backend: MemoryBackend | None = None,
+    keys: tuple[str, ...] = (API_KEY,),
+    limits: HttpLimits | None = None,
+) -> AsyncIterator[Listener]:
+    backend = backend or MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(serve_http, "127.0.0.1", 0, backend, keys, limits=limits)
+        )
+        try:
+            yield Listener(port, backend)
+        finally:
+            nursery.cancel_scope.cancel()
