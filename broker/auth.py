@@ -1,0 +1,183 @@
+"""Who a client is and what it may do: JWT verification, permissions, and the origin policy.
+
+Tokens are verified with PyJWT against exactly one algorithm family, fixed by the
+configuration (HS256 for a shared secret; RS256 or ES256 for a public key file), so a token
+cannot pick its own algorithm (``alg: none`` and key-confusion attacks are refused).
+
+Permissions are lists of patterns from the token's ``pubsub`` claim, or the configured
+defaults. A pattern prefixed with ``!`` denies, and a deny always wins:
+``["a.>", "!a.secret.>"]`` allows ``a.x`` but never ``a.secret.x``. A subscription pattern is
+allowed only when one allowed pattern covers it wholly and it overlaps no denied pattern, so no
+wildcard subscription can ever receive a denied topic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jwt
+import jwt.types
+
+from broker.config import AuthConfig
+from broker.errors import AuthError
+from broker.topics import pattern_covers, pattern_matches, patterns_overlap
+
+__all__ = ["Identity", "Permissions", "TokenVerifier", "check_origin"]
+
+ANONYMOUS = "anonymous"
+
+
+@attrs.frozen
+class Permissions:
+    """Allowed and denied patterns for one action."""
+
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+
+    @classmethod
+    def from_list(cls, patterns: Iterable[str]) -> Permissions:
+        allow: list[str] = []
+        deny: list[str] = []
+        for p in patterns:
+            (deny if p.startswith("!") else allow).append(p.removeprefix("!"))
+        return cls(tuple(allow), tuple(deny))
+
+    def allows_topic(self, topic: str) -> bool:
+        """Whether the exact ``topic`` is allowed."""
+        if any(pattern_matches(d, topic) for d in self.deny):
+            return False
+        return any(pattern_matches(a, topic) for a in self.allow)
+
+    def allows_pattern(self, pattern: str) -> bool:
+        """Whether every topic ``pattern`` can match is allowed."""
+        if any(patterns_overlap(d, pattern) for d in self.deny):
+            return False
+        return any(pattern_covers(a, pattern) for a in self.allow)
+
+
+@attrs.frozen
+class Identity:
+    """An authenticated client: its id (``sub``), when its token expires (unix seconds, or
+    None), and what it may publish and subscribe to."""
+
+    client: str
+    expires_at: int | None
+    publish: Permissions
+    subscribe: Permissions
+
+
+def _patterns(claim: Any, key: str) -> tuple[str, ...] | None:
+    if claim is None:
+        return None
+    value = claim.get(key) if isinstance(claim, Mapping) else None
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise AuthError(f"the pubsub.{key} claim must be a list of patterns", reason="bad_claims")
+    return tuple(value)
+
+
+class TokenVerifier:
+    """Verifies tokens against one configuration. Build a new one to reload keys."""
+
+    def __init__(self, cfg: AuthConfig) -> None:
+        self._cfg = cfg
+        self._key: str | bytes
+        if cfg.jwt_public_key_file:
+            self._key = Path(cfg.jwt_public_key_file).read_bytes()
+            self._algorithms = ["RS256", "ES256"]
+        else:
+            self._key = cfg.jwt_secret
+            self._algorithms = ["HS256"]
+        self._default_publish = Permissions.from_list(cfg.default_publish)
+        self._default_subscribe = Permissions.from_list(cfg.default_subscribe)
+
+    @property
+    def allow_anonymous(self) -> bool:
+        return self._cfg.allow_anonymous
+
+    def anonymous(self) -> Identity:
+        return Identity(ANONYMOUS, None, self._default_publish, self._default_subscribe)
+
+    def verify(self, token: str, *, now: float | None = None) -> Identity:
+        """Check ``token``'s signature and claims; return who it names.
+
+        Raises :class:`AuthError` (status 401) with a ``reason`` of ``malformed``,
+        ``bad_signature``, ``expired``, ``not_yet_valid``, ``bad_audience``, ``bad_issuer``,
+        ``missing_claim`` or ``bad_claims``.
+        """
+        required = ["sub"]
+        if self._cfg.require_exp:
+            required.append("exp")
+        options: jwt.types.Options = {"require": required, "verify_aud": bool(self._cfg.audience)}
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=self._cfg.audience or None,
+                issuer=self._cfg.issuer or None,
+                options=options,
+                leeway=0,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token has expired", reason="expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError(
+                "token is not valid yet (nbf/iat in the future)", reason="not_yet_valid"
+            ) from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("token audience does not match", reason="bad_audience") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("token issuer does not match", reason="bad_issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(
+                f"token lacks the '{exc.claim}' claim", reason="missing_claim"
+            ) from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature is invalid", reason="bad_signature") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("token algorithm is not accepted", reason="bad_signature") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("token is malformed", reason="malformed") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 255:
+            raise AuthError("the sub claim must be a non-empty string", reason="bad_claims")
+        exp = claims.get("exp")
+        if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
+            raise AuthError("the exp claim must be a number", reason="bad_claims")
+        if exp is not None and exp <= (time.time() if now is None else now):
+            raise AuthError("token has expired", reason="expired")
+        claim = claims.get("pubsub")
+        if claim is not None and not isinstance(claim, Mapping):
+            raise AuthError("the pubsub claim must be an object", reason="bad_claims")
+        pub = _patterns(claim, "publish")
+        subs = _patterns(claim, "subscribe")
+        return Identity(
+            client=sub,
+            expires_at=None if exp is None else int(exp),
+            publish=self._default_publish if pub is None else Permissions.from_list(pub),
+            subscribe=self._default_subscribe if subs is None else Permissions.from_list(subs),
+        )
+
+
+def check_origin(origins: list[str], allowed: tuple[str, ...]) -> None:
+    """Apply the origin policy to the request's ``Origin`` header values.
+
+    No header: a non-browser client, allowed. One header: allowed when it equals an allowed
+    origin exactly (scheme, host and port), or when ``"*"`` is configured. Raises
+    :class:`AuthError` with status 403, or 400 for duplicate headers.
+    """
+    if not origins:
+        return
+    if len(origins) > 1:
+        raise AuthError("more than one Origin header", reason="bad_origin", status=400)
+    if "*" in allowed:
+        return
+    origin = origins[0]
+    if origin not in allowed:
+        raise AuthError(f"origin {origin[:200]!r} is not allowed", reason="bad_origin", status=403)

@@ -1,0 +1,168 @@
+"""The bus interface: what a worker needs from whatever connects it to the other workers.
+
+Theory of operation
+-------------------
+A worker owns connections; a bus owns topics. The worker calls :meth:`Bus.publish` and gets
+back the :class:`Publication` with its offset; the bus then hands that publication to
+:attr:`BusHandlers.on_publication` of *every* worker that called :meth:`Bus.watch` with a
+pattern matching its topic (the publishing worker included, if it watches it). Per topic, the
+bus delivers publications to each watching worker in offset order.
+
+Offsets start at 1 in each epoch and grow by 1. The epoch is an opaque string that changes
+whenever the topic's history is lost (an in-memory store restarted, an idle topic dropped):
+a position ``(offset, epoch)`` from another epoch cannot be resumed.
+
+Presence is kept per topic and client id (the token's ``sub``), counting connections: the
+first connection of a client id to join a topic emits a ``join`` event to the topic's
+watchers, the last one to leave emits ``leave``. Connections are named by
+:class:`ConnKey` so that a bus can forget every connection of a dead worker at once.
+
+Implementations: :mod:`broker.bus.local` (one worker, in-process), :mod:`broker.bus.ipc`
+(several workers on one machine, through the supervisor's hub) and :mod:`broker.bus.redis`
+(several machines).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+__all__ = [
+    "Bus",
+    "BusHandlers",
+    "ConnKey",
+    "HistoryResult",
+    "PresenceEvent",
+    "Publication",
+    "StreamPosition",
+]
+
+
+@attrs.frozen
+class StreamPosition:
+    """A point in one topic's stream: the latest offset (0 when none yet) and the epoch."""
+
+    offset: int
+    epoch: str
+
+
+@attrs.frozen
+class Publication:
+    """One publication as the bus stored and delivers it.
+
+    ``data`` is the JSON text of the published value, encoded once by the publishing worker,
+    so no one downstream parses or re-encodes it.
+    """
+
+    topic: str
+    offset: int
+    epoch: str
+    sender: str | None
+    data: str
+
+
+@attrs.frozen
+class HistoryResult:
+    """What the bus still holds of a topic after a position.
+
+    ``publications`` are in offset order. ``position`` is the topic's latest position.
+    ``missed`` is ``(first, last)``, the inclusive range of offsets after ``since`` that are
+    gone, or ``None`` when nothing after ``since`` was lost (``recovered``). When ``since``
+    named another epoch, ``recovered`` is false and ``missed`` covers the offsets of the
+    current epoch that are gone (``(1, 0)`` when none are).
+    """
+
+    publications: tuple[Publication, ...]
+    position: StreamPosition
+    recovered: bool
+    missed: tuple[int, int] | None
+
+
+@attrs.frozen
+class ConnKey:
+    """Names one connection across the whole deployment, for presence."""
+
+    node: str
+    worker: int
+    conn: int
+
+
+@attrs.frozen
+class PresenceEvent:
+    """``kind`` is ``"join"`` or ``"leave"``; ``client`` is the client id (``sub``)."""
+
+    topic: str
+    kind: str
+    client: str
+
+
+@attrs.define
+class BusHandlers:
+    """The worker's callbacks. They are called from the worker's trio thread, must not block,
+    and must not raise."""
+
+    on_publication: Callable[[Publication], None]
+    on_presence: Callable[[PresenceEvent], None]
+    on_state: Callable[[bool], None] = lambda up: None
+
+
+class Bus(abc.ABC):
+    """The interface every bus implements. Every method may raise
+    :class:`~broker.errors.BusUnavailable` when the bus is down."""
+
+    handlers: BusHandlers
+
+    @abc.abstractmethod
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the bus's background work (connections, readers, expiry) until cancelled.
+
+        Calls ``task_status.started()`` once the bus can serve requests."""
+
+    @property
+    @abc.abstractmethod
+    def is_up(self) -> bool:
+        """Whether the bus is currently connected (always true for in-process buses)."""
+
+    @abc.abstractmethod
+    async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        """Assign the next offset of ``topic``, store the publication in history, deliver it to
+        the watchers, and return it. ``data`` is the JSON text of the value."""
+
+    @abc.abstractmethod
+    async def position(self, topic: str) -> StreamPosition:
+        """The topic's latest position (offset 0 and the current epoch when it has none)."""
+
+    @abc.abstractmethod
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int | None
+    ) -> HistoryResult:
+        """The publications still held after ``since`` (all held ones when ``None``), oldest
+        first; at most ``limit`` of them (the oldest ones) when ``limit`` is given."""
+
+    @abc.abstractmethod
+    async def watch(self, pattern: str) -> None:
+        """Start delivering publications and presence events of topics matching ``pattern``
+        (an exact topic or a wildcard pattern) to this worker. Calls are not counted: the
+        worker calls it once per pattern, when its first subscriber arrives."""
+
+    @abc.abstractmethod
+    async def unwatch(self, pattern: str) -> None:
+        """Stop what :meth:`watch` started; called when the pattern's last subscriber goes."""
+
+    @abc.abstractmethod
+    async def presence_join(self, topic: str, client: str, key: ConnKey) -> None:
+        """Record that connection ``key`` of ``client`` is subscribed to ``topic``."""
+
+    @abc.abstractmethod
+    async def presence_leave(self, topic: str, client: str, key: ConnKey) -> None:
+        """Undo :meth:`presence_join`; a no-op for an unknown key."""
+
+    @abc.abstractmethod
+    async def presence(self, topic: str) -> list[str]:
+        """The distinct client ids present on ``topic``, sorted."""
+
+
+PublicationHandler = Callable[[Publication], Awaitable[None]]

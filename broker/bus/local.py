@@ -1,0 +1,71 @@
+"""The in-process bus: one worker, no other process. Publications are delivered by a direct
+call, in the publishing task, before :meth:`LocalBus.publish` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from broker.bus.base import (
+    Bus,
+    BusHandlers,
+    ConnKey,
+    HistoryResult,
+    PresenceEvent,
+    Publication,
+    StreamPosition,
+)
+from broker.config import HistoryRule
+from broker.history import TopicStore
+
+__all__ = ["LocalBus"]
+
+SWEEP_INTERVAL = 5.0
+
+
+class LocalBus(Bus):
+    def __init__(self, rule_for: Callable[[str], HistoryRule], handlers: BusHandlers) -> None:
+        self.handlers = handlers
+        self.store = TopicStore(rule_for, trio.current_time)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self.store.sweep()
+
+    @property
+    def is_up(self) -> bool:
+        return True
+
+    async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        pub = self.store.publish(topic, data, sender)
+        self.handlers.on_publication(pub)
+        return pub
+
+    async def position(self, topic: str) -> StreamPosition:
+        return self.store.position(topic)
+
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int | None
+    ) -> HistoryResult:
+        return self.store.history(topic, since, limit)
+
+    async def watch(self, pattern: str) -> None:
+        # Everything published here is delivered here: the router filters by subscription.
+        pass
+
+    async def unwatch(self, pattern: str) -> None:
+        pass
+
+    async def presence_join(self, topic: str, client: str, key: ConnKey) -> None:
+        if self.store.join(topic, client, key):
+            self.handlers.on_presence(PresenceEvent(topic, "join", client))
+
+    async def presence_leave(self, topic: str, client: str, key: ConnKey) -> None:
+        if self.store.leave(topic, client, key):
+            self.handlers.on_presence(PresenceEvent(topic, "leave", client))
+
+    async def presence(self, topic: str) -> list[str]:
+        return self.store.members(topic)

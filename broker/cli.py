@@ -1,0 +1,199 @@
+"""The ``pubsub-broker`` command: serve, check a configuration, mint development tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from broker import __version__
+from broker.config import Config, load_config
+from broker.errors import ConfigError
+
+__all__ = ["main"]
+
+DEV_DIR = Path(".pubsub-dev")
+
+EPILOG = """\
+examples:
+  pubsub-broker serve --config /etc/pubsub-broker/broker.toml
+  pubsub-broker serve --config broker.toml --listen 0.0.0.0:8765 --workers 4
+  pubsub-broker check-config --config broker.toml
+  pubsub-broker token --config broker.toml --sub alice --ttl 3600 --publish 'chat.>' --subscribe 'chat.>'
+  pubsub-broker dev            # development: make a config with a random secret, print a token, serve
+
+exit codes: 0 ok, 1 bad usage, 2 bad configuration, 3 could not start (e.g. port in use)
+"""
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        o["server.listen"] = args.listen
+    if getattr(args, "http_listen", None) is not None:
+        o["server.http_listen"] = args.http_listen
+    if getattr(args, "workers", None):
+        o["server.workers"] = "auto" if args.workers == "auto" else int(args.workers)
+    return o
+
+
+def make_token(
+    config: Config,
+    sub: str,
+    *,
+    ttl: float | None = 3600,
+    publish: list[str] | None = None,
+    subscribe: list[str] | None = None,
+) -> str:
+    """An HS256 token for ``sub`` signed with the configured secret (development and tests)."""
+    if not config.auth.jwt_secret:
+        raise ConfigError("auth.jwt_secret", "tokens can only be minted with a shared secret")
+    claims: dict[str, Any] = {"sub": sub, "iat": int(time.time())}
+    if ttl:
+        claims["exp"] = int(time.time() + ttl)
+    if config.auth.audience:
+        claims["aud"] = config.auth.audience
+    if config.auth.issuer:
+        claims["iss"] = config.auth.issuer
+    if publish is not None or subscribe is not None:
+        claims["pubsub"] = {"publish": publish or [], "subscribe": subscribe or []}
+    return jwt.encode(claims, config.auth.jwt_secret, algorithm="HS256")
+
+
+def _serve(config: Config) -> int:
+    from broker.supervisor import run_broker
+
+    return run_broker(config)
+
+
+def _dev() -> int:
+    DEV_DIR.mkdir(exist_ok=True)
+    path = DEV_DIR / "broker.toml"
+    if not path.exists():
+        secret = secrets.token_urlsafe(48)
+        path.write_text(
+            "# Development configuration made by `pubsub-broker dev`. Not for production.\n"
+            "[server]\n"
+            'listen = "127.0.0.1:8765"\n'
+            'http_listen = "127.0.0.1:8766"\n'
+            'allowed_origins = ["http://127.0.0.1:8766", "http://localhost:8766"]\n'
+            "workers = 1\n\n"
+            "[auth]\n"
+            f'jwt_secret = "{secret}"\n'
+            'default_publish = [">"]\n'
+            'default_subscribe = [">"]\n\n'
+            "[api]\n"
+            f'keys = ["{secrets.token_urlsafe(24)}"]\n'
+        )
+        os.chmod(path, 0o600)
+    config = load_config(path)
+    token = make_token(config, "dev-user", ttl=24 * 3600)
+    host, _, port = config.server.listen.rpartition(":")
+    url = f"ws://{host}:{port}/ws"
+    print(
+        f"""
+trio-pubsub development broker (config: {path})
+  WebSocket:  {url}
+  token (user "dev-user", 24 h, may publish and subscribe to everything):
+    {token}
+  try it:
+    .venv/bin/python -m websockets '{url}?token={token}'
+    then type: {{"op":"subscribe","topic":"chat.>","id":1}}
+          and: {{"op":"publish","topic":"chat.room1","data":"hello","id":2}}
+  demo page:  http://{config.server.http_listen}/demo/?token={token}
+  more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
+""",
+        flush=True,
+    )
+    return _serve(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pubsub-broker",
+        description="trio-pubsub: a WebSocket publish/subscribe broker (protocol pubsub.v1).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker",
+        description="Run the broker until SIGTERM or SIGINT; SIGHUP reloads the configuration.",
+    )
+    serve.add_argument("--config", required=True, help="TOML configuration file")
+    serve.add_argument(
+        "--listen",
+        help="HOST:PORT for WebSocket clients (overrides server.listen; port 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        dest="http_listen",
+        help='HOST:PORT of the operations listener (overrides server.http_listen; "" disables)',
+    )
+    serve.add_argument(
+        "--workers", help='number of worker processes, or "auto" (overrides server.workers)'
+    )
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("--config", required=True)
+
+    token = sub.add_parser("token", help="print a signed token (development and tests)")
+    token.add_argument("--config", required=True)
+    token.add_argument("--sub", required=True, help="the client id")
+    token.add_argument(
+        "--ttl", type=float, default=3600, help="seconds until it expires (0: no exp claim)"
+    )
+    token.add_argument(
+        "--publish",
+        action="append",
+        metavar="PATTERN",
+        help="allowed publish pattern (repeatable; '!P' denies)",
+    )
+    token.add_argument(
+        "--subscribe",
+        action="append",
+        metavar="PATTERN",
+        help="allowed subscribe pattern (repeatable; '!P' denies)",
+    )
+
+    sub.add_parser(
+        "dev", help="development: create .pubsub-dev/broker.toml if missing, print a token, serve"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "dev":
+            return _dev()
+        config = load_config(args.config, overrides=_overrides(args))
+        if args.command == "check-config":
+            print(json.dumps({"ok": True, "config": args.config, "workers": config.worker_count}))
+            return 0
+        if args.command == "token":
+            print(
+                make_token(
+                    config, args.sub, ttl=args.ttl, publish=args.publish, subscribe=args.subscribe
+                )
+            )
+            return 0
+        return _serve(config)
+    except ConfigError as exc:
+        print(f"pubsub-broker: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

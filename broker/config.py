@@ -1,0 +1,378 @@
+"""The broker's configuration: a TOML file, checked key by key, turned into frozen values.
+
+Every key has a safe default, so an empty file is a valid (if unusable: it has no secret)
+configuration. :func:`load_config` raises :class:`~broker.errors.ConfigError` naming the first
+bad key: an unknown key (likely a typo), a wrong type, an out-of-range value, or a missing
+secret. The JWT secret may come from the environment (``PUBSUB_BROKER_JWT_SECRET``) so that it
+stays out of files that get copied around.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from broker.errors import BrokerError, ConfigError
+from broker.topics import pattern_matches, validate_pattern
+
+__all__ = [
+    "AuthConfig",
+    "BusConfig",
+    "Config",
+    "HistoryRule",
+    "LimitsConfig",
+    "ServerConfig",
+    "TimeoutsConfig",
+    "load_config",
+    "parse_config",
+    "parse_hostport",
+]
+
+SECRET_ENV = "PUBSUB_BROKER_JWT_SECRET"
+
+
+@attrs.frozen
+class ServerConfig:
+    listen: str = "127.0.0.1:8765"
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    workers: int | str = 1
+    http_listen: str = "127.0.0.1:8766"
+    node_id: str = ""
+    shutdown_timeout: float = 10.0
+
+
+@attrs.frozen
+class AuthConfig:
+    jwt_secret: str = ""
+    jwt_public_key_file: str = ""
+    allow_anonymous: bool = False
+    default_publish: tuple[str, ...] = ()
+    default_subscribe: tuple[str, ...] = ()
+    audience: str = ""
+    issuer: str = ""
+    require_exp: bool = True
+
+
+@attrs.frozen
+class LimitsConfig:
+    max_message_size: int = 65536
+    max_data_size: int = 65536
+    max_subscriptions: int = 128
+    max_connections: int = 10000
+    publish_rate: float = 50.0
+    publish_burst: int = 100
+    send_queue_max_bytes: int = 1024 * 1024
+    max_violations: int = 50
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    handshake_timeout: float = 10.0
+    auth_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    ping_interval: float = 20.0
+    write_timeout: float = 10.0
+
+
+@attrs.frozen
+class BusConfig:
+    url: str = ""
+    cluster: bool = False
+    presence_ttl: float = 30.0
+
+
+@attrs.frozen
+class HistoryRule:
+    """History kept for topics matching ``pattern``: at most ``size`` publications, each kept
+    at most ``ttl`` seconds. ``size == 0`` keeps none (offsets are still assigned)."""
+
+    pattern: str
+    size: int
+    ttl: float
+
+
+DEFAULT_HISTORY = HistoryRule(">", 100, 600.0)
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    bus: BusConfig = BusConfig()
+    history: tuple[HistoryRule, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    source: str = ""
+
+    def history_rule(self, topic: str) -> HistoryRule:
+        """The first ``[[history]]`` rule whose pattern matches ``topic``, else the default
+        (100 publications, 600 s)."""
+        for rule in self.history:
+            if pattern_matches(rule.pattern, topic):
+                return rule
+        return DEFAULT_HISTORY
+
+    @property
+    def worker_count(self) -> int:
+        if self.server.workers == "auto":
+            return max(1, os.cpu_count() or 1)
+        assert isinstance(self.server.workers, int)
+        return self.server.workers
+
+
+def parse_hostport(value: str, key: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6); raise ConfigError naming ``key``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _type_name(kind: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        tuple: "a list of strings",
+    }.get(kind, str(kind))
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if kind is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise AssertionError(kind)
+
+
+_FIELD_TYPES: dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "tuple[str, ...]": tuple,
+}
+
+
+def _section(cls: type[Any], name: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(name, "expected a table")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        field = fields.get(key)
+        if field is None:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(dotted, f"unknown key (known keys of [{name}]: {known})")
+        ftype = str(field.type)
+        if ftype == "int | str":  # server.workers
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(dotted, f'expected an integer or "auto", got {value!r}')
+            values[key] = value
+            continue
+        values[key] = _coerce(dotted, value, _FIELD_TYPES[ftype])
+    return cls(**values)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be greater than 0, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    parse_hostport(cfg.server.listen, "server.listen")
+    if cfg.server.http_listen:
+        parse_hostport(cfg.server.http_listen, "server.http_listen")
+    if isinstance(cfg.server.workers, int) and not 1 <= cfg.server.workers <= 256:
+        raise ConfigError("server.workers", 'must be 1 to 256 or "auto"')
+    if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
+        raise ConfigError("server.tls_key", "tls_cert and tls_key must be set together")
+    for path_key in ("tls_cert", "tls_key"):
+        path = getattr(cfg.server, path_key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"server.{path_key}", f"file not found: {path}")
+    for origin in cfg.server.allowed_origins:
+        if origin != "*" and ("://" not in origin or origin.endswith("/")):
+            raise ConfigError(
+                "server.allowed_origins",
+                f'{origin!r} is not an origin like "https://app.example.com" (scheme://host[:port], no path) or "*"',
+            )
+    _positive("server.shutdown_timeout", cfg.server.shutdown_timeout)
+    if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
+        raise ConfigError(
+            "auth.jwt_public_key_file", "set jwt_secret or jwt_public_key_file, not both"
+        )
+    if not cfg.auth.jwt_secret and not cfg.auth.jwt_public_key_file:
+        raise ConfigError(
+            "auth.jwt_secret",
+            f"missing: set auth.jwt_secret, the environment variable {SECRET_ENV}, "
+            "or auth.jwt_public_key_file",
+        )
+    if cfg.auth.jwt_secret and len(cfg.auth.jwt_secret.encode()) < 32:
+        raise ConfigError(
+            "auth.jwt_secret", "must be at least 32 bytes long (HS256 needs a 256-bit key)"
+        )
+    if cfg.auth.jwt_public_key_file and not Path(cfg.auth.jwt_public_key_file).is_file():
+        raise ConfigError(
+            "auth.jwt_public_key_file", f"file not found: {cfg.auth.jwt_public_key_file}"
+        )
+    for key in ("default_publish", "default_subscribe"):
+        for pattern in getattr(cfg.auth, key):
+            try:
+                validate_pattern(pattern.removeprefix("!"))
+            except BrokerError as exc:
+                raise ConfigError(f"auth.{key}", str(exc)) from None
+    for key in (
+        "max_message_size",
+        "max_data_size",
+        "max_subscriptions",
+        "max_connections",
+        "publish_burst",
+        "send_queue_max_bytes",
+        "max_violations",
+    ):
+        _positive(f"limits.{key}", getattr(cfg.limits, key))
+    _positive("limits.publish_rate", cfg.limits.publish_rate)
+    for key in (
+        "handshake_timeout",
+        "auth_timeout",
+        "idle_timeout",
+        "ping_interval",
+        "write_timeout",
+    ):
+        _positive(f"timeouts.{key}", getattr(cfg.timeouts, key))
+    if cfg.bus.url and not cfg.bus.url.startswith(("redis://", "rediss://")):
+        raise ConfigError(
+            "bus.url", f"expected redis://HOST:PORT/DB or rediss://..., got {cfg.bus.url!r}"
+        )
+    _positive("bus.presence_ttl", cfg.bus.presence_ttl)
+
+
+def _history(raw: Any) -> tuple[HistoryRule, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("history", "expected [[history]] tables")
+    rules = []
+    for i, entry in enumerate(raw):
+        where = f"history[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "expected a table")
+        unknown = set(entry) - {"pattern", "size", "ttl"}
+        if unknown:
+            raise ConfigError(
+                f"{where}.{sorted(unknown)[0]}", "unknown key (known: pattern, size, ttl)"
+            )
+        for key in ("pattern", "size", "ttl"):
+            if key not in entry:
+                raise ConfigError(f"{where}.{key}", "missing")
+        pattern = _coerce(f"{where}.pattern", entry["pattern"], str)
+        try:
+            validate_pattern(pattern)
+        except BrokerError as exc:
+            raise ConfigError(f"{where}.pattern", str(exc)) from None
+        size = _coerce(f"{where}.size", entry["size"], int)
+        ttl = _coerce(f"{where}.ttl", entry["ttl"], float)
+        if size < 0 or size > 1_000_000:
+            raise ConfigError(f"{where}.size", "must be 0 to 1000000")
+        _positive(f"{where}.ttl", ttl)
+        rules.append(HistoryRule(pattern, size, ttl))
+    return tuple(rules)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "limits": LimitsConfig,
+    "timeouts": TimeoutsConfig,
+    "bus": BusConfig,
+}
+
+
+def parse_config(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "<memory>",
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a :class:`Config` from parsed TOML.
+
+    ``overrides`` maps dotted keys (``"server.listen"``) to values that win over the file (the
+    command line's options). Raises :class:`ConfigError` naming the first bad key.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    kwargs: dict[str, Any] = {"source": source}
+    for name, value in data.items():
+        if name in _SECTIONS:
+            kwargs[name] = _section(_SECTIONS[name], name, value)
+        elif name == "history":
+            kwargs["history"] = _history(value)
+        elif name == "api":
+            if not isinstance(value, dict) or set(value) - {"keys"}:
+                raise ConfigError("api", "expected a table with the one key 'keys'")
+            keys = _coerce("api.keys", value.get("keys", []), tuple)
+            if any(len(k) < 16 for k in keys):
+                raise ConfigError("api.keys", "each API key must be at least 16 characters")
+            kwargs["api_keys"] = keys
+        else:
+            known = ", ".join([*sorted(_SECTIONS), "history", "api"])
+            raise ConfigError(name, f"unknown section (known: {known})")
+    cfg = Config(**kwargs)
+    if not cfg.auth.jwt_secret and env.get(SECRET_ENV):
+        cfg = attrs.evolve(cfg, auth=attrs.evolve(cfg.auth, jwt_secret=env[SECRET_ENV]))
+    _validate(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read and check a TOML file (``None``: defaults only). Raises :class:`ConfigError`."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw, source=source, env=env, overrides=overrides)

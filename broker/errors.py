@@ -1,0 +1,60 @@
+"""The broker's exceptions. Everything the broker raises on purpose derives from BrokerError.
+
+BrokerError
+├── ConfigError          a configuration file or option is wrong (names the key)
+├── AuthError            a token or origin was refused (carries the HTTP status and reason)
+├── FrameError           a client frame is invalid (carries the protocol error code)
+└── BusError
+    └── BusUnavailable   the bus (IPC hub or Redis) cannot be reached right now
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Root of every exception the broker raises on purpose."""
+
+
+class ConfigError(BrokerError):
+    """A configuration value is missing, mistyped or inconsistent.
+
+    ``key`` is the dotted name of the offending key (``"limits.max_connections"``), so the
+    message can point at the line to fix.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class AuthError(BrokerError):
+    """A client could not be authenticated or authorised at the handshake or in-band.
+
+    ``status`` is the HTTP status to refuse an upgrade with (401 or 403); ``reason`` is a short
+    machine-readable word for logs and metrics (``"expired"``, ``"bad_signature"``, ...).
+    """
+
+    def __init__(self, message: str, *, reason: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class FrameError(BrokerError):
+    """A client frame was refused. ``code`` is the protocol error code to reply with, and
+    ``frame_id`` the client's ``id`` when it could be read (else ``None``)."""
+
+    def __init__(self, code: str, message: str, frame_id: int | str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+class BusError(BrokerError):
+    """The bus refused or failed an operation."""
+
+
+class BusUnavailable(BusError):
+    """The bus is down (hub or Redis unreachable); the operation may be retried later."""

@@ -1,0 +1,106 @@
+"""One worker's fan-out: which sessions get a publication, and the bytes they get.
+
+The router is the bus's handler. For each publication it builds the frame once and appends
+those same bytes to the send queue of every matching subscription, deduplicating sessions
+subscribed through several patterns. A subscription that is being set up (its reply not sent
+yet) collects publications in ``pending`` instead, so that the session can stitch history and
+live publications together without a gap or a duplicate at the seam.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from broker.bus.base import Bus, PresenceEvent, Publication
+from broker.protocol import encode_message, encode_presence_event, frame_text
+from broker.topics import SubscriptionIndex
+
+if TYPE_CHECKING:
+    from broker.sendqueue import SendQueue
+
+__all__ = ["Router", "Subscription", "message_frame"]
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """One session's subscription to one topic or pattern."""
+
+    queue: SendQueue
+    pattern: str
+    presence: bool = False
+    pending: list[Publication] | None = None
+
+
+def message_frame(pub: Publication) -> bytes:
+    """The WebSocket frame of a publication, as every subscriber receives it."""
+    return frame_text(
+        encode_message(pub.topic, pub.offset, pub.epoch, pub.sender, pub.data).encode()
+    )
+
+
+class Router:
+    def __init__(self) -> None:
+        self.index: SubscriptionIndex[Subscription] = SubscriptionIndex()
+        self.bus: Bus | None = None
+        self.publications_in = 0
+        self.deliveries = 0
+
+    async def add(self, sub: Subscription) -> None:
+        """Index ``sub``; the first subscription to a pattern starts the bus watching it.
+        May raise :class:`~broker.errors.BusUnavailable` (``sub`` is then not indexed)."""
+        if self.index.add(sub.pattern, sub):
+            assert self.bus is not None
+            try:
+                await self.bus.watch(sub.pattern)
+            except BaseException:
+                self.index.remove(sub.pattern, sub)
+                raise
+
+    async def remove(self, sub: Subscription) -> None:
+        if self.index.remove(sub.pattern, sub):
+            assert self.bus is not None
+            await self.bus.unwatch(sub.pattern)
+
+    def on_publication(self, pub: Publication) -> None:
+        self.publications_in += 1
+        index = self.index
+        frame: bytes | None = None
+        delivered = 0
+        if not index.has_wildcards:
+            subs = index.exact.get(pub.topic)
+            if not subs:
+                return
+            frame = message_frame(pub)
+            for sub in subs:
+                if sub.pending is None:
+                    sub.queue.send(frame)
+                    delivered += 1
+                else:
+                    sub.pending.append(pub)
+            self.deliveries += delivered
+            return
+        seen: set[int] = set()
+        for sub in index.match(pub.topic):
+            qid = id(sub.queue)
+            if qid in seen:
+                continue
+            seen.add(qid)
+            if sub.pending is not None:
+                sub.pending.append(pub)
+                continue
+            if frame is None:
+                frame = message_frame(pub)
+            sub.queue.send(frame)
+            delivered += 1
+        self.deliveries += delivered
+
+    def on_presence(self, event: PresenceEvent) -> None:
+        subs = self.index.exact.get(event.topic)
+        if not subs:
+            return
+        frame = frame_text(encode_presence_event(event.kind, event.topic, event.client).encode())
+        for sub in subs:
+            if sub.presence:
+                sub.queue.send(frame)

@@ -1,0 +1,426 @@
+"""One client connection, from the accepted upgrade to the close.
+
+Theory of operation
+-------------------
+A session runs in one task group: the *reader* (this task: it takes frames from
+trio-websocket, parses them with :mod:`broker.protocol` and executes them) and the *timer*
+(one task that owns every deadline of the connection: the idle timeout, the next server ping,
+the in-band authentication deadline and the token's expiry). Replies and pushes are framed
+here and appended to the connection's :class:`~broker.sendqueue.SendQueue`; nothing in a
+session ever waits for the client to read.
+
+A session ends for exactly one reason, recorded once by :meth:`Session.close`: the client
+closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
+its permissions were revoked (1008), or the worker is shutting down (1001). Whatever happens,
+its subscriptions and presence are removed before the task returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+import trio_websocket
+
+from broker import protocol as p
+from broker.auth import Identity
+from broker.bus.base import ConnKey, StreamPosition
+from broker.errors import AuthError, BusUnavailable, FrameError
+from broker.router import Subscription, message_frame
+from broker.topics import is_wildcard, validate_pattern, validate_topic
+
+if TYPE_CHECKING:
+    from broker.sendqueue import QueuedStream
+    from broker.worker import Worker
+
+__all__ = ["Session"]
+
+log = structlog.get_logger()
+VIOLATION_WINDOW = 10.0
+CLOSE_GRACE = 2.0
+ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released  # how long a close frame may take to go out before the socket is dropped
+
+
+class TokenBucket:
+    """Publish rate limiting: ``rate`` tokens per second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Session:
+    def __init__(
+        self,
+        worker: Worker,
+        conn_id: int,
+        ws: trio_websocket.WebSocketConnection,
+        stream: QueuedStream,
+        identity: Identity | None,
+    ) -> None:
+        self.worker = worker
+        self.conn_id = conn_id
+        self.ws = ws
+        self.stream = stream
+        self.queue = stream.queue
+        self.identity = identity
+        self.key = ConnKey(worker.node, worker.index, conn_id)
+        cfg = worker.config
+        now = trio.current_time()
+        self.started = now
+        self.subs: dict[str, Subscription] = {}
+        self.bucket = TokenBucket(cfg.limits.publish_rate, cfg.limits.publish_burst, now)
+        self.violations: deque[float] = deque()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._scope: trio.CancelScope | None = None
+        self._deadline_changed = trio.Event()
+        self.expires_deadline = math.inf
+        if identity is not None:
+            self._set_expiry(identity)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises (except Cancelled)."""
+        cfg = self.worker.config
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                if self.close_code is not None:  # closed before we started (slow already?)
+                    scope.cancel()
+                if self.identity is not None:
+                    self._welcome()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._timer)
+                    await self._read_loop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+                await self._finish_close(cfg.timeouts.write_timeout)
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the session to close with ``code``; the first reason given wins."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _finish_close(self, grace: float) -> None:
+        code = self.close_code
+        if code is None:
+            remote = self.ws.closed
+            log.info(
+                "disconnect",
+                code=remote.code if remote else 1006,
+                reason=(remote.reason or "") if remote else "",
+                initiator="client",
+            )
+        else:
+            log.info("disconnect", code=code, reason=self.close_reason, initiator="server")
+            self.worker.count_close(code)
+            if code != ABORTED:
+                with trio.move_on_after(min(grace, CLOSE_GRACE)):
+                    await self.ws.aclose(code, self.close_reason)
+        # However the close handshake went, release the socket now.
+        await trio.aclose_forcefully(self.stream)
+
+    async def _cleanup(self) -> None:
+        subs = list(self.subs.values())
+        self.subs.clear()
+        for sub in subs:
+            await self._drop_subscription(sub)
+
+    async def _drop_subscription(self, sub: Subscription) -> None:
+        worker = self.worker
+        try:
+            with trio.move_on_after(5):
+                await worker.router.remove(sub)
+                if not is_wildcard(sub.pattern) and self.identity is not None:
+                    await worker.bus.presence_leave(sub.pattern, self.identity.client, self.key)
+        except BusUnavailable:
+            pass  # the bus forgets this worker's presence when it reconnects
+
+    # --- output -------------------------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        self.queue.send(p.frame_text(text.encode()))
+
+    def reply(self, frame_id: p.FrameId, **fields: Any) -> None:
+        if frame_id is not None:
+            self.send_text(p.encode_reply(frame_id, **fields))
+
+    def error(self, frame_id: p.FrameId, code: str, message: str) -> None:
+        self.send_text(p.encode_error(frame_id, code, message))
+        now = trio.current_time()
+        v = self.violations
+        v.append(now)
+        while v and v[0] < now - VIOLATION_WINDOW:
+            v.popleft()
+        if len(v) > self.worker.config.limits.max_violations:
+            self.close(p.CloseCode.TOO_MANY_VIOLATIONS, "too many protocol violations")
+
+    def _welcome(self) -> None:
+        assert self.identity is not None
+        cfg = self.worker.config.timeouts
+        self.send_text(
+            p.encode_welcome(
+                self.identity.client,
+                self.identity.expires_at,
+                self.worker.node,
+                self.worker.index,
+                cfg.ping_interval,
+                cfg.idle_timeout,
+            )
+        )
+
+    # --- timers -------------------------------------------------------------------------
+
+    def _set_expiry(self, identity: Identity) -> None:
+        if identity.expires_at is None:
+            self.expires_deadline = math.inf
+        else:
+            self.expires_deadline = trio.current_time() + (identity.expires_at - time.time())
+        self._deadline_changed.set()
+
+    async def _timer(self) -> None:
+        cfg = self.worker.config.timeouts
+        next_ping = trio.current_time() + cfg.ping_interval
+        while True:
+            now = trio.current_time()
+            idle_deadline = self.stream.last_receive + cfg.idle_timeout
+            if now >= idle_deadline:
+                self.close(p.CloseCode.IDLE_TIMEOUT, "idle timeout")
+                return
+            auth_deadline = math.inf
+            if self.identity is None:
+                auth_deadline = self.started + cfg.auth_timeout
+                if now >= auth_deadline:
+                    self.close(p.CloseCode.NOT_AUTHENTICATED, "not authenticated in time")
+                    return
+            if now >= self.expires_deadline:
+                self.close(p.CloseCode.TOKEN_EXPIRED, "token expired")
+                return
+            if now >= next_ping:
+                self.queue.send(p.PING_FRAME)
+                next_ping = now + cfg.ping_interval
+            self._deadline_changed = trio.Event()
+            with trio.move_on_at(
+                min(idle_deadline, auth_deadline, self.expires_deadline, next_ping)
+            ):
+                await self._deadline_changed.wait()
+
+    # --- input --------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        while True:
+            try:
+                message = await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            try:
+                command = p.parse_command(message)
+            except FrameError as exc:
+                self.error(exc.frame_id, exc.code, exc.message)
+                continue
+            try:
+                await self._execute(command)
+            except FrameError as exc:
+                self.error(command.id, exc.code, exc.message)
+            except BusUnavailable:
+                self.error(command.id, "unavailable", "the message bus is unavailable; try again")
+            except Exception:
+                log.exception("internal_error", op=type(command).__name__.lower())
+                self.error(
+                    command.id, "internal", "internal error; the request was not carried out"
+                )
+
+    async def _execute(self, command: p.Command) -> None:
+        if isinstance(command, p.Auth):
+            await self._auth(command)
+            return
+        if self.identity is None:
+            raise FrameError("unauthorized", 'authenticate first: send {"op":"auth","token":...}')
+        if isinstance(command, p.Publish):
+            await self._publish(command)
+        elif isinstance(command, p.Subscribe):
+            await self._subscribe(command)
+        elif isinstance(command, p.Unsubscribe):
+            await self._unsubscribe(command)
+        elif isinstance(command, p.Ping):
+            self.reply(command.id)
+        elif isinstance(command, p.History):
+            await self._history(command)
+        elif isinstance(command, p.Presence):
+            await self._presence(command)
+
+    async def _auth(self, cmd: p.Auth) -> None:
+        worker = self.worker
+        try:
+            identity = worker.verifier.verify(cmd.token)
+        except AuthError as exc:
+            worker.count_auth_failure(exc.reason)
+            log.info("auth_failed", reason=exc.reason, source="inband")
+            self.error(cmd.id, "unauthorized", str(exc))
+            if self.identity is None:
+                self.close(p.CloseCode.NOT_AUTHENTICATED, "authentication failed")
+            return
+        if self.identity is None:
+            self.identity = identity
+            self._set_expiry(identity)
+            structlog.contextvars.bind_contextvars(client=identity.client)
+            log.info("authenticated", source="inband")
+            self._welcome()
+        else:
+            if identity.client != self.identity.client:
+                raise FrameError(
+                    "unauthorized", "a refreshed token must name the same client (sub)"
+                )
+            self.identity = identity
+            self._set_expiry(identity)
+            for pattern in self.subs:
+                if not identity.subscribe.allows_pattern(pattern):
+                    self.close(
+                        p.CloseCode.POLICY_VIOLATION, f"no longer allowed to subscribe to {pattern}"
+                    )
+                    return
+        self.reply(cmd.id, client=identity.client, expires_at=identity.expires_at)
+
+    async def _publish(self, cmd: p.Publish) -> None:
+        assert self.identity is not None
+        topic = validate_topic(cmd.topic)
+        if not self.identity.publish.allows_topic(topic):
+            raise FrameError("forbidden", f"not allowed to publish to {topic}")
+        limits = self.worker.config.limits
+        if len(cmd.data) > limits.max_data_size:
+            raise FrameError(
+                "too_large",
+                f"data is {len(cmd.data)} bytes encoded; the limit is {limits.max_data_size}",
+            )
+        if not self.bucket.take(trio.current_time()):
+            raise FrameError(
+                "rate_limited", f"publish rate limit is {limits.publish_rate:g}/s; slow down"
+            )
+        pub = await self.worker.bus.publish(topic, cmd.data, self.identity.client)
+        self.reply(cmd.id, offset=pub.offset, epoch=pub.epoch)
+
+    async def _subscribe(self, cmd: p.Subscribe) -> None:
+        assert self.identity is not None
+        pattern = validate_pattern(cmd.topic)
+        wildcard = is_wildcard(pattern)
+        if wildcard and cmd.since is not None:
+            raise FrameError("bad_request", "'since' needs an exact topic; offsets are per topic")
+        if wildcard and cmd.presence:
+            raise FrameError("bad_request", "'presence' needs an exact topic")
+        if not self.identity.subscribe.allows_pattern(pattern):
+            raise FrameError("forbidden", f"not allowed to subscribe to {pattern}")
+        if pattern in self.subs:
+            raise FrameError("bad_request", f"already subscribed to {pattern}; unsubscribe first")
+        limit = self.worker.config.limits.max_subscriptions
+        if len(self.subs) >= limit:
+            raise FrameError(
+                "too_many_subscriptions", f"at most {limit} subscriptions per connection"
+            )
+        bus = self.worker.bus
+        sub = Subscription(self.queue, pattern, cmd.presence, pending=None if wildcard else [])
+        self.subs[pattern] = sub
+        try:
+            await self.worker.router.add(sub)
+            if wildcard:
+                self.reply(cmd.id, topic=pattern, offset=None, epoch=None)
+                return
+            since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
+            if since is None:
+                position = await bus.position(pattern)
+                replay: tuple[Any, ...] = ()
+                extra: dict[str, Any] = {}
+            else:
+                result = await bus.history(pattern, since, None)
+                position = result.position
+                replay = result.publications
+                extra = {"recovered": result.recovered}
+                if result.missed is not None:
+                    extra["missed"] = {"from": result.missed[0], "to": result.missed[1]}
+        except BaseException:
+            self.subs.pop(pattern, None)
+            if sub in self.worker.router.index.exact.get(pattern, {}):
+                with trio.CancelScope(shield=True), contextlib.suppress(BusUnavailable):
+                    await self.worker.router.remove(sub)
+            raise
+        # Stitch: the reply, the replayed history, then what arrived live meanwhile and is not
+        # covered by the position the reply announces. Nothing here awaits, so no publication
+        # can slip between these steps.
+        self.reply(cmd.id, topic=pattern, offset=position.offset, epoch=position.epoch, **extra)
+        for pub in replay:
+            self.queue.send(message_frame(pub))
+        pending, sub.pending = sub.pending or [], None
+        for pub in pending:
+            if pub.epoch == position.epoch and pub.offset <= position.offset:
+                continue
+            self.queue.send(message_frame(pub))
+        # Join after the reply, so that the client's own join event (and everyone else's from
+        # now on) reaches it after it knows it is subscribed.
+        try:
+            await bus.presence_join(pattern, self.identity.client, self.key)
+        except BusUnavailable:
+            log.warning("presence_join_failed", topic=pattern)
+
+    async def _unsubscribe(self, cmd: p.Unsubscribe) -> None:
+        pattern = validate_pattern(cmd.topic)
+        sub = self.subs.pop(pattern, None)
+        if sub is None:
+            raise FrameError("not_subscribed", f"not subscribed to {pattern}")
+        await self._drop_subscription(sub)
+        self.reply(cmd.id)
+
+    def _readable_topic(self, topic: str) -> str:
+        assert self.identity is not None
+        topic = validate_topic(topic)
+        if not self.identity.subscribe.allows_topic(topic):
+            raise FrameError("forbidden", f"not allowed to read {topic}")
+        return topic
+
+    async def _history(self, cmd: p.History) -> None:
+        topic = self._readable_topic(cmd.topic)
+        since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
+        result = await self.worker.bus.history(topic, since, cmd.limit)
+        extra: dict[str, Any] = {}
+        if since is not None:
+            extra["recovered"] = result.recovered
+            if result.missed is not None:
+                extra["missed"] = {"from": result.missed[0], "to": result.missed[1]}
+        messages = [
+            p.message_dict(m.topic, m.offset, m.epoch, m.sender, m.data)
+            for m in result.publications
+        ]
+        self.reply(
+            cmd.id,
+            messages=messages,
+            offset=result.position.offset,
+            epoch=result.position.epoch,
+            **extra,
+        )
+
+    async def _presence(self, cmd: p.Presence) -> None:
+        topic = self._readable_topic(cmd.topic)
+        clients = await self.worker.bus.presence(topic)
+        self.reply(cmd.id, clients=clients)

@@ -1,0 +1,247 @@
+"""Topic and pattern syntax, pattern algebra for permissions, and the subscription index.
+
+A topic is 1 to 255 bytes of ``.``-separated segments, each ``[A-Za-z0-9_-]+``. A *pattern*
+may also hold ``*`` (exactly one segment) and, only as its last segment, ``>`` (one or more
+trailing segments). Exact topics are patterns too.
+
+:class:`SubscriptionIndex` answers "who is subscribed to this topic?" without scanning every
+pattern: exact subscriptions live in a dict, wildcard ones in a trie walked segment by segment,
+so a lookup costs O(segments x wildcard branches), not O(patterns).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from broker.errors import FrameError
+
+__all__ = [
+    "SubscriptionIndex",
+    "is_wildcard",
+    "pattern_covers",
+    "pattern_matches",
+    "patterns_overlap",
+    "validate_pattern",
+    "validate_topic",
+]
+
+MAX_TOPIC_BYTES = 255
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+\Z")
+K = TypeVar("K")
+
+
+def _check_common(text: object, what: str) -> list[str]:
+    if not isinstance(text, str):
+        raise FrameError("bad_topic", f"{what} must be a string")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= MAX_TOPIC_BYTES:
+        raise FrameError("bad_topic", f"{what} must be 1 to {MAX_TOPIC_BYTES} bytes, not {size}")
+    return text.split(".")
+
+
+def validate_topic(topic: object) -> str:
+    """Return ``topic`` if it is a valid exact topic; raise :class:`FrameError` (``bad_topic``)
+    saying what is wrong otherwise."""
+    for seg in _check_common(topic, "topic"):
+        if not _SEGMENT.match(seg):
+            if seg in ("*", ">"):
+                raise FrameError("bad_topic", f"wildcards are not allowed here: {topic!r}")
+            raise FrameError(
+                "bad_topic",
+                f"bad segment {seg!r} in {topic!r}: segments are [A-Za-z0-9_-]+ separated by '.'",
+            )
+    assert isinstance(topic, str)
+    return topic
+
+
+def validate_pattern(pattern: object) -> str:
+    """Return ``pattern`` if it is a valid topic or wildcard pattern; raise
+    :class:`FrameError` (``bad_topic``) otherwise."""
+    segments = _check_common(pattern, "topic pattern")
+    for i, seg in enumerate(segments):
+        if seg == "*":
+            continue
+        if seg == ">":
+            if i != len(segments) - 1:
+                raise FrameError("bad_topic", f"'>' may stand only last in {pattern!r}")
+            continue
+        if not _SEGMENT.match(seg):
+            raise FrameError(
+                "bad_topic",
+                f"bad segment {seg!r} in {pattern!r}: segments are [A-Za-z0-9_-]+, '*' or a final '>'",
+            )
+    assert isinstance(pattern, str)
+    return pattern
+
+
+def is_wildcard(pattern: str) -> bool:
+    """Whether a (valid) pattern holds a wildcard segment."""
+    return "*" in pattern or pattern == ">" or pattern.endswith(".>")
+
+
+def pattern_matches(pattern: str, topic: str) -> bool:
+    """Whether exact ``topic`` matches ``pattern`` (both assumed valid)."""
+    p = pattern.split(".")
+    t = topic.split(".")
+    for i, seg in enumerate(p):
+        if seg == ">":
+            return len(t) > i
+        if i >= len(t) or (seg != "*" and seg != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+def pattern_covers(general: str, specific: str) -> bool:
+    """Whether every topic matched by pattern ``specific`` is matched by pattern ``general``."""
+    g = general.split(".")
+    s = specific.split(".")
+    for i, seg in enumerate(g):
+        if seg == ">":
+            # '>' needs at least one more segment; anything in ``specific`` from here on gives one.
+            return len(s) > i
+        if i >= len(s) or s[i] == ">":
+            return False
+        if seg != "*" and seg != s[i]:
+            return False
+        # a '*' in general covers both a literal and a '*' in specific.
+    return len(g) == len(s)
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """Whether some exact topic matches both patterns."""
+    x = a.split(".")
+    y = b.split(".")
+    for i in range(max(len(x), len(y))):
+        sx = x[i] if i < len(x) else None
+        sy = y[i] if i < len(y) else None
+        if sx == ">":
+            return sy is not None
+        if sy == ">":
+            return sx is not None
+        if sx is None or sy is None:
+            return False
+        if sx != "*" and sy != "*" and sx != sy:
+            return False
+    return True
+
+
+class _Node(Generic[K]):
+    __slots__ = ("children", "here", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[K]] = {}
+        self.here: dict[K, None] = {}  # keys whose pattern ends at this node
+        self.rest: dict[K, None] = {}  # keys whose pattern ends with '>' at this node
+
+
+class SubscriptionIndex(Generic[K]):
+    """Maps patterns to sets of keys and finds every key whose pattern matches a topic.
+
+    Keys are any hashable values (the router uses subscription objects). Insertion order is
+    kept, so deliveries to the subscribers of one topic happen in subscription order.
+    """
+
+    def __init__(self) -> None:
+        self.exact: dict[str, dict[K, None]] = {}
+        self._root: _Node[K] = _Node()
+        self._wild_count = 0
+
+    def add(self, pattern: str, key: K) -> bool:
+        """Add ``key`` under ``pattern``. Returns True if the pattern had no key before."""
+        if not is_wildcard(pattern):
+            keys = self.exact.setdefault(pattern, {})
+            first = not keys
+            keys[key] = None
+            return first
+        node = self._root
+        segments = pattern.split(".")
+        for seg in segments[:-1]:
+            node = node.children.setdefault(seg, _Node())
+        last = segments[-1]
+        if last == ">":
+            bucket = node.rest
+        else:
+            node = node.children.setdefault(last, _Node())
+            bucket = node.here
+        first = not bucket
+        if key not in bucket:
+            self._wild_count += 1
+        bucket[key] = None
+        return first
+
+    def remove(self, pattern: str, key: K) -> bool:
+        """Remove ``key`` from ``pattern``. Returns True if the pattern has no key left."""
+        if not is_wildcard(pattern):
+            keys = self.exact.get(pattern)
+            if keys is None:
+                return False
+            keys.pop(key, None)
+            if not keys:
+                del self.exact[pattern]
+                return True
+            return False
+        path: list[tuple[_Node[K], str]] = []
+        node = self._root
+        segments = pattern.split(".")
+        for seg in segments[:-1]:
+            child = node.children.get(seg)
+            if child is None:
+                return False
+            path.append((node, seg))
+            node = child
+        last = segments[-1]
+        if last == ">":
+            bucket = node.rest
+        else:
+            child = node.children.get(last)
+            if child is None:
+                return False
+            path.append((node, last))
+            node = child
+            bucket = node.here
+        if key in bucket:
+            del bucket[key]
+            self._wild_count -= 1
+        empty = not bucket
+        # Prune empty branches so a churn of patterns does not grow the trie forever.
+        while path and not (node.children or node.here or node.rest):
+            parent, seg = path.pop()
+            del parent.children[seg]
+            node = parent
+        return empty
+
+    @property
+    def has_wildcards(self) -> bool:
+        return self._wild_count > 0
+
+    def match(self, topic: str) -> Iterator[K]:
+        """Yield the keys whose pattern matches ``topic``: exact ones first, then wildcard
+        ones. A key registered under several matching patterns may be yielded more than once;
+        callers that need each key once dedupe."""
+        keys = self.exact.get(topic)
+        if keys:
+            yield from list(keys)
+        if not self._wild_count:
+            return
+        segments = topic.split(".")
+        n = len(segments)
+        stack: list[tuple[_Node[K], int]] = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if node.rest and i < n:
+                yield from list(node.rest)
+            if i == n:
+                if node.here:
+                    yield from list(node.here)
+                continue
+            child = node.children.get(segments[i])
+            if child is not None:
+                stack.append((child, i + 1))
+            star = node.children.get("*")
+            if star is not None:
+                stack.append((star, i + 1))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.exact.values()) + self._wild_count

@@ -1,0 +1,277 @@
+"""A worker: one trio loop that accepts WebSocket connections and runs their sessions.
+
+The worker owns what its connections share: the configuration in force, the token verifier,
+the router, the bus and the flusher. It applies the handshake verdict of
+:mod:`broker.handshake`, starts one :class:`~broker.session.Session` per accepted connection,
+and contains every failure of a connection to that connection: an exception escaping a
+connection handler would otherwise take the whole listener down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+import trio_websocket
+
+from broker import handshake
+from broker.auth import TokenVerifier
+from broker.bus.base import Bus, BusHandlers
+from broker.bus.local import LocalBus
+from broker.config import Config, parse_hostport
+from broker.protocol import CloseCode
+from broker.router import Router
+from broker.sendqueue import Flusher, QueuedStream, SendQueue
+from broker.session import Session
+
+__all__ = ["Worker", "make_listen_socket"]
+
+log = structlog.get_logger()
+
+RECEIVE_BUFFER = 65536
+MESSAGE_QUEUE = 64
+
+
+def make_listen_socket(
+    host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096
+) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (IPv6 when ``host`` has a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Worker:
+    """Serves WebSocket clients on the given listening sockets.
+
+    ``bus_factory`` builds the bus from the worker's handlers (default: the in-process bus).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        index: int = 0,
+        node: str | None = None,
+        bus_factory: Callable[[Config, BusHandlers], Bus] | None = None,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.node = node or config.server.node_id or socket.gethostname()
+        self.verifier = TokenVerifier(config.auth)
+        self.router = Router()
+        self.flusher = Flusher()
+        handlers = BusHandlers(
+            self.router.on_publication, self.router.on_presence, self._on_bus_state
+        )
+        factory = bus_factory or (lambda cfg, h: LocalBus(cfg.history_rule, h))
+        self.bus = factory(config, handlers)
+        self.router.bus = self.bus
+        self.sessions: dict[int, Session] = {}
+        self.handshaking = 0
+        self._sessions_changed = trio.Event()
+        self._ids = itertools.count(1)
+        self.closes: Counter[int] = Counter()
+        self.auth_failures: Counter[str] = Counter()
+        self.handshake_seconds: list[float] = []
+        self.accepting = True
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.server.tls_cert:
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+
+    # --- statistics (read by the operations listener and the supervisor) -------------------
+
+    def count_close(self, code: int) -> None:
+        self.closes[code] += 1
+
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures[reason] += 1
+
+    def _on_bus_state(self, up: bool) -> None:
+        log.warning("bus_state", up=up)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "worker": self.index,
+            "connections": len(self.sessions),
+            "subscriptions": len(self.router.index),
+            "topics": len(self.router.index.exact),
+            "publications_in": self.router.publications_in,
+            "deliveries_out": self.router.deliveries,
+            "bytes_out": self.flusher.bytes_written,
+            "closes": {str(k): v for k, v in self.closes.items()},
+            "auth_failures": dict(self.auth_failures),
+            "bus_up": self.bus.is_up,
+        }
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration to new connections and to limits read per operation.
+        Keys, secrets, origins, limits and history rules change; listening addresses do not."""
+        self.verifier = TokenVerifier(config.auth)
+        self.config = config
+        store = getattr(self.bus, "store", None)
+        if store is not None:
+            store.rule_for = config.history_rule
+        log.info("reloaded", source=config.source)
+
+    # --- serving --------------------------------------------------------------------------
+
+    def listeners(self, socks: list[socket.socket]) -> list[trio.abc.Listener[Any]]:
+        result: list[trio.abc.Listener[Any]] = []
+        for sock in socks:
+            listener: trio.abc.Listener[Any] = trio.SocketListener(
+                trio.socket.from_stdlib_socket(sock)
+            )
+            if self.ssl_context is not None:
+                listener = trio.SSLListener(listener, self.ssl_context, https_compatible=False)
+            result.append(listener)
+        return result
+
+    async def serve(
+        self,
+        socks: list[socket.socket] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until cancelled. ``socks`` are listening sockets (default: one
+        bound to ``server.listen``). ``task_status.started`` receives the bound ports."""
+        if socks is None:
+            host, port = parse_hostport(self.config.server.listen, "server.listen")
+            socks = [make_listen_socket(host, port)]
+        ports = [s.getsockname()[1] for s in socks]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run)
+            nursery.start_soon(self.flusher.run)
+            self._accept_scope = trio.CancelScope()
+            nursery.start_soon(self._accept, self.listeners(socks), nursery)
+            log.info(
+                "listening", port=ports[0], worker=self.index, tls=self.ssl_context is not None
+            )
+            task_status.started(ports)
+            await trio.sleep_forever()
+
+    async def _accept(self, listeners: list[trio.abc.Listener[Any]], nursery: trio.Nursery) -> None:
+        with self._accept_scope:
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, close every client with 1001 and a jittered reconnect hint, and
+        wait up to ``grace`` seconds for them to go."""
+        self.accepting = False
+        self._accept_scope.cancel()
+        # Spread the reconnects over half the grace period (at least a second), so that
+        # thousands of clients do not all come back in the same instant.
+        spread_ms = max(1000, int(grace * 1000) // 2)
+        for s in list(self.sessions.values()):
+            delay = random.randint(100, spread_ms)
+            s.close(CloseCode.GOING_AWAY, f"shutting down; reconnect_after_ms={delay}")
+        with trio.move_on_after(grace):
+            while self.sessions:
+                self._sessions_changed = trio.Event()
+                await self._sessions_changed.wait()
+        log.info("stopped", remaining=len(self.sessions))
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        conn_id = next(self._ids)
+        structlog.contextvars.bind_contextvars(conn=conn_id, worker=self.index)
+        try:
+            await self._connection(conn_id, stream)
+        except Exception:
+            # Contain it: one connection's bug must not reach another connection.
+            log.exception("connection_failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _connection(self, conn_id: int, stream: trio.abc.Stream) -> None:
+        cfg = self.config
+        started = trio.current_time()
+        self.handshaking += 1
+        session: Session | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                queue = SendQueue(
+                    self.flusher,
+                    nursery,
+                    max_bytes=cfg.limits.send_queue_max_bytes,
+                    write_timeout=cfg.timeouts.write_timeout,
+                )
+                qstream = QueuedStream(stream, queue)
+                verdict: handshake.Accept | handshake.Reject | None = None
+                with trio.move_on_after(cfg.timeouts.handshake_timeout):
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery,
+                        qstream,
+                        message_queue_size=MESSAGE_QUEUE,
+                        max_message_size=cfg.limits.max_message_size,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+                    verdict = handshake.evaluate(
+                        request.path,
+                        request.headers,
+                        request.proposed_subprotocols,
+                        allowed_origins=cfg.server.allowed_origins,
+                        verifier=self.verifier,
+                        at_capacity=not self.accepting
+                        or len(self.sessions) >= cfg.limits.max_connections,
+                    )
+                    if isinstance(verdict, handshake.Reject):
+                        if verdict.status == 401:
+                            self.count_auth_failure(verdict.reason)
+                        log.info("rejected", status=verdict.status, reason=verdict.reason)
+                        await request.reject(
+                            verdict.status,
+                            extra_headers=[(b"Content-Type", b"application/json")],
+                            body=verdict.body(),
+                        )
+                        nursery.cancel_scope.cancel()
+                        return
+                    ws = await request.accept(subprotocol=verdict.subprotocol)
+                if verdict is None or isinstance(verdict, handshake.Reject):
+                    log.info("handshake_timeout")
+                    nursery.cancel_scope.cancel()
+                    return
+                self.handshaking -= 1
+                self.handshake_seconds.append(trio.current_time() - started)
+                if len(self.handshake_seconds) > 1024:
+                    del self.handshake_seconds[:512]
+                identity = verdict.identity
+                if identity is not None:
+                    structlog.contextvars.bind_contextvars(client=identity.client)
+                log.info("connect", token_source=verdict.token_source)
+                session = Session(self, conn_id, ws, qstream, identity)
+                queue.on_slow = self._slow(session)
+                queue.on_broken = lambda reason: session.close(1006, reason) if session else None
+                self.sessions[conn_id] = session
+                await session.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            if session is None:
+                self.handshaking -= 1
+            else:
+                self.sessions.pop(conn_id, None)
+                self._sessions_changed.set()
+
+    def _slow(self, session: Session) -> Callable[[str], None]:
+        def on_slow(reason: str) -> None:
+            log.warning(
+                "slow_consumer", reason=reason, queued_limit=self.config.limits.send_queue_max_bytes
+            )
+            session.close(CloseCode.SLOW_CONSUMER, f"slow consumer ({reason})")
+
+        return on_slow
