@@ -193,3 +193,15 @@ def test_example_config_shows_every_key_and_no_secret() -> None:
     # Shutdown must finish before systemd's TimeoutStopSec escalates to SIGKILL.
     (stop_timeout,) = directives(SERVICE)["TimeoutStopSec"]
     assert config["server"]["shutdown_timeout"] < int(stop_timeout.removesuffix("s"))
+
+
+def test_example_config_loads_with_the_secret_from_the_environment() -> None:
+    from broker.config import SECRET_ENV, load_config
+    from broker.errors import ConfigError
+
+    secret = "s" * 64
+    config = load_config(EXAMPLE_CONFIG, env={SECRET_ENV: secret})
+    assert config.auth.jwt_secret == secret
+    # Without the environment file the service must refuse to start, naming the key.
+    with pytest.raises(ConfigError, match="jwt_secret"):
+        load_config(EXAMPLE_CONFIG, env={})
