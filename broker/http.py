@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import hmac
 import importlib.resources
+import importlib.util
 import json
 import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -254,11 +256,21 @@ def _load_resources(package: str, folder: str) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     try:
         root = importlib.resources.files(package).joinpath(folder)
-        for entry in root.iterdir():
-            if entry.is_file() and _ASSET_NAME.match(entry.name):
-                files[entry.name] = entry.read_bytes()
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, OSError) as exc:
-        log.warning("http_resources_missing", package=package, folder=folder, error=str(exc))
+        entries = [(e.name, e) for e in root.iterdir() if e.is_file()]
+    except (ImportError, OSError, ValueError):
+        # A namespace package (no __init__.py) is not a resource container on every Python:
+        # look in its folders directly.
+        spec = importlib.util.find_spec(package)
+        dirs = [Path(d) / folder for d in (spec.submodule_search_locations or [])] if spec else []
+        entries = [(f.name, f) for d in dirs if d.is_dir() for f in d.iterdir() if f.is_file()]
+    for name, entry in entries:
+        if _ASSET_NAME.match(name) and name not in files:
+            try:
+                files[name] = entry.read_bytes()
+            except OSError as exc:
+                log.warning("http_resource_unreadable", package=package, name=name, error=str(exc))
+    if not files:
+        log.warning("http_resources_missing", package=package, folder=folder)
     return files
 
 
