@@ -1,0 +1,82 @@
+"""Python client for the trio-pubsub broker.
+
+    async with client_sdk.connect("ws://127.0.0.1:8765/ws", token=token) as client:
+        async with client.subscribe("chat.room1") as sub:
+            await client.publish("chat.room1", {"text": "hi"})
+            async for event in sub:
+                ...
+
+``client_sdk.sync`` offers the same client for code that does not run on trio.
+"""
+
+from client_sdk.client import Client, ConnectOptions, Subscription, TokenSource, connect
+from client_sdk.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    BadTopic,
+    ClientClosed,
+    ConnectFailed,
+    ConnectionFailed,
+    ConnectionLost,
+    Forbidden,
+    GapError,
+    InternalError,
+    NotSubscribed,
+    PermissionRevoked,
+    PubSubError,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+    TokenError,
+    TooLarge,
+    TooManySubscriptions,
+    Unauthorized,
+    Unavailable,
+)
+from client_sdk.models import (
+    ConnectionState,
+    Event,
+    Gap,
+    History,
+    Message,
+    Position,
+    PresenceEvent,
+    Welcome,
+)
+
+__all__ = [
+    "AuthenticationFailed",
+    "BadRequest",
+    "BadTopic",
+    "Client",
+    "ClientClosed",
+    "ConnectFailed",
+    "ConnectOptions",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "ConnectionState",
+    "Event",
+    "Forbidden",
+    "Gap",
+    "GapError",
+    "History",
+    "InternalError",
+    "Message",
+    "NotSubscribed",
+    "PermissionRevoked",
+    "Position",
+    "PresenceEvent",
+    "PubSubError",
+    "RateLimited",
+    "RequestTimeout",
+    "ServerError",
+    "Subscription",
+    "TokenError",
+    "TokenSource",
+    "TooLarge",
+    "TooManySubscriptions",
+    "Unauthorized",
+    "Unavailable",
+    "Welcome",
+    "connect",
+]

@@ -1,0 +1,291 @@
+"""The sans-I/O core of the client: frames in and out, topic matching, and recovery bookkeeping.
+
+Nothing here performs I/O or knows about trio, so it is tested with plain function calls. The
+client (``client.py``) moves frames and owns time; this module decides what they mean.
+
+Theory of operation for recovery: every subscription keeps, per exact topic, the
+:class:`~client_sdk.models.Position` of the last publication it delivered. A (re)subscribe to an
+exact topic sends that position as ``since``; the broker either replays what came after it
+(``recovered: true``) or says what is gone (``missed``), and the tracker turns that into a
+:class:`~client_sdk.models.Gap`. Every incoming publication is compared with the position too:
+an offset already delivered is a duplicate and is dropped (defence in depth: the broker promises
+none), a skipped offset or a new epoch is reported as a gap before the publication.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+from client_sdk.models import Event, Gap, GapReason, Message, Position, PresenceEvent, Welcome
+
+SUBPROTOCOL = "pubsub.v1"
+
+_HINT = re.compile(r"reconnect_after_ms=(\d+)")
+
+
+class ProtocolViolation(Exception):
+    """A frame from the broker that does not follow the protocol (logged and ignored)."""
+
+
+@attrs.frozen
+class Reply:
+    """The reply to a request that carried an ``id``."""
+
+    id: int | str | None
+    ok: bool
+    fields: dict[str, Any]
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@attrs.frozen
+class UnknownPush:
+    """A push this SDK does not know; kept for forward compatibility (ignored by the client)."""
+
+    op: str
+    fields: dict[str, Any]
+
+
+Incoming = Reply | Welcome | Message | PresenceEvent | UnknownPush
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """Encode one client frame as the compact JSON text the broker expects.
+
+    Raises TypeError (from ``json``) when ``frame`` holds something that is not JSON.
+    """
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def since_field(position: Position) -> dict[str, Any]:
+    """The ``since`` object of a subscribe or history request."""
+    return {"offset": position.offset, "epoch": position.epoch}
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    # bool is an int subclass in Python; the protocol never means true/false as a number
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolViolation(f"{key!r} is not an integer: {value!r}")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ProtocolViolation(f"{key!r} is not a string: {value!r}")
+    return value
+
+
+def _opt_str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ProtocolViolation(f"{key!r} is not a string: {value!r}")
+    return value
+
+
+def _opt_number(obj: dict[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolViolation(f"{key!r} is not a number: {value!r}")
+    return float(value)
+
+
+def parse_message(obj: dict[str, Any]) -> Message:
+    """Parse a ``message`` push (also the items of a history reply).
+
+    Raises ProtocolViolation when a field is missing or mistyped.
+    """
+    return Message(
+        topic=_str(obj, "topic"),
+        offset=_int(obj, "offset"),
+        epoch=_str(obj, "epoch"),
+        data=obj.get("data"),
+        sender=_opt_str(obj, "from"),
+    )
+
+
+def decode(text: str | bytes) -> Incoming:
+    """Parse one frame from the broker.
+
+    Raises ProtocolViolation for binary frames, invalid JSON, and known frames whose fields are
+    missing or mistyped.
+    """
+    if isinstance(text, bytes):
+        raise ProtocolViolation("binary frame")
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolViolation(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolViolation("not a JSON object")
+    op = obj.get("op")
+    if op is None and "ok" in obj:
+        ok = obj["ok"]
+        if not isinstance(ok, bool):
+            raise ProtocolViolation(f"'ok' is not a boolean: {ok!r}")
+        rid = obj.get("id")
+        if ok:
+            return Reply(id=rid, ok=True, fields=obj)
+        error = obj.get("error")
+        if not isinstance(error, dict):
+            raise ProtocolViolation("error reply without an 'error' object")
+        return Reply(
+            id=rid,
+            ok=False,
+            fields=obj,
+            error_code=str(error.get("code", "internal")),
+            error_message=str(error.get("message", "")),
+        )
+    if op == "message":
+        return parse_message(obj)
+    if op in ("join", "leave"):
+        return PresenceEvent(kind=op, topic=_str(obj, "topic"), client=_str(obj, "client"))
+    if op == "welcome":
+        worker = obj.get("worker")
+        return Welcome(
+            client=_str(obj, "client"),
+            expires_at=_opt_number(obj, "expires_at"),
+            node=_opt_str(obj, "node"),
+            worker=worker if isinstance(worker, int) and not isinstance(worker, bool) else None,
+            ping_interval=_opt_number(obj, "ping_interval"),
+            idle_timeout=_opt_number(obj, "idle_timeout"),
+        )
+    if isinstance(op, str):
+        return UnknownPush(op=op, fields=obj)
+    raise ProtocolViolation("frame with neither 'op' nor 'ok'")
+
+
+def is_pattern(topic: str) -> bool:
+    """True when ``topic`` holds a wildcard segment (``*`` or ``>``)."""
+    return any(seg in ("*", ">") for seg in topic.split("."))
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether exact ``topic`` is matched by ``pattern`` (``*`` one segment, ``>`` the rest)."""
+    pat = pattern.split(".")
+    top = topic.split(".")
+    for i, seg in enumerate(pat):
+        if seg == ">":
+            # '>' needs at least one segment to match
+            return len(top) > i
+        if i >= len(top):
+            return False
+        if seg != "*" and seg != top[i]:
+            return False
+    return len(pat) == len(top)
+
+
+def reconnect_hint(reason: str | None) -> float | None:
+    """The delay in seconds a 1001 close reason asks for (``reconnect_after_ms=N``), if any."""
+    if not reason:
+        return None
+    match = _HINT.search(reason)
+    return int(match.group(1)) / 1000.0 if match else None
+
+
+def parse_missed(fields: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``missed: {"from": a, "to": b}`` of a subscribe or history reply, if present."""
+    missed = fields.get("missed")
+    if not isinstance(missed, dict):
+        return None
+    return _int(missed, "from"), _int(missed, "to")
+
+
+class Tracker:
+    """Recovery and de-duplication state of one subscription (exact topic or pattern).
+
+    The client calls :meth:`since` before each (re)subscribe, :meth:`subscribed` with the reply,
+    and :meth:`message` with each publication routed to the subscription; the last two return
+    the events to hand to the application, in order.
+    """
+
+    def __init__(self, topic: str, since: Position | None = None):
+        self.topic = topic
+        self.wildcard = is_pattern(topic)
+        self._since = since
+        # Per exact topic: the last position delivered (or the topic's latest offset when the
+        # subscription was made, so a reconnect resumes from the moment of subscribing).
+        self.positions: dict[str, Position] = {}
+        self._subscribed_once = False
+
+    def since(self) -> Position | None:
+        """The ``since`` to send with the next subscribe (never for a pattern)."""
+        if self.wildcard:
+            return None
+        return self.positions.get(self.topic, self._since)
+
+    def subscribed(self, fields: dict[str, Any], sent: Position | None) -> list[Event]:
+        """Digest a successful subscribe reply to a request sent with ``since=sent``.
+
+        Raises ProtocolViolation when the reply lacks ``offset``/``epoch`` for an exact topic.
+        """
+        again = self._subscribed_once
+        self._subscribed_once = True
+        if self.wildcard:
+            # Offsets are per topic and a pattern has no ``since``: whatever was published while
+            # disconnected cannot be replayed, and we do not know whether anything was.
+            self.positions.clear()
+            if again:
+                return [Gap(self.topic, None, None, None, False, "wildcard_reconnect")]
+            return []
+        offset = _int(fields, "offset")
+        epoch = _str(fields, "epoch")
+        if sent is None:
+            self.positions[self.topic] = Position(offset, epoch)
+            return []
+        if fields.get("recovered") is True:
+            self.positions[self.topic] = Position(sent.offset, epoch)
+            return []
+        epoch_changed = sent.epoch != epoch
+        missed = parse_missed(fields)
+        lost_from: int | None
+        lost_to: int | None
+        if missed is not None and missed[1] >= missed[0]:
+            lost_from = missed[0]
+            lost_to = missed[1]
+            base = missed[1]
+        elif missed is not None:
+            lost_from = lost_to = None
+            base = missed[0] - 1
+        else:
+            # A broker that says "not recovered" without naming the offsets: assume the worst
+            # we can name, everything up to its latest offset.
+            start = 1 if epoch_changed else sent.offset + 1
+            lost_from, lost_to = (start, offset) if offset >= start else (None, None)
+            base = offset
+        self.positions[self.topic] = Position(base, epoch)
+        if not epoch_changed and lost_from is None:
+            return []
+        reason: GapReason = "epoch_changed" if epoch_changed else "not_recovered"
+        prev = sent if sent.epoch is not None else None
+        return [Gap(self.topic, lost_from, lost_to, epoch, epoch_changed, reason, prev)]
+
+    def message(self, msg: Message) -> list[Event]:
+        """Digest one publication: ``[]`` for a duplicate, else the message, after a gap if one
+        is evident."""
+        pos = self.positions.get(msg.topic)
+        self.positions[msg.topic] = msg.position
+        if pos is None:
+            return [msg]
+        if pos.epoch == msg.epoch:
+            if msg.offset <= pos.offset:
+                self.positions[msg.topic] = pos  # a duplicate does not move us back
+                return []
+            if msg.offset == pos.offset + 1:
+                return [msg]
+            jump = Gap(
+                msg.topic, pos.offset + 1, msg.offset - 1, msg.epoch, False, "offset_jump", pos
+            )
+            return [jump, msg]
+        if msg.offset > 1:
+            lost = Gap(msg.topic, 1, msg.offset - 1, msg.epoch, True, "epoch_changed", pos)
+        else:
+            lost = Gap(msg.topic, None, None, msg.epoch, True, "epoch_changed", pos)
+        return [lost, msg]
