@@ -35,6 +35,8 @@ from collections.abc import Callable
 import trio
 import trio.lowlevel
 
+from broker.inbound import FrameLengthGuard
+
 __all__ = ["Flusher", "QueuedStream", "SendQueue"]
 
 IOV_MAX = 1024
@@ -171,6 +173,14 @@ class SendQueue:
         await event.wait()
         if self._state is _State.CLOSED and self.settled < mark:
             raise trio.BrokenResourceError("connection failed before the data was written")
+
+    async def wait_drained(self) -> None:
+        """Wait until everything queued so far is written (or dropped, or the queue closed)."""
+        if self._state is _State.CLOSED or self.settled >= self.appended:
+            return
+        event = trio.Event()
+        self._waiters.append((self.appended, event))
+        await event.wait()
 
     def _overflow(self, reason: str) -> None:
         if self._state in (_State.CLOSED, _State.OVERFLOWED):
@@ -315,12 +325,14 @@ class QueuedStream(trio.abc.Stream):
     """The stream handed to trio-websocket: reads pass through (and note the time, for the
     idle timer), writes go into the connection's :class:`SendQueue`."""
 
-    def __init__(self, inner: trio.abc.Stream, queue: SendQueue) -> None:
+    def __init__(self, inner: trio.abc.Stream, queue: SendQueue, *, max_frame: int) -> None:
         self.inner = inner
         self.queue = queue
         queue.attach(inner)
         self.last_receive = trio.current_time()
         self.bytes_received = 0
+        self.guard = FrameLengthGuard(max_frame)
+        self.on_oversize: Callable[[int], None] = lambda length: None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.queue.send_and_wait(bytes(data))
@@ -332,6 +344,8 @@ class QueuedStream(trio.abc.Stream):
         data = await self.inner.receive_some(max_bytes)
         self.last_receive = trio.current_time()
         self.bytes_received += len(data)
+        if self.guard.violation is None and self.guard.feed(data) is not None:
+            self.on_oversize(self.guard.violation or 0)
         return data
 
     async def aclose(self) -> None:

@@ -140,6 +140,9 @@ class Session:
             if code != ABORTED:
                 with trio.move_on_after(min(grace, CLOSE_GRACE)):
                     await self.ws.aclose(code, self.close_reason)
+                    # trio-websocket may have queued its own close frame (1009) already, in
+                    # which case aclose() returns at once: let the frame go out either way.
+                    await self.queue.wait_drained()
         # However the close handshake went, release the socket now.
         await trio.aclose_forcefully(self.stream)
 

@@ -211,7 +211,7 @@ class Worker:
                     max_bytes=cfg.limits.send_queue_max_bytes,
                     write_timeout=cfg.timeouts.write_timeout,
                 )
-                qstream = QueuedStream(stream, queue)
+                qstream = QueuedStream(stream, queue, max_frame=cfg.limits.max_message_size)
                 verdict: handshake.Accept | handshake.Reject | None = None
                 with trio.move_on_after(cfg.timeouts.handshake_timeout):
                     request = await trio_websocket.wrap_server_stream(
@@ -256,6 +256,9 @@ class Worker:
                 log.info("connect", token_source=verdict.token_source)
                 session = Session(self, conn_id, ws, qstream, identity)
                 queue.on_slow = self._slow(session)
+                qstream.on_oversize = lambda n: (
+                    session.close(CloseCode.MESSAGE_TOO_BIG, "frame too large") if session else None
+                )
                 queue.on_broken = lambda reason: session.close(1006, reason) if session else None
                 self.sessions[conn_id] = session
                 await session.run()

@@ -1,0 +1,232 @@
+"""Token verification, permissions, the origin policy and the handshake verdict."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.auth import Permissions, TokenVerifier, check_origin
+from broker.config import AuthConfig
+from broker.errors import AuthError
+from broker.handshake import Accept, Reject, evaluate
+from broker.topics import pattern_matches
+
+SECRET = "s" * 40
+
+
+def hs(claims: dict[str, object], key: str = SECRET) -> str:
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+def verifier(**kw: object) -> TokenVerifier:
+    return TokenVerifier(AuthConfig(jwt_secret=SECRET, **kw))  # type: ignore[arg-type]
+
+
+def reason_of(v: TokenVerifier, token: str) -> str:
+    with pytest.raises(AuthError) as info:
+        v.verify(token)
+    return info.value.reason
+
+
+def test_a_good_token_names_its_client_and_permissions() -> None:
+    exp = int(time.time()) + 60
+    ident = verifier().verify(hs({"sub": "alice", "exp": exp, "pubsub": {"publish": ["a.>"]}}))
+    assert ident.client == "alice"
+    assert ident.expires_at == exp
+    assert ident.publish.allows_topic("a.b")
+    assert not ident.subscribe.allows_topic("a.b")  # claim present, key absent: nothing
+
+
+def test_defaults_apply_without_the_claim() -> None:
+    v = TokenVerifier(AuthConfig(jwt_secret=SECRET, default_subscribe=("news.*",)))
+    ident = v.verify(hs({"sub": "bob", "exp": time.time() + 60}))
+    assert ident.subscribe.allows_pattern("news.*")
+    assert not ident.publish.allows_topic("news.x")
+
+
+def test_refusals_have_precise_reasons() -> None:
+    v = verifier()
+    now = time.time()
+    assert reason_of(v, hs({"sub": "a", "exp": now - 1})) == "expired"
+    assert reason_of(v, hs({"sub": "a", "exp": now + 60, "nbf": now + 60})) == "not_yet_valid"
+    assert reason_of(v, hs({"sub": "a", "exp": now + 60}, key="x" * 40)) == "bad_signature"
+    assert reason_of(v, hs({"exp": now + 60})) == "missing_claim"
+    assert reason_of(v, hs({"sub": "a"})) == "missing_claim"
+    assert reason_of(v, "not.a.jwt") == "malformed"
+    assert (
+        reason_of(v, hs({"sub": "a", "exp": now + 60, "pubsub": {"publish": "a"}})) == "bad_claims"
+    )
+
+
+def test_alg_none_is_refused() -> None:
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(
+        b"="
+    )
+    body = base64.urlsafe_b64encode(
+        json.dumps({"sub": "a", "exp": time.time() + 60}).encode()
+    ).rstrip(b"=")
+    token = f"{header.decode()}.{body.decode()}."
+    assert reason_of(verifier(), token) == "bad_signature"
+
+
+def test_audience_and_issuer_are_checked_when_configured() -> None:
+    v = verifier(audience="pubsub", issuer="auth.example")
+    now = time.time() + 60
+    ok = hs({"sub": "a", "exp": now, "aud": "pubsub", "iss": "auth.example"})
+    assert v.verify(ok).client == "a"
+    assert (
+        reason_of(v, hs({"sub": "a", "exp": now, "aud": "other", "iss": "auth.example"}))
+        == "bad_audience"
+    )
+    assert (
+        reason_of(v, hs({"sub": "a", "exp": now, "aud": "pubsub", "iss": "evil"})) == "bad_issuer"
+    )
+
+
+def test_tokens_without_exp_need_the_configuration_to_allow_them() -> None:
+    assert verifier(require_exp=False).verify(hs({"sub": "a"})).expires_at is None
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec"])
+def test_public_key_tokens(tmp_path: Path, kind: str) -> None:
+    if kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        alg = "RS256"
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())  # type: ignore[assignment]
+        alg = "ES256"
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    path = tmp_path / "key.pem"
+    path.write_bytes(pem)
+    v = TokenVerifier(AuthConfig(jwt_public_key_file=str(path)))
+    token = jwt.encode({"sub": "k", "exp": time.time() + 60}, key, algorithm=alg)
+    assert v.verify(token).client == "k"
+    # Key confusion: an HS256 token "signed" with the public key text must not pass.
+    forged = jwt.encode({"sub": "k", "exp": time.time() + 60}, "x" * 40, algorithm="HS256")
+    assert reason_of(v, forged) == "bad_signature"
+
+
+def test_deny_wins_over_allow() -> None:
+    perms = Permissions.from_list(["a.>", "!a.secret.>"])
+    assert perms.allows_topic("a.public")
+    assert not perms.allows_topic("a.secret.x")
+    assert perms.allows_pattern("a.public.>")
+    assert not perms.allows_pattern("a.>")  # could deliver a.secret.x
+    assert not perms.allows_pattern("a.*.x")  # could deliver a.secret.x
+    assert not perms.allows_pattern("b.*")
+
+
+SEG = st.sampled_from(["a", "secret", "b", "x"])
+
+
+@st.composite
+def subscription_patterns(draw: st.DrawFn) -> str:
+    segs = draw(st.lists(st.one_of(SEG, st.just("*")), min_size=1, max_size=4))
+    if draw(st.booleans()):
+        segs.append(">")
+    return ".".join(segs)
+
+
+@given(subscription_patterns(), st.lists(SEG, min_size=1, max_size=5).map(".".join))
+def test_no_allowed_subscription_ever_delivers_a_denied_topic(pattern: str, topic: str) -> None:
+    perms = Permissions.from_list(["a.>", "!a.secret.>"])
+    if perms.allows_pattern(pattern) and pattern_matches(pattern, topic):
+        assert perms.allows_topic(topic)
+        assert not pattern_matches("a.secret.>", topic)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example",
+        "https://app.example.com.evil.com",
+        "null",
+        "http://app.example.com",
+        "https://app.example.com:8443",
+        "https://APP.example.com.",
+        "https://app.example.com/",
+    ],
+)
+def test_origin_matrix(origin: str) -> None:
+    with pytest.raises(AuthError) as info:
+        check_origin([origin], ("https://app.example.com",))
+    assert info.value.status == 403
+
+
+def test_origin_exact_match_and_absence_are_allowed() -> None:
+    check_origin(["https://app.example.com"], ("https://app.example.com",))
+    check_origin([], ("https://app.example.com",))
+    check_origin(["https://anything"], ("*",))
+    with pytest.raises(AuthError) as info:
+        check_origin(
+            ["https://app.example.com", "https://app.example.com"], ("https://app.example.com",)
+        )
+    assert info.value.status == 400
+
+
+def decide(
+    target: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    subprotocols: tuple[str, ...] = (),
+    *,
+    capacity: bool = False,
+    anonymous: bool = False,
+) -> Accept | Reject:
+    return evaluate(
+        target,
+        headers or [],
+        subprotocols,
+        allowed_origins=("https://app.example.com",),
+        verifier=verifier(allow_anonymous=anonymous),
+        at_capacity=capacity,
+    )
+
+
+def test_handshake_order_and_statuses() -> None:
+    good = hs({"sub": "a", "exp": time.time() + 60})
+    assert isinstance(decide("/other"), Reject) and decide("/other").status == 404  # type: ignore[union-attr]
+    bad_proto = decide("/ws", subprotocols=("mqtt",))
+    assert isinstance(bad_proto, Reject) and bad_proto.status == 400
+    # Origin is checked before the token: a forged token from a bad origin gets 403.
+    evil = decide("/ws?token=garbage", [(b"origin", b"https://evil.example")])
+    assert isinstance(evil, Reject) and evil.status == 403
+    full = decide(f"/ws?token={good}", capacity=True)
+    assert isinstance(full, Reject) and full.status == 503
+    bad = decide("/ws?token=garbage")
+    assert isinstance(bad, Reject) and bad.status == 401
+    assert json.loads(bad.body())["error"]["code"] == "unauthorized"
+    many = decide("/ws", [(b"x-h", b"v")] * 100)
+    assert isinstance(many, Reject) and many.status == 400
+    huge = decide("/ws", subprotocols=("p" * 10000,))
+    assert isinstance(huge, Reject) and huge.status == 400
+
+
+def test_handshake_token_sources() -> None:
+    good = hs({"sub": "a", "exp": time.time() + 60})
+    by_header = decide("/ws", [(b"authorization", f"Bearer {good}".encode())], ("pubsub.v1",))
+    assert isinstance(by_header, Accept) and by_header.token_source == "header"
+    assert by_header.subprotocol == "pubsub.v1"
+    by_query = decide(f"/ws?token={good}")
+    assert isinstance(by_query, Accept) and by_query.token_source == "query"
+    assert by_query.subprotocol is None
+    inband = decide("/ws")
+    assert isinstance(inband, Accept) and inband.identity is None
+    anon = decide("/ws", anonymous=True)
+    assert (
+        isinstance(anon, Accept)
+        and anon.identity is not None
+        and anon.identity.client == "anonymous"
+    )
+    basic = decide("/ws", [(b"authorization", b"Basic abc")])
+    assert isinstance(basic, Reject) and basic.status == 401

@@ -1,0 +1,91 @@
+"""Configuration: defaults, one clear line naming a bad key, secrets from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.cli import main
+from broker.config import load_config, parse_config
+from broker.errors import ConfigError
+
+SECRET = {"auth": {"jwt_secret": "k" * 40}}
+
+
+def error_key(raw: dict[str, object], **kw: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env={}, **kw)  # type: ignore[arg-type]
+    return info.value.key
+
+
+def test_defaults_are_safe() -> None:
+    cfg = parse_config(SECRET, env={})
+    assert cfg.server.listen == "127.0.0.1:8765"
+    assert cfg.server.allowed_origins == ()
+    assert not cfg.auth.allow_anonymous
+    assert cfg.auth.default_publish == () and cfg.auth.default_subscribe == ()
+    assert cfg.timeouts.idle_timeout == 60 and cfg.timeouts.auth_timeout == 5
+    assert cfg.limits.send_queue_max_bytes == 1 << 20
+
+
+def test_bad_keys_are_named() -> None:
+    assert error_key({**SECRET, "limits": {"max_conections": 5}}) == "limits.max_conections"
+    assert error_key({**SECRET, "timeouts": {"idle_timeout": "60"}}) == "timeouts.idle_timeout"
+    assert error_key({**SECRET, "timeouts": {"idle_timeout": 0}}) == "timeouts.idle_timeout"
+    assert error_key({**SECRET, "limits": {"max_connections": True}}) == "limits.max_connections"
+    assert error_key({**SECRET, "server": {"listen": "nope"}}) == "server.listen"
+    assert (
+        error_key({**SECRET, "server": {"allowed_origins": ["app.example.com"]}})
+        == "server.allowed_origins"
+    )
+    assert error_key({**SECRET, "serverr": {}}) == "serverr"
+    assert error_key({**SECRET, "history": [{"pattern": "a.>", "size": 5}]}) == "history[0].ttl"
+    assert (
+        error_key({**SECRET, "history": [{"pattern": "a..b", "size": 5, "ttl": 1}]})
+        == "history[0].pattern"
+    )
+    assert error_key({"auth": {"jwt_secret": "short"}}) == "auth.jwt_secret"
+    assert error_key({}) == "auth.jwt_secret"
+
+
+def test_secret_from_environment() -> None:
+    cfg = parse_config({}, env={"PUBSUB_BROKER_JWT_SECRET": "e" * 40})
+    assert cfg.auth.jwt_secret == "e" * 40
+
+
+def test_history_rules_first_match_wins() -> None:
+    cfg = parse_config(
+        {
+            **SECRET,
+            "history": [
+                {"pattern": "chat.>", "size": 5, "ttl": 10},
+                {"pattern": ">", "size": 0, "ttl": 1},
+            ],
+        },
+        env={},
+    )
+    assert cfg.history_rule("chat.x").size == 5
+    assert cfg.history_rule("other").size == 0
+
+
+def test_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "b.toml"
+    path.write_text('[auth]\njwt_secret = "' + "k" * 40 + '"\n[server]\nlisten = "127.0.0.1:1"\n')
+    cfg = load_config(path, overrides={"server.listen": "127.0.0.1:2"}, env={})
+    assert cfg.server.listen == "127.0.0.1:2"
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "b.toml"
+    path.write_text('[auth]\njwt_secret = "' + "k" * 40 + '"\n[limits]\nmax_conections = 1\n')
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "pubsub-broker: config error: limits.max_conections: unknown key (known keys of [limits]: "
+        "max_connections, max_data_size, max_message_size, max_subscriptions, max_violations, "
+        "publish_burst, publish_rate, send_queue_max_bytes)"
+    ]
+    path.write_text("not toml [")
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""The sans-I/O protocol layer: parsing, encoding, framing, and fuzzing it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker import protocol as p
+from broker.errors import FrameError
+
+
+def parse(obj: object) -> p.Command:
+    return p.parse_command(json.dumps(obj))
+
+
+def test_each_op_parses() -> None:
+    assert parse({"op": "ping", "id": 1}) == p.Ping(1)
+    assert parse({"op": "auth", "token": "t"}) == p.Auth(None, "t")
+    assert parse({"op": "subscribe", "topic": "a", "id": "x"}) == p.Subscribe("x", "a")
+    assert parse(
+        {"op": "subscribe", "topic": "a", "since": {"offset": 3, "epoch": "e"}, "presence": True}
+    ) == p.Subscribe(None, "a", p.Since(3, "e"), True)
+    assert parse({"op": "unsubscribe", "topic": "a"}) == p.Unsubscribe(None, "a")
+    assert parse({"op": "publish", "topic": "a", "data": {"k": [1, "é"]}}) == p.Publish(
+        None, "a", '{"k":[1,"é"]}'
+    )
+    assert parse({"op": "publish", "topic": "a", "data": None}).data == "null"  # type: ignore[union-attr]
+    assert parse({"op": "history", "topic": "a", "limit": 5}) == p.History(None, "a", None, 5)
+    assert parse({"op": "presence", "topic": "a", "id": 2}) == p.Presence(2, "a")
+
+
+@pytest.mark.parametrize(
+    ("frame", "fid", "fragment"),
+    [
+        ("not json", None, "not valid JSON"),
+        ("[1,2]", None, "object"),
+        ('{"id":1}', 1, "missing field 'op'"),
+        ('{"op":"nope","id":2}', 2, "unknown op"),
+        ('{"op":"publish","topic":"a","id":3}', 3, "missing field 'data'"),
+        ('{"op":"publish","topic":5,"data":1,"id":4}', 4, "wrong type"),
+        ('{"op":"subscribe","id":5}', 5, "missing field 'topic'"),
+        ('{"op":"subscribe","topic":"a","presence":"yes","id":6}', 6, "presence"),
+        (
+            '{"op":"subscribe","topic":"a","since":{"offset":-1,"epoch":"e"},"id":7}',
+            7,
+            "since.offset",
+        ),
+        ('{"op":"subscribe","topic":"a","since":5,"id":8}', 8, "since"),
+        ('{"op":"history","topic":"a","limit":0,"id":9}', 9, "limit"),
+        ('{"op":"history","topic":"a","limit":true,"id":10}', 10, "limit"),
+        ('{"op":"ping","id":true}', None, "'id'"),
+        ('{"op":"ping","id":1.5}', None, "'id'"),
+        ('{"op":"ping","id":"' + "x" * 65 + '"}', None, "64"),
+        ('{"op":"auth","token":null,"id":11}', 11, "wrong type"),
+    ],
+)
+def test_bad_frames_say_what_is_wrong(frame: str, fid: object, fragment: str) -> None:
+    with pytest.raises(FrameError) as info:
+        p.parse_command(frame)
+    assert info.value.code == "bad_request"
+    assert info.value.frame_id == fid
+    assert fragment in info.value.message
+
+
+def test_binary_frames_are_refused() -> None:
+    with pytest.raises(FrameError, match="binary"):
+        p.parse_command(b'{"op":"ping"}')
+
+
+def test_deep_nesting_is_a_bad_request_not_a_crash() -> None:
+    with pytest.raises(FrameError):
+        p.parse_command("[" * 100000 + "]" * 100000)
+
+
+def test_message_encoding_is_valid_json_and_framed_once() -> None:
+    text = p.encode_message("chat.x", 7, "ep", "alice", '{"a":1}')
+    assert json.loads(text) == {
+        "op": "message",
+        "topic": "chat.x",
+        "offset": 7,
+        "epoch": "ep",
+        "from": "alice",
+        "data": {"a": 1},
+    }
+    assert p.message_dict("chat.x", 7, "ep", "alice", '{"a":1}') == json.loads(text)
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_frame_header_lengths(size: int) -> None:
+    payload = b"x" * size
+    frame = p.frame_text(payload)
+    assert frame[0] == 0x81
+    assert frame.endswith(payload)
+    header = len(frame) - size
+    assert header == (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_fuzz_arbitrary_input_only_ever_raises_frame_errors(data: bytes | str) -> None:
+    try:
+        p.parse_command(data)
+    except FrameError as exc:
+        assert exc.code == "bad_request"
+        json.loads(p.encode_error(exc.frame_id, exc.code, exc.message))
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["op", "id", "topic", "data", "since", "limit", "token", "presence"]),
+        json_values,
+    )
+)
+def test_fuzz_json_objects_only_ever_raise_frame_errors(obj: dict[str, object]) -> None:
+    if "op" in obj and not isinstance(obj["op"], str):
+        pass
+    try:
+        command = p.parse_command(json.dumps(obj))
+    except FrameError as exc:
+        assert exc.code == "bad_request"
+    else:
+        assert type(command).__name__.lower() == obj["op"]
+
+
+def test_frame_length_guard_flags_a_huge_header_at_once() -> None:
+    from broker.inbound import FrameLengthGuard
+    from tests.support.rawws import encode_frame
+
+    guard = FrameLengthGuard(1000)
+    head = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"
+    stream = head + encode_frame(b"x" * 999) + encode_frame(b"y" * 200, opcode=0x9)
+    for i in range(len(stream)):  # byte by byte: every split point
+        assert guard.feed(stream[i : i + 1]) is None
+    assert guard.feed(encode_frame(b"", length=2**62)[:10]) == 2**62
+    whole = FrameLengthGuard(1000)
+    assert whole.feed(head + encode_frame(b"z" * 1001)) == 1001

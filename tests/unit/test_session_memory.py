@@ -1,0 +1,287 @@
+"""Sessions over in-memory streams, with trio's autojump clock: every timer of a connection
+(idle, auth, token expiry, handshake) runs in milliseconds, and the whole op set is exercised
+without a socket."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jwt
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from broker.config import parse_config
+from broker.worker import Worker
+
+SECRET = "m" * 40
+
+
+def make_worker(**sections: dict[str, Any]) -> Worker:
+    raw: dict[str, Any] = {
+        "auth": {"jwt_secret": SECRET, "default_publish": [">"], "default_subscribe": [">"]},
+        **sections,
+    }
+    return Worker(parse_config(raw, env={}), node="test")
+
+
+def token(sub: str = "alice", ttl: float = 3600, **claims: Any) -> str:
+    return jwt.encode(
+        {"sub": sub, "exp": int(time.time() + ttl), **claims}, SECRET, algorithm="HS256"
+    )
+
+
+@asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.bus.run)
+        nursery.start_soon(worker.flusher.run)
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+async def connect(
+    worker: Worker,
+    nursery: trio.Nursery,
+    resource: str = "/ws",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> trio_websocket.WebSocketConnection:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    nursery.start_soon(worker._handle, server_stream)
+    return await trio_websocket.wrap_client_stream(
+        nursery,
+        client_stream,
+        "test",
+        resource,
+        extra_headers=headers,
+        subprotocols=["pubsub.v1"],  # type: ignore[arg-type]
+    )
+
+
+async def recv(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+    return json.loads(await ws.get_message())  # type: ignore[no-any-return]
+
+
+async def call(ws: trio_websocket.WebSocketConnection, **frame: Any) -> dict[str, Any]:
+    await ws.send_message(json.dumps(frame))
+    while True:
+        msg = await recv(ws)
+        if msg.get("id") == frame.get("id"):
+            return msg
+
+
+async def closed_with(ws: trio_websocket.WebSocketConnection) -> int:
+    with pytest.raises(trio_websocket.ConnectionClosed) as info:
+        while True:
+            await ws.get_message()
+    assert info.value.reason is not None
+    return info.value.reason.code
+
+
+async def test_idle_connection_is_closed_with_4009(autojump_clock: trio.testing.MockClock) -> None:
+    worker = make_worker(timeouts={"idle_timeout": 60, "ping_interval": 1000})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        assert (await recv(ws))["op"] == "welcome"
+        start = trio.current_time()
+        assert await closed_with(ws) == 4009
+        assert 60 <= trio.current_time() - start < 61
+
+
+async def test_any_frame_resets_the_idle_timer(autojump_clock: trio.testing.MockClock) -> None:
+    worker = make_worker(timeouts={"idle_timeout": 60, "ping_interval": 1000})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        start = trio.current_time()
+        for _ in range(5):
+            await trio.sleep(50)
+            await ws.ping()  # a control frame counts too
+        assert await closed_with(ws) == 4009
+        assert trio.current_time() - start >= 250 + 60 - 1
+
+
+async def test_server_pings_keep_a_responsive_client_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # trio-websocket answers pings automatically: the pongs count as traffic.
+    worker = make_worker(timeouts={"idle_timeout": 60, "ping_interval": 20})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        with trio.move_on_after(600):
+            await ws.get_message()
+        assert ws.closed is None
+
+
+async def test_unauthenticated_connection_is_closed_with_4001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(timeouts={"auth_timeout": 5})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery)
+        reply = await call(ws, op="subscribe", topic="a", id=1)
+        assert reply["error"]["code"] == "unauthorized"
+        start = trio.current_time()
+        assert await closed_with(ws) == 4001
+        assert trio.current_time() - start <= 5
+
+
+async def test_inband_auth_welcomes_then_replies(autojump_clock: trio.testing.MockClock) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery)
+        await ws.send_message(json.dumps({"op": "auth", "token": token("bob"), "id": "a"}))
+        welcome = await recv(ws)
+        assert (
+            welcome["op"] == "welcome" and welcome["client"] == "bob" and welcome["node"] == "test"
+        )
+        reply = await recv(ws)
+        assert reply["id"] == "a" and reply["ok"] and reply["client"] == "bob"
+
+
+async def test_inband_auth_failure_closes_with_4001(autojump_clock: trio.testing.MockClock) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery)
+        reply = await call(ws, op="auth", token="forged", id=1)
+        assert reply["error"]["code"] == "unauthorized"
+        assert await closed_with(ws) == 4001
+
+
+async def test_expired_token_closes_with_4003_unless_refreshed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The token's expiry is wall-clock time; the session turns it into a trio deadline.
+    worker = make_worker(timeouts={"idle_timeout": 10000, "ping_interval": 10000})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token(ttl=30)}")
+        await recv(ws)
+        await trio.sleep(20)
+        refreshed = await call(ws, op="auth", token=token(ttl=100), id=1)
+        assert refreshed["ok"]
+        other = await call(ws, op="auth", token=token("mallory", ttl=100), id=2)
+        assert other["error"]["code"] == "unauthorized"
+        start = trio.current_time()
+        assert await closed_with(ws) == 4003
+        assert 95 <= trio.current_time() - start <= 101
+
+
+async def test_refresh_that_revokes_a_subscription_closes_with_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        assert (await call(ws, op="subscribe", topic="a.b", id=1))["ok"]
+        await ws.send_message(
+            json.dumps({"op": "auth", "token": token(pubsub={"subscribe": ["x.>"]})})
+        )
+        assert await closed_with(ws) == 1008
+
+
+async def test_handshake_that_never_completes_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(timeouts={"handshake_timeout": 3})
+    async with running(worker):
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as n:
+            n.start_soon(worker._handle, server_stream)
+            await client_stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+            start = trio.current_time()
+            assert await client_stream.receive_some() == b""  # closed by the server
+            assert trio.current_time() - start == pytest.approx(3, abs=0.01)
+        assert worker.handshaking == 0 and not worker.sessions
+
+
+async def test_ops_and_errors_in_memory(autojump_clock: trio.testing.MockClock) -> None:
+    worker = make_worker(
+        limits={
+            "max_subscriptions": 2,
+            "publish_rate": 1.0,
+            "publish_burst": 2,
+            "max_data_size": 100,
+        }
+    )
+    async with running(worker) as nursery:
+        ws = await connect(
+            worker,
+            nursery,
+            f"/ws?token={token(pubsub={'publish': ['a.>'], 'subscribe': ['a.>', '!a.secret.>']})}",
+        )
+        await recv(ws)
+        assert (await call(ws, op="subscribe", topic="a.*", id=1))["ok"]
+        assert (await call(ws, op="subscribe", topic="a.*", id=2))["error"]["code"] == "bad_request"
+        assert (await call(ws, op="subscribe", topic="a.>", id=3))["error"]["code"] == "forbidden"
+        assert (await call(ws, op="subscribe", topic="a..b", id=4))["error"]["code"] == "bad_topic"
+        assert (await call(ws, op="subscribe", topic="a.x", id=5))["ok"]
+        assert (await call(ws, op="subscribe", topic="a.y", id=6))["error"][
+            "code"
+        ] == "too_many_subscriptions"
+        assert (await call(ws, op="unsubscribe", topic="a.y", id=7))["error"][
+            "code"
+        ] == "not_subscribed"
+        assert (await call(ws, op="publish", topic="b.x", data=1, id=8))["error"][
+            "code"
+        ] == "forbidden"
+        assert (await call(ws, op="publish", topic="a.*", data=1, id=9))["error"][
+            "code"
+        ] == "bad_topic"
+        assert (await call(ws, op="publish", topic="a.x", data="x" * 200, id=10))["error"][
+            "code"
+        ] == "too_large"
+        await ws.send_message(json.dumps({"op": "publish", "topic": "a.x", "data": 1, "id": 11}))
+        frames = [await recv(ws), await recv(ws)]
+        # One publication, two matching subscriptions (a.* and a.x): delivered once.
+        assert sorted(f.get("op", "reply") for f in frames) == ["message", "reply"]
+        assert {f["offset"] for f in frames} == {1}
+        with trio.move_on_after(0.1):
+            extra = await recv(ws)
+            pytest.fail(f"delivered twice: {extra}")
+        await call(ws, op="publish", topic="a.x", data=2, id=12)
+        assert (await call(ws, op="publish", topic="a.x", data=3, id=13))["error"][
+            "code"
+        ] == "rate_limited"
+        assert (await call(ws, op="ping", id=14)) == {"id": 14, "ok": True}
+        assert (await call(ws, op="history", topic="a.secret.x", id=15))["error"][
+            "code"
+        ] == "forbidden"
+        hist = await call(ws, op="history", topic="a.x", id=16)
+        assert [m["data"] for m in hist["messages"]] == [1, 2]
+        assert (await call(ws, op="presence", topic="a.x", id=17))["clients"] == ["alice"]
+
+
+async def test_too_many_violations_close_with_4029(autojump_clock: trio.testing.MockClock) -> None:
+    worker = make_worker(limits={"max_violations": 5})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        for _ in range(6):
+            await ws.send_message("nope")
+        assert await closed_with(ws) == 4029
+
+
+async def test_a_crash_in_one_connection_reaches_no_other(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        a = await connect(worker, nursery, f"/ws?token={token('a')}")
+        b = await connect(worker, nursery, f"/ws?token={token('b')}")
+        await recv(a)
+        await recv(b)
+
+        async def boom(*args: object) -> None:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(worker.bus, "presence", boom)
+        assert (await call(a, op="presence", topic="t", id=1))["error"]["code"] == "internal"
+        assert (await call(b, op="ping", id=2))["ok"]
+        assert (await call(a, op="ping", id=3))["ok"]

@@ -1,0 +1,115 @@
+"""Topic syntax, pattern algebra and the subscription index, against a reference matcher."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import FrameError
+from broker.topics import (
+    SubscriptionIndex,
+    pattern_covers,
+    pattern_matches,
+    patterns_overlap,
+    validate_pattern,
+    validate_topic,
+)
+
+SEGMENTS = st.sampled_from(["a", "b", "c", "news", "x-1", "Z_9"])
+topics = st.lists(SEGMENTS, min_size=1, max_size=5).map(".".join)
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    segs = draw(st.lists(st.one_of(SEGMENTS, st.just("*")), min_size=1, max_size=5))
+    if draw(st.booleans()):
+        segs.append(">")
+    return ".".join(segs)
+
+
+def reference_match(pattern: str, topic: str) -> bool:
+    """An independent matcher: the pattern as a regular expression."""
+    parts = []
+    for seg in pattern.split("."):
+        if seg == "*":
+            parts.append(r"[^.]+")
+        elif seg == ">":
+            parts.append(r"[^.]+(?:\.[^.]+)*")
+        else:
+            parts.append(re.escape(seg))
+    return re.fullmatch(r"\.".join(parts), topic) is not None
+
+
+@given(patterns(), topics)
+def test_pattern_matches_agrees_with_reference(pattern: str, topic: str) -> None:
+    assert pattern_matches(pattern, topic) == reference_match(pattern, topic)
+
+
+@given(patterns(), patterns(), st.lists(topics, min_size=1, max_size=30))
+def test_covers_and_overlap_are_sound(a: str, b: str, sample: list[str]) -> None:
+    for t in sample:
+        if pattern_covers(a, b) and pattern_matches(b, t):
+            assert pattern_matches(a, t)
+        if pattern_matches(a, t) and pattern_matches(b, t):
+            assert patterns_overlap(a, b)
+
+
+@given(patterns())
+def test_a_pattern_covers_and_overlaps_itself(p: str) -> None:
+    assert pattern_covers(p, p)
+    assert patterns_overlap(p, p)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(patterns() | topics, st.integers(0, 5)), max_size=25), topics)
+def test_index_finds_exactly_the_matching_keys(entries: list[tuple[str, int]], topic: str) -> None:
+    index: SubscriptionIndex[int] = SubscriptionIndex()
+    for pattern, key in entries:
+        index.add(pattern, key)
+    expected = {key for pattern, key in entries if reference_match(pattern, topic)}
+    assert set(index.match(topic)) == expected
+    for pattern, key in entries:
+        index.remove(pattern, key)
+    assert list(index.match(topic)) == []
+    assert len(index) == 0
+    assert not index.has_wildcards
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["a", "chat.room1", "a-b_c.D9", "x" * 255, ".".join(["s"] * 100)],
+)
+def test_valid_topics(topic: str) -> None:
+    assert validate_topic(topic) == topic
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["", "a..b", ".a", "a.", "a b", "a.*", "a.>", "é", "x" * 256, 5, None, "a/b"],
+)
+def test_invalid_topics(topic: object) -> None:
+    with pytest.raises(FrameError) as info:
+        validate_topic(topic)
+    assert info.value.code == "bad_topic"
+
+
+@pytest.mark.parametrize("pattern", ["a.*", "a.>", ">", "*", "*.b.>", "a"])
+def test_valid_patterns(pattern: str) -> None:
+    assert validate_pattern(pattern) == pattern
+
+
+@pytest.mark.parametrize("pattern", ["a.>.b", "a.**", "a.b*", ">.a", "a.>x", ""])
+def test_invalid_patterns(pattern: str) -> None:
+    with pytest.raises(FrameError):
+        validate_pattern(pattern)
+
+
+def test_gt_needs_at_least_one_segment() -> None:
+    assert not pattern_matches("a.>", "a")
+    assert pattern_matches("a.>", "a.b.c")
+    assert not pattern_covers("a.>", "a")
+    assert pattern_covers("a.>", "a.*.c")
+    assert not pattern_covers("a.*", "a.>")
