@@ -46,7 +46,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import h11
@@ -56,7 +56,12 @@ import trio
 from broker.bus.base import HistoryResult, Publication, StreamPosition
 from broker.errors import BusUnavailable, FrameError
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from broker.metrics import Registry
+from broker.metrics import Registry, merge, render, snapshot_from_stats
+from broker.protocol import encode_message
+from broker.topics import validate_pattern, validate_topic
+
+if TYPE_CHECKING:
+    from broker.worker import Worker
 
 __all__ = [
     "HttpError",
@@ -64,6 +69,7 @@ __all__ = [
     "OpsBackend",
     "Request",
     "Response",
+    "WorkerBackend",
     "serve_http",
 ]
 
@@ -218,12 +224,8 @@ def error_response(err: HttpError) -> Response:
 
 
 def message_json(pub: Publication) -> str:
-    """The ``message`` push of a publication, as the WebSocket sends it (``data`` spliced in as
-    the JSON text the bus holds, never parsed again)."""
-    return (
-        f'{{"op":"message","topic":{json.dumps(pub.topic)},"offset":{pub.offset},'
-        f'"epoch":{json.dumps(pub.epoch)},"from":{json.dumps(pub.sender)},"data":{pub.data}}}'
-    )
+    """The ``message`` push of a publication, the same text the WebSocket sends."""
+    return encode_message(pub.topic, pub.offset, pub.epoch, pub.sender, pub.data)
 
 
 # Pages are same-origin only: no inline script, no framing, no referrer (a demo URL may hold
@@ -708,6 +710,78 @@ def _int_param(params: dict[str, str], name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise HttpError("bad_request", f"query parameter {name!r} must be in {low}..{high}")
     return value
+
+
+class WorkerBackend:
+    """The :class:`OpsBackend` of workers that run in the listener's own trio loop (the
+    one-process broker): it reads their figures directly and uses the first one's bus.
+
+    ``ws_port`` is the WebSocket listener's port, for the pages. ``extra_metrics`` returns
+    snapshots to add to ``/metrics`` (a registry with the handshake histogram, say)."""
+
+    def __init__(
+        self,
+        workers: Sequence[Worker],
+        *,
+        ws_port: int,
+        extra_metrics: Callable[[], Iterable[dict[str, Any]]] | None = None,
+    ) -> None:
+        if not workers:
+            raise ValueError("at least one worker")
+        self.workers = list(workers)
+        self.ws_port = ws_port
+        self.extra_metrics = extra_metrics
+
+    def ready(self) -> tuple[bool, dict[str, object]]:
+        up = {str(w.index): bool(w.accepting) for w in self.workers}
+        bus = all(w.bus.is_up for w in self.workers)
+        return all(up.values()) and bus, {"workers": up, "bus": bus}
+
+    async def metrics_text(self) -> str:
+        extra = list(self.extra_metrics()) if self.extra_metrics else []
+        snaps = [snapshot_from_stats(w.stats()) for w in self.workers]
+        return render(merge([*snaps, *extra]))
+
+    async def stats(self) -> dict[str, Any]:
+        return {"workers": [w.stats() for w in self.workers]}
+
+    async def publish(self, topic: str, data_json: str) -> Publication:
+        worker = self.workers[0]
+        limit = worker.config.limits.max_data_size
+        if len(data_json.encode()) > limit:
+            raise FrameError("too_large", f"data is over max_data_size ({limit} bytes)")
+        return await worker.bus.publish(topic, data_json, None)
+
+    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
+        return await self.workers[0].bus.history(topic, since, limit)
+
+    async def presence(self, topic: str) -> list[str]:
+        return await self.workers[0].bus.presence(topic)
+
+    async def disconnect(self, client_id: str) -> int:
+        closed = 0
+        for worker in self.workers:
+            for session in list(worker.sessions.values()):
+                if session.identity is not None and session.identity.client == client_id:
+                    session.close(1008, "disconnected by the operator")
+                    closed += 1
+        return closed
+
+    def validate_topic(self, topic: str, wildcard: bool = False) -> None:
+        if wildcard:
+            validate_pattern(topic)
+        else:
+            validate_topic(topic)
+
+    def info(self) -> dict[str, object]:
+        worker = self.workers[0]
+        tls = getattr(worker, "ssl_context", None) is not None
+        return {
+            "ws_port": self.ws_port,
+            "ws_scheme": "wss" if tls else "ws",
+            "node": worker.node,
+            "workers": len(self.workers),
+        }
 
 
 async def serve_http(

@@ -45,6 +45,7 @@ __all__ = [
     "broker_metrics",
     "merge",
     "render",
+    "snapshot_from_stats",
     "stats_from_snapshot",
 ]
 
@@ -428,8 +429,7 @@ class BrokerMetrics:
         )
         self.publications_in = r.counter(
             "pubsub_publications_in_total",
-            "Publications accepted from clients, by source (ws or http).",
-            ["source"],
+            "Publications this worker received from the bus (WebSocket and HTTP publishers).",
         )
         self.deliveries_out = r.counter(
             "pubsub_deliveries_out_total", "Message pushes queued to subscribers."
@@ -460,6 +460,54 @@ class BrokerMetrics:
             HANDSHAKE_BUCKETS,
         )
         self.bus_up = r.gauge("pubsub_bus_up", "1 when the bus is connected, else 0.")
+
+
+#: Reason labels of ``pubsub_closes_total`` for the close codes the server uses.
+CLOSE_REASONS = {
+    1000: "normal",
+    1001: "shutdown",
+    1006: "abnormal",
+    1008: "policy",
+    1009: "too_big",
+    1011: "internal",
+    4001: "auth_timeout",
+    4003: "expired",
+    4008: "slow_consumer",
+    4009: "idle",
+    4029: "violations",
+}
+
+
+def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()) -> Snapshot:
+    """One worker's metrics snapshot built from the plain figures it keeps (its ``stats()``
+    dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
+    ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
+    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``; missing ones count 0),
+    merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
+    m = broker_metrics(stats.get("worker", 0))
+    m.connections.set(stats.get("connections", 0))
+    m.connections_total.inc(stats.get("connections_total", 0))
+    m.subscriptions.set(stats.get("subscriptions", 0))
+    m.topics.set(stats.get("topics", 0))
+    m.publications_in.inc(stats.get("publications_in", 0))
+    m.deliveries_out.inc(stats.get("deliveries_out", 0))
+    m.bytes_in.inc(stats.get("bytes_in", 0))
+    m.bytes_out.inc(stats.get("bytes_out", 0))
+    for code, n in dict(stats.get("closes", {})).items():
+        reason = CLOSE_REASONS.get(int(code), str(code)) if str(code).isdigit() else str(code)
+        m.closes.inc(n, reason=reason)
+    for reason, n in dict(stats.get("auth_failures", {})).items():
+        m.auth_failures.inc(n, reason=str(reason))
+    for code, n in dict(stats.get("errors", {})).items():
+        m.errors.inc(n, code=str(code))
+    m.bus_up.set(1 if stats.get("bus_up", True) else 0)
+    snap = m.registry.snapshot()
+    extras = list(extra)
+    if extras:
+        # The extra snapshot's families replace the empty ones declared here.
+        own = {k: v for k, v in snap.items() if not any(k in e for e in extras)}
+        return merge([own, *extras])
+    return snap
 
 
 def broker_metrics(worker: int | str) -> BrokerMetrics:

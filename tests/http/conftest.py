@@ -3,7 +3,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from httpkit import Listener, running_listener
+
+from tests.http.httpkit import Listener, running_listener
 
 
 @pytest.fixture

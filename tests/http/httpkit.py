@@ -75,7 +75,7 @@ class MemoryBackend:
         held = self.topics.setdefault(topic, [])
         held.append(pub)
         del held[: -self.history_size]
-        self.metrics[0].publications_in.inc(source="http")
+        self.metrics[0].publications_in.inc()
         return pub
 
     async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import trio
-from httpkit import API_KEY, Listener, MemoryBackend, running_listener
 
 from broker.errors import FrameError
 from broker.http import HttpLimits
+from tests.http.httpkit import API_KEY, Listener, MemoryBackend, running_listener
 
 
 async def test_healthz_and_head(listener: Listener) -> None:

@@ -16,6 +16,7 @@ from broker.metrics import (
     broker_metrics,
     merge,
     render,
+    snapshot_from_stats,
     stats_from_snapshot,
 )
 
@@ -61,7 +62,7 @@ def test_snapshot_is_plain_data_and_merges_across_workers() -> None:
     for i, m in enumerate(workers):
         m.connections.set(i + 1)
         m.auth_failures.inc(reason="expired")
-        m.publications_in.inc(10 * (i + 1), source="ws")
+        m.publications_in.inc(10 * (i + 1))
         m.handshake_seconds.observe(0.003)
     snaps = [m.registry.snapshot() for m in workers]
     # crosses a pipe as JSON or pickle unchanged
@@ -79,7 +80,7 @@ def test_snapshot_is_plain_data_and_merges_across_workers() -> None:
     # same labels are added up
     twice = merge([snaps[0], snaps[0]])
     again = parse(render(twice))
-    assert again["pubsub_publications_in_total"][(("source", "ws"), ("worker", "0"))] == 20
+    assert again["pubsub_publications_in_total"][(("worker", "0"),)] == 20
     assert again["pubsub_handshake_seconds_count"][(("worker", "0"),)] == 2
 
 
@@ -171,9 +172,36 @@ def test_stats_from_snapshot() -> None:
     a, b = broker_metrics(0), broker_metrics(10)
     a.connections.set(2)
     b.connections.set(5)
-    a.publications_in.inc(3, source="ws")
-    a.publications_in.inc(4, source="http")
+    a.publications_in.inc(3)
+    a.publications_in.inc(4)
     stats = stats_from_snapshot(merge([b.registry.snapshot(), a.registry.snapshot()]))
     assert [w["worker"] for w in stats["workers"]] == ["0", "10"]
     assert stats["workers"][0]["publications_in"] == 7
     assert stats["workers"][1]["connections"] == 5
+
+
+def test_snapshot_from_worker_stats() -> None:
+    stats = {
+        "worker": 1,
+        "connections": 4,
+        "subscriptions": 6,
+        "topics": 2,
+        "publications_in": 10,
+        "deliveries_out": 30,
+        "bytes_out": 999,
+        "closes": {"4008": 2, "4009": 1, "4321": 1},
+        "auth_failures": {"expired": 3},
+        "bus_up": False,
+    }
+    hist = Registry(const_labels={"worker": "1"})
+    hist.histogram("pubsub_handshake_seconds", "Handshakes.", HANDSHAKE_BUCKETS).observe(0.01)
+    samples = parse(render(snapshot_from_stats(stats, [hist.snapshot()])))
+    w = ("worker", "1")
+    assert samples["pubsub_connections"][(w,)] == 4
+    assert samples["pubsub_deliveries_out_total"][(w,)] == 30
+    assert samples["pubsub_closes_total"][(("reason", "slow_consumer"), w)] == 2
+    assert samples["pubsub_closes_total"][(("reason", "idle"), w)] == 1
+    assert samples["pubsub_closes_total"][(("reason", "4321"), w)] == 1
+    assert samples["pubsub_auth_failures_total"][(("reason", "expired"), w)] == 3
+    assert samples["pubsub_bus_up"][(w,)] == 0
+    assert samples["pubsub_handshake_seconds_count"][(w,)] == 1
