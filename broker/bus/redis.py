@@ -1,0 +1,1005 @@
+"""The Redis bus: brokers on several machines share topics through one Redis (or Redis Cluster).
+
+Theory of operation
+-------------------
+Everything a topic owns lives in Redis under keys that share one hash tag, so that in Redis
+Cluster they sit on one slot and one Lua script can touch them all atomically::
+
+    {ps:TOPIC}:meta        hash: e = epoch, o = latest offset
+    {ps:TOPIC}:hist        stream: one entry per held publication, ID "OFFSET-0",
+                           fields t (Redis time, ms), d (data) and s (sender, when any)
+    {ps:TOPIC}:pres        zset: client id -> expiry (ms) of its longest-lived connection
+    {ps:TOPIC}:pc:CLIENT   zset: "node|worker|conn" -> expiry (ms), one per connection
+
+**Publishing** is one script (:data:`PUBLISH_LUA`): read or create the epoch, ``HINCRBY`` the
+offset, ``XADD`` to the history capped at the topic's size (``MAXLEN =``), drop entries older
+than its TTL, ``PEXPIRE`` the keys by the TTL (an idle topic vanishes; the next publication
+then creates a new epoch, which is how clients learn that history was lost) and ``PUBLISH`` the
+encoded publication on the topic's channel ``{ps:TOPIC}``. Since Redis runs scripts one at a
+time, two nodes never hand out the same offset, and what is delivered is exactly what history
+holds. Redis Cluster uses ``SPUBLISH`` (sharded pub/sub: the message stays on the topic's
+shard) and, for wildcard subscribers, also a plain ``PUBLISH`` on ``ps:w:TOPIC`` (see below).
+
+**Subscribing.** A node subscribes only to what its clients need. An exact topic is
+``SUBSCRIBE {ps:TOPIC}`` (``SSUBSCRIBE`` in a cluster). A wildcard pattern becomes a Redis
+glob for ``PSUBSCRIBE``: ``*`` becomes ``*`` and a final ``>`` becomes ``?*``. Redis globs do
+not know segments (``*`` also matches dots), so every received publication is checked again
+with the exact matcher of :mod:`broker.topics` before it is delivered. Redis Cluster has no
+sharded ``PSUBSCRIBE``: there the publish script also ``PUBLISH``-es the publication on
+``ps:w:TOPIC``, which Redis Cluster broadcasts to every node, and wildcard patterns are
+``PSUBSCRIBE``-d on one node. That costs one cluster-bus broadcast per publication; exact
+subscriptions stay sharded.
+
+**Delivery** goes through one task per bus. Received messages are parsed and queued (a
+bounded queue: when the node cannot keep up, it drops its Redis subscriptions, reconnects and
+catches up from history instead of buffering without limit). Per topic the task remembers the
+last ``(epoch, offset)`` it delivered: duplicates (an exact and a wildcard subscription both
+matching) are dropped, and a gap (messages lost while disconnected, or a late subscription) is
+filled from the history stream before the publication that revealed it, so each worker sees
+every topic in offset order.
+
+**Presence.** Each connection's entry expires ``presence_ttl`` seconds after its last refresh;
+every bus refreshes its own entries every ``presence_ttl / 3``. Scripts emit ``join`` when a
+client's first live entry appears and ``leave`` when its last goes, on the topic's channel.
+A node that dies leaves entries that simply expire: every bus periodically sweeps the topics
+it watches, and the sweep script (atomic, so only one node announces it) removes the expired
+client and publishes its ``leave``. :meth:`RedisBus.presence` counts only unexpired entries, so
+it is right even between sweeps. All times are Redis's ``TIME``, never the nodes' clocks.
+
+**Outages.** Every command runs under a short timeout, so :meth:`RedisBus.publish` fails fast
+with :class:`~broker.errors.BusUnavailable` while Redis is unreachable. The subscriber
+connection is watched: when it breaks, the bus reports itself down (``is_up``, ``on_state``,
+one log line), reconnects with exponential backoff and jitter, subscribes to every channel and
+pattern again, reports itself up, refreshes its presence entries and catches every topic it
+has delivered up from history. coredis runs on trio through anyio and raises its errors inside
+``ExceptionGroup``\\s; they are caught with ``except*`` and turned into ``BusUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import attrs
+import structlog
+import trio
+
+from broker.bus.base import (
+    Bus,
+    BusHandlers,
+    ConnKey,
+    HistoryResult,
+    PresenceEvent,
+    Publication,
+    StreamPosition,
+)
+from broker.config import Config, HistoryRule
+from broker.errors import BusUnavailable
+from broker.topics import SubscriptionIndex, is_wildcard, pattern_matches
+
+__all__ = ["RedisBus", "redis_glob"]
+
+log = structlog.get_logger("broker.bus.redis")
+
+HistoryRuleFn = Callable[[str], "HistoryRule | tuple[int, float]"]
+"""Gives a topic's history rule (:class:`broker.config.HistoryRule`, or ``(size, ttl)``): at
+most ``size`` publications (0 keeps none), each kept ``ttl`` seconds (0 = no expiry)."""
+
+# --------------------------------------------------------------------------------------------
+# Lua. Scripts use Redis's own clock (TIME) so that nodes with skewed clocks agree.
+
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Drop history entries older than cutoff (ms). Entries are in time order, so the expired
+-- ones are a prefix of the stream. Field 1 of every entry is 't'.
+local function trim_expired(hist, cutoff)
+  while true do
+    local batch = redis.call('XRANGE', hist, '-', '+', 'COUNT', 64)
+    local old = {}
+    for _, entry in ipairs(batch) do
+      if tonumber(entry[2][2]) > cutoff then break end
+      old[#old + 1] = entry[1]
+    end
+    if #old > 0 then redis.call('XDEL', hist, unpack(old)) end
+    if #old < 64 then return end
+  end
+end
+"""
+
+PUBLISH_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: meta, hist
+-- ARGV: topic, data, sender, has_sender, new_epoch, size, ttl_ms, channel, publish_cmd,
+--       wildcard_channel ('' = none), position_ttl_ms (0 = none)
+local meta, hist = KEYS[1], KEYS[2]
+local size, ttl, meta_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[11])
+local now = now_ms()
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', hist)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+if size > 0 then
+  local id = string.format('%d-0', offset)
+  if ARGV[4] == '1' then
+    redis.call('XADD', hist, 'MAXLEN', '=', size, id, 't', now, 'd', ARGV[2], 's', ARGV[3])
+  else
+    redis.call('XADD', hist, 'MAXLEN', '=', size, id, 't', now, 'd', ARGV[2])
+  end
+  if ttl > 0 then
+    trim_expired(hist, now - ttl)
+    redis.call('PEXPIRE', hist, ttl)
+  else
+    redis.call('PERSIST', hist)
+  end
+else
+  redis.call('DEL', hist)
+end
+if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) else redis.call('PERSIST', meta) end
+local slen = -1
+if ARGV[4] == '1' then slen = #ARGV[3] end
+local msg = string.format('m|%d|%s|%s|%d|', offset, epoch, ARGV[1], slen) .. ARGV[3] .. ARGV[2]
+redis.call(ARGV[9], ARGV[8], msg)
+if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[10], msg) end
+return {offset, epoch}
+"""
+)
+
+HISTORY_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: meta, hist
+-- ARGV: since_epoch ('' = none), since_offset, limit (0 = all, -1 = none), new_epoch, ttl_ms,
+--       position_ttl_ms
+-- Returns {offset, epoch, first held offset (0 = none), entries}
+local meta, hist = KEYS[1], KEYS[2]
+local limit, ttl, meta_ttl = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local epoch = redis.call('HGET', meta, 'e')
+local offset = 0
+if not epoch then
+  -- A topic without an epoch gets one now, so that a position handed out before the first
+  -- publication still names the epoch that publication will carry.
+  epoch = ARGV[4]
+  redis.call('DEL', hist)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0)
+  if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) end
+else
+  offset = tonumber(redis.call('HGET', meta, 'o'))
+end
+if ttl > 0 then trim_expired(hist, now_ms() - ttl) end
+local first = 0
+local head = redis.call('XRANGE', hist, '-', '+', 'COUNT', 1)
+if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
+local entries = {}
+if limit >= 0 then
+  local start = '-'
+  if ARGV[1] == epoch then start = string.format('%d-0', tonumber(ARGV[2]) + 1) end
+  if limit > 0 then
+    entries = redis.call('XRANGE', hist, start, '+', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', hist, start, '+')
+  end
+end
+return {offset, epoch, first, entries}
+"""
+)
+
+PRESENCE_JOIN_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: pres, pc(client)
+-- ARGV: client, ttl_ms, topic, channel, publish_cmd, member...
+local now = now_ms()
+local ttl = tonumber(ARGV[2])
+local exp = now + ttl
+for i = 6, #ARGV do redis.call('ZADD', KEYS[2], exp, ARGV[i]) end
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], 'GT', exp, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+if (not old) or tonumber(old) <= now then
+  redis.call(ARGV[5], ARGV[4], 'j|' .. ARGV[3] .. '|' .. ARGV[1])
+  return 1
+end
+return 0
+"""
+)
+
+PRESENCE_LEAVE_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: pres, pc(client)
+-- ARGV: client, member, topic, channel, publish_cmd
+local now = now_ms()
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+if not old then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call(ARGV[5], ARGV[4], 'l|' .. ARGV[3] .. '|' .. ARGV[1])
+return 1
+"""
+)
+
+PRESENCE_EXPIRED_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: pres.  Returns the clients whose entry has expired (at most 100).
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, 100)
+"""
+)
+
+PRESENCE_SWEEP_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: pres, pc(client)
+-- ARGV: client, topic, channel, publish_cmd
+-- Removes an expired client and announces its leave; a client that still has a live
+-- connection only gets its expiry corrected.
+local now = now_ms()
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not old) or tonumber(old) > now then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if #top > 0 then
+  redis.call('ZADD', KEYS[1], top[2], ARGV[1])
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call(ARGV[4], ARGV[3], 'l|' .. ARGV[2] .. '|' .. ARGV[1])
+return 1
+"""
+)
+
+PRESENCE_LIST_LUA = (
+    _LUA_COMMON
+    + """
+-- KEYS: pres.  The clients with a live entry.
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf')
+"""
+)
+
+# --------------------------------------------------------------------------------------------
+
+
+def redis_glob(pattern: str) -> str:
+    """Translate a topic pattern into a Redis glob that matches at least the same topics.
+
+    ``*`` (one segment) becomes ``*`` and a final ``>`` (one or more segments) ``?*``; Redis
+    globs are not segment-aware, so what they match must be filtered again with
+    :func:`broker.topics.pattern_matches`.
+    """
+    out = []
+    for seg in pattern.split("."):
+        if seg == "*":
+            out.append("*")
+        elif seg == ">":
+            out.append("?*")
+        else:
+            out.append(_glob_escape(seg))
+    return ".".join(out)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+_REDIS_FAILURES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    # coredis's connections are anyio streams: a connection that died mid-operation raises
+    # these (for instance when a subscriber cleans up after its connection was lost).
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+def _redis_failures() -> tuple[type[BaseException], ...]:
+    from coredis.exceptions import RedisError
+
+    return (RedisError, *_REDIS_FAILURES)
+
+
+class _Overloaded(Exception):
+    """The delivery queue is full: the subscriber connection is reset and caught up."""
+
+
+class _Reset(Exception):
+    """A subscription change failed: reconnect, so that what is subscribed is known."""
+
+
+@attrs.frozen
+class _CatchUp:
+    topic: str
+
+
+@attrs.frozen
+class _Baseline:
+    topic: str
+    epoch: str
+    offset: int
+
+
+_Item = Publication | PresenceEvent | _CatchUp | _Baseline
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_message(raw: bytes) -> Publication | PresenceEvent | None:
+    """Decode what the scripts publish: ``m|OFFSET|EPOCH|TOPIC|SENDERLEN|SENDER DATA`` for a
+    publication (SENDERLEN -1 = no sender), ``j|TOPIC|CLIENT`` and ``l|TOPIC|CLIENT`` for
+    presence."""
+    kind = raw[:2]
+    if kind == b"m|":
+        _, off, epoch, topic, slen, rest = raw.split(b"|", 5)
+        n = int(slen)
+        sender = rest[:n].decode() if n >= 0 else None
+        data = rest[max(n, 0) :].decode()
+        return Publication(topic.decode(), int(off), epoch.decode(), sender, data)
+    if kind in (b"j|", b"l|"):
+        _, topic, client = raw.split(b"|", 2)
+        return PresenceEvent(topic.decode(), "join" if kind == b"j|" else "leave", client.decode())
+    return None
+
+
+class RedisBus(Bus):
+    """A :class:`~broker.bus.base.Bus` on Redis or Redis Cluster (through coredis).
+
+    ``url`` is ``redis://[:PASSWORD@]HOST:PORT/DB`` or ``rediss://...`` (TLS); with
+    ``cluster=True`` it names any one node of a Redis Cluster (the DB must be 0). ``node``
+    names this node and worker in connection names and logs. ``history_rule(topic)`` returns
+    the topic's history ``(size, ttl_seconds)``. ``presence_ttl`` is how long a presence
+    entry lives without a refresh. ``timeout`` bounds every Redis command (publishes fail with
+    ``BusUnavailable`` after it at worst, at once when Redis is known to be down).
+    ``prefix`` starts every key and channel name (no ``{``, ``}`` or ``|``).
+
+    :meth:`run` must be running for anything else to work; it calls ``task_status.started()``
+    after the first connection attempt, successful or not (a node can start while Redis is
+    down; it then answers ``unavailable`` until Redis comes back).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node: str,
+        history_rule: HistoryRuleFn,
+        cluster: bool = False,
+        presence_ttl: float = 30.0,
+        handlers: BusHandlers | None = None,
+        prefix: str = "ps",
+        timeout: float = 2.0,
+        reconnect_max: float = 5.0,
+        position_ttl: float = 86_400.0,
+        queue_size: int = 10_000,
+        max_tracked_topics: int = 100_000,
+    ) -> None:
+        if any(c in prefix for c in "{}|") or not prefix:
+            raise ValueError(f"bad Redis key prefix {prefix!r}")
+        if presence_ttl <= 0:
+            raise ValueError("presence_ttl must be positive")
+        self.url = url
+        self.node = node
+        self.cluster = cluster
+        self.presence_ttl = presence_ttl
+        self.handlers = handlers or BusHandlers(lambda p: None, lambda e: None)
+        self._history_rule = history_rule
+        self._prefix = prefix
+        self._timeout = timeout
+        self._reconnect_max = reconnect_max
+        self._max_tracked = max_tracked_topics
+        self._position_ttl = position_ttl
+        self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
+
+        self._client: Any = None  # the coredis client while connected
+        self._scripts: dict[str, Any] = {}
+        self._up = False
+        self._ever_down = False
+
+        # What the worker wants to receive, kept across reconnections.
+        self._exact: dict[str, None] = {}
+        self._wild: SubscriptionIndex[str] = SubscriptionIndex()
+        self._wild_patterns: dict[str, None] = {}
+        # The live subscriber objects (None while disconnected) and the lock that orders
+        # subscription changes against (re)subscribing.
+        self._exact_ps: Any = None
+        self._wild_ps: Any = None
+        self._sub_lock = trio.Lock()
+
+        # Per topic: (epoch, offset) of the last publication delivered ("" = no epoch yet).
+        self._last: dict[str, tuple[str, int]] = {}
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[_Item](queue_size)
+
+        # This bus's own presence entries: topic -> client -> connection members.
+        self._local_presence: dict[str, dict[str, dict[str, None]]] = {}
+        self._presence_kick = trio.Event()
+        self._reset_session = trio.Event()
+        self._on_connected: Callable[[], None] = lambda: None
+
+    @classmethod
+    def from_config(
+        cls, config: Config, handlers: BusHandlers, *, node: str | None = None
+    ) -> RedisBus:
+        """The bus that ``[bus] url``, ``cluster`` and ``presence_ttl`` and the ``[[history]]``
+        rules describe; ``node`` defaults to ``[server] node_id``, else the host name."""
+        return cls(
+            config.bus.url,
+            node=node or config.server.node_id or socket.gethostname(),
+            history_rule=config.history_rule,
+            cluster=config.bus.cluster,
+            presence_ttl=config.bus.presence_ttl,
+            handlers=handlers,
+        )
+
+    # ---------------------------------------------------------------- names
+
+    def _key(self, topic: str, what: str) -> str:
+        return f"{{{self._prefix}:{topic}}}:{what}"
+
+    def _channel(self, topic: str) -> str:
+        return f"{{{self._prefix}:{topic}}}"
+
+    def _wild_channel(self, topic: str) -> str:
+        return f"{self._prefix}:w:{topic}"
+
+    def _glob(self, pattern: str) -> str:
+        escaped = _glob_escape(self._prefix)
+        if self.cluster:
+            return f"{escaped}:w:{redis_glob(pattern)}"
+        return f"\\{{{escaped}:{redis_glob(pattern)}\\}}"
+
+    @staticmethod
+    def _member(key: ConnKey) -> str:
+        return f"{key.node}|{key.worker}|{key.conn}"
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def is_up(self) -> bool:
+        return self._up
+
+    def _set_up(self, up: bool, reason: str = "") -> None:
+        if up == self._up:
+            return
+        self._up = up
+        if up:
+            log.info("bus_up", bus="redis", url=self._safe_url(), node=self.node)
+        else:
+            log.warning("bus_down", bus="redis", url=self._safe_url(), node=self.node, error=reason)
+        try:
+            self.handlers.on_state(up)
+        except Exception:  # handlers must not raise; a bug there must not kill the bus
+            log.exception("bus_handler_failed", handler="on_state")
+
+    def _safe_url(self) -> str:
+        # Never log a password.
+        head, sep, tail = self.url.rpartition("@")
+        if not sep:
+            return self.url
+        scheme, _, _ = head.partition("://")
+        return f"{scheme}://***@{tail}"
+
+    @contextlib.contextmanager
+    def _ops(self, what: str) -> Iterator[Any]:
+        """Run one Redis operation: fail at once while disconnected, bound it in time, and turn
+        whatever coredis raises (in an ExceptionGroup or not) into BusUnavailable."""
+        client = self._client
+        if client is None or not self._up:
+            raise BusUnavailable(f"redis is unavailable ({what})")
+        try:
+            with trio.fail_after(self._timeout):
+                yield client
+        except* trio.TooSlowError:
+            raise BusUnavailable(f"redis did not answer {what} within {self._timeout}s") from None
+        except* _redis_failures() as group:
+            first = group.exceptions[0]
+            raise BusUnavailable(f"redis {what} failed: {first!r}") from first
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        with self._ops(name) as client:
+            return await self._scripts[name](keys=keys, args=args, client=client)
+
+    # ---------------------------------------------------------------- run
+
+    def _make_client(self) -> Any:
+        import coredis
+        from coredis.retry import NoRetryPolicy
+
+        # No retries inside coredis: a retried publish could publish twice, and the bus has
+        # its own reconnection loop.
+        options: dict[str, Any] = {
+            "decode_responses": False,
+            "connect_timeout": self._timeout,
+            "retry_policy": NoRetryPolicy(),
+        }
+        if self.cluster:
+            return coredis.RedisCluster.from_url(self.url, **options)
+        return coredis.Redis.from_url(self.url, client_name=f"pubsub:{self.node}", **options)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from coredis.commands.script import Script
+
+        sources = {
+            "publish": PUBLISH_LUA,
+            "history": HISTORY_LUA,
+            "join": PRESENCE_JOIN_LUA,
+            "leave": PRESENCE_LEAVE_LUA,
+            "expired": PRESENCE_EXPIRED_LUA,
+            "sweep": PRESENCE_SWEEP_LUA,
+            "presence": PRESENCE_LIST_LUA,
+        }
+        self._scripts = {name: Script(script=src) for name, src in sources.items()}
+        started = False
+
+        def connected() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        self._on_connected = connected
+        failures = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver_loop)
+            nursery.start_soon(self._presence_loop)
+            while True:
+                reason = ""
+                was_up = False
+                try:
+                    async with self._make_client() as client:
+                        await self._session(client)
+                except* _redis_failures() as group:
+                    reason = repr(group.exceptions[0])
+                except* _Overloaded:
+                    reason = "overloaded: the delivery queue was full"
+                except* _Reset:
+                    reason = "a subscription change failed"
+                finally:
+                    was_up = self._up
+                    self._client = None
+                    self._exact_ps = self._wild_ps = None
+                self._set_up(False, reason)
+                self._ever_down = True
+                connected()
+                # Exponential backoff with jitter, capped; the first retry after a working
+                # session comes quickly (a restarted Redis is usually back within a second).
+                failures = 0 if was_up else failures + 1
+                delay = min(self._reconnect_max, 0.05 * 2 ** min(failures, 16))
+                await trio.sleep(random.uniform(delay / 2, delay))
+
+    async def _session(self, client: Any) -> None:
+        """One connected period: subscribe everything, report up, then read until it breaks."""
+        self._client = client
+        # Check the connection before announcing anything.
+        with trio.fail_after(self._timeout):
+            await client.ping()
+        if self.cluster:
+            async with (
+                client.sharded_pubsub(**self._pubsub_options()) as exact_ps,
+                client.pubsub(**self._pubsub_options()) as wild_ps,
+            ):
+                await self._serve(exact_ps, wild_ps)
+        else:
+            async with client.pubsub(**self._pubsub_options()) as ps:
+                await self._serve(ps, ps)
+
+    def _pubsub_options(self) -> dict[str, Any]:
+        from coredis.retry import NoRetryPolicy
+
+        return {
+            "retry_policy": NoRetryPolicy(),
+            "ignore_subscribe_messages": True,
+            "subscription_timeout": self._timeout,
+            # A PING when the connection has been quiet this long, so that a silently dead
+            # connection is noticed.
+            "max_idle_seconds": max(1.0, min(5.0, self.presence_ttl / 3)),
+        }
+
+    async def _serve(self, exact_ps: Any, wild_ps: Any) -> None:
+        async with self._sub_lock:
+            with trio.fail_after(self._timeout * 10):
+                for batch in _batches([self._channel(t) for t in self._exact]):
+                    await exact_ps.subscribe(*batch)
+                for batch in _batches([self._glob(p) for p in self._wild_patterns]):
+                    await wild_ps.psubscribe(*batch)
+            self._exact_ps, self._wild_ps = exact_ps, wild_ps
+        self._reset_session = trio.Event()
+        self._set_up(True)
+        self._on_connected()
+        self._presence_kick.set()  # refresh our presence entries now
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_reset)
+            nursery.start_soon(self._reader, exact_ps, False)
+            if wild_ps is not exact_ps:
+                nursery.start_soon(self._reader, wild_ps, True)
+            if self._ever_down:
+                # Whatever was published while we were away is in history: fetch it.
+                for topic in list(self._last):
+                    await self._inbox_send.send(_CatchUp(topic))
+
+    async def _watch_reset(self) -> None:
+        await self._reset_session.wait()
+        raise _Reset()
+
+    async def _reader(self, ps: Any, wildcard_only: bool) -> None:
+        while True:
+            msg = await ps.get_message()
+            if msg is None or msg["type"] not in ("message", "pmessage", "smessage"):
+                continue
+            item = _parse_message(msg["data"])
+            if item is None:
+                continue
+            if wildcard_only and item.topic in self._exact:
+                # In a cluster the exact subscription delivers it in order; this copy would
+                # only arrive out of order with it.
+                continue
+            try:
+                self._inbox_send.send_nowait(item)
+            except trio.WouldBlock:
+                raise _Overloaded() from None
+
+    # ---------------------------------------------------------------- delivery
+
+    def _wanted(self, topic: str) -> bool:
+        if topic in self._exact:
+            return True
+        if not self._wild.has_wildcards:
+            return False
+        return next(iter(self._wild.match(topic)), None) is not None
+
+    async def _deliver_loop(self) -> None:
+        async for item in self._inbox_recv:
+            if isinstance(item, Publication):
+                await self._deliver(item)
+            elif isinstance(item, PresenceEvent):
+                if item.topic in self._exact:
+                    self._call(self.handlers.on_presence, item)
+            elif isinstance(item, _CatchUp):
+                await self._catch_up(item.topic)
+            elif item.topic not in self._last and self._wanted(item.topic):
+                self._remember(item.topic, item.epoch, item.offset)
+
+    def _call(self, handler: Callable[[Any], None], arg: Any) -> None:
+        try:
+            handler(arg)
+        except Exception:
+            log.exception("bus_handler_failed", handler=getattr(handler, "__name__", "?"))
+
+    def _remember(self, topic: str, epoch: str, offset: int) -> None:
+        last = self._last
+        last.pop(topic, None)
+        last[topic] = (epoch, offset)
+        if len(last) > self._max_tracked:
+            del last[next(iter(last))]
+
+    async def _deliver(self, pub: Publication) -> None:
+        if not self._wanted(pub.topic):
+            return
+        state = self._last.get(pub.topic)
+        if state is not None:
+            epoch, last = state
+            if epoch != pub.epoch:
+                last = 0
+            if pub.offset <= last:
+                return
+            if pub.offset > last + 1:
+                await self._fill(pub.topic, pub.epoch, last, pub.offset)
+                state = self._last.get(pub.topic)
+                if state is not None and state[0] == pub.epoch and state[1] >= pub.offset:
+                    return
+        self._remember(pub.topic, pub.epoch, pub.offset)
+        self._call(self.handlers.on_publication, pub)
+
+    async def _fill(self, topic: str, epoch: str, after: int, upto: int) -> None:
+        """Deliver the held publications of ``topic`` in ``epoch`` after offset ``after`` and
+        before ``upto`` (a gap); what history no longer holds stays a gap for the client."""
+        try:
+            result = await self._read(topic, StreamPosition(after, epoch), upto - after - 1)
+        except BusUnavailable as exc:
+            log.info("bus_gap_unfilled", topic=topic, after=after, upto=upto, error=str(exc))
+            return
+        if result.position.epoch != epoch:
+            return
+        for pub in result.publications:
+            if after < pub.offset < upto:
+                self._remember(topic, epoch, pub.offset)
+                self._call(self.handlers.on_publication, pub)
+
+    async def _catch_up(self, topic: str) -> None:
+        state = self._last.get(topic)
+        if state is None or not self._wanted(topic):
+            return
+        try:
+            meta = await self._meta(topic)
+        except BusUnavailable:
+            return
+        if meta is None:
+            return
+        epoch, offset = meta
+        after = state[1] if epoch == state[0] else 0
+        if offset > after:
+            await self._fill(topic, epoch, after, offset + 1)
+
+    async def _meta(self, topic: str) -> tuple[str, int] | None:
+        with self._ops("hmget") as client:
+            epoch, offset = await client.hmget(self._key(topic, "meta"), ["e", "o"])
+        if epoch is None:
+            return None
+        return _decode(epoch), int(offset or 0)
+
+    # ---------------------------------------------------------------- publish and history
+
+    def _rule(self, topic: str) -> tuple[int, int, int]:
+        """``(size, history ttl ms, position ttl ms)`` of a topic; 0 ms = no expiry."""
+        rule = self._history_rule(topic)
+        size, ttl = (rule.size, rule.ttl) if isinstance(rule, HistoryRule) else rule
+        if ttl <= 0 or math.isinf(ttl):
+            return max(0, int(size)), 0, 0
+        ttl_ms = max(1, int(ttl * 1000))
+        return max(0, int(size)), ttl_ms, max(ttl_ms, int(self._position_ttl * 1000))
+
+    async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        size, ttl_ms, meta_ttl_ms = self._rule(topic)
+        offset, epoch = await self._script(
+            "publish",
+            [self._key(topic, "meta"), self._key(topic, "hist")],
+            [
+                topic,
+                data,
+                sender or "",
+                "0" if sender is None else "1",
+                secrets.token_hex(6),
+                size,
+                ttl_ms,
+                self._channel(topic),
+                self._publish_cmd,
+                self._wild_channel(topic) if self.cluster else "",
+                meta_ttl_ms,
+            ],
+        )
+        return Publication(topic, int(offset), _decode(epoch), sender, data)
+
+    async def _read(
+        self, topic: str, since: StreamPosition | None, limit: int | None
+    ) -> HistoryResult:
+        _, ttl_ms, meta_ttl_ms = self._rule(topic)
+        offset, epoch_raw, first, entries = await self._script(
+            "history",
+            [self._key(topic, "meta"), self._key(topic, "hist")],
+            [
+                "" if since is None else since.epoch,
+                0 if since is None else max(0, since.offset),
+                0 if limit is None else limit,
+                secrets.token_hex(6),
+                ttl_ms,
+                meta_ttl_ms,
+            ],
+        )
+        epoch = _decode(epoch_raw)
+        offset, first = int(offset), int(first)
+        pubs = []
+        for entry_id, fields in entries:
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            sender = values.get(b"s")
+            pubs.append(
+                Publication(
+                    topic,
+                    int(_decode(entry_id).partition("-")[0]),
+                    epoch,
+                    None if sender is None else _decode(sender),
+                    _decode(values[b"d"]),
+                )
+            )
+        position = StreamPosition(offset, epoch)
+        # Offsets lost from the current epoch: those before the first one still held (all of
+        # them when none is held).
+        lost_to = (first - 1) if first else offset
+        if since is None:
+            return HistoryResult(tuple(pubs), position, True, None)
+        if since.epoch != epoch:
+            return HistoryResult(tuple(pubs), position, False, (1, max(0, lost_to)))
+        if lost_to > since.offset:
+            return HistoryResult(tuple(pubs), position, False, (since.offset + 1, lost_to))
+        return HistoryResult(tuple(pubs), position, True, None)
+
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int | None
+    ) -> HistoryResult:
+        if limit is not None and limit <= 0:
+            result = await self._read(topic, since, -1)
+            return attrs.evolve(result, publications=())
+        return await self._read(topic, since, limit)
+
+    async def position(self, topic: str) -> StreamPosition:
+        return (await self._read(topic, None, -1)).position
+
+    # ---------------------------------------------------------------- watching
+
+    async def watch(self, pattern: str) -> None:
+        """Subscribe to what ``pattern`` needs. While Redis is down the wish is recorded and
+        fulfilled on reconnection, so this never raises."""
+        async with self._sub_lock:
+            if is_wildcard(pattern):
+                if pattern in self._wild_patterns:
+                    return
+                self._wild_patterns[pattern] = None
+                self._wild.add(pattern, pattern)
+                ps = self._wild_ps
+                if ps is not None:
+                    with self._resubscribe_on_failure("psubscribe"):
+                        await ps.psubscribe(self._glob(pattern))
+                return
+            if pattern in self._exact:
+                return
+            # Where this topic stands before we subscribe: the delivery task then knows
+            # what came before (for catching up after an outage) without racing live
+            # messages, none of which can arrive before the subscription.
+            baseline: tuple[str, int] | None = None
+            if pattern not in self._last and not self._wanted(pattern) and self._client:
+                with contextlib.suppress(BusUnavailable):
+                    baseline = await self._meta(pattern) or ("", 0)
+            self._exact[pattern] = None
+            ps = self._exact_ps
+            if ps is not None:
+                with self._resubscribe_on_failure("subscribe"):
+                    await ps.subscribe(self._channel(pattern))
+            if baseline is not None:
+                with contextlib.suppress(trio.WouldBlock):
+                    self._inbox_send.send_nowait(_Baseline(pattern, *baseline))
+
+    async def unwatch(self, pattern: str) -> None:
+        async with self._sub_lock:
+            if is_wildcard(pattern):
+                if self._wild_patterns.pop(pattern, 0) == 0:
+                    return
+                self._wild.remove(pattern, pattern)
+                ps = self._wild_ps
+                if ps is not None:
+                    with self._resubscribe_on_failure("punsubscribe"):
+                        await ps.punsubscribe(self._glob(pattern))
+                for topic in [t for t in self._last if pattern_matches(pattern, t)]:
+                    if not self._wanted(topic):
+                        del self._last[topic]
+                return
+            if self._exact.pop(pattern, 0) == 0:
+                return
+            ps = self._exact_ps
+            if ps is not None:
+                with self._resubscribe_on_failure("unsubscribe"):
+                    await ps.unsubscribe(self._channel(pattern))
+            if not self._wanted(pattern):
+                self._last.pop(pattern, None)
+
+    @contextlib.contextmanager
+    def _resubscribe_on_failure(self, what: str) -> Iterator[None]:
+        """A (un)subscription that fails while connected leaves the subscriber connection in
+        doubt: close it, so the reconnection subscribes to exactly what is wanted."""
+        try:
+            with trio.fail_after(self._timeout):
+                yield
+        except* _redis_failures() as group:
+            log.warning("bus_subscription_failed", op=what, error=repr(group.exceptions[0]))
+            self._exact_ps = self._wild_ps = None
+            self._reset_session.set()
+
+    # ---------------------------------------------------------------- presence
+
+    async def presence_join(self, topic: str, client: str, key: ConnKey) -> None:
+        member = self._member(key)
+        clients = self._local_presence.setdefault(topic, {})
+        members = clients.setdefault(client, {})
+        members[member] = None
+        try:
+            await self._join(topic, client, [member])
+        except BusUnavailable:
+            self._forget_local(topic, client, member)
+            raise
+
+    async def _join(self, topic: str, client: str, members: list[str]) -> None:
+        await self._script(
+            "join",
+            [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
+            [
+                client,
+                int(self.presence_ttl * 1000),
+                topic,
+                self._channel(topic),
+                self._publish_cmd,
+                *members,
+            ],
+        )
+
+    def _forget_local(self, topic: str, client: str, member: str) -> None:
+        clients = self._local_presence.get(topic)
+        if clients is None:
+            return
+        members = clients.get(client)
+        if members is not None:
+            members.pop(member, None)
+            if not members:
+                del clients[client]
+        if not clients:
+            del self._local_presence[topic]
+
+    async def presence_leave(self, topic: str, client: str, key: ConnKey) -> None:
+        member = self._member(key)
+        known = member in self._local_presence.get(topic, {}).get(client, {})
+        self._forget_local(topic, client, member)
+        if not known:
+            return
+        await self._script(
+            "leave",
+            [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
+            [client, member, topic, self._channel(topic), self._publish_cmd],
+        )
+
+    async def presence(self, topic: str) -> list[str]:
+        clients = await self._script("presence", [self._key(topic, "pres")], [])
+        return sorted(_decode(c) for c in clients)
+
+    async def _presence_loop(self) -> None:
+        """Refresh this bus's presence entries and sweep expired ones of watched topics,
+        every third of the TTL (and at once after a reconnection)."""
+        period = self.presence_ttl / 3
+        while True:
+            with trio.move_on_after(period):
+                await self._presence_kick.wait()
+            self._presence_kick = trio.Event()
+            if not self._up:
+                continue
+            await self._refresh_presence()
+            await self._sweep_presence()
+
+    async def _refresh_presence(self) -> None:
+        work = [
+            (topic, client, list(members))
+            for topic, clients in self._local_presence.items()
+            for client, members in clients.items()
+        ]
+        for topic, client, members in work:
+            try:
+                await self._join(topic, client, members)
+            except BusUnavailable as exc:
+                log.info("presence_refresh_failed", topic=topic, error=str(exc))
+                return
+
+    async def _sweep_presence(self) -> None:
+        for topic in list(self._exact):
+            try:
+                expired = await self._script("expired", [self._key(topic, "pres")], [])
+                for raw in expired:
+                    client = _decode(raw)
+                    await self._script(
+                        "sweep",
+                        [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
+                        [client, topic, self._channel(topic), self._publish_cmd],
+                    )
+            except BusUnavailable as exc:
+                log.info("presence_sweep_failed", topic=topic, error=str(exc))
+                return
+
+
+def _batches(items: list[str], size: int = 256) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,64 @@
+"""Helpers for driving RedisBus instances ("nodes") against a real Redis in tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from broker.bus.base import BusHandlers, PresenceEvent, Publication
+from broker.bus.redis import RedisBus
+
+
+@attrs.define
+class Recorder:
+    """Collects what a bus hands to its worker."""
+
+    publications: list[Publication] = attrs.Factory(list)
+    presence: list[PresenceEvent] = attrs.Factory(list)
+    states: list[bool] = attrs.Factory(list)
+
+    @property
+    def handlers(self) -> BusHandlers:
+        return BusHandlers(self.publications.append, self.presence.append, self.states.append)
+
+    def offsets(self, topic: str) -> list[int]:
+        return [p.offset for p in self.publications if p.topic == topic]
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``within`` seconds."""
+    deadline = trio.current_time() + within
+    while not predicate():
+        if trio.current_time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
+        await trio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running_bus(
+    url: str,
+    *,
+    node: str = "node1",
+    size: int = 100,
+    ttl: float = 600.0,
+    rule: Callable[[str], tuple[int, float]] | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[tuple[RedisBus, Recorder]]:
+    recorder = Recorder()
+    bus = RedisBus(
+        url,
+        node=node,
+        history_rule=rule or (lambda topic: (size, ttl)),
+        handlers=recorder.handlers,
+        **kwargs,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        try:
+            yield bus, recorder
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,298 @@
+"""RedisBus against one real redis-server: offsets, delivery, history, presence, outages."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from broker.bus.base import ConnKey, PresenceEvent, StreamPosition
+from broker.bus.redis import RedisBus, redis_glob
+from broker.errors import BusUnavailable
+from broker.topics import pattern_matches
+
+from .busutil import running_bus, wait_until
+from .conftest import RedisServer
+
+
+def test_glob_translation_is_a_superset_of_the_pattern() -> None:
+    import fnmatch
+
+    cases = {
+        "chat.*": ["chat.a", "chat.a.b"],
+        "chat.>": ["chat.a", "chat.a.b"],
+        "*.x.>": ["a.x.b", "a.b.x.c"],
+        ">": ["a", "a.b"],
+    }
+    for pattern, topics in cases.items():
+        glob = redis_glob(pattern)
+        for topic in topics:
+            assert fnmatch.fnmatchcase(topic, glob), (pattern, topic)
+    assert redis_glob("chat.>") == "chat.?*"
+    assert not fnmatch.fnmatchcase("chat", redis_glob("chat.>"))
+    # Globs are not segment-aware, hence the exact matcher on receipt:
+    assert fnmatch.fnmatchcase("chat.a.b", redis_glob("chat.*"))
+    assert not pattern_matches("chat.*", "chat.a.b")
+
+
+async def test_two_nodes_share_offsets_and_history_agrees(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a") as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, rb),
+    ):
+        await a.watch("chat.room")
+        await b.watch("chat.room")
+        results = []
+
+        async def burst(bus: RedisBus, who: str) -> None:
+            for i in range(40):
+                results.append(await bus.publish("chat.room", f'"{who}{i}"', who))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(burst, a, "a")
+            nursery.start_soon(burst, b, "b")
+        offsets = sorted(p.offset for p in results)
+        assert offsets == list(range(1, 81))
+        assert len({p.epoch for p in results}) == 1
+        await wait_until(lambda: len(ra.offsets("chat.room")) == 80, what="node a deliveries")
+        await wait_until(lambda: len(rb.offsets("chat.room")) == 80, what="node b deliveries")
+        assert ra.offsets("chat.room") == list(range(1, 81))
+        assert rb.offsets("chat.room") == list(range(1, 81))
+        assert ra.publications == rb.publications
+        hist = await a.history("chat.room", None, None)
+        assert list(hist.publications) == ra.publications
+        assert hist.position == StreamPosition(80, results[0].epoch)
+        by_offset = {p.offset: p for p in results}
+        assert all(by_offset[p.offset] == p for p in ra.publications)
+
+
+async def test_cross_node_exact_and_wildcard_delivery(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a") as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, rb),
+    ):
+        await a.watch("chat.*")
+        await a.watch("news.>")
+        await a.watch("chat.x")  # also matched by chat.*: delivered once
+        await b.publish("chat.x", '{"n":1}', "bob")
+        await b.publish("chat.x.deep", "2", None)  # not chat.*
+        await b.publish("news.eu.fr", "3", None)
+        await b.publish("newsy.a", "4", None)
+        await b.publish("chat.y", "5", None)
+        await wait_until(lambda: len(ra.publications) == 3)
+        await trio.sleep(0.1)
+        got = [(p.topic, p.offset, p.sender, p.data) for p in ra.publications]
+        assert got == [
+            ("chat.x", 1, "bob", '{"n":1}'),
+            ("news.eu.fr", 1, None, "3"),
+            ("chat.y", 1, None, "5"),
+        ]
+        assert rb.publications == []
+        # Unwatching stops delivery.
+        await a.unwatch("chat.*")
+        await a.unwatch("chat.x")
+        await b.publish("chat.x", "6", None)
+        await b.publish("news.a", "7", None)
+        await wait_until(lambda: len(ra.publications) == 4)
+        await trio.sleep(0.1)
+        assert [p.topic for p in ra.publications][-1] == "news.a"
+
+
+async def test_history_size_limit_and_recovery(redis_server: RedisServer) -> None:
+    async with running_bus(redis_server.url, size=3) as (bus, _):
+        empty = await bus.position("t.a")
+        assert empty.offset == 0
+        pubs = [await bus.publish("t.a", str(i), "x") for i in range(1, 6)]
+        epoch = pubs[0].epoch
+        assert empty.epoch == epoch  # the epoch handed out before the first publication holds
+        all_held = await bus.history("t.a", None, None)
+        assert [p.offset for p in all_held.publications] == [3, 4, 5]
+        assert all_held.recovered and all_held.missed is None
+        lost = await bus.history("t.a", StreamPosition(0, epoch), None)
+        assert [p.offset for p in lost.publications] == [3, 4, 5]
+        assert not lost.recovered and lost.missed == (1, 2)
+        ok = await bus.history("t.a", StreamPosition(3, epoch), None)
+        assert [p.offset for p in ok.publications] == [4, 5]
+        assert ok.recovered and ok.missed is None
+        limited = await bus.history("t.a", StreamPosition(2, epoch), 2)
+        assert [p.offset for p in limited.publications] == [3, 4]
+        assert limited.recovered
+        current = await bus.history("t.a", StreamPosition(5, epoch), None)
+        assert current.publications == () and current.recovered
+        other = await bus.history("t.a", StreamPosition(4, "other-epoch"), None)
+        assert not other.recovered and other.missed == (1, 2)
+        assert [p.offset for p in other.publications] == [3, 4, 5]
+        assert other.position == StreamPosition(5, epoch)
+        # Nothing lost in another epoch: (1, 0).
+        await bus.publish("t.b", "1", None)
+        fresh = await bus.history("t.b", StreamPosition(9, "gone"), None)
+        assert not fresh.recovered and fresh.missed == (1, 0)
+        assert len(fresh.publications) == 1
+
+
+async def test_size_zero_keeps_offsets_but_no_history(redis_server: RedisServer) -> None:
+    async with running_bus(redis_server.url, size=0) as (bus, _):
+        pubs = [await bus.publish("t.none", str(i), None) for i in range(3)]
+        assert [p.offset for p in pubs] == [1, 2, 3]
+        hist = await bus.history("t.none", StreamPosition(1, pubs[0].epoch), None)
+        assert hist.publications == ()
+        assert hist.missed == (2, 3) and not hist.recovered
+        assert (await bus.position("t.none")).offset == 3
+
+
+async def test_ttl_drops_old_entries_then_the_idle_topic(redis_server: RedisServer) -> None:
+    async with running_bus(redis_server.url, ttl=0.6, position_ttl=1.2) as (bus, _):
+        first = await bus.publish("t.ttl", "1", None)
+        await trio.sleep(0.35)
+        await bus.publish("t.ttl", "2", None)
+        await trio.sleep(0.35)
+        # Entry 1 is older than the TTL, entry 2 is not.
+        hist = await bus.history("t.ttl", StreamPosition(0, first.epoch), None)
+        assert [p.offset for p in hist.publications] == [2]
+        assert hist.missed == (1, 1)
+        await trio.sleep(0.5)
+        # Idle for longer than the TTL: the history is gone, the position is still known, so
+        # a client learns exactly what it lost.
+        gone = await bus.history("t.ttl", StreamPosition(0, first.epoch), None)
+        assert gone.publications == () and gone.missed == (1, 2)
+        assert gone.position == StreamPosition(2, first.epoch)
+        await trio.sleep(0.6)
+        # Idle past the position TTL too: a new epoch records the loss.
+        pos = await bus.position("t.ttl")
+        assert pos.offset == 0 and pos.epoch != first.epoch
+        again = await bus.publish("t.ttl", "3", None)
+        assert (again.offset, again.epoch) == (1, pos.epoch)
+        old = await bus.history("t.ttl", StreamPosition(2, first.epoch), None)
+        assert not old.recovered and old.missed == (1, 0)
+        assert [p.data for p in old.publications] == ["3"]
+
+
+async def test_presence_across_nodes(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a") as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, rb),
+    ):
+        await a.watch("room.1")
+        alice1, alice2 = ConnKey("b", 0, 1), ConnKey("b", 0, 2)
+        await b.presence_join("room.1", "alice", alice1)
+        await wait_until(lambda: len(ra.presence) == 1)
+        assert ra.presence == [PresenceEvent("room.1", "join", "alice")]
+        await b.presence_join("room.1", "alice", alice2)  # a second tab: no event
+        await a.presence_join("room.1", "bob", ConnKey("a", 0, 7))
+        await wait_until(lambda: len(ra.presence) == 2)
+        assert await a.presence("room.1") == ["alice", "bob"]
+        assert await b.presence("room.1") == ["alice", "bob"]
+        await b.presence_leave("room.1", "alice", alice1)
+        await trio.sleep(0.1)
+        assert len(ra.presence) == 2
+        await b.presence_leave("room.1", "alice", alice2)
+        await b.presence_leave("room.1", "alice", alice2)  # unknown key: no-op
+        await wait_until(lambda: len(ra.presence) == 3)
+        assert ra.presence[1:] == [
+            PresenceEvent("room.1", "join", "bob"),
+            PresenceEvent("room.1", "leave", "alice"),
+        ]
+        assert await b.presence("room.1") == ["bob"]
+        assert rb.presence == []  # b does not watch the topic
+
+
+async def test_dead_node_presence_expires(redis_server: RedisServer) -> None:
+    async with running_bus(redis_server.url, node="a", presence_ttl=0.9) as (a, ra):
+        await a.watch("room.2")
+        async with running_bus(redis_server.url, node="b", presence_ttl=0.9) as (b, _):
+            await b.presence_join("room.2", "carol", ConnKey("b", 1, 1))
+            await wait_until(lambda: len(ra.presence) == 1)
+            # Heartbeats keep carol present well past the TTL.
+            await trio.sleep(1.5)
+            assert await a.presence("room.2") == ["carol"]
+            assert len(ra.presence) == 1
+        # Node b is gone without a goodbye: its heartbeat stopped.
+        died = time.monotonic()
+        await wait_until(lambda: len(ra.presence) == 2, within=4)
+        assert ra.presence[-1] == PresenceEvent("room.2", "leave", "carol")
+        assert time.monotonic() - died < 0.9 + 0.9 / 3 + 0.5
+        assert await a.presence("room.2") == []
+
+
+async def test_subscriber_reconnects_and_catches_up_from_history(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        running_bus(redis_server.url, node="a") as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, _),
+    ):
+        await a.watch("feed.x")
+        await a.watch("wild.*")
+        await b.publish("feed.x", "1", None)
+        await b.publish("wild.y", "1", None)
+        await wait_until(lambda: len(ra.publications) == 2)
+        # Cut node a's subscriber connection; publish while it is away.
+        redis_server.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        for i in range(2, 6):
+            await b.publish("feed.x", str(i), None)
+            await b.publish("wild.y", str(i), None)
+        await wait_until(lambda: len(ra.publications) == 10, what="catch-up")
+        assert ra.offsets("feed.x") == [1, 2, 3, 4, 5]
+        assert ra.offsets("wild.y") == [1, 2, 3, 4, 5]
+        assert ra.states.count(False) == 1 and ra.states[-1] is True
+
+
+async def test_redis_restart_under_a_steady_stream(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a", reconnect_max=0.5) as (a, ra),
+        running_bus(redis_server.url, node="b", reconnect_max=0.5) as (b, rb),
+    ):
+        await a.watch("live.t")
+        await a.watch("live.*")
+        assert a.is_up and b.is_up
+        published = []
+        failures: list[float] = []
+        stop = trio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                started = trio.current_time()
+                try:
+                    published.append(await b.publish("live.t", str(len(published)), "b"))
+                except BusUnavailable:
+                    failures.append(trio.current_time() - started)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            await wait_until(lambda: len(published) >= 10)
+            redis_server.kill()
+            await wait_until(lambda: not a.is_up and not b.is_up, what="both down")
+            await wait_until(lambda: len(failures) >= 5, what="failed publishes")
+            assert max(failures) < 0.5, "publishes must fail fast while Redis is down"
+            redis_server.start()
+            await wait_until(lambda: a.is_up and b.is_up, within=10, what="both up")
+            count = len(published)
+            await wait_until(lambda: len(published) >= count + 10, what="publishing again")
+            stop.set()
+        # Redis came back empty: the stream continues in a new epoch, and the watcher gets
+        # every publication of both epochs, in order, once.
+        epochs = list(dict.fromkeys(p.epoch for p in published))
+        assert len(epochs) == 2
+        await wait_until(lambda: len(ra.publications) == len(published), what="deliveries")
+        assert [(p.epoch, p.offset) for p in ra.publications] == [
+            (p.epoch, p.offset) for p in published
+        ]
+        assert ra.states == [True, False, True]
+        assert rb.states == [True, False, True]
+
+
+async def test_starts_while_redis_is_down(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    redis_server.kill()
+    async with running_bus(url, reconnect_max=0.3) as (bus, rec):
+        assert not bus.is_up
+        with pytest.raises(BusUnavailable):
+            await bus.publish("x.y", "1", None)
+        await bus.watch("x.y")  # recorded, fulfilled on connection
+        redis_server.start()
+        await wait_until(lambda: bus.is_up, within=5)
+        async with running_bus(url, node="other") as (other, _):
+            await other.publish("x.y", "1", None)
+        await wait_until(lambda: rec.offsets("x.y") == [1])
