@@ -225,6 +225,11 @@ class Histogram(_Family):
         child = self._values.get(self._key(labels))
         return sum(child[0]) if child else 0
 
+    def sample(self, **labels: str) -> dict[str, Any]:
+        """One label set's observations as plain data: ``{"counts", "sum", "count"}``."""
+        counts, total = self._child(self._key(labels))
+        return {"counts": list(counts), "sum": total[0], "count": sum(counts)}
+
     def snapshot(self) -> dict[str, Any]:
         snap = super().snapshot()
         snap["buckets"] = list(self.buckets)
@@ -482,7 +487,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     """One worker's metrics snapshot built from the plain figures it keeps (its ``stats()``
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
-    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``; missing ones count 0),
+    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``handshake`` (a
+    :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
     m.connections.set(stats.get("connections", 0))
@@ -502,6 +508,10 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
         m.errors.inc(n, code=str(code))
     m.bus_up.set(1 if stats.get("bus_up", True) else 0)
     snap = m.registry.snapshot()
+    handshake = stats.get("handshake")
+    if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:
+        family = snap["pubsub_handshake_seconds"]
+        family["samples"] = [[{"worker": str(stats.get("worker", 0))}, dict(handshake)]]
     extras = list(extra)
     if extras:
         # The extra snapshot's families replace the empty ones declared here.

@@ -193,9 +193,13 @@ def test_snapshot_from_worker_stats() -> None:
         "auth_failures": {"expired": 3},
         "bus_up": False,
     }
-    hist = Registry(const_labels={"worker": "1"})
-    hist.histogram("pubsub_handshake_seconds", "Handshakes.", HANDSHAKE_BUCKETS).observe(0.01)
-    samples = parse(render(snapshot_from_stats(stats, [hist.snapshot()])))
+    hist = Registry().histogram("h", "Handshakes.", HANDSHAKE_BUCKETS)
+    hist.observe(0.01)
+    hist.observe(0.2)
+    stats["handshake"] = hist.sample()
+    extra = Registry(const_labels={"worker": "1"})
+    extra.counter("pubsub_extra_total", "More.").inc(5)
+    samples = parse(render(snapshot_from_stats(stats, [extra.snapshot()])))
     w = ("worker", "1")
     assert samples["pubsub_connections"][(w,)] == 4
     assert samples["pubsub_deliveries_out_total"][(w,)] == 30
@@ -204,4 +208,6 @@ def test_snapshot_from_worker_stats() -> None:
     assert samples["pubsub_closes_total"][(("reason", "4321"), w)] == 1
     assert samples["pubsub_auth_failures_total"][(("reason", "expired"), w)] == 3
     assert samples["pubsub_bus_up"][(w,)] == 0
-    assert samples["pubsub_handshake_seconds_count"][(w,)] == 1
+    assert samples["pubsub_handshake_seconds_count"][(w,)] == 2
+    assert samples["pubsub_handshake_seconds_bucket"][(("le", "0.01"), w)] == 1
+    assert samples["pubsub_extra_total"][(w,)] == 5
