@@ -23,8 +23,8 @@ import jwt
 import jwt.types
 
 from broker.config import AuthConfig
-from broker.errors import AuthError
-from broker.topics import pattern_covers, pattern_matches, patterns_overlap
+from broker.errors import AuthError, FrameError
+from broker.topics import pattern_covers, pattern_matches, patterns_overlap, validate_pattern
 
 __all__ = ["Identity", "Permissions", "TokenVerifier", "check_origin"]
 
@@ -78,6 +78,14 @@ def _patterns(claim: Any, key: str) -> tuple[str, ...] | None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise AuthError(f"the pubsub.{key} claim must be a list of patterns", reason="bad_claims")
+    for pattern in value:
+        try:
+            validate_pattern(pattern.removeprefix("!"))
+        except FrameError:
+            raise AuthError(
+                f"the pubsub.{key} claim holds an invalid pattern {pattern[:100]!r}",
+                reason="bad_claims",
+            ) from None
     return tuple(value)
 
 

@@ -81,12 +81,16 @@ class Router:
                     sub.pending.append(pub)
             self.deliveries += delivered
             return
-        seen: set[int] = set()
+        # Each session once. A session whose exact subscription is being set up (pending)
+        # but which also matches through a live wildcard gets it live now: held back in
+        # pending, the seam would drop it as covered by the announced position.
+        targets: dict[int, Subscription] = {}
         for sub in index.match(pub.topic):
             qid = id(sub.queue)
-            if qid in seen:
-                continue
-            seen.add(qid)
+            held = targets.get(qid)
+            if held is None or (held.pending is not None and sub.pending is None):
+                targets[qid] = sub
+        for sub in targets.values():
             if sub.pending is not None:
                 sub.pending.append(pub)
                 continue
@@ -102,5 +106,5 @@ class Router:
             return
         frame = frame_text(encode_presence_event(event.kind, event.topic, event.client).encode())
         for sub in subs:
-            if sub.presence:
+            if sub.presence and sub.pending is None:
                 sub.queue.send(frame)

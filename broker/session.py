@@ -314,10 +314,10 @@ class Session:
         if not self.identity.publish.allows_topic(topic):
             raise FrameError("forbidden", f"not allowed to publish to {topic}")
         limits = self.worker.config.limits
-        if len(cmd.data) > limits.max_data_size:
+        size = len(cmd.data) if cmd.data.isascii() else len(cmd.data.encode())
+        if size > limits.max_data_size:
             raise FrameError(
-                "too_large",
-                f"data is {len(cmd.data)} bytes encoded; the limit is {limits.max_data_size}",
+                "too_large", f"data is {size} bytes encoded; the limit is {limits.max_data_size}"
             )
         if not self.bucket.take(trio.current_time()):
             raise FrameError(

@@ -31,6 +31,8 @@ API_KEY = "test-api-key-0123456789"
 DEFAULT_CONFIG: dict[str, Any] = {
     "auth": {"jwt_secret": SECRET, "default_publish": [">"], "default_subscribe": [">"]},
     "api": {"keys": [API_KEY]},
+    # Tests publish in bursts; the rate limit has tests of its own.
+    "limits": {"publish_rate": 100000.0, "publish_burst": 100000},
 }
 
 
