@@ -68,6 +68,7 @@ from client_sdk.errors import (
     PermissionRevoked,
     PubSubError,
     RequestTimeout,
+    SubscriptionClosed,
     TokenError,
     error_from_reply,
 )
@@ -717,7 +718,10 @@ class Client:
         except ConnectionRejected as exc:
             raise self._rejected(exc) from None
         except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-            raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {exc!r}")) from exc
+            # trio-websocket wraps the OSError that says what happened (refused, DNS, ...)
+            detail = exc.__cause__ or exc
+            text = str(detail) or type(detail).__name__
+            raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {text}")) from exc
 
     def _rejected(self, exc: ConnectionRejected) -> PubSubError:
         code, message = None, ""
@@ -1002,11 +1006,14 @@ class Subscription:
     async def get(self, timeout: float | None = None) -> Event:  # noqa: ASYNC109
         """The next event, waiting at most ``timeout`` seconds.
 
-        Raises ``RequestTimeout`` when none came in time, ``StopAsyncIteration`` once closed,
+        Raises ``RequestTimeout`` when none came in time, ``SubscriptionClosed`` once closed,
         and what iteration raises.
         """
         with trio.move_on_after(math.inf if timeout is None else timeout):
-            return await self.__anext__()
+            try:
+                return await self.__anext__()
+            except StopAsyncIteration:
+                raise SubscriptionClosed(f"the subscription to {self.topic} is closed") from None
         raise RequestTimeout(f"no event on {self.topic} within {timeout}s")
 
     def _push(self, event: Event) -> None:

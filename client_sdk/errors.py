@@ -10,6 +10,7 @@ PubSubError`` catches them all. The tree::
     |   +-- PermissionRevoked     close 1008: the token no longer allows a subscription - fatal
     |   +-- ConnectionLost        the connection dropped while a request waited for its reply
     |   +-- ClientClosed          the client was closed (by the application or by a fatal error)
+    |       +-- SubscriptionClosed    ``get()`` on a subscription that ended
     +-- ServerError               the broker answered a request with an error reply
     |   +-- BadRequest            bad_request
     |   +-- BadTopic              bad_topic
@@ -54,6 +55,7 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "ServerError",
+    "SubscriptionClosed",
     "TokenError",
     "TooLarge",
     "TooManySubscriptions",
@@ -114,6 +116,10 @@ class ConnectionLost(ConnectionFailed):
 class ClientClosed(ConnectionFailed):
     """The client is closed: it was closed by the application, or stopped by a fatal error
     (then ``__cause__`` is that error)."""
+
+
+class SubscriptionClosed(ClientClosed):
+    """``get()`` on a subscription that ended (it, or its client, was closed)."""
 
 
 class ServerError(PubSubError):
