@@ -62,6 +62,7 @@ import math
 import random
 import secrets
 import socket
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -368,9 +369,11 @@ class RedisBus(Bus):
 
     ``url`` is ``redis://[:PASSWORD@]HOST:PORT/DB`` or ``rediss://...`` (TLS); with
     ``cluster=True`` it names any one node of a Redis Cluster (the DB must be 0). ``node``
-    names this node and worker in connection names and logs. ``history_rule(topic)`` returns
-    the topic's history ``(size, ttl_seconds)``. ``presence_ttl`` is how long a presence
-    entry lives without a refresh. ``timeout`` bounds every Redis command (publishes fail with
+    names this node and worker in connection names and logs. ``history_rule(topic)`` gives the
+    topic's :class:`~broker.config.HistoryRule` (or a ``(size, ttl_seconds)`` tuple); an idle
+    topic's position (offset and epoch) outlives its history by ``position_ttl`` seconds, so
+    that clients coming back learn exactly what they lost. ``presence_ttl`` is how long a
+    presence entry lives without a refresh. ``timeout`` bounds every Redis command (publishes fail with
     ``BusUnavailable`` after it at worst, at once when Redis is known to be down).
     ``prefix`` starts every key and channel name (no ``{``, ``}`` or ``|``).
 
@@ -531,10 +534,16 @@ class RedisBus(Bus):
         options: dict[str, Any] = {
             "decode_responses": False,
             "connect_timeout": self._timeout,
+            # Bounds every reply, including the subscriber's keepalive PING, so that a
+            # connection that went silent (not closed) is noticed too.
+            "stream_timeout": self._timeout,
             "retry_policy": NoRetryPolicy(),
         }
         if self.cluster:
-            return coredis.RedisCluster.from_url(self.url, **options)
+            with warnings.catch_warnings():
+                # coredis 6.9 builds its startup node from the URL with a deprecated type.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return coredis.RedisCluster.from_url(self.url, **options)
         return coredis.Redis.from_url(self.url, client_name=f"pubsub:{self.node}", **options)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -575,6 +584,10 @@ class RedisBus(Bus):
                     reason = "overloaded: the delivery queue was full"
                 except* _Reset:
                     reason = "a subscription change failed"
+                except* Exception as group:
+                    # A bug must not leave the worker without a bus: log it and reconnect.
+                    reason = repr(group.exceptions[0])
+                    log.error("bus_session_failed", bus="redis", exc_info=group)
                 finally:
                     was_up = self._up
                     self._client = None

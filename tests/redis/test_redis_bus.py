@@ -7,7 +7,7 @@ import time
 import pytest
 import trio
 
-from broker.bus.base import ConnKey, PresenceEvent, StreamPosition
+from broker.bus.base import ConnKey, PresenceEvent, Publication, StreamPosition
 from broker.bus.redis import RedisBus, redis_glob
 from broker.errors import BusUnavailable
 from broker.topics import pattern_matches
@@ -296,3 +296,43 @@ async def test_starts_while_redis_is_down(redis_server: RedisServer) -> None:
         async with running_bus(url, node="other") as (other, _):
             await other.publish("x.y", "1", None)
         await wait_until(lambda: rec.offsets("x.y") == [1])
+
+
+async def test_late_watch_starts_after_the_current_position(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a") as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, _),
+    ):
+        for i in range(3):
+            await b.publish("late.t", str(i), None)
+        await a.watch("late.t")
+        await b.publish("late.t", "3", None)
+        await wait_until(lambda: ra.offsets("late.t") == [4])
+        # What a knows of the topic lets it catch up after losing its subscriber connection.
+        redis_server.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        await b.publish("late.t", "4", None)
+        await b.publish("late.t", "5", None)
+        await wait_until(lambda: ra.offsets("late.t") == [4, 5, 6], what="catch-up")
+
+
+async def test_overload_resets_the_subscription_and_catches_up(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a", queue_size=4) as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, _),
+    ):
+        await a.watch("flood.t")
+        deliver = a._deliver
+        stalls = [0.2]
+
+        async def stalling_deliver(pub: Publication) -> None:
+            # The worker's side stalls once, long enough for the queue to fill up.
+            if stalls:
+                await trio.sleep(stalls.pop())
+            await deliver(pub)
+
+        a._deliver = stalling_deliver  # type: ignore[method-assign]
+        for i in range(50):
+            await b.publish("flood.t", str(i), None)
+        await wait_until(lambda: len(ra.offsets("flood.t")) == 50, within=10, what="all 50")
+        assert ra.offsets("flood.t") == list(range(1, 51))
+        assert False in ra.states, "the overloaded subscriber should have been reset"

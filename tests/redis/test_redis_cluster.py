@@ -1,0 +1,76 @@
+"""RedisBus on a three-master Redis Cluster: sharded pub/sub, topics on different shards."""
+
+from __future__ import annotations
+
+import trio
+from coredis._utils import hash_slot
+
+from broker.bus.base import ConnKey, PresenceEvent, StreamPosition
+from broker.bus.redis import RedisBus
+
+from .busutil import running_bus, wait_until
+from .conftest import RedisCluster
+
+
+def topics_on_each_shard() -> list[str]:
+    """One topic per master (``redis-cli --cluster create`` splits the slots in three equal
+    ranges, in the order the nodes were given)."""
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < 3:
+        topic = f"room.n{i}"
+        slot = hash_slot(f"ps:{topic}".encode())
+        found.setdefault(min(2, slot * 3 // 16384), topic)
+        i += 1
+    return [found[k] for k in sorted(found)]
+
+
+async def test_cluster_sharded_delivery_history_and_presence(redis_cluster: RedisCluster) -> None:
+    topics = topics_on_each_shard()
+    async with (
+        running_bus(redis_cluster.url, node="a", cluster=True) as (a, ra),
+        running_bus(redis_cluster.url, node="b", cluster=True) as (b, rb),
+    ):
+        for t in topics:
+            await a.watch(t)
+        await a.watch("room.*")  # wildcards too; each publication still delivered once
+        await b.watch("other.>")
+        # Exact subscriptions are sharded: each shard holds the channel of its own topic.
+        for server, topic in zip(redis_cluster.servers, topics, strict=True):
+            channels = server.cli("PUBSUB", "SHARDCHANNELS").split()
+            assert channels == [f"{{ps:{topic}}}"], (server.port, channels)
+
+        async def burst(bus: RedisBus, who: str) -> None:
+            for i in range(10):
+                for t in topics:
+                    await bus.publish(t, f'"{who}{i}"', who)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(burst, a, "a")
+            nursery.start_soon(burst, b, "b")
+        await b.publish("room.wild", "1", None)
+        await b.publish("other.x.y", "2", None)
+        await wait_until(lambda: len(ra.publications) == 61, what="deliveries on node a")
+        for t in topics:
+            assert ra.offsets(t) == list(range(1, 21))
+            hist = await b.history(t, None, None)
+            assert list(hist.publications) == [p for p in ra.publications if p.topic == t]
+            assert hist.position.offset == 20
+            again = await a.history(t, StreamPosition(15, hist.position.epoch), 2)
+            assert [p.offset for p in again.publications] == [16, 17] and again.recovered
+        assert [p.topic for p in ra.publications if p.topic not in topics] == ["room.wild"]
+        await wait_until(lambda: len(rb.publications) == 1)
+        assert rb.publications[0].topic == "other.x.y"
+
+        # Presence, sharded as well.
+        await b.presence_join(topics[1], "dora", ConnKey("b", 0, 1))
+        await wait_until(lambda: len(ra.presence) == 1)
+        assert ra.presence == [PresenceEvent(topics[1], "join", "dora")]
+        assert await a.presence(topics[1]) == ["dora"]
+        await b.presence_leave(topics[1], "dora", ConnKey("b", 0, 1))
+        await wait_until(lambda: len(ra.presence) == 2)
+        assert await a.presence(topics[1]) == []
+
+        # Unwatching unsubscribes from the shard.
+        await a.unwatch(topics[0])
+        assert redis_cluster.servers[0].cli("PUBSUB", "SHARDCHANNELS").split() == []
