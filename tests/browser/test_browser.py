@@ -1,0 +1,310 @@
+"""The demo page and the browser client in real headless Chromium against the real broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from tests.http.brokerkit import next_op, request, ws_client
+from tests.support.broker import BrokerProcess
+
+pytestmark = pytest.mark.browser
+
+
+def open_demo(page: Any, b: BrokerProcess, sub: str = "alice", **claims: Any) -> None:
+    page.goto(f"{b.http_url}/demo/?token={b.token(sub, **claims)}")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#ws-url") == b.url
+    page.click("#connect")
+    page.wait_for_selector("#state[data-state=connected]")
+
+
+def subscribe(page: Any, topic: str, presence: bool = False) -> None:
+    page.fill("#sub-topic", topic)
+    if presence:
+        page.check("#sub-presence")
+    page.click("#subscribe")
+    page.wait_for_selector(f'#subs li[data-topic="{topic}"]')
+
+
+def publish_from_python(b: BrokerProcess, topic: str, *datas: Any, sub: str = "py") -> list[int]:
+    offsets = []
+    with ws_client(b, sub) as conn:
+        for i, data in enumerate(datas):
+            reply = request(conn, op="publish", id=i + 1, topic=topic, data=data)
+            assert reply["ok"], reply
+            offsets.append(reply["offset"])
+    return offsets
+
+
+def messages(page: Any) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = page.evaluate("pubsubDemo.messages")
+    return result
+
+
+def test_demo_page_receives_a_publication_made_from_python(
+    page: Any, web_broker: BrokerProcess
+) -> None:
+    open_demo(page, web_broker)
+    assert "client alice" in page.inner_text("#whoami")
+    subscribe(page, "chat.room1")
+    publish_from_python(web_broker, "chat.room1", {"text": "hello browser"})
+    row = page.wait_for_selector('#log tr.msg[data-topic="chat.room1"][data-offset="1"]')
+    assert "hello browser" in row.inner_text()
+    [msg] = messages(page)
+    assert msg["data"] == {"text": "hello browser"}
+    assert msg["from"] == "py"
+    assert page.js_errors == []
+
+
+def test_the_browser_publishes(page: Any, web_broker: BrokerProcess) -> None:
+    open_demo(page, web_broker)
+    with ws_client(web_broker, "listener") as conn:
+        assert request(conn, op="subscribe", id=1, topic="chat.room1")["ok"]
+        page.fill("#pub-topic", "chat.room1")
+        page.fill("#pub-data", '{"text": "from chromium"}')
+        page.click("#publish")
+        page.wait_for_selector("#pub-result[data-offset='1']")
+        push = next_op(conn, "message")
+    assert push["from"] == "alice"
+    assert push["data"] == {"text": "from chromium"}
+    assert push["offset"] == 1
+    # plain text is published as a JSON string
+    page.fill("#pub-data", "just words")
+    page.click("#publish")
+    page.wait_for_selector("#pub-result[data-offset='2']")
+
+
+def test_wildcard_subscription_and_presence(page: Any, web_broker: BrokerProcess) -> None:
+    open_demo(page, web_broker)
+    subscribe(page, "news.*")
+    subscribe(page, "room", presence=True)
+    page.wait_for_selector('#subs li[data-topic="room"] .members[data-members="alice"]')
+    with ws_client(web_broker, "bob") as bob:
+        assert request(bob, op="subscribe", id=1, topic="room")["ok"]
+        page.wait_for_selector('#subs li[data-topic="room"] .members[data-members="alice,bob"]')
+        for i, topic in enumerate(["news.sport", "news.weather", "other.x"]):
+            assert request(bob, op="publish", id=10 + i, topic=topic, data=i)["ok"]
+        page.wait_for_selector('#log tr.msg[data-topic="news.weather"]')
+    page.wait_for_selector('#subs li[data-topic="room"] .members[data-members="alice"]')
+    assert [m["topic"] for m in messages(page)] == ["news.sport", "news.weather"]
+
+
+def test_a_refused_subscription_is_shown(page: Any, web_broker: BrokerProcess) -> None:
+    open_demo(page, web_broker, publish=[], subscribe=["allowed.>"])
+    page.fill("#sub-topic", "secret.stuff")
+    page.click("#subscribe")
+    page.wait_for_selector("#log tr.info >> text=refused: forbidden")
+
+
+# --- the client module itself, driven from the page's console --------------------------------
+
+CLIENT_SETUP = """
+async ([url, token, opts]) => {
+  const { PubSubClient } = await import("/client.js");
+  const seen = (window.seen = { messages: [], gaps: [], states: [], refreshes: 0, disconnects: [] });
+  const client = (window.client = new PubSubClient(url, { token, ...opts }));
+  client.on("state", (e) => seen.states.push(e.state));
+  client.on("refresh", () => seen.refreshes++);
+  client.on("disconnect", (d) => seen.disconnects.push(d));
+  await client.connect();
+  window.sub = await client.subscribe("chat.room1", {
+    onMessage: (m) => seen.messages.push([m.epoch, m.offset, m.data]),
+    onGap: (g) => seen.gaps.push(g),
+  });
+  return { offset: window.sub.offset, epoch: window.sub.epoch };
+}
+"""
+
+
+def wait_js(page: Any, expr: str, timeout: float = 15) -> Any:
+    """Poll ``expr`` until it is truthy. (Not wait_for_function: the pages' Content Security
+    Policy forbids the eval it relies on.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(f"() => ({expr})")
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout}s: {expr}")
+        time.sleep(0.05)
+
+
+def test_client_recovers_exactly_after_a_dropped_connection(
+    page: Any, web_broker: BrokerProcess
+) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    start = page.evaluate(
+        CLIENT_SETUP, [web_broker.url, web_broker.token("alice"), {"minDelayMs": 1500}]
+    )
+    assert start["offset"] == 0
+    publish_from_python(web_broker, "chat.room1", 1, 2)
+    wait_js(page, "seen.messages.length === 2")
+    # The network drops (the socket closes under the client); publications go on meanwhile.
+    page.evaluate("client._dropConnection(client._ws, 'test drop')")
+    assert page.evaluate("client.state") == "reconnecting"
+    publish_from_python(web_broker, "chat.room1", 3, 4, 5)
+    wait_js(page, "seen.messages.length === 5")
+    time.sleep(0.3)
+    seen = page.evaluate("seen")
+    assert [m[1:] for m in seen["messages"]] == [[o, o] for o in range(1, 6)]
+    assert seen["gaps"] == []
+    assert seen["states"][-2:] == ["reconnecting", "connected"]
+
+
+def test_page_recovers_after_a_broker_restart_and_reports_the_gap(
+    page: Any, web_broker: BrokerProcess
+) -> None:
+    open_demo(page, web_broker)
+    subscribe(page, "chat.room1")
+    publish_from_python(web_broker, "chat.room1", "before-1", "before-2")
+    page.wait_for_selector('#log tr.msg[data-offset="2"]')
+    old_epoch = messages(page)[0]["epoch"]
+
+    web_broker.restart()  # SIGTERM: clients are told to come back (1001 + reconnect hint)
+    # Published before the page is back: the new epoch's history holds it, and it is replayed.
+    publish_from_python(web_broker, "chat.room1", "after-1")
+    page.wait_for_selector("#state[data-state=connected]")
+    page.wait_for_selector("#log tr.msg:has-text('after-1')")
+    publish_from_python(web_broker, "chat.room1", "after-2")
+    page.wait_for_selector("#log tr.msg:has-text('after-2')")
+
+    msgs = messages(page)
+    assert [m["data"] for m in msgs] == ["before-1", "before-2", "after-1", "after-2"]
+    new_epoch = msgs[2]["epoch"]
+    assert new_epoch != old_epoch
+    assert [m["offset"] for m in msgs[2:]] == [1, 2]
+    gaps = page.evaluate("pubsubDemo.gaps")
+    assert len(gaps) == 1
+    assert gaps[0]["epochChanged"] is True
+    assert gaps[0]["previousEpoch"] == old_epoch
+    assert gaps[0]["epoch"] == new_epoch
+    page.wait_for_selector("#log tr.gap >> text=history reset")
+    states = page.evaluate("pubsubDemo.states")
+    assert "reconnecting" in states
+    assert states[-1] == "connected"
+
+
+def test_token_function_is_called_per_connection_and_refreshes(
+    page: Any, web_broker: BrokerProcess
+) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    tokens = [web_broker.token("alice", ttl=4) for _ in range(6)]
+    page.evaluate("tokens => { window.tokens = tokens; window.calls = 0; }", tokens)
+    page.evaluate(
+        """async (url) => {
+          const { PubSubClient } = await import("/client.js");
+          window.refreshed = 0;
+          window.client = new PubSubClient(url, {
+            token: async () => window.tokens[window.calls++],
+            refreshMarginS: 2,
+          });
+          window.client.on("refresh", () => window.refreshed++);
+          await window.client.connect();
+        }""",
+        web_broker.url,
+    )
+    # A 4 s token refreshed 2 s before it expires: still connected well after it would expire.
+    wait_js(page, "window.refreshed >= 2", timeout=10)
+    assert page.evaluate("client.state") == "connected"
+    assert page.evaluate("calls") >= 3
+    assert web_broker.events("closed") == [] or all(
+        e.get("code") != 4003 for e in web_broker.events("closed")
+    )
+
+
+# --- origins ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def foreign_site(broker_http: str) -> Iterator[str]:
+    """A page on another origin (its own server) that imports the broker's client.js."""
+    html = f"""<!doctype html><meta charset="utf-8"><title>foreign</title>
+<script type="module">
+  import {{ PubSubClient }} from "{broker_http}/client.js";
+  window.imported = true;
+  window.startClient = (url, token) => {{
+    window.events = [];
+    const c = new PubSubClient(url, {{ token, maxDelayMs: 500 }});
+    c.on("state", (e) => window.events.push(e.state));
+    c.on("disconnect", (d) => window.events.push("close:" + d.code));
+    c.connect();
+  }};
+</script>""".encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_page_from_a_foreign_origin_is_refused(page: Any, web_broker: BrokerProcess) -> None:
+    with foreign_site(web_broker.http_url) as origin:
+        statuses: list[str] = []
+        page.on("websocket", lambda ws: ws.on("socketerror", lambda err: statuses.append(str(err))))
+        page.goto(origin + "/")
+        wait_js(page, "window.imported === true")  # client.js is importable cross-origin (CORS)
+        page.evaluate("([u, t]) => startClient(u, t)", [web_broker.url, web_broker.token("eve")])
+        rejected = web_broker.wait_for("rejected", timeout=10, status=403)
+        assert rejected["reason"] == "bad_origin"
+        wait_js(page, "window.events.some((e) => e.startsWith('close:'))")
+        events = page.evaluate("window.events")
+        assert "connected" not in events
+        assert any("403" in s for s in statuses) or not statuses
+
+
+def test_status_page_draws_per_worker_charts(page: Any, web_broker: BrokerProcess) -> None:
+    with ws_client(web_broker, "watcher"):
+        page.goto(f"{web_broker.http_url}/status/")
+        page.wait_for_selector("body[data-polls='2']")
+        value = page.get_attribute('#worker-0 .chart[data-key="connections"]', "data-value")
+        assert value == "1"
+        assert page.get_attribute("#ready", "data-ready") == "true"
+        publish_from_python(web_broker, "x", *range(20))
+        wait_js(
+            page,
+            "Number(document.querySelector('#worker-all .chart[data-key=\"publications_in\"]')"
+            ".dataset.value) > 0",
+        )
+        points = page.get_attribute('#worker-0 .chart[data-key="connections"] polyline', "points")
+        assert points and len(points.split()) >= 2
+        assert page.js_errors == []
+
+
+def test_client_js_is_served_as_a_module(page: Any, web_broker: BrokerProcess) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    exported = page.evaluate("async () => Object.keys(await import('/client.js')).sort()")
+    assert {"PubSubClient", "PubSubError", "Subscription", "topicMatches"} <= set(exported)
+    checks = page.evaluate(
+        """async () => {
+          const { topicMatches } = await import('/client.js');
+          return [topicMatches('a.*', 'a.b'), topicMatches('a.*', 'a.b.c'),
+                  topicMatches('a.>', 'a.b.c'), topicMatches('a.>', 'a'),
+                  topicMatches('>', 'x'), topicMatches('a.b', 'a.b')];
+        }"""
+    )
+    assert checks == [True, False, True, False, True, True]
+    assert json.dumps(checks)
