@@ -1,0 +1,261 @@
+"""Turn the suite's figures into ratios, target verdicts, a Markdown page and a chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["chart", "headline", "markdown", "ratios", "targets"]
+
+BROKERS = ("broker-1w", "broker-2w")
+PEERS = ("nats", "socketio")
+
+# per workload: (key, label, True when higher is better)
+METRICS: dict[str, list[tuple[str, str, bool]]] = {
+    "fanout": [
+        ("deliveries_per_s", "deliveries/s", True),
+        ("cpu_us_per_delivery", "server CPU µs/delivery", False),
+        ("deliveries_per_write", "deliveries/write", True),
+        ("server_cpu_pct", "server CPU %", False),
+        ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
+    ],
+    "latency": [
+        ("p50_ms", "p50 ms", False),
+        ("p99_ms", "p99 ms", False),
+        ("max_ms", "max ms", False),
+        ("deliveries_per_s", "deliveries/s", True),
+        ("cpu_us_per_delivery", "server CPU µs/delivery", False),
+        ("loadgen_cpu_pct", "loadgen CPU %", False),
+    ],
+    "idle": [
+        ("connections", "connections", True),
+        ("pss_kib_per_connection", "PSS KiB/conn", False),
+        ("rss_kib_per_connection", "RSS KiB/conn", False),
+        ("broadcast_median_ms", "broadcast to all, ms", False),
+        ("broadcast_reached", "reached", True),
+    ],
+    "connect": [
+        ("connects_per_s", "connects/s", True),
+        ("server_cpu_us_per_connect", "server CPU µs/connect", False),
+        ("loadgen_cpu_us_per_connect", "loadgen CPU µs/connect", False),
+        ("failed", "failed", False),
+    ],
+    "topics": [
+        ("deliveries_per_s", "deliveries/s", True),
+        ("cpu_us_per_delivery", "server CPU µs/delivery", False),
+        ("deliveries_per_write", "deliveries/write", True),
+        ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
+    ],
+}
+METRICS["latency_one_topic"] = METRICS["latency"]
+
+TITLES = {
+    "fanout": "1. Fan-out: 1 publisher -> 1,000 subscribers, one topic, 64-byte payloads, "
+    "closed-loop bursts of 20",
+    "latency": "2. Latency: 2,000 publications/s over 20 topics x 50 subscribers "
+    "(1,000 subscribers, 100,000 deliveries/s)",
+    "latency_one_topic": "2b. Latency: 2,000 publications/s on one topic to 1,000 subscribers "
+    "(2,000,000 deliveries/s asked: a saturation test)",
+    "idle": "3. Idle connections: authenticated, subscribed, idle",
+    "connect": "4. Connect rate: TCP + WebSocket upgrade + token check, 200 in flight, "
+    "each a fresh token",
+    "topics": "5. Many topics: 10,000 topics x 5 subscribers on 1,000 connections, "
+    "publications spread round-robin",
+}
+
+# which figure of a workload is its headline (and the one the ratio table leads with)
+PRIMARY = {
+    "fanout": "cpu_us_per_delivery",
+    "latency": "p99_ms",
+    "latency_one_topic": "p99_ms",
+    "idle": "pss_kib_per_connection",
+    "connect": "connects_per_s",
+    "topics": "cpu_us_per_delivery",
+}
+
+
+def _ok(figures: dict[str, Any] | None) -> bool:
+    return bool(figures) and "not_run" not in figures and "error" not in figures  # type: ignore[operator]
+
+
+def headline(workload: str, figures: dict[str, Any]) -> str:
+    return "  ".join(
+        f"{label}={figures.get(key)}" for key, label, _ in METRICS.get(workload, [])[:4]
+    )
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """broker figure / peer figure, for every figure of every workload both ran."""
+    out: dict[str, Any] = {}
+    for workload, runs in results.items():
+        for b in BROKERS:
+            if not _ok(runs.get(b)):
+                continue
+            for p in PEERS:
+                if not _ok(runs.get(p)):
+                    continue
+                pair = {}
+                for key, _label, _hib in METRICS.get(workload, []):
+                    bv, pv = runs[b].get(key), runs[p].get(key)
+                    if isinstance(bv, int | float) and isinstance(pv, int | float) and pv:
+                        pair[key] = round(bv / pv, 3)
+                out.setdefault(workload, {})[f"{b}/{p}"] = pair
+    return out
+
+
+def _get(results: dict[str, Any], workload: str, name: str, key: str) -> float | None:
+    figures = results.get(workload, {}).get(name)
+    if not _ok(figures):
+        return None
+    value = figures.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+
+    def add(text: str, value: float | None, limit: float | None, below: bool) -> None:
+        if value is None or limit is None:
+            out.append({"target": text, "met": None, "note": "not measured in this run"})
+            return
+        met = value < limit if below else value >= limit
+        factor = value / limit if limit else None
+        out.append(
+            {
+                "target": text,
+                "value": round(value, 3),
+                "limit": round(limit, 3),
+                "met": met,
+                "factor": round(factor, 2) if factor is not None else None,
+            }
+        )
+
+    for b in BROKERS:
+        cpu = _get(results, "fanout", b, "cpu_us_per_delivery")
+        add(
+            f"fan-out CPU/delivery {b} below nats-server's",
+            cpu,
+            _get(results, "fanout", "nats", "cpu_us_per_delivery"),
+            True,
+        )
+        sio = _get(results, "fanout", "socketio", "cpu_us_per_delivery")
+        add(
+            f"fan-out CPU/delivery {b} at least 5x below Socket.IO's",
+            cpu,
+            sio / 5 if sio else None,
+            True,
+        )
+    for b in BROKERS:
+        add(f"p99 latency {b} under 10 ms", _get(results, "latency", b, "p99_ms"), 10.0, True)
+    for b in BROKERS:
+        add(
+            f"memory per idle connection {b} at most 12 KiB (PSS)",
+            _get(results, "idle", b, "pss_kib_per_connection"),
+            12.0001,
+            True,
+        )
+    add(
+        "at least 3,000 authenticated connects/s with 2 workers",
+        _get(results, "connect", "broker-2w", "connects_per_s"),
+        3000.0,
+        False,
+    )
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    results = doc["workloads"]
+    m = doc.get("machine", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {doc.get('started', '')}{' (quick)' if doc.get('quick') else ''}, "
+        f"{doc.get('seconds', '?')} s; {m.get('cpus')} CPUs ({m.get('cpu_model', '')}), "
+        f"Python {m.get('python')}, {m.get('nats_server')}, node {m.get('node')}.",
+        "Every server ran alone on 127.0.0.1 against the same raw-socket load generator. "
+        "CPU is utime + stime of the server's whole process tree; ratios are "
+        "broker / peer (below 1 is better for times and CPU, above 1 for rates).",
+        "",
+    ]
+    for workload, runs in results.items():
+        metrics = METRICS.get(workload, [])
+        lines += [f"## {TITLES.get(workload, workload)}", ""]
+        lines.append("| server | " + " | ".join(label for _, label, _ in metrics) + " |")
+        lines.append("|---|" + "---|" * len(metrics))
+        notes = []
+        for name, figures in runs.items():
+            if not _ok(figures):
+                reason = figures.get("not_run") or figures.get("error")
+                lines.append(f"| {name} | " + " | ".join("-" for _ in metrics) + " |")
+                notes.append(f"- {name}: {reason}")
+                continue
+            cells = [_fmt(figures.get(key)) for key, _, _ in metrics]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            trouble = {k: v for k in ("errors", "closes") if (v := figures.get(k))}
+            if trouble:
+                notes.append(f"- {name}: {trouble}")
+        ratio_rows = doc.get("ratios", {}).get(workload, {})
+        if ratio_rows:
+            lines += ["", "| ratio | " + " | ".join(label for _, label, _ in metrics) + " |"]
+            lines.append("|---|" + "---|" * len(metrics))
+            for pair, values in ratio_rows.items():
+                cells = [f"{values[key]:.2f}x" if key in values else "-" for key, _, _ in metrics]
+                lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+        if notes:
+            lines += ["", *notes]
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for t in doc.get("targets", []):
+        if t["met"] is None:
+            lines.append(f"| {t['target']} | - | - | not measured |")
+        else:
+            verdict = "yes" if t["met"] else f"no ({t['factor']}x the limit)"
+            lines.append(f"| {t['target']} | {_fmt(t['value'])} | {_fmt(t['limit'])} | {verdict} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """Bar charts of fan-out CPU per delivery and deliveries per second; False without
+    matplotlib or figures."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = {n: f for n, f in results.get("fanout", {}).items() if _ok(f)}
+    if not runs:
+        return False
+    names = list(runs)
+    colors = ["#2b6cb0" if n.startswith("broker") else "#a0aec0" for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    cpu = [runs[n]["cpu_us_per_delivery"] or 0 for n in names]
+    rate = [runs[n]["deliveries_per_s"] / 1e6 for n in names]
+    ax1.bar(names, cpu, color=colors)
+    ax1.set_title("server CPU per delivery (µs, lower is better)")
+    ax2.bar(names, rate, color=colors)
+    ax2.set_title("deliveries per second (millions)")
+    for ax, values in ((ax1, cpu), (ax2, rate)):
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle("Fan-out: 1 publisher -> 1,000 subscribers, 64-byte payloads, bursts of 20")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

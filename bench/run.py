@@ -1,0 +1,252 @@
+"""The benchmark suite: this broker against nats-server and Socket.IO, same load, same generator.
+
+    python -m bench.run [--quick] [--only fanout,latency,...] [--skip-peers]
+
+Runs every workload against a freshly started server each time (all on 127.0.0.1), bounded by
+a time budget (default 540 s; a step that would not fit is recorded as skipped), and writes
+``bench/results/latest.json``, ``latest.md`` (tables, with every figure also as a ratio to the
+peers) and ``fanout.png``.
+
+Workloads (see :mod:`bench.workloads`):
+  1. fanout       1 publisher -> 1,000 subscribers of one topic, 64-byte payloads, bursts of
+                  20; with 1 and 2 broker workers
+  2. latency      2,000 publications/s to 1,000 subscribers: spread over 20 topics of 50
+                  subscribers (100,000 deliveries/s), and on one topic (2,000,000/s asked)
+  3. idle         20,000 authenticated subscribed idle connections (or as many as the file
+                  descriptor limit allows): memory per connection, time for one broadcast
+  4. connect      handshakes with token verification per second, 2 broker workers
+  5. topics       10,000 topics x 5 subscribers, publications spread over all of them
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report, workloads
+from bench.servers import Server, start_broker, start_nats, start_socketio
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PEERS = ("nats", "socketio")
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def machine() -> dict[str, Any]:
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "not installed"
+
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "nats_server": version(["nats-server", "--version"]),
+        "node": version(["node", "--version"]),
+        "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+class Suite:
+    def __init__(self, workdir: Path, budget: float, quick: bool, peers: bool) -> None:
+        self.workdir = workdir
+        self.deadline = time.monotonic() + budget
+        self.quick = quick
+        self.peers = peers
+        self.results: dict[str, Any] = {}
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def start(self, name: str) -> Server:
+        if name == "nats":
+            return start_nats(self.workdir)
+        if name == "socketio":
+            return start_socketio(self.workdir)
+        workers = int(name.removeprefix("broker-").removesuffix("w"))
+        return start_broker(self.workdir, workers=workers)
+
+    def step(
+        self,
+        workload: str,
+        name: str,
+        run: Callable[[Server, str], dict[str, Any]],
+        needs: float,
+    ) -> None:
+        """Start server ``name``, run one workload against it, record the figures (or why
+        there are none), stop the server."""
+        runs = self.results.setdefault(workload, {})
+        if name in PEERS and not self.peers:
+            return
+        if self.remaining() < needs:
+            runs[name] = {
+                "not_run": f"time budget ({self.remaining():.0f} s left, needs {needs:.0f})"
+            }
+            print(f"{workload:10} {name:12} skipped: time budget", flush=True)
+            return
+        adapter = "broker" if name.startswith("broker") else name
+        t0 = time.monotonic()
+        try:
+            server = self.start(name)
+        except Exception as exc:
+            runs[name] = {"not_run": f"could not start: {exc}"[:500]}
+            print(f"{workload:10} {name:12} not run: {exc}", flush=True)
+            return
+        try:
+            requested = server.extra.get("requested_workers")
+            if requested and server.extra["workers"] < requested:
+                runs[name] = {
+                    "not_run": f"the broker started {server.extra['workers']} worker(s) for "
+                    f"workers = {requested}: multi-worker is not available in this build"
+                }
+                print(f"{workload:10} {name:12} not run: multi-worker unavailable", flush=True)
+                return
+            figures = run(server, adapter)
+            figures["wall_s"] = round(time.monotonic() - t0, 1)
+            runs[name] = figures
+            print(f"{workload:10} {name:12} {report.headline(workload, figures)}", flush=True)
+        except Exception as exc:
+            runs[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{workload:10} {name:12} failed: {exc}", flush=True)
+            traceback.print_exc()
+        finally:
+            alive = server.alive()
+            server.stop()
+            if not alive:
+                runs[name]["server_died"] = True
+
+    def run(self, only: set[str]) -> None:
+        q = self.quick
+        duration = 3.0 if q else 5.0
+        hard = raise_nofile()
+        # one process cannot hold more descriptors than the hard limit: servers that run in
+        # one process (nats-server, node, a one-worker broker) top out just below it
+        idle_n = 2000 if q else min(20000, hard - 100)
+
+        brokers_first = ("broker-1w", "broker-2w", *PEERS)
+        plan: list[tuple[str, tuple[str, ...], Callable[[Server, str], dict[str, Any]], float]]
+        plan = [
+            (
+                "fanout",
+                brokers_first,
+                lambda s, a: workloads.fanout(s, a, duration=duration),
+                25,
+            ),
+            (
+                "latency",
+                brokers_first,
+                lambda s, a: workloads.latency(s, a, topics=20, rate=2000, duration=duration),
+                25,
+            ),
+            (
+                "latency_one_topic",
+                brokers_first,
+                lambda s, a: workloads.latency(s, a, topics=1, rate=2000, duration=3.0),
+                25,
+            ),
+            (
+                "idle",
+                brokers_first,
+                lambda s, a: workloads.idle_connections(s, a, connections=idle_n),
+                60,
+            ),
+            (
+                "connect",
+                ("broker-2w", "broker-1w", *PEERS),
+                lambda s, a: workloads.connect_rate(s, a, connections=2000 if q else 6000),
+                30,
+            ),
+            (
+                "topics",
+                brokers_first,
+                lambda s, a: workloads.many_topics(
+                    s, a, topics=2000 if q else 10000, duration=duration
+                ),
+                40,
+            ),
+        ]
+        for workload, names, run, needs in plan:
+            if workload.split("_")[0] not in only:
+                continue
+            for name in names:
+                self.step(workload, name, run, needs)
+
+
+WORKLOADS = ("fanout", "latency", "idle", "connect", "topics")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
+    parser.add_argument("--quick", action="store_true", help="smaller and shorter (a smoke run)")
+    parser.add_argument("--skip-peers", action="store_true", help="only this broker")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all workloads")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    only = {w.strip() for w in args.only.split(",") if w.strip()}
+    unknown = only - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    if not args.skip_peers and shutil.which("nats-server") is None:
+        print("note: nats-server is not installed; its runs are recorded as not run", flush=True)
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="pubsub-bench-") as tmp:
+        suite = Suite(Path(tmp), args.budget, args.quick, not args.skip_peers)
+        try:
+            suite.run(only)
+        except KeyboardInterrupt:
+            print("interrupted: writing what was measured", flush=True)
+    doc = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "quick": args.quick,
+        "machine": machine(),
+        "workloads": suite.results,
+    }
+    doc["ratios"] = report.ratios(suite.results)
+    doc["targets"] = report.targets(suite.results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / "latest.md").write_text(report.markdown(doc))
+    chart = report.chart(suite.results, args.out / "fanout.png")
+    print(f"wrote {args.out / 'latest.json'}, latest.md{', fanout.png' if chart else ''}")
+    print(report.markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The benchmark workloads, each against one running server with the same load generator.
+
+Every function takes a started :class:`~bench.servers.Server` and the name of its protocol
+adapter, and returns a plain dict of figures (JSON-ready). CPU figures are utime + stime of the
+server's whole process tree over the measured window, divided by what was delivered.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from bench.loadgen import Generator
+from bench.servers import Server, make_tokens
+
+__all__ = ["connect_rate", "fanout", "idle_connections", "latency", "many_topics", "tokens_for"]
+
+HOST = "127.0.0.1"
+
+
+def tokens_for(server: Server, count: int) -> list[str]:
+    if server.tokens:
+        return server.tokens
+    if server.secret:
+        return make_tokens(server.secret, count)
+    return [""]
+
+
+def _connect(gen: Generator, server: Server, count: int, topics: list[list[str]] | None) -> None:
+    tokens = tokens_for(server, count + 1)
+    gen.connect_publisher(tokens[-1])
+    r = gen.connect_subscribers(count, tokens, topics)
+    if r["ok"] != count:
+        raise RuntimeError(f"{r['ok']} of {count} subscribers connected: {r['errors']}")
+
+
+def _percentile(sorted_values: list[int], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return float(sorted_values[k])
+
+
+def _measure(
+    gen: Generator, server: Server, job: dict[str, Any], expected_per_pub: int
+) -> dict[str, Any]:
+    """Run one publisher job on agent 0 and measure deliveries and CPU over it."""
+    pids = server.pids()
+    c0, g0, r0 = server.cpu_seconds(pids), gen.cpu_seconds(), gen.received()
+    io0 = server.syscalls(pids)
+    t0 = time.monotonic()
+    reply = gen.call(0, timeout=job["duration"] + 60, **job)
+    # let what is still in flight arrive, so the CPU it cost is matched by its deliveries
+    deadline = time.monotonic() + 2.0
+    target = r0 + reply["published"] * expected_per_pub
+    t_pub = time.monotonic()
+    while gen.received() < target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    t1 = time.monotonic()
+    c1, g1, r1 = server.cpu_seconds(pids), gen.cpu_seconds(), gen.received()
+    io1 = server.syscalls(pids)
+    writes = io1["syscw"] - io0["syscw"]
+    delivered = r1 - r0
+    elapsed = t1 - t0
+    return {
+        "published": reply["published"],
+        "delivered": delivered,
+        "expected": reply["published"] * expected_per_pub,
+        "seconds": round(elapsed, 3),
+        "deliveries_per_s": round(delivered / elapsed),
+        "server_cpu_s": round(c1 - c0, 3),
+        "server_cpu_pct": round(100 * (c1 - c0) / elapsed, 1),
+        "cpu_us_per_delivery": round(1e6 * (c1 - c0) / delivered, 3) if delivered else None,
+        "loadgen_cpu_us_per_delivery": round(1e6 * (g1 - g0) / delivered, 3) if delivered else None,
+        "loadgen_cpu_pct": round(100 * (g1 - g0) / elapsed, 1),
+        "server_processes": len(pids),
+        "drain_s": round(t1 - t_pub, 3),
+        # the coalescing the send path achieves: deliveries per write system call
+        "deliveries_per_write": round(delivered / writes, 2) if writes else None,
+    }
+
+
+def _burst_job(
+    topics: list[str], burst: int, fanout: int, window: int, size: int
+) -> dict[str, Any]:
+    return {
+        "kind": "burst",
+        "topics": topics,
+        "burst": burst,
+        "fanout": fanout,
+        "window": window,
+        "size": size,
+    }
+
+
+def _closed_loop(
+    gen: Generator,
+    server: Server,
+    job: dict[str, Any],
+    pace: float,
+    warmup: float,
+    duration: float,
+) -> dict[str, Any]:
+    """Pace the subscriber agents, warm up, then measure one closed-loop publisher run."""
+    gen.call_all(gen.subscriber_agents, kind="pace", seconds=pace)
+    gen.call(0, timeout=warmup + 60, duration=warmup, **job)
+    return _measure(gen, server, {**job, "duration": duration}, job["fanout"])
+
+
+def fanout(
+    server: Server,
+    adapter: str,
+    subscribers: int = 1000,
+    burst: int = 20,
+    duration: float = 6.0,
+    warmup: float = 1.5,
+    size: int = 64,
+    sub_procs: int = 1,
+    pace: float = 0.005,
+) -> dict[str, Any]:
+    """1 publisher -> ``subscribers`` on one topic: closed-loop bursts of ``burst``
+    publications, the next burst once at most four bursts' deliveries are outstanding."""
+    topic = "bench.fanout"
+    with Generator(adapter, HOST, server.port, sub_procs) as gen:
+        _connect(gen, server, subscribers, [[topic]] * subscribers)
+        job = _burst_job([topic], burst, subscribers, 4 * burst * subscribers, size)
+        result = _closed_loop(gen, server, job, pace, warmup, duration)
+        stats = gen.stats()
+    result.update(subscribers=subscribers, burst=burst, payload_bytes=size)
+    result["errors"] = stats["errors"]
+    result["closes"] = stats["closes"]
+    return result
+
+
+def latency(
+    server: Server,
+    adapter: str,
+    subscribers: int = 1000,
+    topics: int = 1,
+    rate: float = 2000.0,
+    duration: float = 6.0,
+    warmup: float = 1.5,
+    size: int = 64,
+    sub_procs: int = 1,
+) -> dict[str, Any]:
+    """Open loop: ``rate`` publications per second spread over ``topics`` topics that share
+    ``subscribers`` subscribers evenly; publication-to-delivery latency at every subscriber."""
+    names = [f"bench.lat.{i}" for i in range(topics)]
+    with Generator(adapter, HOST, server.port, sub_procs) as gen:
+        _connect(gen, server, subscribers, [[names[k % topics]] for k in range(subscribers)])
+        job = {"kind": "rate", "topics": names, "rate": rate, "size": size}
+        gen.call(0, timeout=warmup + 60, duration=warmup, **job)
+        time.sleep(0.5)
+        gen.call_all(gen.subscriber_agents, kind="latency", every=1)
+        result = _measure(gen, server, {**job, "duration": duration}, subscribers // topics)
+        stats = gen.stats(latency=True)
+        gen.call_all(gen.subscriber_agents, kind="latency", every=0)
+    lat = sorted(stats["latency"])
+    result.update(
+        subscribers=subscribers,
+        topics=topics,
+        rate=rate,
+        achieved_rate=round(result["published"] / duration),
+        samples=len(lat),
+        p50_ms=round(_percentile(lat, 0.50) / 1000, 3),
+        p99_ms=round(_percentile(lat, 0.99) / 1000, 3),
+        max_ms=round(lat[-1] / 1000, 3) if lat else None,
+        errors=stats["errors"],
+        closes=stats["closes"],
+    )
+    return result
+
+
+def idle_connections(
+    server: Server,
+    adapter: str,
+    connections: int = 20000,
+    sub_procs: int = 2,
+    broadcasts: int = 3,
+) -> dict[str, Any]:
+    """``connections`` authenticated, subscribed, idle connections: the server's memory per
+    connection (over its baseline with no clients), and how long one publication takes to reach
+    every one of them."""
+    topic = "bench.idle"
+    time.sleep(0.3)
+    base = server.memory_kib()
+    with Generator(adapter, HOST, server.port, sub_procs) as gen:
+        _connect(gen, server, connections, [[topic]] * connections)
+        time.sleep(1.0)
+        mem = server.memory_kib()
+        times = []
+        for _ in range(broadcasts):
+            r0 = gen.received()
+            reply = gen.call(0, kind="publish_once", topic=topic, size=64)
+            deadline = time.monotonic() + 30
+            while gen.received() < r0 + connections and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            got = gen.received() - r0
+            times.append((time.monotonic() - reply["t"], got))
+            time.sleep(0.2)
+        stats = gen.stats()
+    return {
+        "connections": connections,
+        "baseline_kib": base,
+        "loaded_kib": mem,
+        "rss_kib_per_connection": round((mem["rss"] - base["rss"]) / connections, 2),
+        "pss_kib_per_connection": round((mem["pss"] - base["pss"]) / connections, 2),
+        "broadcast_ms": [round(t * 1000, 1) for t, _ in times],
+        "broadcast_median_ms": round(statistics.median(t for t, _ in times) * 1000, 1),
+        "broadcast_reached": min(g for _, g in times),
+        "errors": stats["errors"],
+        "closes": stats["closes"],
+    }
+
+
+def connect_rate(
+    server: Server,
+    adapter: str,
+    connections: int = 6000,
+    concurrency: int = 200,
+    sub_procs: int = 1,
+) -> dict[str, Any]:
+    """Fresh connections, each a TCP connect, the WebSocket upgrade and the server's token
+    check, until the server says the client is authenticated; then closed. Each presents its
+    own token where the server verifies JWTs."""
+    tokens = tokens_for(server, connections)
+    with Generator(adapter, HOST, server.port, sub_procs) as gen:
+        gen.call(
+            1,
+            kind="churn",
+            count=min(200, connections),
+            concurrency=50,
+            tokens=tokens,
+            topics=None,
+            timeout=60,
+        )
+        pids = server.pids()
+        c0, g0 = server.cpu_seconds(pids), gen.cpu_seconds()
+        replies = gen.call_all(
+            gen.subscriber_agents,
+            kind="churn",
+            count=connections // len(gen.subscriber_agents),
+            concurrency=max(1, concurrency // len(gen.subscriber_agents)),
+            tokens=tokens,
+            topics=None,
+            timeout=120,
+        )
+        c1, g1 = server.cpu_seconds(pids), gen.cpu_seconds()
+    ok = sum(r["ok"] for r in replies)
+    elapsed = max(r["elapsed"] for r in replies)
+    return {
+        "connections": connections,
+        "concurrency": concurrency,
+        "ok": ok,
+        "failed": sum(r["failed"] for r in replies),
+        "seconds": round(elapsed, 3),
+        "connects_per_s": round(ok / elapsed),
+        "server_cpu_us_per_connect": round(1e6 * (c1 - c0) / ok, 1) if ok else None,
+        "loadgen_cpu_us_per_connect": round(1e6 * (g1 - g0) / ok, 1) if ok else None,
+        "errors": {k: v for r in replies for k, v in r["errors"].items()},
+    }
+
+
+def many_topics(
+    server: Server,
+    adapter: str,
+    topics: int = 10000,
+    per_topic: int = 5,
+    connections: int = 1000,
+    burst: int = 20,
+    duration: float = 6.0,
+    warmup: float = 1.5,
+    sub_procs: int = 1,
+    pace: float = 0.005,
+) -> dict[str, Any]:
+    """``topics`` topics with ``per_topic`` subscribers each, held by ``connections``
+    connections (topics * per_topic / connections subscriptions each); closed-loop publisher
+    bursts spread round-robin over all topics."""
+    names = [f"bench.many.{i}" for i in range(topics)]
+    subs_each = topics * per_topic // connections
+    # connection k holds topics k*subs_each/per_topic...: each topic lands on per_topic
+    # distinct connections because the slots of one topic are spread over the ring
+    plan: list[list[str]] = [[] for _ in range(connections)]
+    for slot in range(topics * per_topic):
+        t, j = divmod(slot, per_topic)
+        plan[(t + j * (connections // per_topic)) % connections].append(names[t])
+    with Generator(adapter, HOST, server.port, sub_procs) as gen:
+        _connect(gen, server, connections, plan)
+        job = _burst_job(names, burst, per_topic, 200 * burst * per_topic, 64)
+        result = _closed_loop(gen, server, job, pace, warmup, duration)
+        stats = gen.stats()
+    result.update(
+        topics=topics,
+        per_topic=per_topic,
+        connections=connections,
+        subscriptions_per_connection=subs_each,
+        errors=stats["errors"],
+        closes=stats["closes"],
+    )
+    return result
