@@ -308,3 +308,66 @@ def test_client_js_is_served_as_a_module(page: Any, web_broker: BrokerProcess) -
     )
     assert checks == [True, False, True, False, True, True]
     assert json.dumps(checks)
+
+
+CLIENT_EVENTS = """
+async ([url, opts]) => {
+  const { PubSubClient } = await import("/client.js");
+  window.events = [];
+  window.client = new PubSubClient(url, opts);
+  client.on("state", (e) => events.push(e.state));
+  client.on("disconnect", (d) => events.push("close:" + d.code + (d.willReconnect ? "+" : "")));
+  try {
+    await client.connect();
+    return client.clientId;
+  } catch (err) {
+    return "error:" + err.code;
+  }
+}
+"""
+
+
+def test_token_in_an_auth_frame(page: Any, web_broker: BrokerProcess) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    opts = {"token": web_broker.token("frank"), "tokenIn": "frame"}
+    assert page.evaluate(CLIENT_EVENTS, [web_broker.url, opts]) == "frank"
+    authenticated = web_broker.wait_for("authenticated", timeout=10, client="frank")
+    assert authenticated["source"] == "inband"
+    assert page.evaluate("client.publish('chat.x', [1, 2])") == 1
+
+
+def test_an_expired_fixed_token_ends_in_closed(page: Any, web_broker: BrokerProcess) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    opts = {"token": web_broker.token("gina", ttl=2)}
+    assert page.evaluate(CLIENT_EVENTS, [web_broker.url, opts]) == "gina"
+    events = wait_js(page, "window.events.includes('closed') && window.events", timeout=10)
+    assert "close:4003" in events  # expired, and not retried with the same token
+    assert events[-1] == "closed"
+    error = page.evaluate("client.publish('chat.x', 1).then(() => 'ok', (e) => e.code)")
+    assert error == "closed"
+
+
+def test_refusals_and_close(page: Any, web_broker: BrokerProcess) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    token = web_broker.token("hal", publish=["mine.>"], subscribe=["mine.>"])
+    assert page.evaluate(CLIENT_EVENTS, [web_broker.url, {"token": token}]) == "hal"
+    codes = page.evaluate(
+        """async () => {
+          const code = (p) => p.then(() => "ok", (e) => e.code);
+          return [
+            await code(client.publish("theirs.x", 1)),
+            await code(client.subscribe("theirs.>")),
+            await code(client.subscribe("bad..topic")),
+            await code(client.publish("mine.x", 1)),
+            await code(client.subscribe("mine.x")),
+            await code(client.subscribe("mine.x")),
+          ];
+        }"""
+    )
+    assert codes == ["forbidden", "forbidden", "bad_topic", "ok", "ok", "bad_request"]
+    page.evaluate("client.close()")
+    assert page.evaluate("client.state") == "closed"
+    time.sleep(0.5)
+    assert page.evaluate("events.filter((e) => e === 'connecting' || e === 'reconnecting')") == [
+        "connecting"
+    ]
