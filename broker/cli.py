@@ -67,10 +67,10 @@ def make_token(
     return jwt.encode(claims, config.auth.jwt_secret, algorithm="HS256")
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, overrides: dict[str, Any] | None = None) -> int:
     from broker.supervisor import run_broker
 
-    return run_broker(config)
+    return run_broker(config, overrides)
 
 
 def _dev() -> int:
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dev":
             return _dev()
-        config = load_config(args.config, overrides=_overrides(args))
+        overrides = _overrides(args)
+        config = load_config(args.config, overrides=overrides)
         if args.command == "check-config":
             print(json.dumps({"ok": True, "config": args.config, "workers": config.worker_count}))
             return 0
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
-        return _serve(config)
+        return _serve(config, overrides)
     except ConfigError as exc:
         print(f"pubsub-broker: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class ServerConfig:
     http_listen: str = "127.0.0.1:8766"
     node_id: str = ""
     shutdown_timeout: float = 10.0
+    worker_hang_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -227,6 +228,7 @@ def _validate(cfg: Config) -> None:
                 f'{origin!r} is not an origin like "https://app.example.com" (scheme://host[:port], no path) or "*"',
             )
     _positive("server.shutdown_timeout", cfg.server.shutdown_timeout)
+    _positive("server.worker_hang_timeout", cfg.server.worker_hang_timeout)
     if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
         raise ConfigError(
             "auth.jwt_public_key_file", "set jwt_secret or jwt_public_key_file, not both"

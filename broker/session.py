@@ -173,6 +173,7 @@ class Session:
 
     def error(self, frame_id: p.FrameId, code: str, message: str) -> None:
         self.send_text(p.encode_error(frame_id, code, message))
+        self.worker.count_error(code)
         now = trio.current_time()
         v = self.violations
         v.append(now)

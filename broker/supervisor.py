@@ -1,73 +1,342 @@
-"""Running the broker: signals, readiness, reload and shutdown.
+"""Running the broker: sockets, processes, signals, readiness, reload and shutdown.
 
+Theory of operation
+-------------------
 With one worker the broker is one process: the worker runs in the main trio loop with the
-in-process bus. (Several workers are run by the multi-process supervisor, which owns the
-shared listening sockets and the hub of the local IPC bus.)
+in-process bus, beside the operations listener.
+
+With several, this process is the *supervisor*. It owns the listening sockets (one
+``SO_REUSEPORT`` socket per worker on the same port, so the kernel spreads connections and a
+restarted worker finds its queue of pending connections intact; or the one socket systemd
+passed), runs the hub of the local IPC bus and the operations listener, and starts each worker
+as ``python -m broker.workerproc`` with its socket passed as a file descriptor. It restarts a
+worker that exits, and kills and restarts one whose heartbeat stops (its loop is blocked).
+It tells systemd READY=1 once every worker listens, WATCHDOG=1 while they all beat,
+RELOADING=1 around SIGHUP and STOPPING=1 at SIGTERM.
 
 Signals: SIGTERM and SIGINT drain (stop accepting, close clients with 1001 and a jittered
 reconnect hint, exit within ``server.shutdown_timeout``); SIGHUP re-reads the configuration
-file and applies it, or logs why the new file was refused and keeps the old one.
+file and applies it in every worker, or logs why the new file was refused and keeps the old
+one in force.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
-from broker.config import Config, load_config
-from broker.errors import ConfigError
+from broker import systemd
+from broker.bus.base import HistoryResult, Publication, StreamPosition
+from broker.config import Config, load_config, parse_hostport
+from broker.errors import ConfigError, FrameError
+from broker.hub import Hub
 from broker.logs import configure_logging
-from broker.worker import Worker
+from broker.metrics import merge, render, snapshot_from_stats
+from broker.topics import validate_pattern, validate_topic
+from broker.worker import Worker, make_listen_socket
 
 __all__ = ["run_broker"]
 
 log = structlog.get_logger()
 
+RESTART_BACKOFF_MAX = 5.0
+TERMINATING = (signal.SIGTERM, signal.SIGINT)
 
-def reload_config(current: Config) -> Config | None:
+
+def reload_config(current: Config, overrides: dict[str, Any]) -> Config | None:
     """Re-read ``current``'s file; None (and one log line) if the new one is invalid."""
     try:
-        new = load_config(current.source)
+        return load_config(current.source, overrides=overrides)
     except ConfigError as exc:
         log.error("reload_refused", key=exc.key, problem=exc.problem, source=current.source)
         return None
-    # The listening addresses cannot change without a restart; keep the ones in force.
-    return new
 
 
-async def _single(config: Config) -> None:
+def check_data_size(config: Config, data_json: str) -> None:
+    limit = config.limits.max_data_size
+    if len(data_json.encode()) > limit:
+        raise FrameError("too_large", f"data is over max_data_size ({limit} bytes)")
+
+
+async def _serve_http(nursery: trio.Nursery, config: Config, backend: Any) -> int | None:
+    if not config.server.http_listen:
+        return None
+    from broker.http import serve_http
+
+    host, port = parse_hostport(config.server.http_listen, "server.http_listen")
+    http_port: int = await nursery.start(serve_http, host, port, backend, config.api_keys)
+    return http_port
+
+
+# --- one process ------------------------------------------------------------------------
+
+
+async def _single(config: Config, overrides: dict[str, Any]) -> None:
+    from broker.http import WorkerBackend
+
     worker = Worker(config)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            try:
-                ports = await nursery.start(worker.serve)
-            except OSError as exc:
-                log.error("listen_failed", listen=config.server.listen, error=exc.strerror)
-                raise SystemExit(3) from None
-            log.info("ready", port=ports[0], http_port=None, workers=1, pid_workers=[])
+        with trio.open_signal_receiver(*TERMINATING, signal.SIGHUP) as signals:
+            socks = _listen_sockets(config, 1)
+            ports = await nursery.start(worker.serve, socks[0])
+            http_port = await _serve_http(
+                nursery, config, WorkerBackend([worker], ws_port=ports[0])
+            )
+            log.info("ready", port=ports[0], http_port=http_port, workers=1)
+            systemd.ready(status=f"serving on port {ports[0]}")
+            nursery.start_soon(systemd.watchdog_loop, lambda: True)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    new = reload_config(worker.config)
+                    systemd.reloading()
+                    new = reload_config(worker.config, overrides)
                     if new is not None:
                         worker.reload(new)
+                    systemd.ready()
                     continue
                 log.info("shutting_down", signal=signal.Signals(signum).name)
-                await worker.shutdown(config.server.shutdown_timeout)
+                systemd.stopping()
+                await worker.shutdown(worker.config.server.shutdown_timeout)
                 nursery.cancel_scope.cancel()
                 return
 
 
-def run_broker(config: Config) -> int:
+# --- several processes ------------------------------------------------------------------
+
+
+def _listen_sockets(config: Config, count: int) -> list[list[socket.socket]]:
+    """Per worker, its listening sockets: the systemd-passed one shared by all, or one
+    SO_REUSEPORT socket each on the configured address (port 0: one free port for all)."""
+    passed = systemd.listen_fds_with_names()
+    if passed:
+        chosen = [s for name, s in passed if name == "ws"] or [passed[0][1]]
+        for s in chosen:
+            s.setblocking(False)
+        return [chosen] * count
+    host, port = parse_hostport(config.server.listen, "server.listen")
+    socks: list[list[socket.socket]] = []
+    for _ in range(count):
+        try:
+            s = make_listen_socket(host, port, reuse_port=count > 1)
+        except OSError as exc:
+            log.error("listen_failed", listen=config.server.listen, error=exc.strerror)
+            raise SystemExit(3) from None
+        port = s.getsockname()[1]
+        socks.append([s])
+    return socks
+
+
+class Supervisor:
+    def __init__(self, config: Config, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.count = config.worker_count
+        self.hub = Hub(config.history_rule)
+        runtime = os.environ.get("RUNTIME_DIRECTORY")
+        self._tmp = None if runtime else tempfile.TemporaryDirectory(prefix="pubsub-broker-")
+        base = Path(runtime.split(":")[0]) if runtime else Path(self._tmp.name)  # type: ignore[union-attr]
+        self.hub_path = base / f"hub-{os.getpid()}.sock"
+        self.procs: dict[int, trio.Process] = {}
+        self.stopping = False
+        self.port = 0
+
+    def alive(self) -> bool:
+        """Every worker connected, ready and beating recently (for the systemd watchdog)."""
+        now = trio.current_time()
+        links = self.hub.workers
+        return len(links) == self.count and all(
+            w.ready and now - w.link.last_seen < self.config.server.worker_hang_timeout
+            for w in links.values()
+        )
+
+    async def run(self) -> None:
+        socks = _listen_sockets(self.config, self.count)
+        self.port = socks[0][0].getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(*TERMINATING, signal.SIGHUP) as signals:
+                await nursery.start(self.hub.serve, self.hub_path)
+                for index in range(self.count):
+                    nursery.start_soon(self._keep_running, index, socks[index])
+                with trio.move_on_after(30) as waited:
+                    while (
+                        not all(w.ready for w in self.hub.workers.values())
+                        or len(self.hub.workers) < self.count
+                    ):
+                        await self.hub.worker_ready.wait()
+                if waited.cancelled_caught:
+                    log.error("workers_not_ready", ready=len(self.hub.workers), expected=self.count)
+                    raise SystemExit(3)
+                http_port = await _serve_http(nursery, self.config, SupervisorBackend(self))
+                log.info(
+                    "ready",
+                    port=self.port,
+                    http_port=http_port,
+                    workers=self.count,
+                    worker_pids=[p.pid for p in self.procs.values()],
+                )
+                systemd.ready(status=f"{self.count} workers serving on port {self.port}")
+                nursery.start_soon(systemd.watchdog_loop, self.alive)
+                nursery.start_soon(self._hang_detector)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self._reload()
+                        continue
+                    log.info("shutting_down", signal=signal.Signals(signum).name)
+                    systemd.stopping()
+                    await self._shutdown()
+                    nursery.cancel_scope.cancel()
+                    return
+
+    def _reload(self) -> None:
+        systemd.reloading()
+        new = reload_config(self.config, self.overrides)
+        if new is not None:
+            self.config = new
+            self.hub.store.rule_for = new.history_rule
+            for proc in self.procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGHUP)
+            log.info("reloaded", source=new.source, workers=len(self.procs))
+        systemd.ready()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        grace = self.config.server.shutdown_timeout
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(grace + 1):
+            for proc in list(self.procs.values()):
+                await proc.wait()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.kill()
+        log.info("stopped")
+
+    async def _keep_running(self, index: int, socks: list[socket.socket]) -> None:
+        backoff = 0.1
+        while not self.stopping:
+            fds = [s.fileno() for s in socks]
+            cmd = [
+                sys.executable,
+                "-m",
+                "broker.workerproc",
+                "--config",
+                self.config.source,
+                "--index",
+                str(index),
+                "--hub",
+                str(self.hub_path),
+                "--fds",
+                ",".join(map(str, fds)),
+                "--overrides",
+                json.dumps(self.overrides),
+            ]
+            started = trio.current_time()
+            proc = await trio.lowlevel.open_process(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
+            self.procs[index] = proc
+            log.info("worker_started", worker=index, pid=proc.pid)
+            code = await proc.wait()
+            if self.stopping:
+                return
+            log.error("worker_exited", worker=index, pid=proc.pid, code=code)
+            # Its connections are gone: forget them now, not when the link's EOF is read.
+            wl = self.hub.workers.get(index)
+            if wl is not None and wl.pid == proc.pid:
+                wl.link.close()
+                self.hub._forget(wl)
+            backoff = (
+                0.1 if trio.current_time() - started > 10 else min(backoff * 2, RESTART_BACKOFF_MAX)
+            )
+            await trio.sleep(backoff)
+
+    async def _hang_detector(self) -> None:
+        while True:
+            await trio.sleep(1)
+            now = trio.current_time()
+            for index, wl in list(self.hub.workers.items()):
+                if wl.ready and now - wl.link.last_seen > self.config.server.worker_hang_timeout:
+                    proc = self.procs.get(index)
+                    if proc is not None and proc.returncode is None and proc.pid == wl.pid:
+                        log.error(
+                            "worker_hung",
+                            worker=index,
+                            pid=proc.pid,
+                            silent_for=round(now - wl.link.last_seen, 1),
+                        )
+                        proc.kill()
+
+
+class SupervisorBackend:
+    """The operations listener's view of a multi-process broker: the hub answers publish,
+    history and presence itself; statistics and disconnects are asked of every worker."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def ready(self) -> tuple[bool, dict[str, object]]:
+        workers = {
+            str(i): (i in self.sup.hub.workers and self.sup.hub.workers[i].ready)
+            for i in range(self.sup.count)
+        }
+        ok = all(workers.values()) and not self.sup.stopping
+        return ok, {"workers": workers, "bus": True}
+
+    async def _worker_stats(self) -> list[dict[str, Any]]:
+        return sorted(await self.sup.hub.ask_all("stats"), key=lambda s: s.get("worker", 0))
+
+    async def metrics_text(self) -> str:
+        return render(merge([snapshot_from_stats(s) for s in await self._worker_stats()]))
+
+    async def stats(self) -> dict[str, Any]:
+        return {"workers": await self._worker_stats()}
+
+    async def publish(self, topic: str, data_json: str) -> Publication:
+        validate_topic(topic)
+        check_data_size(self.sup.config, data_json)
+        return self.sup.hub.publish(topic, data_json, None)
+
+    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
+        return self.sup.hub.store.history(topic, since, limit)
+
+    async def presence(self, topic: str) -> list[str]:
+        return self.sup.hub.store.members(topic)
+
+    async def disconnect(self, client_id: str) -> int:
+        return sum(await self.sup.hub.ask_all("disconnect", client_id))
+
+    def validate_topic(self, topic: str, wildcard: bool = False) -> None:
+        (validate_pattern if wildcard else validate_topic)(topic)
+
+    def info(self) -> dict[str, object]:
+        return {
+            "ws_port": self.sup.port,
+            "ws_scheme": "wss" if self.sup.config.server.tls_cert else "ws",
+            "node": self.sup.config.server.node_id or socket.gethostname(),
+            "workers": self.sup.count,
+        }
+
+
+def run_broker(config: Config, overrides: dict[str, Any] | None = None) -> int:
     """Run until a terminating signal; return the process exit code."""
     configure_logging()
+    overrides = overrides or {}
     try:
-        trio.run(_single, config)
+        if config.worker_count == 1:
+            trio.run(_single, config, overrides)
+        else:
+            trio.run(Supervisor(config, overrides).run)
     except SystemExit as exc:
         return int(exc.code or 0)
     except KeyboardInterrupt:
         return 0
-    sys.stderr.flush()
     return 0

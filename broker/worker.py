@@ -9,6 +9,7 @@ connection handler would otherwise take the whole listener down.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 import socket
@@ -26,6 +27,7 @@ from broker.auth import TokenVerifier
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.local import LocalBus
 from broker.config import Config, parse_hostport
+from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
 from broker.router import Router
 from broker.sendqueue import Flusher, QueuedStream, SendQueue
@@ -86,7 +88,11 @@ class Worker:
         self._ids = itertools.count(1)
         self.closes: Counter[int] = Counter()
         self.auth_failures: Counter[str] = Counter()
-        self.handshake_seconds: list[float] = []
+        # Handshake latency, as per-bucket counts of broker.metrics.HANDSHAKE_BUCKETS.
+        self.handshake_counts = [0] * (len(HANDSHAKE_BUCKETS) + 1)
+        self.handshake_sum = 0.0
+        self.connections_total = 0
+        self.errors: Counter[str] = Counter()
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -101,6 +107,9 @@ class Worker:
     def count_auth_failure(self, reason: str) -> None:
         self.auth_failures[reason] += 1
 
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+
     def _on_bus_state(self, up: bool) -> None:
         log.warning("bus_state", up=up)
 
@@ -113,10 +122,27 @@ class Worker:
             "publications_in": self.router.publications_in,
             "deliveries_out": self.router.deliveries,
             "bytes_out": self.flusher.bytes_written,
+            "bytes_in": sum(s.stream.bytes_received for s in self.sessions.values()),
+            "connections_total": self.connections_total,
             "closes": {str(k): v for k, v in self.closes.items()},
             "auth_failures": dict(self.auth_failures),
+            "errors": dict(self.errors),
             "bus_up": self.bus.is_up,
+            "handshake": {
+                "counts": list(self.handshake_counts),
+                "sum": self.handshake_sum,
+                "count": sum(self.handshake_counts),
+            },
         }
+
+    def disconnect(self, client: str) -> int:
+        """Close every connection of ``client`` with 1008; return how many."""
+        closed = 0
+        for session in list(self.sessions.values()):
+            if session.identity is not None and session.identity.client == client:
+                session.close(CloseCode.POLICY_VIOLATION, "disconnected by the operator")
+                closed += 1
+        return closed
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -247,9 +273,10 @@ class Worker:
                     nursery.cancel_scope.cancel()
                     return
                 self.handshaking -= 1
-                self.handshake_seconds.append(trio.current_time() - started)
-                if len(self.handshake_seconds) > 1024:
-                    del self.handshake_seconds[:512]
+                elapsed = trio.current_time() - started
+                self.handshake_counts[bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)] += 1
+                self.handshake_sum += elapsed
+                self.connections_total += 1
                 identity = verdict.identity
                 if identity is not None:
                     structlog.contextvars.bind_contextvars(client=identity.client)

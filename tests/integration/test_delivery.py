@@ -12,31 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from tests.support.broker import BrokerProcess
+from tests.support.clients import call, open_client
 from tests.support.rawws import FrameReader, encode_frame, handshake
 
 
-async def call(ws: ClientConnection, **frame: Any) -> dict[str, Any]:
-    await ws.send(json.dumps(frame))
-    while True:
-        msg = json.loads(await ws.recv())
-        if msg.get("id") == frame.get("id") and "ok" in msg:
-            return msg  # type: ignore[no-any-return]
-
-
-async def open_client(b: BrokerProcess, sub: str, **kw: Any) -> ClientConnection:
-    ws = await connect(
-        b.url,
-        additional_headers={"Authorization": f"Bearer {b.token(sub)}"},
-        subprotocols=["pubsub.v1"],
-        max_size=None,
-        **kw,
-    )  # type: ignore[list-item]
-    welcome = json.loads(await ws.recv())
-    assert welcome["op"] == "welcome" and welcome["client"] == sub
-    return ws
+async def open_ws(b: BrokerProcess, sub: str) -> ClientConnection:
+    return (await open_client(b, sub))[0]
 
 
 def test_slow_consumer_is_closed_and_nobody_else_waits(tmp_path: Path) -> None:
@@ -67,10 +51,10 @@ def test_slow_consumer_is_closed_and_nobody_else_waits(tmp_path: Path) -> None:
         n_live = 300
 
         async def main() -> list[list[int]]:
-            fast = [await open_client(b, f"fast{i}") for i in range(50)]
+            fast = [await open_ws(b, f"fast{i}") for i in range(50)]
             for ws in fast:
                 assert (await call(ws, op="subscribe", topic="live", id=1))["ok"]
-            pub = await open_client(b, "publisher")
+            pub = await open_ws(b, "publisher")
             bulk = "x" * 60_000
             received: list[list[int]] = [[] for _ in fast]
 
@@ -109,7 +93,7 @@ def test_recovery_is_exact_across_reconnects_under_a_steady_stream(broker: Broke
     total = 400
 
     async def main() -> list[int]:
-        pub = await open_client(broker, "pub")
+        pub = await open_ws(broker, "pub")
         seen: list[int] = []
         done = asyncio.Event()
 
@@ -123,7 +107,7 @@ def test_recovery_is_exact_across_reconnects_under_a_steady_stream(broker: Broke
         async def subscriber() -> None:
             position: dict[str, Any] | None = None
             while True:
-                ws = await open_client(broker, "sub")
+                ws = await open_ws(broker, "sub")
                 frame: dict[str, Any] = {"op": "subscribe", "topic": "feed", "id": "s"}
                 if position is not None:
                     frame["since"] = position
@@ -165,14 +149,14 @@ def test_recovery_is_exact_across_reconnects_under_a_steady_stream(broker: Broke
 
 def test_presence_counts_clients_and_sees_abrupt_disconnects(broker: BrokerProcess) -> None:
     async def main() -> None:
-        watcher = await open_client(broker, "watcher")
+        watcher = await open_ws(broker, "watcher")
         assert (await call(watcher, op="subscribe", topic="room", presence=True, id=1))["ok"]
         assert json.loads(await watcher.recv()) == {
             "op": "join",
             "topic": "room",
             "client": "watcher",
         }
-        tabs = [await open_client(broker, "alice") for _ in range(5)]
+        tabs = [await open_ws(broker, "alice") for _ in range(5)]
         for ws in tabs:
             assert (await call(ws, op="subscribe", topic="room", id=1))["ok"]
         assert json.loads(await watcher.recv()) == {
@@ -202,10 +186,10 @@ def test_presence_counts_clients_and_sees_abrupt_disconnects(broker: BrokerProce
 
 def test_a_stream_of_messages_through_wildcards_in_order(broker: BrokerProcess) -> None:
     async def main() -> None:
-        a = await open_client(broker, "a")
+        a = await open_ws(broker, "a")
         for i, pattern in enumerate(["news.*", "news.>", "news.sport"]):
             assert (await call(a, op="subscribe", topic=pattern, id=i))["ok"]
-        p = await open_client(broker, "p")
+        p = await open_ws(broker, "p")
         for k in range(50):
             await p.send(json.dumps({"op": "publish", "topic": "news.sport", "data": k}))
             await p.send(json.dumps({"op": "publish", "topic": "news.sport.tennis", "data": k}))
@@ -246,7 +230,7 @@ def test_half_speed_reader_is_closed_in_bounded_time(tmp_path: Path) -> None:
         slow.setblocking(False)
 
         async def main() -> float:
-            pub = await open_client(b, "pub")
+            pub = await open_ws(b, "pub")
             start = time.monotonic()
             payload = "y" * 2000
             async with asyncio.timeout(60):
@@ -270,4 +254,3 @@ def test_half_speed_reader_is_closed_in_bounded_time(tmp_path: Path) -> None:
         assert b.wait_for("disconnect", timeout=20, client="half")["code"] == 4008
         assert elapsed < 30
         slow.close()
-

@@ -1,0 +1,149 @@
+"""The worker's side of the local IPC bus: every operation is a request to the supervisor's
+hub (:mod:`broker.hub`) over a Unix socket; publications and presence events the hub forwards
+arrive on the same link, in order. Requests the hub sends the other way (statistics, a
+disconnect ordered through the HTTP API) go to ``control``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import trio
+
+from broker.bus.base import (
+    Bus,
+    BusHandlers,
+    ConnKey,
+    HistoryResult,
+    PresenceEvent,
+    Publication,
+    StreamPosition,
+)
+from broker.errors import BusUnavailable
+from broker.ipc import Link
+
+__all__ = ["IpcBus"]
+
+log = structlog.get_logger()
+HEARTBEAT = 1.0
+
+Control = Callable[[str, list[Any]], Awaitable[Any]]
+
+
+class IpcBus(Bus):
+    def __init__(
+        self,
+        path: str,
+        *,
+        index: int,
+        node: str,
+        handlers: BusHandlers,
+        control: Control | None = None,
+    ) -> None:
+        self.path = path
+        self.index = index
+        self.node = node
+        self.handlers = handlers
+        self.control = control
+        self._link: Link | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def is_up(self) -> bool:
+        return self._link is not None and not self._link.closed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect to the hub and serve the link. Returns (the worker should then exit: its
+        supervisor is gone) when the hub closes the link."""
+        stream = await trio.open_unix_socket(self.path)
+        link = Link(stream, self._on_message)
+        self._link = link
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(link.run)
+            await link.call("hello", self.index, os.getpid(), self.node)
+            nursery.start_soon(self._heartbeat)
+            task_status.started()
+            await link.gone.wait()
+            nursery.cancel_scope.cancel()
+        log.error("hub_link_lost")
+
+    async def _heartbeat(self) -> None:
+        # The heartbeat is sent from the worker's own loop: a blocked loop stops sending, which
+        # is how the supervisor tells a hung worker from a busy one.
+        assert self._link is not None
+        while True:
+            self._link.send(["hb"])
+            await trio.sleep(HEARTBEAT)
+
+    def _on_message(self, link: Link, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "pub":
+            _, topic, offset, epoch, sender, data = message
+            self.handlers.on_publication(Publication(topic, offset, epoch, sender, data))
+        elif kind == "presence":
+            _, topic, what, client = message
+            self.handlers.on_presence(PresenceEvent(topic, what, client))
+        elif kind == "req" and self._nursery is not None:
+            self._nursery.start_soon(self._answer, link, message)
+
+    async def _answer(self, link: Link, message: list[Any]) -> None:
+        rid, method, args = message[1], message[2], message[3:]
+        if self.control is None:
+            link.reply(rid, False, "no control handler")
+            return
+        try:
+            link.reply(rid, True, await self.control(method, args))
+        except Exception as exc:
+            log.exception("control_failed", method=method)
+            link.reply(rid, False, f"internal: {exc}")
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self._link is None:
+            raise BusUnavailable("not connected to the hub")
+        return await self._link.call(method, *args)
+
+    async def wait_closed(self) -> None:
+        """Return once the link to the hub is gone."""
+        if self._link is not None:
+            await self._link.gone.wait()
+
+    async def report_ready(self, port: int) -> None:
+        await self._call("ready", port)
+
+    async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        offset, epoch = await self._call("publish", topic, data, sender)
+        return Publication(topic, offset, epoch, sender, data)
+
+    async def position(self, topic: str) -> StreamPosition:
+        offset, epoch = await self._call("position", topic)
+        return StreamPosition(offset, epoch)
+
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int | None
+    ) -> HistoryResult:
+        raw_since = None if since is None else [since.offset, since.epoch]
+        pubs, pos, recovered, missed = await self._call("history", topic, raw_since, limit)
+        return HistoryResult(
+            tuple(Publication(topic, o, e, s, d) for o, e, s, d in pubs),
+            StreamPosition(pos[0], pos[1]),
+            recovered,
+            None if missed is None else (missed[0], missed[1]),
+        )
+
+    async def watch(self, pattern: str) -> None:
+        await self._call("watch", pattern)
+
+    async def unwatch(self, pattern: str) -> None:
+        await self._call("unwatch", pattern)
+
+    async def presence_join(self, topic: str, client: str, key: ConnKey) -> None:
+        await self._call("join", topic, client, [key.node, key.worker, key.conn])
+
+    async def presence_leave(self, topic: str, client: str, key: ConnKey) -> None:
+        await self._call("leave", topic, client, [key.node, key.worker, key.conn])
+
+    async def presence(self, topic: str) -> list[str]:
+        return list(await self._call("presence", topic))

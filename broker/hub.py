@@ -1,0 +1,209 @@
+"""The hub of the local IPC bus: it lives in the supervisor and is the one place where a
+machine's topics are ordered.
+
+Workers connect over a Unix socket. The hub assigns offsets and keeps history and presence in
+a :class:`~broker.history.TopicStore`, and forwards each publication (encoded once) only to the
+workers that watch a matching pattern. Because the hub is one trio task per worker reading
+requests and the store is synchronous, each topic's publications reach every worker in offset
+order. When a worker's link goes (it died, or was killed as hung), its watches and its
+connections' presence are dropped at once, and the resulting leaves are sent to the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from broker.bus.base import ConnKey, HistoryResult, PresenceEvent, Publication, StreamPosition
+from broker.config import HistoryRule
+from broker.history import TopicStore
+from broker.ipc import Link, encode
+from broker.topics import SubscriptionIndex
+
+__all__ = ["Hub"]
+
+log = structlog.get_logger()
+SWEEP_INTERVAL = 5.0
+
+
+def history_reply(result: HistoryResult) -> list[Any]:
+    return [
+        [[p.offset, p.epoch, p.sender, p.data] for p in result.publications],
+        [result.position.offset, result.position.epoch],
+        result.recovered,
+        list(result.missed) if result.missed is not None else None,
+    ]
+
+
+def _remove_stale(path: Path) -> None:
+    """A socket file left by a crashed supervisor would make bind() fail."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class WorkerLink:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.index: int | None = None
+        self.pid: int | None = None
+        self.node = ""
+        self.ready = False
+        self.port: int | None = None
+        self.patterns: set[str] = set()
+
+
+class Hub:
+    def __init__(self, rule_for: Callable[[str], HistoryRule]) -> None:
+        self.store = TopicStore(rule_for, trio.current_time)
+        self.watchers: SubscriptionIndex[WorkerLink] = SubscriptionIndex()
+        self.workers: dict[int, WorkerLink] = {}
+        self.publications = 0
+        self.worker_ready = trio.Event()  # set (and replaced) whenever a worker reports ready
+
+    # --- serving --------------------------------------------------------------------------
+
+    async def serve(
+        self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        _remove_stale(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweeper)
+            task_status.started()
+            await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
+
+    async def _sweeper(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self.store.sweep()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        wl: WorkerLink | None = None
+
+        def on_message(link: Link, message: list[Any]) -> None:
+            assert wl is not None
+            try:
+                self._dispatch(wl, message)
+            except Exception as exc:  # a bad request must not take the hub down
+                log.exception("hub_request_failed", kind=message[0] if message else None)
+                if message and message[0] == "req":
+                    link.reply(message[1], False, f"internal: {exc}")
+
+        wl = WorkerLink(Link(stream, on_message))
+        try:
+            await wl.link.run()
+        finally:
+            self._forget(wl)
+            await trio.aclose_forcefully(stream)
+
+    def _forget(self, wl: WorkerLink) -> None:
+        for pattern in wl.patterns:
+            self.watchers.remove(pattern, wl)
+        wl.patterns = set()
+        if wl.index is not None and self.workers.get(wl.index) is wl:
+            del self.workers[wl.index]
+            for event in self.store.leave_worker(wl.node, wl.index):
+                self.forward_presence(event)
+            log.info("worker_link_closed", worker=wl.index, pid=wl.pid)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _dispatch(self, wl: WorkerLink, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "hb":
+            return
+        if kind != "req":
+            log.warning("hub_unknown_message", kind=kind)
+            return
+        rid, method, args = message[1], message[2], message[3:]
+        link = wl.link
+        if method == "publish":
+            pub = self.publish(args[0], args[1], args[2])
+            link.reply(rid, True, [pub.offset, pub.epoch])
+        elif method == "position":
+            pos = self.store.position(args[0])
+            link.reply(rid, True, [pos.offset, pos.epoch])
+        elif method == "history":
+            since = StreamPosition(args[1][0], args[1][1]) if args[1] is not None else None
+            link.reply(rid, True, history_reply(self.store.history(args[0], since, args[2])))
+        elif method == "watch":
+            if args[0] not in wl.patterns:
+                wl.patterns.add(args[0])
+                self.watchers.add(args[0], wl)
+            link.reply(rid, True, None)
+        elif method == "unwatch":
+            if args[0] in wl.patterns:
+                wl.patterns.discard(args[0])
+                self.watchers.remove(args[0], wl)
+            link.reply(rid, True, None)
+        elif method == "join":
+            if self.store.join(args[0], args[1], ConnKey(*args[2])):
+                self.forward_presence(PresenceEvent(args[0], "join", args[1]))
+            link.reply(rid, True, None)
+        elif method == "leave":
+            if self.store.leave(args[0], args[1], ConnKey(*args[2])):
+                self.forward_presence(PresenceEvent(args[0], "leave", args[1]))
+            link.reply(rid, True, None)
+        elif method == "presence":
+            link.reply(rid, True, self.store.members(args[0]))
+        elif method == "hello":
+            index, pid, node = args
+            old = self.workers.get(index)
+            if old is not None and old is not wl:
+                # A replacement arrived before the old link's EOF was seen: forget the old now.
+                self._forget(old)
+            wl.index, wl.pid, wl.node = index, pid, node
+            self.workers[index] = wl
+            link.reply(rid, True, None)
+        elif method == "ready":
+            wl.ready = True
+            wl.port = args[0]
+            self.worker_ready.set()
+            self.worker_ready = trio.Event()
+            link.reply(rid, True, None)
+        else:
+            link.reply(rid, False, f"unknown method {method!r}")
+
+    # --- used by the hub's own requests and by the operations listener --------------------
+
+    def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        pub = self.store.publish(topic, data, sender)
+        self.publications += 1
+        targets = {id(w): w for w in self.watchers.match(topic)}
+        if targets:
+            frame = encode(["pub", pub.topic, pub.offset, pub.epoch, pub.sender, pub.data])
+            for w in targets.values():
+                w.link.send_bytes(frame)
+        return pub
+
+    def forward_presence(self, event: PresenceEvent) -> None:
+        targets = {id(w): w for w in self.watchers.match(event.topic)}
+        if targets:
+            frame = encode(["presence", event.topic, event.kind, event.client])
+            for w in targets.values():
+                w.link.send_bytes(frame)
+
+    async def ask_all(self, method: str, *args: Any) -> list[Any]:
+        """Send a request to every connected worker; the answers of those that answered."""
+        results: list[Any] = []
+
+        async def ask(wl: WorkerLink) -> None:
+            try:
+                results.append(await wl.link.call(method, *args))
+            except Exception as exc:
+                log.warning("worker_request_failed", worker=wl.index, method=method, error=str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for wl in list(self.workers.values()):
+                nursery.start_soon(ask, wl)
+        return results

@@ -1,0 +1,163 @@
+"""Message framing between the supervisor's hub and its workers, over Unix stream sockets.
+
+Each message is a JSON array, sent as a 4-byte big-endian length and the UTF-8 JSON text.
+:class:`Link` wraps one connected stream: :meth:`Link.send` appends without blocking (the
+link's writer task writes in the background, coalescing), :meth:`Link.call` sends a request
+and waits for its reply, and :meth:`Link.run` reads until the peer goes, dispatching replies
+to their callers and everything else to the link's handler.
+
+Message shapes (the first element names the kind):
+
+    ["req", id, method, args...]   a request; the peer answers with
+    ["res", id, true, result]      ... its result, or
+    ["res", id, false, message]    ... a failure (``unavailable`` in the message if transient)
+    ["pub", topic, offset, epoch, sender, data]   a publication (data: JSON text)
+    ["presence", topic, kind, client]             a join or leave
+    ["hb"]                                        a worker's heartbeat
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from broker.errors import BusError, BusUnavailable
+
+__all__ = ["Link", "encode"]
+
+MAX_MESSAGE = 64 * 1024 * 1024
+_LEN = struct.Struct("!I")
+
+
+def encode(message: list[Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    return _LEN.pack(len(body)) + body
+
+
+class Link:
+    """One end of a hub-worker connection.
+
+    ``on_message(link, message)`` receives every message that is not a reply; it runs in the
+    reader task, so it must not block. Requests it wants to answer later can be answered with
+    :meth:`reply`.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        on_message: Callable[[Link, list[Any]], None],
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self.stream = stream
+        self.on_message = on_message
+        self.timeout = timeout
+        self._out: list[bytes] = []
+        self._wakeup = trio.Event()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self.closed = False
+        self.gone = trio.Event()
+        self.last_seen = trio.current_time()
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._out.append(data)
+        self._wakeup.set()
+
+    def send(self, message: list[Any]) -> None:
+        self.send_bytes(encode(message))
+
+    def reply(self, rid: int, ok: bool, result: Any) -> None:
+        self.send(["res", rid, ok, result])
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Send a request and wait for its result. Raises :class:`BusUnavailable` when the link
+        is down or the peer does not answer within ``timeout``; :class:`BusError` when the
+        peer reports a failure."""
+        if self.closed:
+            raise BusUnavailable("the hub link is down")
+        rid = next(self._ids)
+        event = trio.Event()
+        slot: list[Any] = []
+        self._calls[rid] = (event, slot)
+        self.send(["req", rid, method, *args])
+        try:
+            with trio.move_on_after(self.timeout):
+                await event.wait()
+        finally:
+            self._calls.pop(rid, None)
+        if not slot:
+            raise BusUnavailable(f"no answer to {method} in {self.timeout:g}s")
+        ok, result = slot
+        if ok:
+            return result
+        if isinstance(result, str) and result.startswith("unavailable"):
+            raise BusUnavailable(result)
+        raise BusError(str(result))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read and write until the peer closes or fails, then fail every pending call."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                task_status.started()
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.gone.set()
+        for event, _ in self._calls.values():
+            event.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            # One scheduler pass lets a burst of sends coalesce into one write.
+            await trio.lowlevel.checkpoint()
+            out, self._out = self._out, []
+            if out:
+                await self.stream.send_all(b"".join(out))
+
+    async def _reader(self) -> None:
+        buf = bytearray()
+        while True:
+            try:
+                data = await self.stream.receive_some(262144)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self.last_seen = trio.current_time()
+            buf += data
+            pos = 0
+            n = len(buf)
+            while n - pos >= 4:
+                (size,) = _LEN.unpack_from(buf, pos)
+                if size > MAX_MESSAGE:
+                    raise BusError(f"IPC message of {size} bytes is over the limit")
+                if n - pos - 4 < size:
+                    break
+                message = json.loads(bytes(buf[pos + 4 : pos + 4 + size]))
+                pos += 4 + size
+                if message[0] == "res":
+                    waiter = self._calls.get(message[1])
+                    if waiter is not None:
+                        waiter[1][:] = [message[2], message[3]]
+                        waiter[0].set()
+                else:
+                    self.on_message(self, message)
+            del buf[:pos]
+
+
+Handler = Callable[[str, list[Any]], Awaitable[Any]]

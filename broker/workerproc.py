@@ -1,0 +1,105 @@
+"""A worker process of a multi-worker broker, started by the supervisor (not by hand):
+
+    python -m broker.workerproc --config FILE --index N --hub PATH --fds 3 --overrides '{}'
+
+It serves the listening socket(s) it was passed, talks to the supervisor's hub, drains on
+SIGTERM, reloads its configuration on SIGHUP, and exits when the hub goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import socket
+import sys
+from typing import Any
+
+import structlog
+import trio
+
+from broker.bus.base import Bus, BusHandlers
+from broker.bus.ipc import IpcBus
+from broker.config import Config, load_config
+from broker.errors import ConfigError
+from broker.logs import configure_logging
+from broker.supervisor import reload_config
+from broker.worker import Worker
+
+log = structlog.get_logger()
+
+
+async def run_worker(
+    config: Config, index: int, hub: str, fds: list[int], overrides: dict[str, Any]
+) -> None:
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    for s in socks:
+        s.setblocking(False)
+    holder: dict[str, Worker] = {}
+
+    async def control(method: str, args: list[Any]) -> Any:
+        worker = holder["worker"]
+        if method == "stats":
+            return worker.stats()
+        if method == "disconnect":
+            return worker.disconnect(args[0])
+        raise ValueError(f"unknown control method {method!r}")
+
+    def make_bus(cfg: Config, handlers: BusHandlers) -> Bus:
+        return IpcBus(hub, index=index, node=worker_node(cfg), handlers=handlers, control=control)
+
+    worker = Worker(config, index=index, bus_factory=make_bus)
+    holder["worker"] = worker
+    structlog.contextvars.bind_contextvars(worker=index)
+    bus = worker.bus
+    assert isinstance(bus, IpcBus)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            ports = await nursery.start(worker.serve, socks)
+            await bus.report_ready(ports[0])
+
+            async def exit_when_hub_goes() -> None:
+                await bus.wait_closed()
+                log.error("supervisor_gone")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(exit_when_hub_goes)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    new = reload_config(worker.config, overrides)
+                    if new is not None:
+                        worker.reload(new)
+                    continue
+                await worker.shutdown(worker.config.server.shutdown_timeout)
+                nursery.cancel_scope.cancel()
+                return
+
+
+def worker_node(config: Config) -> str:
+    return config.server.node_id or socket.gethostname()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="broker.workerproc", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--hub", required=True)
+    parser.add_argument("--fds", required=True)
+    parser.add_argument("--overrides", default="{}")
+    args = parser.parse_args(argv)
+    configure_logging()
+    overrides = json.loads(args.overrides)
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        log.error("config_error", key=exc.key, problem=exc.problem)
+        return 2
+    fds = [int(f) for f in args.fds.split(",")]
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run_worker, config, args.index, args.hub, fds, overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
