@@ -320,6 +320,10 @@ def _redis_failures() -> tuple[type[BaseException], ...]:
     return (RedisError, *_REDIS_FAILURES)
 
 
+# How many presence refreshes run at once (coredis pipelines them on its connections).
+_CONCURRENCY = 32
+
+
 class _Overloaded(Exception):
     """The delivery queue is full: the subscriber connection is reset and caught up."""
 
@@ -416,6 +420,7 @@ class RedisBus(Bus):
         self._publish_cmd = "SPUBLISH" if cluster else "PUBLISH"
 
         self._client: Any = None  # the coredis client while connected
+        self._cluster_nodes: list[Any] = []  # addresses of the cluster nodes seen
         self._scripts: dict[str, Any] = {}
         self._up = False
         self._ever_down = False
@@ -540,6 +545,10 @@ class RedisBus(Bus):
             "retry_policy": NoRetryPolicy(),
         }
         if self.cluster:
+            if self._cluster_nodes:
+                # Every node seen so far, so that reconnecting works while the node named in
+                # the URL is the one that is down.
+                options["startup_nodes"] = self._cluster_nodes
             with warnings.catch_warnings():
                 # coredis 6.9 builds its startup node from the URL with a deprecated type.
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -608,6 +617,11 @@ class RedisBus(Bus):
         with trio.fail_after(self._timeout):
             await client.ping()
         if self.cluster:
+            from coredis.connection import TCPLocation
+
+            seen = {(n.host, n.port) for n in client.connection_pool.cluster_layout.nodes}
+            known = {(n.host, n.port) for n in self._cluster_nodes}
+            self._cluster_nodes += [TCPLocation(h, p) for h, p in sorted(seen - known)]
             async with (
                 client.sharded_pubsub(**self._pubsub_options()) as exact_ps,
                 client.pubsub(**self._pubsub_options()) as wild_ps,
@@ -990,12 +1004,23 @@ class RedisBus(Bus):
             for topic, clients in self._local_presence.items()
             for client, members in clients.items()
         ]
-        for topic, client, members in work:
-            try:
-                await self._join(topic, client, members)
-            except BusUnavailable as exc:
-                log.info("presence_refresh_failed", topic=topic, error=str(exc))
-                return
+        failed: list[str] = []
+        limiter = trio.CapacityLimiter(_CONCURRENCY)
+
+        async def refresh(topic: str, client: str, members: list[str]) -> None:
+            async with limiter:
+                if failed:
+                    return
+                try:
+                    await self._join(topic, client, members)
+                except BusUnavailable as exc:
+                    failed.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for job in work:
+                nursery.start_soon(refresh, *job)
+        if failed:
+            log.info("presence_refresh_failed", error=failed[0])
 
     async def _sweep_presence(self) -> None:
         for topic in list(self._exact):

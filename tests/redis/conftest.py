@@ -176,7 +176,11 @@ class RedisCluster:
             check=True,
             timeout=30,
         )  # fmt: skip
-        deadline = time.monotonic() + 20
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        """Wait until every node sees every other one and all slots are served."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             infos = [s.cli("CLUSTER", "INFO", check=False) for s in self.servers]
             if all("cluster_state:ok" in i for i in infos) and all(

@@ -7,6 +7,7 @@ from coredis._utils import hash_slot
 
 from broker.bus.base import ConnKey, PresenceEvent, StreamPosition
 from broker.bus.redis import RedisBus
+from broker.errors import BusUnavailable
 
 from .busutil import running_bus, wait_until
 from .conftest import RedisCluster
@@ -74,3 +75,49 @@ async def test_cluster_sharded_delivery_history_and_presence(redis_cluster: Redi
         # Unwatching unsubscribes from the shard.
         await a.unwatch(topics[0])
         assert redis_cluster.servers[0].cli("PUBSUB", "SHARDCHANNELS").split() == []
+
+
+async def test_cluster_node_restart_restores_every_subscription(
+    redis_cluster: RedisCluster,
+) -> None:
+    topics = topics_on_each_shard()
+    async with (
+        running_bus(redis_cluster.url, node="a", cluster=True, reconnect_max=0.5) as (a, ra),
+        running_bus(redis_cluster.url, node="b", cluster=True, reconnect_max=0.5) as (b, _),
+    ):
+        for t in topics:
+            await a.watch(t)
+        await a.watch("room.*")
+        for t in topics:
+            await b.publish(t, "1", None)
+        await wait_until(lambda: all(ra.offsets(t) == [1] for t in topics))
+        # Kill the node the URL names (it holds the first shard), then bring it back.
+        redis_cluster.servers[0].kill()
+        await wait_until(lambda: not a.is_up, within=10, what="node a sees the outage")
+        redis_cluster.servers[0].start()
+        redis_cluster.wait_ok()
+        await wait_until(lambda: a.is_up and b.is_up, within=15, what="both up again")
+
+        async def publish_all() -> None:
+            for t in topics:
+                await b.publish(t, "2", None)
+            await b.publish("room.extra", "x", None)
+
+        # The restarted shard may answer CLUSTERDOWN for a moment after the state turns ok.
+        for _ in range(50):
+            try:
+                await publish_all()
+                break
+            except BusUnavailable:
+                await trio.sleep(0.1)
+        await wait_until(
+            lambda: (
+                len(ra.offsets("room.extra")) == 1 and all(len(ra.offsets(t)) >= 2 for t in topics)
+            ),
+            within=10,
+            what="deliveries after the restart",
+        )
+        # The shards that stayed up kept their history; the restarted one starts a new epoch.
+        for t in topics:
+            pubs = [p for p in ra.publications if p.topic == t]
+            assert pubs[-1].data == "2"
