@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
+from tests.browser.sites import static_site
 from tests.http.brokerkit import next_op, request, ws_client
 from tests.support.broker import BrokerProcess
 
@@ -223,10 +220,7 @@ def test_token_function_is_called_per_connection_and_refreshes(
 # --- origins ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def foreign_site(broker_http: str) -> Iterator[str]:
-    """A page on another origin (its own server) that imports the broker's client.js."""
-    html = f"""<!doctype html><meta charset="utf-8"><title>foreign</title>
+FOREIGN_PAGE = """<!doctype html><meta charset="utf-8"><title>foreign</title>
 <script type="module">
   import {{ PubSubClient }} from "{broker_http}/client.js";
   window.imported = true;
@@ -237,32 +231,11 @@ def foreign_site(broker_http: str) -> Iterator[str]:
     c.on("disconnect", (d) => window.events.push("close:" + d.code));
     c.connect();
   }};
-</script>""".encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(html)))
-            self.end_headers()
-            self.wfile.write(html)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+</script>"""
 
 
 def test_a_page_from_a_foreign_origin_is_refused(page: Any, web_broker: BrokerProcess) -> None:
-    with foreign_site(web_broker.http_url) as origin:
+    with static_site(FOREIGN_PAGE.format(broker_http=web_broker.http_url)) as origin:
         statuses: list[str] = []
         page.on("websocket", lambda ws: ws.on("socketerror", lambda err: statuses.append(str(err))))
         page.goto(origin + "/")

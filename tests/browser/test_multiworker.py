@@ -1,0 +1,86 @@
+"""A page that is not the demo (its own origin, its own script) uses /client.js against a broker
+with several workers: clients spread over the workers all see every publication, and the
+operations endpoints show every worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.browser.sites import static_site
+from tests.http.brokerkit import http
+from tests.support.broker import BrokerProcess
+
+pytestmark = pytest.mark.browser
+
+CLIENTS = 12  # over 2 workers: all on one worker with probability 2**-11
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>an app</title>
+<script type="module">
+  import { PubSubClient } from "%(ops)s/client.js";
+  window.received = [];
+  window.start = async (url, tokens) => {
+    window.clients = await Promise.all(tokens.map(async (token, i) => {
+      const c = new PubSubClient(url, { token });
+      await c.connect();
+      await c.subscribe("app.feed", { onMessage: (m) => received.push([i, m.offset, m.data]) });
+      return c;
+    }));
+    return clients.map((c) => c.worker);
+  };
+</script>"""
+
+
+def wait(page: Any, expr: str, timeout: float = 15) -> Any:
+    page.wait_for_function(expr, timeout=timeout * 1000)
+    return page.evaluate(expr)
+
+
+def test_a_foreign_app_on_a_multi_worker_broker(page: Any, tmp_path: Path) -> None:
+    # The app page imports client.js from the broker, whose port is known only once it runs:
+    # the page's HTML is built then, and served from an origin the broker allows.
+    html = {"body": ""}
+    with static_site(lambda: html["body"]) as origin:
+        config = {"server": {"allowed_origins": [origin]}}
+        with BrokerProcess.start(tmp_path, config=config, workers=2) as b:
+            assert b.http_port, "the broker did not report an http_port"
+            html["body"] = PAGE % {"ops": b.http_url}
+            page.goto(origin + "/app.html")
+            wait(page, "typeof window.start === 'function'")
+            tokens = [b.token(f"user{i}") for i in range(CLIENTS)]
+            workers = page.evaluate("([u, t]) => start(u, t)", [b.url, tokens])
+            assert len(set(workers)) == 2, f"all clients on one worker: {workers}"
+
+            status, _, body = http(b, "POST", "/api/publish", {"topic": "app.feed", "data": "api"})
+            assert status == 200, body
+            page.evaluate("clients[0].publish('app.feed', 'browser')")
+            wait(page, f"received.length === {2 * CLIENTS}")
+            received = page.evaluate("received")
+            for i in range(CLIENTS):
+                mine = [(o, d) for c, o, d in received if c == i]
+                assert mine == [(1, "api"), (2, "browser")], (i, mine)
+
+            status, _, body = http(b, "GET", "/metrics", key=None)
+            connections: dict[str, float] = {}
+            for family in text_string_to_metric_families(body.decode()):
+                for s in family.samples:
+                    if s.name == "pubsub_connections":
+                        connections[s.labels["worker"]] = s.value
+            assert set(connections) == {"0", "1"}
+            assert sum(connections.values()) == CLIENTS
+
+            status, _, body = http(b, "GET", "/status/data", key=None)
+            data = json.loads(body)
+            assert len(data["workers"]) == 2
+            assert sum(w["connections"] for w in data["workers"]) == CLIENTS
+
+            status, _, body = http(b, "GET", "/api/presence?topic=app.feed")
+            assert json.loads(body)["clients"] == sorted(f"user{i}" for i in range(CLIENTS))
+            status, _, body = http(b, "POST", "/api/disconnect", {"client": "user3"})
+            assert json.loads(body) == {"client": "user3", "closed": 1}
+            time.sleep(0.2)
