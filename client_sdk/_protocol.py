@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -160,6 +161,18 @@ def decode(text: str | bytes) -> Incoming:
     if isinstance(op, str):
         return UnknownPush(op=op, fields=obj)
     raise ProtocolViolation("frame with neither 'op' nor 'ok'")
+
+
+def parse_url(url: str) -> tuple[str, int, str, bool]:
+    """Split a ``ws://`` or ``wss://`` URL into host, port, resource (path and query) and
+    whether it is secure. Raises ValueError for other schemes or a missing host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, resource, secure
 
 
 def is_pattern(topic: str) -> bool:

@@ -42,7 +42,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    connect_websocket,
 )
 
 from client_sdk._protocol import (
@@ -54,6 +54,7 @@ from client_sdk._protocol import (
     encode,
     parse_message,
     parse_missed,
+    parse_url,
     reconnect_hint,
     since_field,
     topic_matches,
@@ -149,6 +150,32 @@ class _Pending:
     error: PubSubError | None = None
 
 
+class _WatchedNursery:
+    """Stands in for the nursery given to ``trio_websocket.connect_websocket`` (which only
+    calls ``start_soon`` for the connection's reader) to learn when that reader ends."""
+
+    def __init__(self, nursery: trio.Nursery):
+        self._nursery = nursery
+        self.on_reader_exit: Callable[[], None] | None = None
+        self.exited = False
+        self.exited_event = trio.Event()
+        self.error: BaseException | None = None
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        async def watched() -> None:
+            try:
+                await fn(*args)
+            except Exception as exc:  # e.g. ConnectionRejected: reported by _session
+                self.error = exc
+            finally:
+                self.exited = True
+                self.exited_event.set()
+                if self.on_reader_exit is not None:
+                    self.on_reader_exit()
+
+        self._nursery.start_soon(watched)
+
+
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     """Re-raise the only exception of a nursery's group without the group around it, so the
     application's own exceptions come out of ``async with connect(...)`` as they went in."""
@@ -174,7 +201,8 @@ async def connect(
     Returns once the first connection is authenticated. On exit the client closes: the
     connection with 1000, its subscriptions end, waiting calls raise ``ClientClosed``.
 
-    Raises, for the first connection (unless ``retry_first_connect=True``):
+    Raises ``ValueError`` for a URL that is not ``ws://`` or ``wss://``, and, for the first
+    connection (unless ``retry_first_connect=True``):
     ``AuthenticationFailed`` (token refused), ``ConnectFailed`` (unreachable, rejected, timed
     out), ``TokenError`` (the token callable failed).
     """
@@ -199,6 +227,7 @@ class Client:
 
     def __init__(self, url: str, token: TokenSource = None, **options: Unpack[ConnectOptions]):
         self._url = url
+        self._endpoint = parse_url(url)  # a ValueError for a bad URL belongs to connect()
         self._token = token
         self._reconnect = options.get("reconnect", True)
         self._retry_first = options.get("retry_first_connect", False)
@@ -703,25 +732,53 @@ class Client:
         except TokenError as exc:
             raise _Retry(exc) from exc
         headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
+        host, port, resource, secure = self._endpoint
+        use_ssl: bool | ssl.SSLContext = (self._ssl_context or True) if secure else False
         try:
-            async with open_websocket_url(
-                self._url,
-                self._ssl_context,
-                subprotocols=[SUBPROTOCOL],
-                extra_headers=headers,
-                connect_timeout=self._connect_timeout,
-                disconnect_timeout=2.0,
-                max_message_size=self._max_message_size,
-                message_queue_size=64,
-            ) as ws:
-                return await self._serve(ws, on_connected)
-        except ConnectionRejected as exc:
-            raise self._rejected(exc) from None
-        except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-            # trio-websocket wraps the OSError that says what happened (refused, DNS, ...)
-            detail = exc.__cause__ or exc
-            text = str(detail) or type(detail).__name__
-            raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {text}")) from exc
+            async with trio.open_nursery() as nursery:
+                # trio-websocket waits for the handshake until its timeout even when the reader
+                # already saw the connection die (reset or closed before the 101): watch the
+                # reader, and give up as soon as it ends.
+                watched = _WatchedNursery(nursery)
+                ws: WebSocketConnection | None = None
+                try:
+                    with trio.move_on_after(self._connect_timeout) as connecting:
+                        watched.on_reader_exit = connecting.cancel
+                        ws = await connect_websocket(
+                            watched,  # type: ignore[arg-type]  # only start_soon is used
+                            host,
+                            port,
+                            resource,
+                            use_ssl=use_ssl,
+                            subprotocols=[SUBPROTOCOL],
+                            extra_headers=headers,
+                            max_message_size=self._max_message_size,
+                            message_queue_size=64,
+                        )
+                except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
+                    if isinstance(exc, ConnectionRejected):
+                        raise self._rejected(exc) from None
+                    raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {exc}")) from exc
+                if ws is None:
+                    if isinstance(watched.error, ConnectionRejected):
+                        raise self._rejected(watched.error) from None
+                    why = (
+                        "connection closed during the handshake" if watched.exited else "timed out"
+                    )
+                    raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {why}"))
+                watched.on_reader_exit = None
+                try:
+                    return await self._serve(ws, on_connected)
+                finally:
+                    # Shielded: even when cancelled, say goodbye (briefly) before dropping TCP.
+                    # The reader must live until the broker answered the close (whoever
+                    # started it), so wait for it to end rather than cancel it.
+                    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                        await ws.aclose()
+                        await watched.exited_event.wait()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # only our own exceptions are in there
+            _raise_single(group)
 
     def _rejected(self, exc: ConnectionRejected) -> PubSubError:
         code, message = None, ""

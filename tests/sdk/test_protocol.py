@@ -1,0 +1,156 @@
+"""The SDK's sans-I/O core: frames, topic matching, and the recovery bookkeeping that decides
+what a subscription yields (messages in order, no duplicates, explicit gaps)."""
+
+from __future__ import annotations
+
+import pytest
+
+from client_sdk._protocol import (
+    ProtocolViolation,
+    Reply,
+    Tracker,
+    decode,
+    encode,
+    reconnect_hint,
+    topic_matches,
+)
+from client_sdk.errors import Forbidden, InternalError, RateLimited, error_from_reply
+from client_sdk.models import Gap, Message, Position, PresenceEvent, Welcome
+
+
+def msg(offset: int, epoch: str = "e1", topic: str = "chat.a") -> Message:
+    return Message(topic, offset, epoch, {"n": offset}, "alice")
+
+
+def test_decode_each_frame_kind() -> None:
+    m = decode('{"op":"message","topic":"t","offset":3,"epoch":"e","from":null,"data":[1]}')
+    assert m == Message("t", 3, "e", [1], None)
+    assert decode('{"op":"join","topic":"t","client":"bob"}') == PresenceEvent("join", "t", "bob")
+    w = decode('{"op":"welcome","client":"a","expires_at":null,"node":"n","worker":0}')
+    assert isinstance(w, Welcome) and w.client == "a" and w.expires_at is None and w.worker == 0
+    ok = decode('{"id":7,"ok":true,"offset":1}')
+    assert ok == Reply(7, True, {"id": 7, "ok": True, "offset": 1})
+    err = decode('{"id":8,"ok":false,"error":{"code":"forbidden","message":"no"}}')
+    assert isinstance(err, Reply) and err.error_code == "forbidden" and err.error_message == "no"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"{}",
+        "not json",
+        "[1]",
+        '{"op":"message","topic":"t","offset":"3","epoch":"e"}',
+        '{"op":"message","topic":"t","offset":true,"epoch":"e"}',
+        '{"id":1,"ok":false}',
+        "{}",
+    ],
+)
+def test_decode_rejects_malformed_frames(text: str | bytes) -> None:
+    with pytest.raises(ProtocolViolation):
+        decode(text)
+
+
+def test_encode_is_compact_json_and_refuses_nan() -> None:
+    assert encode({"op": "publish", "data": "é"}) == '{"op":"publish","data":"é"}'
+    with pytest.raises(ValueError):
+        encode({"data": float("nan")})
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "expected"),
+    [
+        ("a.b", "a.b", True),
+        ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a", False),
+        (">", "a", True),
+        ("*.b", "a.b", True),
+        ("*.b", "a.c", False),
+        ("a.*.c", "a.x.c", True),
+    ],
+)
+def test_topic_matches(pattern: str, topic: str, expected: bool) -> None:
+    assert topic_matches(pattern, topic) is expected
+
+
+def test_reconnect_hint_is_read_from_a_1001_reason() -> None:
+    assert reconnect_hint("shutting down; reconnect_after_ms=1234") == 1.234
+    assert reconnect_hint("bye") is None
+    assert reconnect_hint(None) is None
+
+
+def test_errors_are_typed_by_code() -> None:
+    assert isinstance(error_from_reply("forbidden", "x"), Forbidden)
+    assert isinstance(error_from_reply("rate_limited", "x"), RateLimited)
+    unknown = error_from_reply("something_new", "x")
+    assert isinstance(unknown, InternalError) and unknown.code == "something_new"
+
+
+def test_first_subscribe_starts_at_the_topics_latest_offset() -> None:
+    t = Tracker("chat.a")
+    assert t.since() is None
+    assert t.subscribed({"offset": 5, "epoch": "e1"}, None) == []
+    assert t.since() == Position(5, "e1")
+    assert t.message(msg(6)) == [msg(6)]
+    assert t.since() == Position(6, "e1")
+
+
+def test_duplicates_are_dropped_and_do_not_move_the_position_back() -> None:
+    t = Tracker("chat.a")
+    t.subscribed({"offset": 0, "epoch": "e1"}, None)
+    assert t.message(msg(1)) == [msg(1)]
+    assert t.message(msg(2)) == [msg(2)]
+    assert t.message(msg(1)) == []
+    assert t.message(msg(2)) == []
+    assert t.since() == Position(2, "e1")
+
+
+def test_recovered_resubscribe_reports_nothing() -> None:
+    t = Tracker("chat.a")
+    t.subscribed({"offset": 3, "epoch": "e1"}, None)
+    sent = t.since()
+    assert t.subscribed({"offset": 9, "epoch": "e1", "recovered": True}, sent) == []
+    assert [e for o in range(4, 10) for e in t.message(msg(o))] == [msg(o) for o in range(4, 10)]
+
+
+def test_unrecovered_resubscribe_names_the_missed_offsets() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    fields = {"offset": 20, "epoch": "e1", "recovered": False, "missed": {"from": 4, "to": 10}}
+    [gap] = t.subscribed(fields, t.since())
+    assert gap == Gap("chat.a", 4, 10, "e1", False, "not_recovered", Position(3, "e1"))
+    assert gap.count == 7
+    assert t.message(msg(11)) == [msg(11)]
+
+
+def test_epoch_change_is_a_gap_even_when_nothing_of_the_new_epoch_is_lost() -> None:
+    t = Tracker("chat.a", since=Position(7, "old"))
+    fields = {"offset": 2, "epoch": "new", "recovered": False, "missed": {"from": 1, "to": 0}}
+    [gap] = t.subscribed(fields, t.since())
+    assert gap.epoch_changed and gap.reason == "epoch_changed"
+    assert (gap.from_offset, gap.to_offset, gap.count) == (None, None, None)
+    assert gap.previous == Position(7, "old")
+    # the replay of the new epoch follows, from offset 1
+    assert t.message(msg(1, "new")) == [msg(1, "new")]
+
+
+def test_live_offset_jump_and_epoch_change_are_reported_before_the_message() -> None:
+    t = Tracker("chat.a")
+    t.subscribed({"offset": 1, "epoch": "e1"}, None)
+    out = t.message(msg(4))
+    assert out[1] == msg(4)
+    assert isinstance(out[0], Gap) and (out[0].from_offset, out[0].to_offset) == (2, 3)
+    out = t.message(msg(3, "e2"))
+    assert isinstance(out[0], Gap) and out[0].epoch_changed and out[0].to_offset == 2
+
+
+def test_wildcard_reconnect_is_reported_as_a_possible_gap() -> None:
+    t = Tracker("chat.*")
+    assert t.since() is None
+    assert t.subscribed({"offset": None, "epoch": None}, None) == []
+    assert t.message(msg(5, topic="chat.a")) == [msg(5, topic="chat.a")]
+    assert t.message(msg(5, topic="chat.a")) == []  # deduplicated per exact topic
+    [gap] = t.subscribed({"offset": None, "epoch": None}, None)
+    assert gap.reason == "wildcard_reconnect" and gap.topic == "chat.*" and gap.count is None
+    assert "possibly" in gap.describe()
