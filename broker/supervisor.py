@@ -36,14 +36,14 @@ import structlog
 import trio
 
 from broker import systemd
-from broker.bus.base import HistoryResult, Publication, StreamPosition
+from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
 from broker.config import Config, load_config, parse_hostport
 from broker.errors import ConfigError, FrameError
 from broker.hub import Hub
 from broker.logs import configure_logging
 from broker.metrics import merge, render, snapshot_from_stats
 from broker.topics import validate_pattern, validate_topic
-from broker.worker import Worker, make_listen_socket
+from broker.worker import Worker, make_listen_socket, make_redis_bus
 
 __all__ = ["run_broker"]
 
@@ -148,6 +148,11 @@ class Supervisor:
         self.procs: dict[int, trio.Process] = {}
         self.stopping = False
         self.port = 0
+        # With Redis, the operations listener publishes and reads through a bus of its own;
+        # the hub then only carries the workers' control traffic.
+        self.ops_bus: Bus | None = None
+        if config.bus.url:
+            self.ops_bus = make_redis_bus(config, BusHandlers(lambda p: None, lambda e: None))
 
     def alive(self) -> bool:
         """Every worker connected, ready and beating recently (for the systemd watchdog)."""
@@ -164,6 +169,8 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(*TERMINATING, signal.SIGHUP) as signals:
                 await nursery.start(self.hub.serve, self.hub_path)
+                if self.ops_bus is not None:
+                    await nursery.start(self.ops_bus.run)
                 for index in range(self.count):
                     nursery.start_soon(self._keep_running, index, socks[index])
                 with trio.move_on_after(30) as waited:
@@ -288,8 +295,9 @@ class SupervisorBackend:
             str(i): (i in self.sup.hub.workers and self.sup.hub.workers[i].ready)
             for i in range(self.sup.count)
         }
-        ok = all(workers.values()) and not self.sup.stopping
-        return ok, {"workers": workers, "bus": True}
+        bus = self.sup.ops_bus.is_up if self.sup.ops_bus is not None else True
+        ok = all(workers.values()) and bus and not self.sup.stopping
+        return ok, {"workers": workers, "bus": bus}
 
     async def _worker_stats(self) -> list[dict[str, Any]]:
         return sorted(await self.sup.hub.ask_all("stats"), key=lambda s: s.get("worker", 0))
@@ -303,12 +311,18 @@ class SupervisorBackend:
     async def publish(self, topic: str, data_json: str) -> Publication:
         validate_topic(topic)
         check_data_size(self.sup.config, data_json)
+        if self.sup.ops_bus is not None:
+            return await self.sup.ops_bus.publish(topic, data_json, None)
         return self.sup.hub.publish(topic, data_json, None)
 
     async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
+        if self.sup.ops_bus is not None:
+            return await self.sup.ops_bus.history(topic, since, limit)
         return self.sup.hub.store.history(topic, since, limit)
 
     async def presence(self, topic: str) -> list[str]:
+        if self.sup.ops_bus is not None:
+            return await self.sup.ops_bus.presence(topic)
         return self.sup.hub.store.members(topic)
 
     async def disconnect(self, client_id: str) -> int:

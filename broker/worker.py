@@ -56,6 +56,25 @@ def make_listen_socket(
     return sock
 
 
+def node_name(config: Config) -> str:
+    """This machine's name in presence keys and welcome frames."""
+    return config.server.node_id or socket.gethostname()
+
+
+def make_redis_bus(config: Config, handlers: BusHandlers) -> Bus:
+    """The Redis bus of ``[bus] url``, for this node."""
+    from broker.bus.redis import RedisBus
+
+    return RedisBus.from_config(config, handlers, node=node_name(config))
+
+
+def default_bus(config: Config, handlers: BusHandlers) -> Bus:
+    """Redis when ``[bus] url`` is set, else the in-process bus (one worker)."""
+    if config.bus.url:
+        return make_redis_bus(config, handlers)
+    return LocalBus(config.history_rule, handlers)
+
+
 class Worker:
     """Serves WebSocket clients on the given listening sockets.
 
@@ -72,15 +91,14 @@ class Worker:
     ) -> None:
         self.config = config
         self.index = index
-        self.node = node or config.server.node_id or socket.gethostname()
+        self.node = node or node_name(config)
         self.verifier = TokenVerifier(config.auth)
         self.router = Router()
         self.flusher = Flusher()
         handlers = BusHandlers(
             self.router.on_publication, self.router.on_presence, self._on_bus_state
         )
-        factory = bus_factory or (lambda cfg, h: LocalBus(cfg.history_rule, h))
-        self.bus = factory(config, handlers)
+        self.bus = (bus_factory or default_bus)(config, handlers)
         self.router.bus = self.bus
         self.sessions: dict[int, Session] = {}
         self.handshaking = 0
@@ -151,9 +169,7 @@ class Worker:
         Keys, secrets, origins, limits and history rules change; listening addresses do not."""
         self.verifier = TokenVerifier(config.auth)
         self.config = config
-        store = getattr(self.bus, "store", None)
-        if store is not None:
-            store.rule_for = config.history_rule
+        self.bus.reconfigure(config.history_rule)
         log.info("reloaded", source=config.source)
 
     # --- serving --------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import structlog
 import trio
 
 from broker.bus.base import Bus, BusHandlers
-from broker.bus.ipc import IpcBus
+from broker.bus.ipc import HubClient, IpcBus
 from broker.config import Config, load_config
 from broker.errors import ConfigError
 from broker.logs import configure_logging
 from broker.supervisor import reload_config
-from broker.worker import Worker
+from broker.worker import Worker, make_redis_bus, node_name
 
 log = structlog.get_logger()
 
@@ -46,21 +46,24 @@ async def run_worker(
             return worker.disconnect(args[0])
         raise ValueError(f"unknown control method {method!r}")
 
+    client = HubClient(hub, index=index, node=node_name(config), control=control)
+
     def make_bus(cfg: Config, handlers: BusHandlers) -> Bus:
-        return IpcBus(hub, index=index, node=worker_node(cfg), handlers=handlers, control=control)
+        if cfg.bus.url:
+            return make_redis_bus(cfg, handlers)
+        return IpcBus(client, handlers)
 
     worker = Worker(config, index=index, bus_factory=make_bus)
     holder["worker"] = worker
     structlog.contextvars.bind_contextvars(worker=index)
-    bus = worker.bus
-    assert isinstance(bus, IpcBus)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            await nursery.start(client.run)
             ports = await nursery.start(worker.serve, socks)
-            await bus.report_ready(ports[0])
+            await client.call("ready", ports[0])
 
             async def exit_when_hub_goes() -> None:
-                await bus.wait_closed()
+                await client.wait_closed()
                 log.error("supervisor_gone")
                 nursery.cancel_scope.cancel()
 
@@ -74,10 +77,6 @@ async def run_worker(
                 await worker.shutdown(worker.config.server.shutdown_timeout)
                 nursery.cancel_scope.cancel()
                 return
-
-
-def worker_node(config: Config) -> str:
-    return config.server.node_id or socket.gethostname()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
+
+if TYPE_CHECKING:
+    from broker.config import HistoryRule
 
 __all__ = [
     "Bus",
@@ -163,6 +167,10 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def presence(self, topic: str) -> list[str]:
         """The distinct client ids present on ``topic``, sorted."""
+
+    def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:  # noqa: B027
+        """Apply reloaded ``[[history]]`` rules (to topics created from now on). Buses whose
+        history lives elsewhere (the hub) ignore it."""
 
 
 PublicationHandler = Callable[[Publication], Awaitable[None]]

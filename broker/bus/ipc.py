@@ -24,7 +24,7 @@ from broker.bus.base import (
 from broker.errors import BusUnavailable
 from broker.ipc import Link
 
-__all__ = ["IpcBus"]
+__all__ = ["HubClient", "IpcBus"]
 
 log = structlog.get_logger()
 HEARTBEAT = 1.0
@@ -32,62 +32,54 @@ HEARTBEAT = 1.0
 Control = Callable[[str, list[Any]], Awaitable[Any]]
 
 
-class IpcBus(Bus):
-    def __init__(
-        self,
-        path: str,
-        *,
-        index: int,
-        node: str,
-        handlers: BusHandlers,
-        control: Control | None = None,
-    ) -> None:
+class HubClient:
+    """A worker's link to its supervisor's hub: the hello, readiness, heartbeats, and the
+    supervisor's requests (``control``). Every multi-worker process has one, whatever its bus."""
+
+    def __init__(self, path: str, *, index: int, node: str, control: Control | None = None) -> None:
         self.path = path
         self.index = index
         self.node = node
-        self.handlers = handlers
         self.control = control
-        self._link: Link | None = None
+        self.link: Link | None = None
+        self.on_push: Callable[[list[Any]], None] = lambda message: None
         self._nursery: trio.Nursery | None = None
-
-    @property
-    def is_up(self) -> bool:
-        return self._link is not None and not self._link.closed
+        self.connected = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect to the hub and serve the link. Returns (the worker should then exit: its
-        supervisor is gone) when the hub closes the link."""
+        """Connect and serve the link; return when the hub closes it (the supervisor is gone)."""
         stream = await trio.open_unix_socket(self.path)
         link = Link(stream, self._on_message)
-        self._link = link
+        self.link = link
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(link.run)
             await link.call("hello", self.index, os.getpid(), self.node)
             nursery.start_soon(self._heartbeat)
+            self.connected.set()
             task_status.started()
             await link.gone.wait()
             nursery.cancel_scope.cancel()
         log.error("hub_link_lost")
 
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.link is None:
+            raise BusUnavailable("not connected to the hub")
+        return await self.link.call(method, *args)
+
     async def _heartbeat(self) -> None:
-        # The heartbeat is sent from the worker's own loop: a blocked loop stops sending, which
-        # is how the supervisor tells a hung worker from a busy one.
-        assert self._link is not None
+        # Sent from the worker's own loop: a blocked loop stops sending, which is how the
+        # supervisor tells a hung worker from a busy one.
+        assert self.link is not None
         while True:
-            self._link.send(["hb"])
+            self.link.send(["hb"])
             await trio.sleep(HEARTBEAT)
 
     def _on_message(self, link: Link, message: list[Any]) -> None:
-        kind = message[0]
-        if kind == "pub":
-            _, topic, offset, epoch, sender, data = message
-            self.handlers.on_publication(Publication(topic, offset, epoch, sender, data))
-        elif kind == "presence":
-            _, topic, what, client = message
-            self.handlers.on_presence(PresenceEvent(topic, what, client))
-        elif kind == "req" and self._nursery is not None:
+        if message[0] == "req" and self._nursery is not None:
             self._nursery.start_soon(self._answer, link, message)
+        else:
+            self.on_push(message)
 
     async def _answer(self, link: Link, message: list[Any]) -> None:
         rid, method, args = message[1], message[2], message[3:]
@@ -100,18 +92,44 @@ class IpcBus(Bus):
             log.exception("control_failed", method=method)
             link.reply(rid, False, f"internal: {exc}")
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        if self._link is None:
-            raise BusUnavailable("not connected to the hub")
-        return await self._link.call(method, *args)
+    @property
+    def is_up(self) -> bool:
+        return self.link is not None and not self.link.closed
 
     async def wait_closed(self) -> None:
-        """Return once the link to the hub is gone."""
-        if self._link is not None:
-            await self._link.gone.wait()
+        await self.connected.wait()
+        assert self.link is not None
+        await self.link.gone.wait()
 
-    async def report_ready(self, port: int) -> None:
-        await self._call("ready", port)
+
+class IpcBus(Bus):
+    """The local bus over a :class:`HubClient` (which the worker process runs)."""
+
+    def __init__(self, client: HubClient, handlers: BusHandlers) -> None:
+        self.client = client
+        self.handlers = handlers
+        client.on_push = self._on_push
+
+    @property
+    def is_up(self) -> bool:
+        return self.client.is_up
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.client.connected.wait()
+        task_status.started()
+        await self.client.wait_closed()
+
+    def _on_push(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "pub":
+            _, topic, offset, epoch, sender, data = message
+            self.handlers.on_publication(Publication(topic, offset, epoch, sender, data))
+        elif kind == "presence":
+            _, topic, what, client = message
+            self.handlers.on_presence(PresenceEvent(topic, what, client))
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await self.client.call(method, *args)
 
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         offset, epoch = await self._call("publish", topic, data, sender)

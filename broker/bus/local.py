@@ -52,6 +52,9 @@ class LocalBus(Bus):
     ) -> HistoryResult:
         return self.store.history(topic, since, limit)
 
+    def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:
+        self.store.rule_for = history_rule
+
     async def watch(self, pattern: str) -> None:
         # Everything published here is delivered here: the router filters by subscription.
         pass
