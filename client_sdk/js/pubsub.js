@@ -92,6 +92,7 @@ export class Subscription {
     this.state = "pending";
     this._everSubscribed = false;
     this._ready = null;
+    this._seen = new Map(); // wildcard: topic -> last {epoch, offset} delivered
   }
 
   /** The position to resume from: `{offset, epoch}`, or null when unknown (or a wildcard). */
@@ -640,9 +641,18 @@ export class PubSubClient extends EventTarget {
     }
     for (const sub of this.subscriptions.values()) {
       if (sub.wildcard && sub.state !== "unsubscribed" && topicMatches(sub.topic, msg.topic)) {
-        this._call(sub.onMessage, msg);
+        this._deliverWildcard(sub, msg);
       }
     }
+  }
+
+  _deliverWildcard(sub, msg) {
+    // An exact subscription's replay also matches the pattern: deliver each offset once.
+    const last = sub._seen.get(msg.topic);
+    if (last && last.epoch === msg.epoch && msg.offset <= last.offset) return;
+    if (sub._seen.size >= 10000) sub._seen.clear(); // bounded; at worst a rare duplicate
+    sub._seen.set(msg.topic, { epoch: msg.epoch, offset: msg.offset });
+    this._call(sub.onMessage, msg);
   }
 
   _deliverExact(sub, msg) {

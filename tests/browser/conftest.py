@@ -1,21 +1,16 @@
-"""Headless Chromium (Debian's, driven by Playwright) against the real broker.
-
-The broker's operations listener serves the pages, so the page's origin is
-``http://127.0.0.1:HTTP_PORT``; that port is only known once the broker runs, so the fixture
-adds it to ``[server] allowed_origins`` and reloads the configuration (SIGHUP), as an operator
-would."""
+"""Headless Chromium (Debian's, driven by Playwright) against the real broker."""
 
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.broker import BrokerProcess, to_toml
+from tests.browser.sites import start_web_broker
+from tests.support.broker import BrokerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -58,18 +53,7 @@ def page(chromium: Any) -> Iterator[Any]:
         context.close()
 
 
-def allow_origins(b: BrokerProcess, *origins: str) -> None:
-    """Rewrite the broker's configuration with these allowed origins and reload it."""
-    b.config["server"] = {**b.config.get("server", {}), "allowed_origins": list(origins)}
-    b.config_path.write_text(to_toml(b.config))
-    b.signal(signal.SIGHUP)
-    b.wait_for("reloaded", timeout=10)
-
-
 @pytest.fixture
 def web_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    """A broker whose own pages may open WebSockets to it."""
-    with BrokerProcess.start(tmp_path, config={"server": {"shutdown_timeout": 1.0}}) as b:
-        assert b.http_port, "the broker did not report an http_port"
-        allow_origins(b, b.http_url)
+    with start_web_broker(tmp_path) as b:
         yield b

@@ -1,12 +1,21 @@
-"""A page on an origin of its own, served by a throwaway HTTP server in a thread."""
+"""Where the browser tests' pages come from: the broker's own operations listener, or a page on
+an origin of its own served by a throwaway HTTP server in a thread.
+
+The broker's pages have the origin ``http://127.0.0.1:HTTP_PORT``; that port is only known once
+the broker runs, so :func:`start_web_broker` adds it to ``[server] allowed_origins`` and reloads
+the configuration (SIGHUP), as an operator would."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from tests.support.broker import BrokerProcess, to_toml
 
 
 @contextmanager
@@ -36,3 +45,23 @@ def static_site(html: str | Callable[[], str]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def allow_origins(b: BrokerProcess, *origins: str) -> None:
+    """Rewrite the broker's configuration with these allowed origins and reload it."""
+    b.config["server"] = {**b.config.get("server", {}), "allowed_origins": list(origins)}
+    b.config_path.write_text(to_toml(b.config))
+    b.signal(signal.SIGHUP)
+    b.wait_for("reloaded", timeout=10)
+
+
+@contextmanager
+def start_web_broker(
+    tmp_path: Path, config: dict[str, Any] | None = None
+) -> Iterator[BrokerProcess]:
+    """A broker whose own pages may open WebSockets to it (stopped on exit, even on failure)."""
+    config = {"server": {"shutdown_timeout": 1.0}, **(config or {})}
+    with BrokerProcess.start(tmp_path, config=config) as b:
+        assert b.http_port, "the broker did not report an http_port"
+        allow_origins(b, b.http_url)
+        yield b

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.sites import static_site
+from tests.browser.sites import start_web_broker, static_site
 from tests.http.brokerkit import next_op, request, ws_client
 from tests.support.broker import BrokerProcess
 
@@ -344,3 +344,74 @@ def test_refusals_and_close(page: Any, web_broker: BrokerProcess) -> None:
     assert page.evaluate("events.filter((e) => e === 'connecting' || e === 'reconnecting')") == [
         "connecting"
     ]
+
+
+GAP_SETUP = """
+async ([url, tokens]) => {
+  const { PubSubClient } = await import("/client.js");
+  const seen = (window.seen = { messages: [], gaps: [], wild: [], disconnects: [] });
+  // The second connection waits for the test's go-ahead: the test publishes meanwhile.
+  let calls = 0;
+  const token = () => calls++ === 0 ? tokens[0]
+    : new Promise((resolve) => { window.release = () => resolve(tokens[1]); });
+  const client = (window.client = new PubSubClient(url, { token, minDelayMs: 50 }));
+  client.on("disconnect", (d) => seen.disconnects.push(d));
+  await client.connect();
+  await client.subscribe("small.t", {
+    onMessage: (m) => seen.messages.push(m.offset),
+    onGap: (g) => seen.gaps.push(g),
+  });
+  await client.subscribe("small.*", {
+    onMessage: (m) => seen.wild.push(m.offset),
+    onGap: (g) => seen.gaps.push(g),
+  });
+}
+"""
+
+
+def test_client_reports_what_cannot_be_replayed(page: Any, tmp_path: Any) -> None:
+    config = {"history": [{"pattern": "small.>", "size": 2, "ttl": 600}]}
+    with start_web_broker(tmp_path, config) as b:
+        page.goto(f"{b.http_url}/demo/")
+        page.evaluate(GAP_SETUP, [b.url, [b.token("ann"), b.token("ann")]])
+        publish_from_python(b, "small.t", 1, 2)
+        wait_js(page, "seen.messages.length === 2 && seen.wild.length === 2")
+        page.evaluate("client._dropConnection(client._ws, 'test drop')")
+        publish_from_python(b, "small.t", 3, 4, 5, 6, 7)  # only 6 and 7 are kept
+        wait_js(page, "typeof window.release === 'function'")
+        page.evaluate("release()")
+        wait_js(page, "client.state === 'connected' && seen.messages.length === 4")
+        publish_from_python(b, "small.t", 8)
+        wait_js(page, "seen.messages.length === 5")
+        seen = page.evaluate("seen")
+    assert seen["messages"] == [1, 2, 6, 7, 8]
+    exact = [g for g in seen["gaps"] if g["topic"] == "small.t"]
+    wild = [g for g in seen["gaps"] if g["topic"] == "small.*"]
+    assert exact == [
+        {
+            "topic": "small.t",
+            "from": 3,
+            "to": 5,
+            "epochChanged": False,
+            "possible": False,
+            "previousEpoch": exact[0]["previousEpoch"],
+            "epoch": exact[0]["previousEpoch"],
+        }
+    ]
+    assert wild == [
+        {"topic": "small.*", "from": None, "to": None, "epochChanged": False, "possible": True}
+    ]
+    # the wildcard subscription is live again; what the exact one replayed reached it once
+    assert seen["wild"] == [1, 2, 6, 7, 8]
+
+
+def test_client_honours_the_reconnect_hint(page: Any, web_broker: BrokerProcess) -> None:
+    page.goto(f"{web_broker.http_url}/demo/")
+    page.evaluate(CLIENT_SETUP, [web_broker.url, web_broker.token("alice"), {}])
+    web_broker.restart()
+    disconnect = wait_js(page, "seen.disconnects[0]")
+    assert disconnect["code"] == 1001
+    hint = int(disconnect["reason"].rsplit("reconnect_after_ms=", 1)[1])
+    assert disconnect["willReconnect"] is True
+    assert disconnect["delayMs"] >= hint
+    wait_js(page, "client.state === 'connected'")
