@@ -407,14 +407,14 @@ export class PubSubClient extends EventTarget {
       return;
     }
     if (this.state === "closed") return;
-    let url = this.url;
-    if (token && this.options.tokenIn === "query") {
-      const u = new URL(url);
-      u.searchParams.set("token", token);
-      url = u.toString();
-    }
     let ws;
     try {
+      let url = this.url;
+      if (token && this.options.tokenIn === "query") {
+        const u = new URL(url);
+        u.searchParams.set("token", token);
+        url = u.toString();
+      }
       ws = new this.options.WebSocket(url, [SUBPROTOCOL]);
     } catch (err) {
       this._emit("error", { error: err });
