@@ -63,7 +63,7 @@ import random
 import secrets
 import socket
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -441,6 +441,7 @@ class RedisBus(Bus):
 
         # This bus's own presence entries: topic -> client -> connection members.
         self._local_presence: dict[str, dict[str, dict[str, None]]] = {}
+        self._presence_locks: dict[tuple[str, str], trio.Lock] = {}
         self._presence_kick = trio.Event()
         self._reset_session = trio.Event()
         self._on_connected: Callable[[], None] = lambda: None
@@ -675,7 +676,8 @@ class RedisBus(Bus):
             if msg is None or msg["type"] not in ("message", "pmessage", "smessage"):
                 continue
             item = _parse_message(msg["data"])
-            if item is None:
+            if item is None or (isinstance(item, PresenceEvent) and msg["type"] == "pmessage"):
+                # Presence events are for exact subscriptions: a pattern's copy is a duplicate.
                 continue
             if wildcard_only and item.topic in self._exact:
                 # In a cluster the exact subscription delivers it in order; this copy would
@@ -932,16 +934,32 @@ class RedisBus(Bus):
 
     # ---------------------------------------------------------------- presence
 
+    @contextlib.asynccontextmanager
+    async def _presence_lock(self, topic: str, client: str) -> AsyncIterator[None]:
+        """Serialize this bus's joins, leaves and refreshes of one client on one topic, so
+        that a refresh sent before a leave never lands after it (which would leave a ghost
+        until the entry expires)."""
+        key = (topic, client)
+        lock = self._presence_locks.get(key)
+        if lock is None:
+            lock = self._presence_locks[key] = trio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._presence_locks.pop(key, None)
+
     async def presence_join(self, topic: str, client: str, key: ConnKey) -> None:
         member = self._member(key)
-        clients = self._local_presence.setdefault(topic, {})
-        members = clients.setdefault(client, {})
-        members[member] = None
-        try:
-            await self._join(topic, client, [member])
-        except BusUnavailable:
-            self._forget_local(topic, client, member)
-            raise
+        async with self._presence_lock(topic, client):
+            members = self._local_presence.setdefault(topic, {}).setdefault(client, {})
+            members[member] = None
+            try:
+                await self._join(topic, client, [member])
+            except BusUnavailable:
+                self._forget_local(topic, client, member)
+                raise
 
     async def _join(self, topic: str, client: str, members: list[str]) -> None:
         await self._script(
@@ -971,15 +989,15 @@ class RedisBus(Bus):
 
     async def presence_leave(self, topic: str, client: str, key: ConnKey) -> None:
         member = self._member(key)
-        known = member in self._local_presence.get(topic, {}).get(client, {})
-        self._forget_local(topic, client, member)
-        if not known:
-            return
-        await self._script(
-            "leave",
-            [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
-            [client, member, topic, self._channel(topic), self._publish_cmd],
-        )
+        async with self._presence_lock(topic, client):
+            if member not in self._local_presence.get(topic, {}).get(client, {}):
+                return
+            self._forget_local(topic, client, member)
+            await self._script(
+                "leave",
+                [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
+                [client, member, topic, self._channel(topic), self._publish_cmd],
+            )
 
     async def presence(self, topic: str) -> list[str]:
         clients = await self._script("presence", [self._key(topic, "pres")], [])
@@ -995,47 +1013,48 @@ class RedisBus(Bus):
             self._presence_kick = trio.Event()
             if not self._up:
                 continue
-            await self._refresh_presence()
-            await self._sweep_presence()
+            pairs = [(t, c) for t, clients in self._local_presence.items() for c in clients]
+            await self._each("presence_refresh_failed", self._refresh, pairs)
+            await self._each("presence_sweep_failed", self._sweep, [(t,) for t in self._exact])
 
-    async def _refresh_presence(self) -> None:
-        work = [
-            (topic, client, list(members))
-            for topic, clients in self._local_presence.items()
-            for client, members in clients.items()
-        ]
+    async def _each(
+        self, failure: str, job: Callable[..., Awaitable[None]], items: list[Any]
+    ) -> None:
+        """Run ``job(*item)`` for every item, a few at a time; stop at the first failure (Redis
+        is down: the next round after reconnection does it all again)."""
         failed: list[str] = []
         limiter = trio.CapacityLimiter(_CONCURRENCY)
 
-        async def refresh(topic: str, client: str, members: list[str]) -> None:
+        async def one(item: tuple[Any, ...]) -> None:
             async with limiter:
                 if failed:
                     return
                 try:
-                    await self._join(topic, client, members)
+                    await job(*item)
                 except BusUnavailable as exc:
                     failed.append(str(exc))
 
         async with trio.open_nursery() as nursery:
-            for job in work:
-                nursery.start_soon(refresh, *job)
+            for item in items:
+                nursery.start_soon(one, item)
         if failed:
-            log.info("presence_refresh_failed", error=failed[0])
+            log.info(failure, error=failed[0])
 
-    async def _sweep_presence(self) -> None:
-        for topic in list(self._exact):
-            try:
-                expired = await self._script("expired", [self._key(topic, "pres")], [])
-                for raw in expired:
-                    client = _decode(raw)
-                    await self._script(
-                        "sweep",
-                        [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
-                        [client, topic, self._channel(topic), self._publish_cmd],
-                    )
-            except BusUnavailable as exc:
-                log.info("presence_sweep_failed", topic=topic, error=str(exc))
-                return
+    async def _refresh(self, topic: str, client: str) -> None:
+        async with self._presence_lock(topic, client):
+            members = list(self._local_presence.get(topic, {}).get(client, {}))
+            if members:
+                await self._join(topic, client, members)
+
+    async def _sweep(self, topic: str) -> None:
+        expired = await self._script("expired", [self._key(topic, "pres")], [])
+        for raw in expired:
+            client = _decode(raw)
+            await self._script(
+                "sweep",
+                [self._key(topic, "pres"), self._key(topic, "pc:" + client)],
+                [client, topic, self._channel(topic), self._publish_cmd],
+            )
 
 
 def _batches(items: list[str], size: int = 256) -> Iterator[list[str]]:
