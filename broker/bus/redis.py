@@ -324,6 +324,13 @@ def _redis_failures() -> tuple[type[BaseException], ...]:
 _CONCURRENCY = 32
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) exception groups: what to log."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class _Overloaded(Exception):
     """The delivery queue is full: the subscriber connection is reset and caught up."""
 
@@ -522,7 +529,7 @@ class RedisBus(Bus):
         except* trio.TooSlowError:
             raise BusUnavailable(f"redis did not answer {what} within {self._timeout}s") from None
         except* _redis_failures() as group:
-            first = group.exceptions[0]
+            first = _leaf(group)
             raise BusUnavailable(f"redis {what} failed: {first!r}") from first
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -589,14 +596,14 @@ class RedisBus(Bus):
                     async with self._make_client() as client:
                         await self._session(client)
                 except* _redis_failures() as group:
-                    reason = repr(group.exceptions[0])
+                    reason = repr(_leaf(group))
                 except* _Overloaded:
                     reason = "overloaded: the delivery queue was full"
                 except* _Reset:
                     reason = "a subscription change failed"
                 except* Exception as group:
                     # A bug must not leave the worker without a bus: log it and reconnect.
-                    reason = repr(group.exceptions[0])
+                    reason = repr(_leaf(group))
                     log.error("bus_session_failed", bus="redis", exc_info=group)
                 finally:
                     was_up = self._up
@@ -928,7 +935,7 @@ class RedisBus(Bus):
             with trio.fail_after(self._timeout):
                 yield
         except* _redis_failures() as group:
-            log.warning("bus_subscription_failed", op=what, error=repr(group.exceptions[0]))
+            log.warning("bus_subscription_failed", op=what, error=repr(_leaf(group)))
             self._exact_ps = self._wild_ps = None
             self._reset_session.set()
 
