@@ -3,6 +3,10 @@ across lost connections and broker restarts, token refresh, and fatal closes."""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -436,3 +440,64 @@ async def test_retry_first_connect_waits_for_the_broker(tmp_path: Path) -> None:
                     url, token=token, retry_first_connect=True, backoff_base=0.05, backoff_max=0.2
                 ) as client:
                     assert await client.publish("t", 1) == 1
+
+
+async def test_a_silent_broker_is_detected_by_the_keepalive(tmp_path: Path) -> None:
+    """TCP alone would notice a frozen broker only after minutes: the client pings when
+    nothing arrived for the broker's ping interval and reconnects when no reply comes."""
+    config = {"timeouts": {"ping_interval": 1, "idle_timeout": 10}}
+    with BrokerProcess.start(tmp_path, config) as b:
+        async with (
+            client_sdk.connect(
+                b.url, token=b.token("alice"), ping_timeout=0.5, backoff_max=0.2
+            ) as client,
+            client.subscribe("t") as sub,
+        ):
+            assert client.welcome is not None and client.welcome.ping_interval == 1
+            os.killpg(b.pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(5):
+                    await wait_for_state(client, ConnectionState.RECONNECTING)
+            finally:
+                os.killpg(b.pid, signal.SIGCONT)
+            await client.wait_connected(10)
+            await client.publish("t", "back")
+            [event] = await take(sub, 1)  # same epoch: nothing to report, nothing lost
+            assert isinstance(event, Message) and event.data == "back"
+
+
+async def test_the_reconnect_hint_of_a_1001_close_is_honoured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="client_sdk")
+    with BrokerProcess.start(tmp_path, FAST_SHUTDOWN) as b:
+        async with client_sdk.connect(b.url, token=b.token("alice")) as client:
+            await trio.to_thread.run_sync(b.restart)
+            await client.wait_connected(10)
+    [line] = [r.getMessage() for r in caplog.records if "reconnect_after_ms" in r.getMessage()]
+    match = re.search(r"reconnect_after_ms=(\d+)\); reconnecting in ([\d.]+)s", line)
+    assert match is not None, line
+    assert float(match.group(2)) >= int(match.group(1)) / 1000
+
+
+async def test_an_expired_token_is_replaced_on_reconnect(broker: BrokerProcess) -> None:
+    """4003: the token expired because refreshing failed (here the refresh is refused); the
+    client fetches a fresh token, reconnects at once and recovers what it missed."""
+    first_connection = True
+    states: list[ConnectionState] = []
+
+    def token() -> str:
+        if first_connection and states[-1:] == [ConnectionState.CONNECTED]:
+            return broker.token("mallory")  # a refresh naming someone else is refused
+        return broker.token("alice", ttl=2)
+
+    async with client_sdk.connect(broker.url, token=token, on_state_change=states.append) as client:
+        async with client.subscribe("t") as sub:
+            await client.publish("t", 1)
+            with trio.fail_after(10):
+                await wait_for_state(client, ConnectionState.RECONNECTING)
+            first_connection = False
+            await client.wait_connected(5)
+            await client.publish("t", 2)
+            assert [getattr(e, "data", e) for e in await take(sub, 2)] == [1, 2]
+        assert client.reconnects == 1 and client.client_id == "alice"
