@@ -110,9 +110,12 @@ async function subscribe(topic, presence) {
   };
   const onGap = (g) => {
     demo.gaps.push(g);
-    const what = g.possible
-      ? "possible gap (wildcard subscriptions cannot be resumed)"
-      : `gap: offsets ${g.from}..${g.to} lost` + (g.epochChanged ? " (history reset: new epoch)" : "");
+    let what;
+    if (g.possible) what = "possible gap (wildcard subscriptions cannot be resumed)";
+    else if (g.epochChanged) {
+      what = `history reset (new epoch): what came after offset ${g.previous?.offset} is lost` +
+        (g.from !== null ? `, and offsets ${g.from}..${g.to} of the new epoch` : "");
+    } else what = `gap: offsets ${g.from}..${g.to} lost`;
     logRow("gap", [now(), g.topic, "", g.epoch ? g.epoch.slice(0, 8) : "", "", what],
       { "data-topic": g.topic });
   };

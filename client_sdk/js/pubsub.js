@@ -28,6 +28,11 @@
 // in-memory history). A wildcard subscription cannot be resumed: on reconnect its `onGap` is
 // called with `possible: true` and `from`/`to` null.
 //
+// A gap report: {topic, from, to (the lost offsets, inclusive, in `epoch`; null when none are
+// known), epochChanged, possible, reason ("not_recovered", "epoch_changed",
+// "wildcard_reconnect", "offset_jump", as the Python SDK's Gap.reason), previous ({offset,
+// epoch} last delivered), epoch}.
+//
 // Browsers cannot set headers on a WebSocket, so the token travels as `?token=` in the URL
 // (option `tokenIn: "query"`, the default) or in an `auth` frame once the socket is open
 // (`tokenIn: "frame"`, which keeps it out of URLs and logs). A token given as a function is
@@ -573,19 +578,29 @@ export class PubSubClient extends EventTarget {
         sub._everSubscribed = true;
         if (sub.wildcard) {
           if (isResubscribe) {
-            this._gap(sub, { topic: sub.topic, from: null, to: null, epochChanged: false, possible: true });
+            this._gap(sub, {
+              topic: sub.topic,
+              from: null,
+              to: null,
+              epochChanged: false,
+              possible: true,
+              reason: "wildcard_reconnect",
+            });
           }
         } else if (since && reply.recovered === false) {
           const missed = reply.missed || { from: since.offset + 1, to: reply.offset };
           const epochChanged = reply.epoch !== since.epoch;
           sub.epoch = reply.epoch;
           sub.offset = missed.to;
+          const known = missed.to >= missed.from;
           this._gap(sub, {
             topic: sub.topic,
-            from: missed.from,
-            to: missed.to,
+            from: known ? missed.from : null,
+            to: known ? missed.to : null,
             epochChanged,
             possible: false,
+            reason: epochChanged ? "epoch_changed" : "not_recovered",
+            previous: since,
             previousEpoch: since.epoch,
             epoch: reply.epoch,
           });
@@ -665,16 +680,21 @@ export class PubSubClient extends EventTarget {
           to: msg.offset - 1,
           epochChanged: false,
           possible: false,
+          reason: "offset_jump",
+          previous: { offset: sub.offset, epoch: sub.epoch },
+          epoch: msg.epoch,
         });
       }
     } else if (sub.epoch !== null && sub.epoch !== msg.epoch) {
       // the history was lost while we stayed connected (a bus restart)
       this._gap(sub, {
         topic: sub.topic,
-        from: 1,
-        to: msg.offset - 1,
+        from: msg.offset > 1 ? 1 : null,
+        to: msg.offset > 1 ? msg.offset - 1 : null,
         epochChanged: true,
         possible: false,
+        reason: "epoch_changed",
+        previous: { offset: sub.offset, epoch: sub.epoch },
         previousEpoch: sub.epoch,
         epoch: msg.epoch,
       });

@@ -181,9 +181,11 @@ def test_page_recovers_after_a_broker_restart_and_reports_the_gap(
     gaps = page.evaluate("pubsubDemo.gaps")
     assert len(gaps) == 1
     assert gaps[0]["epochChanged"] is True
+    assert gaps[0]["reason"] == "epoch_changed"
+    assert gaps[0]["previous"] == {"offset": 2, "epoch": old_epoch}
     assert gaps[0]["previousEpoch"] == old_epoch
     assert gaps[0]["epoch"] == new_epoch
-    page.wait_for_selector("#log tr.gap >> text=history reset")
+    page.wait_for_selector("#log tr.gap:has-text('history reset')")
     states = page.evaluate("pubsubDemo.states")
     assert "reconnecting" in states
     assert states[-1] == "connected"
@@ -387,6 +389,7 @@ def test_client_reports_what_cannot_be_replayed(page: Any, tmp_path: Any) -> Non
     assert seen["messages"] == [1, 2, 6, 7, 8]
     exact = [g for g in seen["gaps"] if g["topic"] == "small.t"]
     wild = [g for g in seen["gaps"] if g["topic"] == "small.*"]
+    epoch = exact[0]["epoch"]
     assert exact == [
         {
             "topic": "small.t",
@@ -394,12 +397,21 @@ def test_client_reports_what_cannot_be_replayed(page: Any, tmp_path: Any) -> Non
             "to": 5,
             "epochChanged": False,
             "possible": False,
-            "previousEpoch": exact[0]["previousEpoch"],
-            "epoch": exact[0]["previousEpoch"],
+            "reason": "not_recovered",
+            "previous": {"offset": 2, "epoch": epoch},
+            "previousEpoch": epoch,
+            "epoch": epoch,
         }
     ]
     assert wild == [
-        {"topic": "small.*", "from": None, "to": None, "epochChanged": False, "possible": True}
+        {
+            "topic": "small.*",
+            "from": None,
+            "to": None,
+            "epochChanged": False,
+            "possible": True,
+            "reason": "wildcard_reconnect",
+        }
     ]
     # the wildcard subscription is live again; what the exact one replayed reached it once
     assert seen["wild"] == [1, 2, 6, 7, 8]
