@@ -340,7 +340,7 @@ class HttpServer:
         route, methods = self._route_for(req.path)
         try:
             if not methods:
-                raise HttpError("not_found", f"no such path: {req.path}")
+                raise HttpError("not_found", f"no such path: {req.path[:200]}")
             method = "GET" if req.method == "HEAD" else req.method
             handler = methods.get(method)
             if handler is None:
@@ -356,21 +356,22 @@ class HttpServer:
                 resp = await handler(req)
             if scope.cancelled_caught:
                 raise HttpError("unavailable", "the broker did not answer in time")
-        except HttpError as err:
-            resp = error_response(err)
-        except FrameError as err:
-            resp = error_response(HttpError(err.code, err.message))
-        except BusUnavailable as err:
-            resp = error_response(
-                HttpError(
-                    "unavailable", f"the bus is unavailable: {err}", headers=[("retry-after", "1")]
-                )
-            )
-        except Exception:
-            log.exception("http_handler_failed", method=req.method, path=req.path)
-            resp = error_response(HttpError("internal", "internal error"))
+        except Exception as exc:
+            resp = error_response(self._http_error(_single_leaf(exc), req))
         self._requests.inc(route=route, status=str(resp.status))
         return resp
+
+    def _http_error(self, exc: BaseException, req: Request) -> HttpError:
+        if isinstance(exc, HttpError):
+            return exc
+        if isinstance(exc, FrameError):
+            return HttpError(exc.code, exc.message)
+        if isinstance(exc, BusUnavailable):
+            return HttpError(
+                "unavailable", f"the bus is unavailable: {exc}", headers=[("retry-after", "1")]
+            )
+        log.error("http_handler_failed", method=req.method, path=req.path[:200], exc_info=exc)
+        return HttpError("internal", "internal error")
 
     def _authorize(self, req: Request) -> None:
         challenge = [("www-authenticate", 'Bearer realm="pubsub"')]
@@ -657,6 +658,14 @@ class HttpServer:
             except h11.LocalProtocolError:
                 return
         await _linger_close(stream)
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups holding just one, else ``exc``: a
+    backend that uses a nursery may wrap its BusUnavailable or FrameError in a group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:

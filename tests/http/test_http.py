@@ -130,6 +130,15 @@ async def test_publish_maps_backend_errors(listener: Listener) -> None:
     assert (reply.status, reply.error_code) == (429, "rate_limited")
 
 
+async def test_errors_wrapped_in_exception_groups_keep_their_code(listener: Listener) -> None:
+    listener.backend.fail_with = ExceptionGroup("nursery", [FrameError("forbidden", "no")])
+    reply = await listener.request("POST", "/api/publish", {"topic": "a", "data": 1})
+    assert (reply.status, reply.error_code) == (403, "forbidden")
+    listener.backend.fail_with = ExceptionGroup("two", [ValueError(), KeyError()])
+    reply = await listener.request("POST", "/api/publish", {"topic": "a", "data": 1})
+    assert (reply.status, reply.error_code) == (500, "internal")
+
+
 async def test_a_failing_backend_gives_500_and_the_listener_lives_on(listener: Listener) -> None:
     listener.backend.fail_with = RuntimeError("boom")
     reply = await listener.request("POST", "/api/publish", {"topic": "a", "data": 1})
