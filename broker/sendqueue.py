@@ -120,6 +120,7 @@ class SendQueue:
         self._socket: trio.socket.SocketType | None = None
         self._stream: trio.abc.Stream | None = None
         self._waiters: deque[tuple[int, trio.Event]] = deque()
+        self._draining = False
 
     def attach(self, stream: trio.abc.Stream) -> None:
         """Write to ``stream``: directly to its socket when it is a plain
@@ -282,10 +283,20 @@ class SendQueue:
     def _start_drainer(self) -> None:
         if self._state is _State.DIRTY:
             self._state = _State.BLOCKED
-        self._nursery.start_soon(self._drain)
+        if not self._draining:
+            # At most one drainer: two tasks may not wait on one socket (and must not
+            # interleave writes).
+            self._draining = True
+            self._nursery.start_soon(self._drain)
 
     async def _drain(self) -> None:
         """Write until the queue is empty, giving each step ``write_timeout`` to progress."""
+        try:
+            await self._drain_loop()
+        finally:
+            self._draining = False
+
+    async def _drain_loop(self) -> None:
         try:
             while self._chunks and self._state is not _State.CLOSED:
                 with trio.move_on_after(self.write_timeout) as scope:

@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 import trio
 
-from broker import systemd
+from broker import gctune, systemd
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
 from broker.config import Config, load_config, parse_hostport
 from broker.errors import ConfigError, FrameError
@@ -93,6 +93,7 @@ async def _single(config: Config, overrides: dict[str, Any]) -> None:
                 nursery, config, WorkerBackend([worker], ws_port=ports[0])
             )
             log.info("ready", port=ports[0], http_port=http_port, workers=1)
+            gctune.freeze_startup_objects()
             systemd.ready(status=f"serving on port {ports[0]}")
             nursery.start_soon(systemd.watchdog_loop, lambda: True)
             async for signum in signals:
@@ -343,6 +344,7 @@ class SupervisorBackend:
 def run_broker(config: Config, overrides: dict[str, Any] | None = None) -> int:
     """Run until a terminating signal; return the process exit code."""
     configure_logging()
+    gctune.tune()
     overrides = overrides or {}
     try:
         if config.worker_count == 1:

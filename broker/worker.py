@@ -14,12 +14,13 @@ import itertools
 import random
 import socket
 import ssl
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 import trio
+import trio.lowlevel
 import trio_websocket
 
 from broker import handshake
@@ -39,6 +40,7 @@ log = structlog.get_logger()
 
 RECEIVE_BUFFER = 65536
 MESSAGE_QUEUE = 64
+CLOSE_BATCH = 16  # slow consumers closed per scheduler pass
 
 
 def make_listen_socket(
@@ -103,6 +105,8 @@ class Worker:
         self.sessions: dict[int, Session] = {}
         self.handshaking = 0
         self._sessions_changed = trio.Event()
+        self._to_close: deque[tuple[Session, str]] = deque()
+        self._closer_wakeup = trio.Event()
         self._ids = itertools.count(1)
         self.closes: Counter[int] = Counter()
         self.auth_failures: Counter[str] = Counter()
@@ -200,6 +204,7 @@ class Worker:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run)
             nursery.start_soon(self.flusher.run)
+            nursery.start_soon(self._closer)
             self._accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, self.listeners(socks), nursery)
             log.info(
@@ -316,8 +321,27 @@ class Worker:
     def _slow(self, session: Session) -> Callable[[str], None]:
         def on_slow(reason: str) -> None:
             log.warning(
-                "slow_consumer", reason=reason, queued_limit=self.config.limits.send_queue_max_bytes
+                "slow_consumer",
+                conn=session.conn_id,
+                reason=reason,
+                queued_limit=self.config.limits.send_queue_max_bytes,
             )
-            session.close(CloseCode.SLOW_CONSUMER, f"slow consumer ({reason})")
+            # The queue has already dropped its bytes, so memory is safe now; the close itself
+            # is paced by the closer, so that a thousand consumers falling behind on the same
+            # publication do not stall the flush of everyone else for one long scheduler tick.
+            self._to_close.append((session, reason))
+            self._closer_wakeup.set()
 
         return on_slow
+
+    async def _closer(self) -> None:
+        while True:
+            await self._closer_wakeup.wait()
+            self._closer_wakeup = trio.Event()
+            while self._to_close:
+                for _ in range(min(CLOSE_BATCH, len(self._to_close))):
+                    session, reason = self._to_close.popleft()
+                    session.close(CloseCode.SLOW_CONSUMER, f"slow consumer ({reason})")
+                # Let the flusher and the live sessions run before the next batch.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 import trio
 
+from broker import gctune
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.ipc import HubClient, IpcBus
 from broker.config import Config, load_config
@@ -61,6 +62,7 @@ async def run_worker(
             await nursery.start(client.run)
             ports = await nursery.start(worker.serve, socks)
             await client.call("ready", ports[0])
+            gctune.freeze_startup_objects()
 
             async def exit_when_hub_goes() -> None:
                 await client.wait_closed()
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", default="{}")
     args = parser.parse_args(argv)
     configure_logging()
+    gctune.tune()
     overrides = json.loads(args.overrides)
     try:
         config = load_config(args.config, overrides=overrides)

@@ -1,0 +1,137 @@
+"""The send path over a real socket pair: one writev per flush, bounded queues, slow-consumer
+verdicts, control frames in order, and at most one drainer per socket."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from broker.sendqueue import Flusher, QueuedStream, SendQueue
+
+
+async def pair(
+    nursery: trio.Nursery, flusher: Flusher, **kw: object
+) -> tuple[SendQueue, QueuedStream, socket.socket, list[str]]:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a.setblocking(False)
+    verdicts: list[str] = []
+    queue = SendQueue(
+        flusher,
+        nursery,
+        max_bytes=kw.get("max_bytes", 1 << 20),
+        write_timeout=kw.get("write_timeout", 10.0),  # type: ignore[arg-type]
+        on_slow=verdicts.append,
+    )
+    stream = QueuedStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(a)), queue, max_frame=1 << 16
+    )
+    return queue, stream, b, verdicts
+
+
+async def test_frames_coalesce_into_one_write_in_order() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, _, peer, _ = await pair(nursery, flusher)
+        for i in range(50):
+            queue.send(b"%03d;" % i)
+        await trio.sleep(0.05)
+        assert flusher.writes == 1
+        peer.setblocking(False)
+        assert peer.recv(65536) == b"".join(b"%03d;" % i for i in range(50))
+        nursery.cancel_scope.cancel()
+
+
+async def test_queue_over_its_limit_is_a_slow_consumer_and_memory_is_released() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, _, peer, verdicts = await pair(nursery, flusher, max_bytes=100_000)
+        frame = b"x" * 1000
+        sent = 0
+        while queue.send(frame):
+            sent += 1
+            if sent % 20 == 0:
+                await trio.sleep(0.01)
+        assert verdicts == ["send_queue_max_bytes"]
+        assert queue.overflowed and queue.queued < len(frame)
+        assert not queue.send(frame)  # nothing more is accepted
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_write_timeout_is_a_slow_consumer(autojump_clock: trio.testing.MockClock) -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, _, peer, verdicts = await pair(nursery, flusher, write_timeout=5.0)
+        for _ in range(200):
+            queue.send(b"y" * 1000)  # far more than both socket buffers; nobody reads
+        await trio.sleep(6)
+        assert verdicts == ["write_timeout"]
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_control_frames_wait_for_their_turn_and_arrive_whole() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, stream, peer, _ = await pair(nursery, flusher)
+        big = b"d" * 200_000  # blocks: the drainer takes over
+        queue.send(big)
+        received = bytearray()
+        peer.setblocking(False)
+
+        async def reader() -> None:
+            while len(received) < len(big) + 5:
+                await trio.lowlevel.wait_readable(peer)
+                received.extend(peer.recv(65536))
+
+        nursery.start_soon(reader)
+        with trio.fail_after(5):
+            await stream.send_all(b"CLOSE")  # as trio-websocket sends a close frame
+        await trio.sleep(0.05)
+        assert bytes(received) == big + b"CLOSE"
+        nursery.cancel_scope.cancel()
+
+
+async def test_overflow_while_blocked_keeps_one_drainer_and_a_whole_frame() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, stream, peer, verdicts = await pair(nursery, flusher, max_bytes=150_000)
+        frame = b"F" * 50_000
+        queue.send(frame)
+        await trio.sleep(0.05)  # partly written, then blocked
+        for _ in range(5):
+            queue.send(frame)
+        assert verdicts == ["send_queue_max_bytes"]
+        got = bytearray()
+        peer.setblocking(False)
+        with trio.fail_after(5):
+            nursery.start_soon(stream.send_all, b"END")
+            while not got.endswith(b"END"):
+                await trio.lowlevel.wait_readable(peer)
+                got.extend(peer.recv(65536))
+        # Whatever was dropped, the stream stayed well-formed: whole frames, then END.
+        assert bytes(got[:-3]).strip(b"F") == b"" and (len(got) - 3) % len(frame) == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("passes", [0, 3])
+async def test_flusher_passes_setting(passes: int) -> None:
+    flusher = Flusher(passes=passes)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, _, peer, _ = await pair(nursery, flusher)
+        queue.send(b"hello")
+        await trio.sleep(0.05)
+        peer.setblocking(False)
+        assert peer.recv(100) == b"hello"
+        nursery.cancel_scope.cancel()
