@@ -38,7 +38,7 @@ from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["ADAPTERS", "Generator", "make_payload", "proc_cpu_seconds"]
+__all__ = ["ADAPTERS", "Generator", "machine_busy_seconds", "make_payload", "proc_cpu_seconds"]
 
 TS_RE = re.compile(rb"@@(\d{16})")
 CARRY = 17  # shorter than a timestamp match; longer than every adapter's prefix
@@ -86,6 +86,13 @@ def proc_cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy (not idle or waiting for I/O) so far."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
 
 
 class Conn:

@@ -18,6 +18,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("deliveries_per_write", "deliveries/write", True),
         ("server_cpu_pct", "server CPU %", False),
         ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
+        ("other_cpu_pct", "other CPU %", False),
     ],
     "latency": [
         ("p50_ms", "p50 ms", False),
@@ -26,6 +27,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("deliveries_per_s", "deliveries/s", True),
         ("cpu_us_per_delivery", "server CPU µs/delivery", False),
         ("loadgen_cpu_pct", "loadgen CPU %", False),
+        ("other_cpu_pct", "other CPU %", False),
     ],
     "idle": [
         ("connections", "connections", True),
@@ -45,8 +47,11 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("cpu_us_per_delivery", "server CPU µs/delivery", False),
         ("deliveries_per_write", "deliveries/write", True),
         ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
+        ("other_cpu_pct", "other CPU %", False),
     ],
 }
+# figures that describe the run rather than the server: no ratio
+NO_RATIO = {"other_cpu_pct", "loadgen_cpu_us_per_delivery", "loadgen_cpu_pct", "connections"}
 METRICS["latency_one_topic"] = METRICS["latency"]
 
 TITLES = {
@@ -96,6 +101,8 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
                     continue
                 pair = {}
                 for key, _label, _hib in METRICS.get(workload, []):
+                    if key in NO_RATIO:
+                        continue
                     bv, pv = runs[b].get(key), runs[p].get(key)
                     if isinstance(bv, int | float) and isinstance(pv, int | float) and pv:
                         pair[key] = round(bv / pv, 3)
@@ -187,7 +194,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Python {m.get('python')}, {m.get('nats_server')}, node {m.get('node')}.",
         "Every server ran alone on 127.0.0.1 against the same raw-socket load generator. "
         "CPU is utime + stime of the server's whole process tree; ratios are "
-        "broker / peer (below 1 is better for times and CPU, above 1 for rates).",
+        "broker / peer (below 1 is better for times and CPU, above 1 for rates). "
+        '"other CPU %" is what the rest of the machine used meanwhile (noise when not 0); '
+        f"before the run it was {m.get('background_cpu_pct', '?')}%.",
         "",
     ]
     for workload, runs in results.items():

@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report, workloads
+from bench.loadgen import machine_busy_seconds
 from bench.servers import Server, start_broker, start_nats, start_socketio
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,6 +79,13 @@ def machine() -> dict[str, Any]:
         "node": version(["node", "--version"]),
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
     }
+
+
+def background_cpu_pct(seconds: float = 1.0) -> float:
+    """How busy the machine is before we start, in percent of one CPU."""
+    b0 = machine_busy_seconds()
+    time.sleep(seconds)
+    return round(100 * (machine_busy_seconds() - b0) / seconds, 1)
 
 
 class Suite:
@@ -223,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peers and shutil.which("nats-server") is None:
         print("note: nats-server is not installed; its runs are recorded as not run", flush=True)
 
+    background = background_cpu_pct()
+    if background > 20:
+        print(f"note: the machine is busy ({background:.0f}% CPU in use by others)", flush=True)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="pubsub-bench-") as tmp:
         suite = Suite(Path(tmp), args.budget, args.quick, not args.skip_peers)
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "quick": args.quick,
-        "machine": machine(),
+        "machine": {**machine(), "background_cpu_pct": background},
         "workloads": suite.results,
     }
     doc["ratios"] = report.ratios(suite.results)

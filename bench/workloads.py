@@ -11,7 +11,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.loadgen import Generator
+from bench.loadgen import Generator, machine_busy_seconds
 from bench.servers import Server, make_tokens
 
 __all__ = ["connect_rate", "fanout", "idle_connections", "latency", "many_topics", "tokens_for"]
@@ -49,6 +49,7 @@ def _measure(
     pids = server.pids()
     c0, g0, r0 = server.cpu_seconds(pids), gen.cpu_seconds(), gen.received()
     io0 = server.syscalls(pids)
+    m0 = machine_busy_seconds()
     t0 = time.monotonic()
     reply = gen.call(0, timeout=job["duration"] + 60, **job)
     # let what is still in flight arrive, so the CPU it cost is matched by its deliveries
@@ -60,6 +61,7 @@ def _measure(
     t1 = time.monotonic()
     c1, g1, r1 = server.cpu_seconds(pids), gen.cpu_seconds(), gen.received()
     io1 = server.syscalls(pids)
+    m1 = machine_busy_seconds()
     writes = io1["syscw"] - io0["syscw"]
     delivered = r1 - r0
     elapsed = t1 - t0
@@ -75,6 +77,8 @@ def _measure(
         "loadgen_cpu_us_per_delivery": round(1e6 * (g1 - g0) / delivered, 3) if delivered else None,
         "loadgen_cpu_pct": round(100 * (g1 - g0) / elapsed, 1),
         "server_processes": len(pids),
+        # CPU used by anything else on the machine meanwhile: other than 0 means noise
+        "other_cpu_pct": round(100 * ((m1 - m0) - (c1 - c0) - (g1 - g0)) / elapsed, 1),
         "drain_s": round(t1 - t_pub, 3),
         # the coalescing the send path achieves: deliveries per write system call
         "deliveries_per_write": round(delivered / writes, 2) if writes else None,
