@@ -27,6 +27,7 @@ Routes
 ``/client.js``              GET     the browser client (an ES module)
 ``/demo/``, ``/status/``    GET     the demo page and the operators' status page
 ``/demo/config``            GET     where the page finds the WebSocket listener
+``/client/config``          GET     the same, for client.js on any origin (CORS)
 ``/status/data``            GET     per-worker figures for the status page's charts
 ``/static/NAME``            GET     the pages' assets
 ==========================  ======  =====================================================
@@ -320,6 +321,7 @@ class HttpServer:
             "/demo": {"GET": self._redirect("/demo/")},
             "/demo/": {"GET": self._page("demo.html")},
             "/demo/config": {"GET": self._demo_config},
+            "/client/config": {"GET": self._client_config},
             "/status": {"GET": self._redirect("/status/")},
             "/status/": {"GET": self._page("status.html")},
             "/status/data": {"GET": self._status_data},
@@ -422,6 +424,10 @@ class HttpServer:
 
     async def _demo_config(self, req: Request) -> Response:
         return json_response(self._public_info())
+
+    async def _client_config(self, req: Request) -> Response:
+        # Read by client.js imported into pages of any origin, to find the WebSocket port.
+        return json_response(self._public_info(), headers=[("access-control-allow-origin", "*")])
 
     # -- the API ------------------------------------------------------------------------------
 

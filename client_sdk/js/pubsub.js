@@ -73,7 +73,17 @@ export function isPattern(topic) {
   return topic.split(".").some((s) => s === "*" || s === ">");
 }
 
-const STATES = ["disconnected", "connecting", "connected", "reconnecting", "closed"];
+/** The WebSocket URL of the broker whose operations listener served this module. */
+export async function discoverUrl() {
+  const resp = await fetch(new URL("/client/config", import.meta.url), { cache: "no-store" });
+  if (!resp.ok) throw new PubSubError("unavailable", `client config: HTTP ${resp.status}`);
+  const cfg = await resp.json();
+  const host = new URL(import.meta.url).hostname;
+  const h = host.includes(":") && !host.startsWith("[") ? `[${host}]` : host;
+  return `${cfg.ws_scheme || "ws"}://${h}:${cfg.ws_port}/ws`;
+}
+
+export const STATES = ["disconnected", "connecting", "connected", "reconnecting", "closed"];
 // Close codes after which reconnecting with the same credentials cannot help.
 const FATAL_WITH_FIXED_TOKEN = new Set([1008, 4001, 4003]);
 
@@ -120,7 +130,9 @@ export class Subscription {
  */
 export class PubSubClient extends EventTarget {
   /**
-   * @param {string} url  `ws://HOST:PORT/ws` (`http(s)://` is turned into `ws(s)://`).
+   * @param {string} url  `ws://HOST:PORT/ws` (`http(s)://` is turned into `ws(s)://`); null to
+   *   ask the broker that served this module (GET /client/config); or the options object
+   *   itself, with a `url` key.
    * @param {object} options
    *   token: a string, or a function returning a token or a promise of one; omitted for
    *     anonymous access.
@@ -132,7 +144,12 @@ export class PubSubClient extends EventTarget {
    */
   constructor(url, options = {}) {
     super();
-    this.url = String(url).replace(/^http(s?):/, "ws$1:");
+    if (url !== null && typeof url === "object" && !(url instanceof URL)) {
+      options = url; // new PubSubClient({ url, token, ... })
+      url = options.url;
+    }
+    // Without a URL, the broker that served this module says where its WebSocket listener is.
+    this.url = url ? String(url).replace(/^http(s?):/, "ws$1:") : null;
     this.options = {
       token: null,
       tokenIn: "query",
@@ -213,6 +230,7 @@ export class PubSubClient extends EventTarget {
    * needed); rejects with the server's error (`forbidden`, `bad_topic`, ...).
    */
   subscribe(topic, options = {}) {
+    if (typeof options === "function") options = { onMessage: options };
     if (this.state === "closed") return Promise.reject(new PubSubError("closed", "client closed"));
     if (this.subscriptions.has(topic)) {
       return Promise.reject(new PubSubError("bad_request", `already subscribed to ${topic}`));
@@ -412,6 +430,15 @@ export class PubSubClient extends EventTarget {
       return;
     }
     if (this.state === "closed") return;
+    if (!this.url) {
+      try {
+        this.url = await discoverUrl();
+      } catch (err) {
+        this._emit("error", { error: err });
+        this._scheduleReconnect(null);
+        return;
+      }
+    }
     let ws;
     try {
       let url = this.url;

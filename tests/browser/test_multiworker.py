@@ -24,14 +24,14 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>an app</title>
 <script type="module">
   import { PubSubClient } from "%(ops)s/client.js";
   window.received = [];
-  window.start = async (url, tokens) => {
+  window.start = async (tokens) => {
     window.clients = await Promise.all(tokens.map(async (token, i) => {
-      const c = new PubSubClient(url, { token });
-      await c.connect();
-      await c.subscribe("app.feed", { onMessage: (m) => received.push([i, m.offset, m.data]) });
+      // no URL: the client asks the broker that served client.js where its WebSocket is
+      const c = new PubSubClient({ token });
+      await c.subscribe("app.feed", (m) => received.push([i, m.offset, m.data]));
       return c;
     }));
-    return clients.map((c) => c.worker);
+    return clients.map((c) => [c.worker, c.url]);
   };
 </script>"""
 
@@ -53,7 +53,9 @@ def test_a_foreign_app_on_a_multi_worker_broker(page: Any, tmp_path: Path) -> No
             page.goto(origin + "/app.html")
             wait(page, "typeof window.start === 'function'")
             tokens = [b.token(f"user{i}") for i in range(CLIENTS)]
-            workers = page.evaluate("([u, t]) => start(u, t)", [b.url, tokens])
+            started = page.evaluate("(t) => start(t)", tokens)
+            assert {url for _, url in started} == {b.url}
+            workers = [worker for worker, _ in started]
             assert len(set(workers)) == 2, f"all clients on one worker: {workers}"
 
             status, _, body = http(b, "POST", "/api/publish", {"topic": "app.feed", "data": "api"})

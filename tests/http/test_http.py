@@ -258,6 +258,9 @@ async def test_client_js_pages_and_assets(listener: Listener) -> None:
 
     reply = await listener.request("GET", "/demo/config", key=None)
     assert reply.json() == {"ws_port": 8765, "ws_scheme": "ws", "node": "test-node", "workers": 2}
+    reply = await listener.request("GET", "/client/config", key=None)
+    assert reply.json()["ws_port"] == 8765
+    assert reply.headers["access-control-allow-origin"] == "*"
 
 
 async def test_status_data(listener: Listener) -> None:
