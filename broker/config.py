@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 SECRET_ENV = "PUBSUB_BROKER_JWT_SECRET"
+API_KEYS_ENV = "PUBSUB_BROKER_API_KEYS"  # comma-separated; used when [api] keys is empty
 
 
 @attrs.frozen
@@ -354,6 +355,11 @@ def parse_config(
     cfg = Config(**kwargs)
     if not cfg.auth.jwt_secret and env.get(SECRET_ENV):
         cfg = attrs.evolve(cfg, auth=attrs.evolve(cfg.auth, jwt_secret=env[SECRET_ENV]))
+    if not cfg.api_keys and env.get(API_KEYS_ENV):
+        keys = tuple(k.strip() for k in env[API_KEYS_ENV].split(",") if k.strip())
+        if any(len(k) < 16 for k in keys):
+            raise ConfigError(API_KEYS_ENV, "each API key must be at least 16 characters")
+        cfg = attrs.evolve(cfg, api_keys=keys)
     _validate(cfg)
     return cfg
 

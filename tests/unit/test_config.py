@@ -13,9 +13,9 @@ from broker.errors import ConfigError
 SECRET = {"auth": {"jwt_secret": "k" * 40}}
 
 
-def error_key(raw: dict[str, object], **kw: object) -> str:
+def error_key(raw: dict[str, object], env: dict[str, str] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
-        parse_config(raw, env={}, **kw)  # type: ignore[arg-type]
+        parse_config(raw, env=env or {})
     return info.value.key
 
 
@@ -52,6 +52,12 @@ def test_bad_keys_are_named() -> None:
 def test_secret_from_environment() -> None:
     cfg = parse_config({}, env={"PUBSUB_BROKER_JWT_SECRET": "e" * 40})
     assert cfg.auth.jwt_secret == "e" * 40
+
+
+def test_api_keys_from_environment() -> None:
+    cfg = parse_config(SECRET, env={"PUBSUB_BROKER_API_KEYS": "a" * 16 + ", " + "b" * 20})
+    assert cfg.api_keys == ("a" * 16, "b" * 20)
+    assert error_key(SECRET, env={"PUBSUB_BROKER_API_KEYS": "short"}) == "PUBSUB_BROKER_API_KEYS"
 
 
 def test_history_rules_first_match_wins() -> None:
