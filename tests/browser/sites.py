@@ -57,11 +57,11 @@ def allow_origins(b: BrokerProcess, *origins: str) -> None:
 
 @contextmanager
 def start_web_broker(
-    tmp_path: Path, config: dict[str, Any] | None = None
+    tmp_path: Path, config: dict[str, Any] | None = None, *, workers: int = 1
 ) -> Iterator[BrokerProcess]:
     """A broker whose own pages may open WebSockets to it (stopped on exit, even on failure)."""
     config = {"server": {"shutdown_timeout": 1.0}, **(config or {})}
-    with BrokerProcess.start(tmp_path, config=config) as b:
+    with BrokerProcess.start(tmp_path, config=config, workers=workers) as b:
         assert b.http_port, "the broker did not report an http_port"
         allow_origins(b, b.http_url)
         yield b

@@ -5,6 +5,8 @@ operations endpoints show every worker."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.browser.sites import static_site
+from tests.browser.sites import start_web_broker, static_site
 from tests.http.brokerkit import http
 from tests.support.broker import BrokerProcess
 
@@ -86,3 +88,39 @@ def test_a_foreign_app_on_a_multi_worker_broker(page: Any, tmp_path: Path) -> No
             status, _, body = http(b, "POST", "/api/disconnect", {"client": "user3"})
             assert json.loads(body) == {"client": "user3", "closed": 1}
             time.sleep(0.2)
+
+
+def test_a_killed_worker_costs_the_page_nothing(page: Any, tmp_path: Path) -> None:
+    # With several workers the history lives in the supervisor's hub, so a page whose worker
+    # dies reconnects (to another worker, or the restarted one) and recovers exactly.
+    with start_web_broker(tmp_path, workers=2) as b:
+        page.goto(f"{b.http_url}/demo/?token={b.token('alice')}")
+        page.wait_for_selector("body[data-ready=true]")
+        page.click("#connect")
+        page.wait_for_selector("#state[data-state=connected]")
+        page.fill("#sub-topic", "chat.room1")
+        page.click("#subscribe")
+        page.wait_for_selector('#subs li[data-topic="chat.room1"]')
+        publish(b, "one", "two")
+        page.wait_for_selector('#log tr.msg[data-offset="2"]')
+
+        worker = page.evaluate("pubsubDemo.client.worker")
+        pids = {e["worker"]: e["pid"] for e in b.events("worker_started")}
+        os.kill(pids[worker], signal.SIGKILL)
+        publish(b, "three", "four", "five")  # while the page is away
+        page.wait_for_selector('#log tr.msg[data-offset="5"]')
+        publish(b, "six")
+        page.wait_for_selector('#log tr.msg[data-offset="6"]')
+
+        msgs = page.evaluate("pubsubDemo.messages")
+        assert [m["offset"] for m in msgs] == [1, 2, 3, 4, 5, 6]
+        assert [m["data"] for m in msgs] == ["one", "two", "three", "four", "five", "six"]
+        assert len({m["epoch"] for m in msgs}) == 1
+        assert page.evaluate("pubsubDemo.gaps") == []
+        assert "reconnecting" in page.evaluate("pubsubDemo.states")
+
+
+def publish(b: BrokerProcess, topic_data: str, *more: str) -> None:
+    for data in (topic_data, *more):
+        status, _, body = http(b, "POST", "/api/publish", {"topic": "chat.room1", "data": data})
+        assert status == 200, body
