@@ -272,11 +272,12 @@ export class PubSubClient extends EventTarget {
 
   /** What the server still holds of a topic: {messages, offset, epoch, recovered?, missed?}.
    * Options: since {offset, epoch}, limit (1..1000). */
-  history(topic, { since, limit } = {}) {
+  async history(topic, { since, limit } = {}) {
     const frame = { op: "history", topic };
     if (since) frame.since = { offset: since.offset, epoch: since.epoch };
     if (limit !== undefined) frame.limit = limit;
-    return this._request(frame);
+    const { id: _id, ok: _ok, ...reply } = await this._request(frame);
+    return reply;
   }
 
   /** The client ids subscribed to an exact topic, on every worker and node. */

@@ -427,3 +427,28 @@ def test_client_honours_the_reconnect_hint(page: Any, web_broker: BrokerProcess)
     assert disconnect["willReconnect"] is True
     assert disconnect["delayMs"] >= hint
     wait_js(page, "client.state === 'connected'")
+
+
+def test_history_and_presence_from_the_client(page: Any, web_broker: BrokerProcess) -> None:
+    publish_from_python(web_broker, "chat.room1", "a", "b", "c")
+    page.goto(f"{web_broker.http_url}/demo/")
+    result = page.evaluate(
+        """async ([url, token]) => {
+          const { PubSubClient } = await import("/client.js");
+          const client = new PubSubClient(url, { token });
+          const all = await client.history("chat.room1");
+          const some = await client.history("chat.room1", {
+            since: { offset: 1, epoch: all.epoch }, limit: 1 });
+          await client.subscribe("chat.room1", { presence: true });
+          const members = await client.presence("chat.room1");
+          client.close();
+          return { all, some, members };
+        }""",
+        [web_broker.url, web_broker.token("ivy")],
+    )
+    assert [m["data"] for m in result["all"]["messages"]] == ["a", "b", "c"]
+    assert set(result["all"]) == {"messages", "offset", "epoch"}
+    assert result["all"]["offset"] == 3
+    assert [m["offset"] for m in result["some"]["messages"]] == [2]
+    assert result["some"]["recovered"] is True
+    assert result["members"] == ["ivy"]
