@@ -52,6 +52,7 @@ from client_sdk._protocol import (
     Tracker,
     decode,
     encode,
+    is_pattern,
     parse_message,
     parse_missed,
     parse_url,
@@ -255,6 +256,7 @@ class Client:
         self._ids = count(1)
         self._pending: dict[int | str, _Pending] = {}
         self._subs: dict[str, Subscription] = {}
+        self._leaving: dict[str, Subscription] = {}  # given up, their subscribe still in flight
         self._stats_reconnects = 0
 
     # ----------------------------------------------------------------- public API
@@ -277,7 +279,7 @@ class Client:
 
     @property
     def reconnects(self) -> int:
-        """How many times this client has reconnected since it was created."""
+        """How many times this client has reconnected (successfully) since it was created."""
         return self._stats_reconnects
 
     async def states(self) -> AsyncIterator[ConnectionState]:
@@ -541,7 +543,12 @@ class Client:
         """Register ``sub`` and wait until the broker confirmed it (see ``subscribe``)."""
         if sub.topic in self._subs:
             raise BadRequest(f"already subscribed to {sub.topic!r} on this client")
+        if sub._since is not None and is_pattern(sub.topic):
+            raise BadRequest(f"'since' needs an exact topic, not the pattern {sub.topic!r}")
         with self._deadline(sub._timeout) as deadline:
+            leaving = self._leaving.get(sub.topic)
+            if leaving is not None:
+                await leaving._idle.wait()
             sub.tracker = Tracker(
                 sub.topic, await self._resolve_since(sub.topic, sub._since, deadline)
             )
@@ -552,11 +559,14 @@ class Client:
                 await self._wait_connected()
                 if sub._sent_gen != self._gen and self._conn_nursery is not None:
                     assert self._ws is not None
-                    self._conn_nursery.start_soon(self._subscribe_task, self._ws, sub, self._gen)
+                    self._start_subscribe(self._conn_nursery, self._ws, sub, self._gen)
                 await sub._settled.wait()
             finally:
                 if not sub._confirmed:
+                    # Closed, so that a confirmation still on its way is undone (the hook
+                    # unsubscribes) rather than leaving the broker holding it.
                     self._forget(sub)
+                    sub._finish(None)
             if sub._error is not None:
                 raise sub._error
             if not sub._confirmed:
@@ -568,10 +578,28 @@ class Client:
     def _forget(self, sub: Subscription) -> None:
         if self._subs.get(sub.topic) is sub:
             del self._subs[sub.topic]
+        if sub._inflight:
+            # A subscribe of it is still on the wire: a new subscription to the same topic
+            # waits until that one is answered (and undone), see _open.
+            self._leaving[sub.topic] = sub
 
     async def _subscribe_task(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
-        """(Re)subscribe ``sub`` on connection ``gen``; the reply is digested by the hook, in
-        the reader, before any publication that follows it."""
+        """(Re)subscribe ``sub`` on connection ``gen``, keeping count of those on the wire."""
+        try:
+            if not sub._closed:  # else given up (timed out) before this task ran
+                await self._subscribe_once(ws, sub, gen)
+        except ConnectionLost:
+            pass  # the next connection subscribes again (unless closed by then)
+        finally:
+            sub._inflight -= 1
+            if not sub._inflight:
+                sub._idle.set()
+                if self._leaving.get(sub.topic) is sub:
+                    del self._leaving[sub.topic]
+
+    async def _subscribe_once(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
+        """The reply is digested by the hook, in the reader, before any publication that
+        follows it. Raises ConnectionLost."""
         assert sub.tracker is not None
         tracker = sub.tracker
         sent = tracker.since()
@@ -584,11 +612,7 @@ class Client:
 
         def hook(reply: Reply) -> None:
             if sub._closed:
-                if reply.ok and self._conn_nursery is not None:
-                    # Closed while the subscribe was in flight: the broker holds it anyway.
-                    frame = {"op": "unsubscribe", "topic": sub.topic}
-                    self._conn_nursery.start_soon(self._send_quietly, ws, frame)
-                return
+                return  # undone below
             if not reply.ok:
                 error = error_from_reply(reply.error_code or "internal", reply.error_message or "")
                 self._forget(sub)
@@ -606,13 +630,21 @@ class Client:
                 sub._push(event)
             sub._settled.set()
 
-        with suppress(ConnectionLost):  # the next connection subscribes again
-            await self._exchange(ws, frame, hook)
+        reply = await self._exchange(ws, frame, hook)
+        if sub._closed and reply.ok and sub._active_gen != gen:
+            # Given up or closed while this subscribe was in flight: the broker holds it
+            # anyway, and would refuse the next subscribe to the topic until it is undone.
+            undo = {"op": "unsubscribe", "topic": sub.topic}
+            with trio.move_on_after(self._request_timeout):
+                await self._exchange(ws, undo, None)
 
-    async def _send_quietly(self, ws: WebSocketConnection, frame: dict[str, Any]) -> None:
-        with trio.move_on_after(self._request_timeout):
-            with suppress(PubSubError):
-                await self._exchange(ws, frame, None)
+    def _start_subscribe(
+        self, nursery: trio.Nursery, ws: WebSocketConnection, sub: Subscription, gen: int
+    ) -> None:
+        if not sub._inflight:
+            sub._idle = trio.Event()
+        sub._inflight += 1
+        nursery.start_soon(self._subscribe_task, ws, sub, gen)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         self._forget(sub)
@@ -693,8 +725,6 @@ class Client:
                     if started:
                         self._set_state(ConnectionState.RECONNECTING)
                     await trio.sleep(delay)
-                    if started:
-                        self._stats_reconnects += 1
         except PubSubError as error:
             if not started:
                 self._fail(error)
@@ -845,7 +875,7 @@ class Client:
                 with trio.move_on_after(self._request_timeout) as resubscribing:
                     async with trio.open_nursery() as inner:
                         for sub in list(self._subs.values()):
-                            inner.start_soon(self._subscribe_task, ws, sub, gen)
+                            self._start_subscribe(inner, ws, sub, gen)
                 if resubscribing.cancelled_caught:
                     self._close_info = (1006, "no reply to resubscribe")
                     nursery.cancel_scope.cancel()
@@ -853,7 +883,9 @@ class Client:
                     # Subscriptions registered while the others were re-established.
                     for sub in list(self._subs.values()):
                         if sub._sent_gen != gen:
-                            nursery.start_soon(self._subscribe_task, ws, sub, gen)
+                            self._start_subscribe(nursery, ws, sub, gen)
+                    if gen > 1:
+                        self._stats_reconnects += 1
                     self._set_state(ConnectionState.CONNECTED)
                     on_connected()
                     nursery.start_soon(self._refresher, ws)
@@ -996,6 +1028,8 @@ class Subscription:
         self._sent_gen = -1
         self._active_gen = -1
         self._confirmed = False
+        self._inflight = 0  # subscribe requests of this subscription on the wire
+        self._idle = trio.Event()
         self._closed = False
         self._entered = False
         self._error: PubSubError | None = None
