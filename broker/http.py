@@ -39,6 +39,7 @@ no keys configured the API answers 401 to everything.
 from __future__ import annotations
 
 import hmac
+import http
 import importlib.resources
 import importlib.util
 import json
@@ -240,6 +241,8 @@ _PAGE_HEADERS = [
     ("referrer-policy", "no-referrer"),
     ("x-frame-options", "DENY"),
 ]
+
+_REASONS = {int(s): s.phrase.encode() for s in http.HTTPStatus}
 
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -607,7 +610,11 @@ class HttpServer:
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             raise HttpError("too_large", f"the body is over {self.limits.max_body} bytes")
         if conn.they_are_waiting_for_100_continue:
-            await self._send(stream, conn, h11.InformationalResponse(status_code=100, headers=[]))
+            await self._send(
+                stream,
+                conn,
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
+            )
         chunks: list[bytes] = []
         size = 0
         with trio.move_on_after(self.limits.body_timeout) as scope:
@@ -648,7 +655,10 @@ class HttpServer:
         if conn.their_state is not h11.DONE:
             # The request was not read to its end (an early error): the stream cannot be reused.
             headers.append(("connection", "close"))
-        await self._send(stream, conn, h11.Response(status_code=resp.status, headers=headers))
+        reason = _REASONS.get(resp.status, b"")
+        await self._send(
+            stream, conn, h11.Response(status_code=resp.status, headers=headers, reason=reason)
+        )
         if resp.body:
             await self._send(stream, conn, h11.Data(data=resp.body))
         await self._send(stream, conn, h11.EndOfMessage())
