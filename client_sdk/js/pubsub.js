@@ -182,6 +182,7 @@ export class PubSubClient extends EventTarget {
     this._connectSettle = null;
     this._waiters = [];
     this._stableTimer = null;
+    this._everConnected = false;
   }
 
   // -- public API ------------------------------------------------------------------------------
@@ -190,15 +191,16 @@ export class PubSubClient extends EventTarget {
    * client is closed first, or the first attempt fails in a way reconnecting cannot fix. */
   connect() {
     if (this.state === "closed") return Promise.reject(new PubSubError("closed", "client closed"));
+    if (this.state === "connected") return Promise.resolve();
     if (!this._connectPromise) {
       this._connectPromise = new Promise((resolve, reject) => {
         this._connectSettle = { resolve, reject };
       });
       this._connectPromise.catch(() => {});
-      if (this.state === "disconnected") this._open();
     }
-    if (this.state === "connected") return Promise.resolve();
-    return this._connectPromise;
+    const promise = this._connectPromise;
+    if (this.state === "disconnected") this._open();
+    return promise;
   }
 
   /** Close for good: no reconnect; pending requests fail with `closed`. */
@@ -402,15 +404,13 @@ export class PubSubClient extends EventTarget {
   }
 
   _settleConnect(error) {
-    if (!this._connectSettle) return;
+    // connect() waits for the next welcome: once settled, a later call waits for the one after.
     const settle = this._connectSettle;
     this._connectSettle = null;
-    if (error) {
-      settle.reject(error);
-      this._connectPromise = null;
-    } else {
-      settle.resolve();
-    }
+    this._connectPromise = null;
+    if (!settle) return;
+    if (error) settle.reject(error);
+    else settle.resolve();
   }
 
   async _getToken() {
@@ -421,7 +421,8 @@ export class PubSubClient extends EventTarget {
 
   async _open() {
     if (this.state === "closed") return;
-    this._setState(this._attempt === 0 && !this.clientId ? "connecting" : "reconnecting");
+    // As the Python SDK: "connecting" until a first welcome, "reconnecting" after a loss.
+    this._setState(this._everConnected ? "reconnecting" : "connecting");
     let token;
     try {
       token = await this._getToken();
@@ -499,7 +500,7 @@ export class PubSubClient extends EventTarget {
 
   _scheduleReconnect(reason) {
     if (this.state === "closed") return null;
-    this._setState("reconnecting");
+    this._setState(this._everConnected ? "reconnecting" : "connecting");
     const o = this.options;
     const ceiling = Math.min(o.maxDelayMs, o.minDelayMs * 2 ** Math.min(this._attempt, 30));
     let delay = Math.random() * ceiling; // full jitter
@@ -574,6 +575,7 @@ export class PubSubClient extends EventTarget {
       this._scheduleRefresh();
       return;
     }
+    this._everConnected = true;
     this._setState("connected");
     this._stableTimer = this._later(() => {
       this._attempt = 0;
