@@ -430,7 +430,7 @@ class BrokerMetrics:
             "pubsub_subscriptions", "Subscriptions held by open connections (exact and wildcard)."
         )
         self.topics = r.gauge(
-            "pubsub_topics", "Distinct topics and patterns with at least one local subscriber."
+            "pubsub_topics", "Exact topics with at least one subscriber on this worker."
         )
         self.publications_in = r.counter(
             "pubsub_publications_in_total",
