@@ -9,6 +9,8 @@
 ``client_sdk.sync`` offers the same client for code that does not run on trio.
 """
 
+# Imported here so that ``import client_sdk`` is enough for ``client_sdk.sync.connect(...)``.
+from client_sdk import sync
 from client_sdk.client import Client, ConnectOptions, Subscription, TokenSource, connect
 from client_sdk.errors import (
     AuthenticationFailed,
@@ -81,4 +83,5 @@ __all__ = [
     "Unavailable",
     "Welcome",
     "connect",
+    "sync",
 ]

@@ -359,9 +359,25 @@ async def _cmd_history(args: argparse.Namespace) -> int:
     cm = _connect(args, reconnect=False)
     async with cm as client:
         history = await client.history(args.topic, since=since, limit=args.limit)
-        if history.missed is not None and history.missed[1] >= history.missed[0]:
-            lost = {"topic": args.topic, "from_offset": history.missed[0]}
-            _err(_dumps({"gap": {**lost, "to_offset": history.missed[1]}}))
+        if history.recovered is False:
+            # Same shape as sub's gap lines: what after --since is gone for good.
+            lost = (
+                history.missed
+                if history.missed and history.missed[1] >= history.missed[0]
+                else None
+            )
+            asked = since.epoch if since is not None else None
+            changed = asked is not None and asked != history.epoch
+            gap = Gap(
+                args.topic,
+                lost[0] if lost else None,
+                lost[1] if lost else None,
+                history.epoch,
+                changed,
+                "epoch_changed" if changed else "not_recovered",
+                since if changed else None,
+            )
+            _err(_gap_line(gap))
         for msg in history.messages:
             _out(_dumps(message_line(msg)))
     return EXIT_OK

@@ -96,6 +96,11 @@ def test_sub_since_history_and_presence(broker: BrokerProcess) -> None:
     assert [m["offset"] for m in lines(history.stdout)] == [1, 2]
     since = run(["history", "log", "--since", "3"], env)
     assert [m["data"] for m in lines(since.stdout)] == [4, 5]
+    assert since.stderr == ""
+    stale = run(["history", "log", "--since", "3:an-old-epoch"], env)
+    assert [m["data"] for m in lines(stale.stdout)] == [1, 2, 3, 4, 5]
+    [gap] = [json.loads(line)["gap"] for line in stale.stderr.splitlines()]
+    assert gap["epoch_changed"] is True and gap["previous_offset"] == 3
     with background(["sub", "log", "--presence"], env_for(broker, "watcher")) as watcher:
         wait_subscribed(broker, "log", "watcher")
         presence = run(["presence", "log"], env)
