@@ -27,6 +27,9 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("deliveries_per_write", "deliveries/write", True),
         ("server_cpu_pct", "server CPU %", False),
         ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
+        ("prompt_cpu_us_per_delivery", "prompt readers: server CPU µs/delivery", False),
+        ("prompt_deliveries_per_s", "prompt readers: deliveries/s", True),
+        ("prompt_loadgen_cpu_us_per_delivery", "prompt readers: loadgen CPU µs/delivery", False),
         ("other_cpu_pct", "other CPU %", False),
     ],
     "latency": [
@@ -60,12 +63,18 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
     ],
 }
 # figures that describe the run rather than the server: no ratio
-NO_RATIO = {"other_cpu_pct", "loadgen_cpu_us_per_delivery", "loadgen_cpu_pct", "connections"}
+NO_RATIO = {
+    "other_cpu_pct",
+    "loadgen_cpu_us_per_delivery",
+    "loadgen_cpu_pct",
+    "connections",
+    "prompt_loadgen_cpu_us_per_delivery",
+}
 METRICS["latency_one_topic"] = METRICS["latency"]
 
 TITLES = {
     "fanout": "1. Fan-out: 1 publisher -> 1,000 subscribers, one topic, 64-byte payloads, "
-    "closed-loop bursts of 20",
+    "closed-loop bursts of 20 (subscribers read every 5 ms; then, prompt readers)",
     "latency": "2. Latency: 2,000 publications/s over 20 topics x 50 subscribers "
     "(1,000 subscribers, 100,000 deliveries/s)",
     "latency_one_topic": "2b. Latency: 2,000 publications/s on one topic to 1,000 subscribers "

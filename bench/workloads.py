@@ -112,6 +112,14 @@ def _closed_loop(
     return _measure(gen, server, {**job, "duration": duration}, job["fanout"])
 
 
+PROMPT_KEYS = (
+    "deliveries_per_s",
+    "cpu_us_per_delivery",
+    "deliveries_per_write",
+    "loadgen_cpu_us_per_delivery",
+)
+
+
 def fanout(
     server: Server,
     adapter: str,
@@ -122,16 +130,26 @@ def fanout(
     size: int = 64,
     sub_procs: int = 1,
     pace: float = 0.005,
+    prompt: bool = True,
 ) -> dict[str, Any]:
     """1 publisher -> ``subscribers`` on one topic: closed-loop bursts of ``burst``
-    publications, the next burst once at most four bursts' deliveries are outstanding."""
+    publications, the next burst once at most four bursts' deliveries are outstanding.
+
+    Measured twice: with subscribers that read every ``pace`` seconds (the main figures), then
+    with subscribers that read as soon as anything arrives (``prompt_*``). On loopback a
+    writer's system call also pays for waking its reader, so prompt readers make servers that
+    write one frame at a time look costlier; the generator costs more then too."""
     topic = "bench.fanout"
     with Generator(adapter, HOST, server.port, sub_procs) as gen:
         _connect(gen, server, subscribers, [[topic]] * subscribers)
         job = _burst_job([topic], burst, subscribers, 4 * burst * subscribers, size)
         result = _closed_loop(gen, server, job, pace, warmup, duration)
+        if prompt:
+            again = _closed_loop(gen, server, job, 0.0, warmup / 3, duration / 2)
+            for key in PROMPT_KEYS:
+                result[f"prompt_{key}"] = again[key]
         stats = gen.stats()
-    result.update(subscribers=subscribers, burst=burst, payload_bytes=size)
+    result.update(subscribers=subscribers, burst=burst, payload_bytes=size, read_pace_s=pace)
     result["errors"] = stats["errors"]
     result["closes"] = stats["closes"]
     return result
