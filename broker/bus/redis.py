@@ -344,14 +344,7 @@ class _CatchUp:
     topic: str
 
 
-@attrs.frozen
-class _Baseline:
-    topic: str
-    epoch: str
-    offset: int
-
-
-_Item = Publication | PresenceEvent | _CatchUp | _Baseline
+_Item = Publication | PresenceEvent | _CatchUp
 
 
 def _decode(value: Any) -> str:
@@ -445,6 +438,8 @@ class RedisBus(Bus):
         # Per topic: (epoch, offset) of the last publication delivered ("" = no epoch yet).
         self._last: dict[str, tuple[str, int]] = {}
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[_Item](queue_size)
+        # Readers of a position waiting for its delivery: topic -> [(epoch, offset, event)].
+        self._waiters: dict[str, list[tuple[str, int, trio.Event]]] = {}
 
         # This bus's own presence entries: topic -> client -> connection members.
         self._local_presence: dict[str, dict[str, dict[str, None]]] = {}
@@ -711,10 +706,8 @@ class RedisBus(Bus):
             elif isinstance(item, PresenceEvent):
                 if item.topic in self._exact:
                     self._call(self.handlers.on_presence, item)
-            elif isinstance(item, _CatchUp):
+            else:
                 await self._catch_up(item.topic)
-            elif item.topic not in self._last and self._wanted(item.topic):
-                self._remember(item.topic, item.epoch, item.offset)
 
     def _call(self, handler: Callable[[Any], None], arg: Any) -> None:
         try:
@@ -728,6 +721,47 @@ class RedisBus(Bus):
         last[topic] = (epoch, offset)
         if len(last) > self._max_tracked:
             del last[next(iter(last))]
+        waiters = self._waiters.get(topic)
+        if waiters:
+            for w_epoch, w_offset, event in waiters:
+                if w_epoch == epoch and offset >= w_offset:
+                    event.set()
+
+    async def _delivered(self, topic: str, position: StreamPosition) -> None:
+        """Return once this worker has been handed every publication up to ``position`` of a
+        topic it watches.
+
+        A position read from Redis can be ahead of what the subscriber connection has brought
+        in yet (they are two connections). The worker announces the position it reads in a
+        subscribe reply and drops live publications at or below it as already covered, so
+        the bus must not let it read a position before delivering up to there, as the
+        in-process bus never does. Usually nothing is missing and this returns at once; when
+        something is, it comes live within a moment, or is fetched from history."""
+        if position.offset == 0 or not self._wanted(topic):
+            return
+        state = self._last.get(topic)
+        if state is None:
+            return  # nothing delivered for it yet: nothing for the worker to drop either
+        if state[0] == position.epoch and state[1] >= position.offset:
+            return
+        event = trio.Event()
+        entry = (position.epoch, position.offset, event)
+        waiters = self._waiters.setdefault(topic, [])
+        waiters.append(entry)
+        try:
+            with trio.move_on_after(0.05):
+                await event.wait()
+            if not event.is_set():
+                with contextlib.suppress(trio.WouldBlock):
+                    self._inbox_send.send_nowait(_CatchUp(topic))
+                with trio.move_on_after(self._timeout):
+                    await event.wait()
+            if not event.is_set():
+                log.info("bus_delivery_lagging", topic=topic, offset=position.offset)
+        finally:
+            waiters.remove(entry)
+            if not waiters:
+                del self._waiters[topic]
 
     async def _deliver(self, pub: Publication) -> None:
         if not self._wanted(pub.topic):
@@ -863,12 +897,16 @@ class RedisBus(Bus):
         self, topic: str, since: StreamPosition | None, limit: int | None
     ) -> HistoryResult:
         if limit is not None and limit <= 0:
-            result = await self._read(topic, since, -1)
-            return attrs.evolve(result, publications=())
-        return await self._read(topic, since, limit)
+            result = attrs.evolve(await self._read(topic, since, -1), publications=())
+        else:
+            result = await self._read(topic, since, limit)
+        await self._delivered(topic, result.position)
+        return result
 
     async def position(self, topic: str) -> StreamPosition:
-        return (await self._read(topic, None, -1)).position
+        position = (await self._read(topic, None, -1)).position
+        await self._delivered(topic, position)
+        return position
 
     # ---------------------------------------------------------------- watching
 
@@ -888,11 +926,12 @@ class RedisBus(Bus):
                 return
             if pattern in self._exact:
                 return
-            # Where this topic stands before we subscribe: the delivery task then knows
-            # what came before (for catching up after an outage) without racing live
-            # messages, none of which can arrive before the subscription.
+            # When nothing on this worker receives the topic yet, note where it stands before
+            # subscribing: deliveries then continue from there (what came before is no one's
+            # here), gaps after it are filled, and position reads can wait for deliveries
+            # to catch up with them (see _delivered).
             baseline: tuple[str, int] | None = None
-            if pattern not in self._last and not self._wanted(pattern) and self._client:
+            if not self._wanted(pattern) and self._client is not None:
                 with contextlib.suppress(BusUnavailable):
                     baseline = await self._meta(pattern) or ("", 0)
             self._exact[pattern] = None
@@ -901,8 +940,10 @@ class RedisBus(Bus):
                 with self._resubscribe_on_failure("subscribe"):
                     await ps.subscribe(self._channel(pattern))
             if baseline is not None:
-                with contextlib.suppress(trio.WouldBlock):
-                    self._inbox_send.send_nowait(_Baseline(pattern, *baseline))
+                state = self._last.get(pattern)
+                # Keep what live messages (necessarily newer) established meanwhile.
+                if state is None or (state[0] == baseline[0] and state[1] < baseline[1]):
+                    self._remember(pattern, *baseline)
 
     async def unwatch(self, pattern: str) -> None:
         async with self._sub_lock:

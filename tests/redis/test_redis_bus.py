@@ -337,3 +337,30 @@ async def test_overload_resets_the_subscription_and_catches_up(redis_server: Red
         await wait_until(lambda: len(ra.offsets("flood.t")) == 50, within=10, what="all 50")
         assert ra.offsets("flood.t") == list(range(1, 51))
         assert False in ra.states, "the overloaded subscriber should have been reset"
+
+
+async def test_a_position_is_read_only_after_its_delivery(redis_server: RedisServer) -> None:
+    async with (
+        running_bus(redis_server.url, node="a") as (a, ra),
+        running_bus(redis_server.url, node="b") as (b, _),
+    ):
+        await a.watch("seam.t")
+        await b.publish("seam.t", "1", None)
+        await wait_until(lambda: ra.offsets("seam.t") == [1])
+        deliver = a._deliver
+
+        async def slow_deliver(pub: Publication) -> None:
+            await trio.sleep(0.3)
+            await deliver(pub)
+
+        a._deliver = slow_deliver  # type: ignore[method-assign]
+        await b.publish("seam.t", "2", None)
+        # The worker stitches history and live publications at the position it reads: that
+        # position must not be ahead of what it was handed.
+        position = await a.position("seam.t")
+        assert position.offset == 2
+        assert ra.offsets("seam.t") == [1, 2]
+        await b.publish("seam.t", "3", None)
+        result = await a.history("seam.t", StreamPosition(2, position.epoch), None)
+        assert [p.offset for p in result.publications] == [3]
+        assert ra.offsets("seam.t") == [1, 2, 3]

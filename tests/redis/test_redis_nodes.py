@@ -19,10 +19,15 @@ from .conftest import RedisServer
 
 @contextlib.contextmanager
 def two_nodes(
-    tmp_path: Path, redis: RedisServer, *, workers: int = 1, **bus: Any
+    tmp_path: Path,
+    redis: RedisServer,
+    *,
+    workers: int = 1,
+    extra: dict[str, Any] | None = None,
+    **bus: Any,
 ) -> Iterator[tuple[BrokerProcess, BrokerProcess]]:
     def config(node: str) -> dict[str, Any]:
-        return {"server": {"node_id": node}, "bus": {"url": redis.url, **bus}}
+        return {"server": {"node_id": node}, "bus": {"url": redis.url, **bus}, **(extra or {})}
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
