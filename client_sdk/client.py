@@ -357,14 +357,14 @@ class Client:
         Raises ``Forbidden``/``BadTopic``/``BadRequest`` (a ``ServerError``),
         ``RequestTimeout``, ``ConnectionLost``, ``ClientClosed``.
         """
-        with self._deadline(timeout) as deadline:
-            since = await self._resolve_since(topic, since, deadline)
+        with self._deadline(timeout):
+            since = await self._resolve_since(topic, since)
             frame: dict[str, Any] = {"op": "history", "topic": topic}
             if since is not None:
                 frame["since"] = since_field(since)
             if limit is not None:
                 frame["limit"] = limit
-            fields = await self._request(frame, deadline.deadline - trio.current_time())
+            fields = await self._request(frame, math.inf)  # bounded by the deadline above
             raw = fields.get("messages")
             try:
                 if not isinstance(raw, list):
@@ -527,14 +527,12 @@ class Client:
             return reply.fields
         raise RequestTimeout(f"no reply to {frame['op']} within the timeout")
 
-    async def _resolve_since(
-        self, topic: str, since: Position | None, deadline: trio.CancelScope
-    ) -> Position | None:
-        """A ``since`` without an epoch means "the topic's current epoch": ask for it."""
+    async def _resolve_since(self, topic: str, since: Position | None) -> Position | None:
+        """A ``since`` without an epoch means "the topic's current epoch": ask for it (the
+        caller's deadline bounds the request)."""
         if since is None or since.epoch is not None:
             return since
-        remaining = deadline.deadline - trio.current_time()
-        fields = await self._request({"op": "history", "topic": topic, "limit": 1}, remaining)
+        fields = await self._request({"op": "history", "topic": topic, "limit": 1}, math.inf)
         return Position(since.offset, str(fields.get("epoch")))
 
     # ----------------------------------------------------------------- subscriptions
@@ -545,13 +543,11 @@ class Client:
             raise BadRequest(f"already subscribed to {sub.topic!r} on this client")
         if sub._since is not None and is_pattern(sub.topic):
             raise BadRequest(f"'since' needs an exact topic, not the pattern {sub.topic!r}")
-        with self._deadline(sub._timeout) as deadline:
+        with self._deadline(sub._timeout):
             leaving = self._leaving.get(sub.topic)
             if leaving is not None:
                 await leaving._idle.wait()
-            sub.tracker = Tracker(
-                sub.topic, await self._resolve_since(sub.topic, sub._since, deadline)
-            )
+            sub.tracker = Tracker(sub.topic, await self._resolve_since(sub.topic, sub._since))
             if sub.topic in self._subs:
                 raise BadRequest(f"already subscribed to {sub.topic!r} on this client")
             self._subs[sub.topic] = sub
@@ -563,8 +559,8 @@ class Client:
                 await sub._settled.wait()
             finally:
                 if not sub._confirmed:
-                    # Closed, so that a confirmation still on its way is undone (the hook
-                    # unsubscribes) rather than leaving the broker holding it.
+                    # Closed, so that a confirmation still on its way is undone (see
+                    # _subscribe_once) rather than leaving the broker holding it.
                     self._forget(sub)
                     sub._finish(None)
             if sub._error is not None:
@@ -608,7 +604,6 @@ class Client:
             frame["since"] = since_field(sent)
         if sub.presence:
             frame["presence"] = True
-        sub._sent_gen = gen
 
         def hook(reply: Reply) -> None:
             if sub._closed:
@@ -644,6 +639,10 @@ class Client:
         if not sub._inflight:
             sub._idle = trio.Event()
         sub._inflight += 1
+        # Marked now, not when the task runs: whoever looks next (the connection's sweep for
+        # late subscriptions, or _open) must not send a second subscribe, which the broker
+        # would refuse as a duplicate.
+        sub._sent_gen = gen
         nursery.start_soon(self._subscribe_task, ws, sub, gen)
 
     async def _unsubscribe(self, sub: Subscription) -> None:

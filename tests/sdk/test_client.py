@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -581,3 +582,35 @@ async def test_every_acknowledged_publication_is_delivered_or_reported(tmp_path:
         # only the old epoch's tail can be lost, and the gap says it may be
         assert all(not after and n > max(old_epoch_values) for n, after in missing), missing
         assert sum(after for _, after in acked) > 20 and len(acked) > 50
+
+
+async def test_subscriptions_made_while_reconnecting_are_made_once(broker: BrokerProcess) -> None:
+    proxy = CuttableProxy(broker.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        async with (
+            client_sdk.connect(
+                proxy.url, token=broker.token("a"), backoff_base=0.01, backoff_max=0.05
+            ) as client,
+            AsyncExitStack() as stack,
+        ):
+            for i in range(5):  # existing ones, re-made while the new ones arrive
+                await stack.enter_async_context(client.subscribe(f"old.{i}"))
+            proxy.blocked = True
+            proxy.cut()
+            await wait_for_state(client, ConnectionState.RECONNECTING)
+            subs: dict[int, Subscription] = {}
+
+            async def join(i: int) -> None:
+                await trio.sleep(i * 0.004)
+                subs[i] = await stack.enter_async_context(client.subscribe(f"new.{i}"))
+
+            async with trio.open_nursery() as joining:
+                for i in range(30):
+                    joining.start_soon(join, i)
+                await trio.sleep(0.03)
+                proxy.blocked = False
+            for i, sub in subs.items():
+                await client.publish(f"new.{i}", i)
+                assert [getattr(e, "data", e) for e in await take(sub, 1)] == [i]
+        nursery.cancel_scope.cancel()
