@@ -114,6 +114,7 @@ class Worker:
         self.handshake_counts = [0] * (len(HANDSHAKE_BUCKETS) + 1)
         self.handshake_sum = 0.0
         self.connections_total = 0
+        self.bytes_in_closed = 0
         self.errors: Counter[str] = Counter()
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
@@ -144,7 +145,8 @@ class Worker:
             "publications_in": self.router.publications_in,
             "deliveries_out": self.router.deliveries,
             "bytes_out": self.flusher.bytes_written,
-            "bytes_in": sum(s.stream.bytes_received for s in self.sessions.values()),
+            "bytes_in": self.bytes_in_closed
+            + sum(s.stream.bytes_received for s in self.sessions.values()),
             "connections_total": self.connections_total,
             "closes": {str(k): v for k, v in self.closes.items()},
             "auth_failures": dict(self.auth_failures),
@@ -316,6 +318,8 @@ class Worker:
                 self.handshaking -= 1
             else:
                 self.sessions.pop(conn_id, None)
+                # A counter must never go down: keep what closed connections received.
+                self.bytes_in_closed += session.stream.bytes_received
                 self._sessions_changed.set()
 
     def _slow(self, session: Session) -> Callable[[str], None]:
