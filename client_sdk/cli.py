@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OFFSET[:EPOCH]",
         help="replay what came after OFFSET first (0: all the history held); exact topics only",
     )
-    sub.add_argument("--presence", action="store_true", help="also print joins and leaves")
+    sub.add_argument(
+        "--presence", action="store_true", help="also print joins and leaves (exact topics)"
+    )
     sub.add_argument("-n", "--count", type=int, metavar="N", help="exit after N messages")
     sub.add_argument("--data-only", action="store_true", help="print only each message's data")
     _common(sub, suppress=True)
@@ -270,7 +272,8 @@ async def _cmd_sub(args: argparse.Namespace) -> int:
         if since is not None and is_pattern(topic):
             raise _Usage(f"--since needs exact topics; {topic!r} is a pattern")
         if args.presence and is_pattern(topic):
-            raise _Usage(f"--presence needs exact topics; {topic!r} is a pattern")
+            # Not an error: `sub 'chat.>' room.1 --presence` still gets presence where it can.
+            _err(f"pubsub: note: presence events exist for exact topics only, not {topic!r}")
     cm = _connect(args, reconnect=True)
     seen = 0
     # A message matched by two of the TOPIC arguments reaches both subscriptions; print it once.
@@ -280,7 +283,9 @@ async def _cmd_sub(args: argparse.Namespace) -> int:
         for topic in dict.fromkeys(args.topics):  # a topic named twice is subscribed once
             subs.append(
                 await stack.enter_async_context(
-                    client.subscribe(topic, since=since, presence=args.presence)
+                    client.subscribe(
+                        topic, since=since, presence=args.presence and not is_pattern(topic)
+                    )
                 )
             )
 

@@ -101,13 +101,14 @@ def test_sub_since_history_and_presence(broker: BrokerProcess) -> None:
     assert [m["data"] for m in lines(stale.stdout)] == [1, 2, 3, 4, 5]
     [gap] = [json.loads(line)["gap"] for line in stale.stderr.splitlines()]
     assert gap["epoch_changed"] is True and gap["previous_offset"] == 3
-    with background(["sub", "log", "--presence"], env_for(broker, "watcher")) as watcher:
+    with background(["sub", "log", "l.>", "--presence"], env_for(broker, "watcher")) as watcher:
         wait_subscribed(broker, "log", "watcher")
         presence = run(["presence", "log"], env)
         assert (presence.returncode, presence.stdout) == (0, "watcher\n")
         watcher.send_signal(signal.SIGTERM)
-        out, _ = watcher.communicate(timeout=10)
+        out, err = watcher.communicate(timeout=10)
         assert watcher.returncode == 0, "SIGTERM is how sub is stopped: exit 0"
+        assert "exact topics only, not 'l.>'" in err
         assert lines(out)[0] == {"presence": "join", "topic": "log", "client": "watcher"}
 
 
