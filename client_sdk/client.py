@@ -72,6 +72,7 @@ from client_sdk.errors import (
     RequestTimeout,
     SubscriptionClosed,
     TokenError,
+    TooLarge,
     error_from_reply,
 )
 from client_sdk.models import (
@@ -146,6 +147,7 @@ class _Retry(Exception):
 @attrs.define
 class _Pending:
     hook: Callable[[Reply], None] | None
+    size: int = 0  # bytes of the request's frame
     done: trio.Event = attrs.field(factory=trio.Event)
     reply: Reply | None = None
     error: PubSubError | None = None
@@ -498,7 +500,7 @@ class Client:
         """
         rid = next(self._ids)
         text = encode({**frame, "id": rid})
-        pending = _Pending(hook)
+        pending = _Pending(hook, len(text.encode()))
         self._pending[rid] = pending
         try:
             try:
@@ -892,6 +894,14 @@ class Client:
         finally:
             self._ws = None
             self._conn_nursery = None
+            code = self._close_info[0] if self._close_info else 1006
+            if code == 1009 and self._pending:
+                # The broker closed on a frame over its max_message_size: the largest request
+                # in flight was it, and it was not executed; say so instead of "unknown".
+                rid = max(self._pending, key=lambda r: self._pending[r].size)
+                culprit = self._pending.pop(rid)
+                culprit.error = TooLarge("the request exceeded the broker's max_message_size")
+                culprit.done.set()
             self._fail_pending(ConnectionLost("connection lost; outcome unknown"))
         return self._close_info or (1006, None)
 
