@@ -3,6 +3,7 @@ async client, and it never leaves a thread behind."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -147,4 +148,36 @@ def test_a_forgotten_client_is_closed_at_exit(broker: BrokerProcess) -> None:
     assert done.stdout == "published\n"
     assert time.monotonic() - began < 10
     closed = broker.wait_for("disconnect", client="forgetful")
+    assert (closed["code"], closed["initiator"]) == (1000, "client")
+
+
+def test_ctrl_c_in_a_blocking_loop_exits_at_once_and_closes(broker: BrokerProcess) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import client_sdk.sync
+        with client_sdk.sync.connect(sys.argv[1], token=sys.argv[2]) as client:
+            print("ready", flush=True)
+            for event in client.subscribe("t"):
+                pass
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, broker.url, broker.token("looper")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "KeyboardInterrupt" in err
+    closed = broker.wait_for("disconnect", client="looper")
     assert (closed["code"], closed["initiator"]) == (1000, "client")
