@@ -21,6 +21,7 @@ import trio
 from client_sdk._protocol import is_pattern
 from client_sdk.client import Client, Subscription, connect
 from client_sdk.errors import (
+    AuthenticationFailed,
     ConnectionFailed,
     PubSubError,
     RateLimited,
@@ -437,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if isinstance(leaf, PubSubError | _Usage):
             _err(f"pubsub: error: {leaf}")
+            if isinstance(leaf, AuthenticationFailed) and not args.token:
+                _err("pubsub: hint: give a token with --token or PUBSUB_TOKEN")
             return exit_code(leaf)
         raise
 
