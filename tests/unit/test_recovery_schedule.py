@@ -127,7 +127,7 @@ async def test_random_schedule_accounts_for_every_offset(
                 continue
             # Every offset after the first subscription, exactly once, in order.
             covered: list[int] = []
-            for kind, a, b in sub.view:
+            for _kind, a, b in sub.view:
                 covered.extend(range(a, b + 1))
             expected_end = sub.position["offset"] if sub.position else sub.start
             assert covered == list(range(sub.start + 1, expected_end + 1)), (
