@@ -549,7 +549,7 @@ class Client:
             leaving = self._leaving.get(sub.topic)
             if leaving is not None:
                 await leaving._idle.wait()
-            sub.tracker = Tracker(sub.topic, await self._resolve_since(sub.topic, sub._since))
+            sub._tracker = Tracker(sub.topic, await self._resolve_since(sub.topic, sub._since))
             if sub.topic in self._subs:
                 raise BadRequest(f"already subscribed to {sub.topic!r} on this client")
             self._subs[sub.topic] = sub
@@ -598,8 +598,8 @@ class Client:
     async def _subscribe_once(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
         """The reply is digested by the hook, in the reader, before any publication that
         follows it. Raises ConnectionLost."""
-        assert sub.tracker is not None
-        tracker = sub.tracker
+        assert sub._tracker is not None
+        tracker = sub._tracker
         sent = tracker.since()
         frame: dict[str, Any] = {"op": "subscribe", "topic": sub.topic}
         if sent is not None:
@@ -659,12 +659,12 @@ class Client:
 
     def _route(self, msg: Message) -> None:
         for sub in list(self._subs.values()):
-            if sub._active_gen != self._gen or sub.tracker is None:
+            if sub._active_gen != self._gen or sub._tracker is None:
                 continue
             if sub.topic == msg.topic or (
-                sub.tracker.wildcard and topic_matches(sub.topic, msg.topic)
+                sub._tracker.wildcard and topic_matches(sub.topic, msg.topic)
             ):
-                for event in sub.tracker.message(msg):
+                for event in sub._tracker.message(msg):
                     if isinstance(event, Gap):
                         log.warning("gap on %s: %s", sub.topic, event.describe())
                     sub._push(event)
@@ -1030,7 +1030,7 @@ class Subscription:
         self.strict = strict
         self._since = since
         self._timeout = timeout
-        self.tracker: Tracker | None = None
+        self._tracker: Tracker | None = None
         self._queue: deque[Event] = deque()
         self._wakeup = trio.Event()
         self._settled = trio.Event()
@@ -1042,15 +1042,17 @@ class Subscription:
         self._closed = False
         self._entered = False
         self._error: PubSubError | None = None
+        #: Publications dropped because the application did not keep up (see ``max_buffer``);
+        #: each run of them was reported as a ``Gap`` with reason ``"overflow"``.
         self.dropped = 0
 
     @property
     def position(self) -> Position | None:
         """The last position delivered on this exact topic (persist it to resume later with
         ``since``); ``None`` for patterns."""
-        if self.tracker is None or self.tracker.wildcard:
+        if self._tracker is None or self._tracker.wildcard:
             return None
-        return self.tracker.positions.get(self.topic)
+        return self._tracker.positions.get(self.topic)
 
     @property
     def pending(self) -> int:
