@@ -4,6 +4,8 @@ what a subscription yields (messages in order, no duplicates, explicit gaps)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from client_sdk._protocol import (
     ProtocolViolation,
@@ -154,3 +156,32 @@ def test_wildcard_reconnect_is_reported_as_a_possible_gap() -> None:
     [gap] = t.subscribed({"offset": None, "epoch": None}, None)
     assert gap.reason == "wildcard_reconnect" and gap.topic == "chat.*" and gap.count is None
     assert "possibly" in gap.describe()
+
+
+@given(
+    st.lists(st.integers(min_value=1, max_value=40), max_size=80),
+    st.integers(min_value=0, max_value=5),
+)
+def test_tracker_output_is_ordered_unique_and_gaps_cover_exactly_the_missing(
+    arrivals: list[int], start: int
+) -> None:
+    """Whatever order, duplicates and losses the wire shows, a subscription yields increasing
+    offsets, each once, and every offset it skipped is named by exactly one gap."""
+    t = Tracker("chat.a")
+    t.subscribed({"offset": start, "epoch": "e1"}, None)
+    delivered: list[int] = []
+    covered: list[int] = []
+    for offset in arrivals:
+        for event in t.message(msg(offset)):
+            if isinstance(event, Message):
+                delivered.append(event.offset)
+            else:
+                assert isinstance(event, Gap) and event.reason == "offset_jump"
+                assert event.from_offset is not None and event.to_offset is not None
+                covered.extend(range(event.from_offset, event.to_offset + 1))
+    assert delivered == sorted(set(delivered)) and all(o > start for o in delivered)
+    if delivered:
+        expected_missing = sorted(set(range(start + 1, delivered[-1] + 1)) - set(delivered))
+        assert covered == expected_missing
+    else:
+        assert covered == []
