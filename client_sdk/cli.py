@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     hist.add_argument("topic", metavar="TOPIC")
-    hist.add_argument("--limit", type=int, metavar="N", help="at most N messages (1..1000)")
+    hist.add_argument(
+        "--limit", type=int, metavar="N", help="the first N (oldest) messages (1..1000)"
+    )
     hist.add_argument("--since", metavar="OFFSET[:EPOCH]", help="only those after OFFSET")
     _common(hist, suppress=True)
 

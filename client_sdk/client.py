@@ -354,7 +354,8 @@ class Client:
         """Fetch the publications the broker still holds for exact ``topic``, oldest first.
 
         ``since``: only those after this position (``epoch=None``: the current epoch); ``limit``:
-        at most this many (the broker allows 1..1000, default 100).
+        at most this many, counted from the oldest (the broker allows 1..1000, default 100), so
+        pages are read forward with ``since`` = the last message's position.
 
         Raises ``Forbidden``/``BadTopic``/``BadRequest`` (a ``ServerError``),
         ``RequestTimeout``, ``ConnectionLost``, ``ClientClosed``.
