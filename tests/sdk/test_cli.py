@@ -164,3 +164,14 @@ def test_help_shows_examples_and_exit_codes() -> None:
     assert "PUBSUB_URL" in done.stdout and "pubsub sub chat.room1" in done.stdout
     sub_help = run(["sub", "--help"], dict(os.environ))
     assert "--since" in sub_help.stdout and "--presence" in sub_help.stdout
+
+
+def test_pub_from_stdin_slows_down_to_the_rate_limit(tmp_path: Path) -> None:
+    config = {"limits": {"publish_rate": 20.0, "publish_burst": 2}}
+    with BrokerProcess.start(tmp_path, config) as b:
+        env = env_for(b)
+        done = run(["pub", "burst", "-v"], env, stdin="".join(f"{i}\n" for i in range(12)))
+        assert done.returncode == 0, done.stderr
+        assert [m["offset"] for m in lines(done.stdout)] == list(range(1, 13))
+        history = run(["history", "burst"], env)
+        assert [m["data"] for m in lines(history.stdout)] == list(range(12))
