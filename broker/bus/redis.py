@@ -36,7 +36,10 @@ catches up from history instead of buffering without limit). Per topic the task 
 last ``(epoch, offset)`` it delivered: duplicates (an exact and a wildcard subscription both
 matching) are dropped, and a gap (messages lost while disconnected, or a late subscription) is
 filled from the history stream before the publication that revealed it, so each worker sees
-every topic in offset order.
+every topic in offset order. A position read from Redis may be ahead of the subscriber
+connection; :meth:`RedisBus.position` and :meth:`RedisBus.history` of a watched topic return
+only once the publications up to that position were handed to the worker, which stitches a
+subscription's replayed history and its live publications at that position.
 
 **Presence.** Each connection's entry expires ``presence_ttl`` seconds after its last refresh;
 every bus refreshes its own entries every ``presence_ttl / 3``. Scripts emit ``join`` when a
@@ -518,14 +521,23 @@ class RedisBus(Bus):
         client = self._client
         if client is None or not self._up:
             raise BusUnavailable(f"redis is unavailable ({what})")
+        failure: BaseException | None = None
         try:
             with trio.fail_after(self._timeout):
                 yield client
-        except* trio.TooSlowError:
-            raise BusUnavailable(f"redis did not answer {what} within {self._timeout}s") from None
         except* _redis_failures() as group:
-            first = _leaf(group)
-            raise BusUnavailable(f"redis {what} failed: {first!r}") from first
+            # Several failures at once (a timeout and a lost connection) still make one
+            # BusUnavailable; anything else propagates unchanged.
+            failure = _leaf(group)
+        except* RuntimeError as group:
+            # coredis's "connection pool has exited": the connection was lost meanwhile.
+            if self._client is client:
+                raise
+            failure = _leaf(group)
+        if failure is not None:
+            if isinstance(failure, trio.TooSlowError):
+                raise BusUnavailable(f"redis did not answer {what} within {self._timeout}s")
+            raise BusUnavailable(f"redis {what} failed: {failure!r}") from failure
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         with self._ops(name) as client:
@@ -740,9 +752,7 @@ class RedisBus(Bus):
         if position.offset == 0 or not self._wanted(topic):
             return
         state = self._last.get(topic)
-        if state is None:
-            return  # nothing delivered for it yet: nothing for the worker to drop either
-        if state[0] == position.epoch and state[1] >= position.offset:
+        if state is not None and state[0] == position.epoch and state[1] >= position.offset:
             return
         event = trio.Event()
         entry = (position.epoch, position.offset, event)
@@ -751,13 +761,16 @@ class RedisBus(Bus):
         try:
             with trio.move_on_after(0.05):
                 await event.wait()
-            if not event.is_set():
+            # Without a state (only a wildcard brought the topic here, and nothing of it yet)
+            # there is no knowing what the worker already had: give a publication in flight
+            # that moment to land, and no more.
+            if not event.is_set() and state is not None:
                 with contextlib.suppress(trio.WouldBlock):
                     self._inbox_send.send_nowait(_CatchUp(topic))
                 with trio.move_on_after(self._timeout):
                     await event.wait()
-            if not event.is_set():
-                log.info("bus_delivery_lagging", topic=topic, offset=position.offset)
+                if not event.is_set():
+                    log.info("bus_delivery_lagging", topic=topic, offset=position.offset)
         finally:
             waiters.remove(entry)
             if not waiters:
