@@ -716,6 +716,10 @@ class Agent:
                 self.close(conn)
             self.ctl.send({"ok": True})
         elif kind == "exit":
+            # reset rather than close: no TIME_WAIT left behind to eat the ephemeral ports
+            # that the next workload's thousands of connections need
+            for conn in list(self.conns.values()):
+                self.close(conn)
             self.stop = True
 
     def run(self) -> None:

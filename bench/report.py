@@ -53,6 +53,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("server_cpu_us_per_connect", "server CPU µs/connect", False),
         ("loadgen_cpu_us_per_connect", "loadgen CPU µs/connect", False),
         ("failed", "failed", False),
+        ("other_cpu_pct", "other CPU %", False),
     ],
     "topics": [
         ("deliveries_per_s", "deliveries/s", True),

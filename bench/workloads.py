@@ -258,7 +258,7 @@ def connect_rate(
             timeout=60,
         )
         pids = server.pids()
-        c0, g0 = server.cpu_seconds(pids), gen.cpu_seconds()
+        c0, g0, m0 = server.cpu_seconds(pids), gen.cpu_seconds(), machine_busy_seconds()
         replies = gen.call_all(
             gen.subscriber_agents,
             kind="churn",
@@ -268,7 +268,7 @@ def connect_rate(
             topics=None,
             timeout=120,
         )
-        c1, g1 = server.cpu_seconds(pids), gen.cpu_seconds()
+        c1, g1, m1 = server.cpu_seconds(pids), gen.cpu_seconds(), machine_busy_seconds()
     ok = sum(r["ok"] for r in replies)
     elapsed = max(r["elapsed"] for r in replies)
     return {
@@ -280,6 +280,7 @@ def connect_rate(
         "connects_per_s": round(ok / elapsed),
         "server_cpu_us_per_connect": round(1e6 * (c1 - c0) / ok, 1) if ok else None,
         "loadgen_cpu_us_per_connect": round(1e6 * (g1 - g0) / ok, 1) if ok else None,
+        "other_cpu_pct": round(100 * ((m1 - m0) - (c1 - c0) - (g1 - g0)) / elapsed, 1),
         "errors": {k: v for r in replies for k, v in r["errors"].items()},
     }
 
