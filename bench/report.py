@@ -12,6 +12,7 @@ __all__ = ["chart", "headline", "markdown", "ratios", "targets"]
 BROKERS = ("broker-1w", "broker-2w")
 PEERS = ("nats", "socketio")
 
+NAMES = {"broker-1w": "1 worker", "broker-2w": "2 workers", "nats": "NATS", "socketio": "Socket.IO"}
 LABELS = {
     "broker-1w": "trio-pubsub\n1 worker",
     "broker-2w": "trio-pubsub\n2 workers",
@@ -202,6 +203,36 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+SUMMARY = [
+    ("fanout", "cpu_us_per_delivery", "fan-out: server CPU µs per delivery"),
+    ("fanout", "deliveries_per_s", "fan-out: deliveries/s"),
+    ("latency", "p99_ms", "latency p99 ms (100,000 deliveries/s)"),
+    ("idle", "pss_kib_per_connection", "idle: KiB per connection (PSS)"),
+    ("idle", "broadcast_median_ms", "idle: one broadcast to all, ms"),
+    ("connect", "connects_per_s", "connects/s with token check"),
+    ("topics", "cpu_us_per_delivery", "many topics: server CPU µs per delivery"),
+    ("topics", "deliveries_per_s", "many topics: deliveries/s"),
+]
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """One line per headline figure: every server, then the broker / peer ratios."""
+    pairs = [(b, p) for b in BROKERS for p in PEERS]
+    head = "| figure | " + " | ".join(NAMES[n] for n in (*BROKERS, *PEERS))
+    head += " | " + " | ".join(f"{NAMES[b]} / {NAMES[p]}" for b, p in pairs) + " |"
+    lines = [head, "|---|" + "---|" * (len(BROKERS) + len(PEERS) + len(pairs))]
+    for workload, key, label in SUMMARY:
+        if workload not in results:
+            continue
+        values = {n: _get(results, workload, n, key) for n in (*BROKERS, *PEERS)}
+        cells = [_fmt(values[n]) for n in (*BROKERS, *PEERS)]
+        for b, p in pairs:
+            bv, pv = values[b], values[p]
+            cells.append(f"{bv / pv:.2f}x" if bv is not None and pv else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(doc: dict[str, Any]) -> str:
     results = doc["workloads"]
     m = doc.get("machine", {})
@@ -218,6 +249,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"before the run it was {m.get('background_cpu_pct', '?')}%.",
         "",
     ]
+    lines += ["## Summary", "", *summary(results), ""]
     for workload, runs in results.items():
         metrics = METRICS.get(workload, [])
         lines += [f"## {TITLES.get(workload, workload)}", ""]
