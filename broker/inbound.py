@@ -18,6 +18,8 @@ class FrameLengthGuard:
     """Feed it every received byte; :attr:`violation` becomes the announced length of the first
     frame over ``limit`` (and stays set)."""
 
+    __slots__ = ("_header", "_in_head", "_skip", "_tail", "limit", "violation")
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.violation: int | None = None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import os
-from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -95,6 +94,26 @@ class SendQueue:
     the connection becomes a slow consumer; ``on_broken`` once when the socket fails.
     """
 
+    # Slots: tens of thousands of these live at once, and a __dict__ each would cost ~1 KiB.
+    __slots__ = (
+        "_chunks",
+        "_draining",
+        "_flusher",
+        "_head",
+        "_nursery",
+        "_socket",
+        "_state",
+        "_stream",
+        "_waiters",
+        "appended",
+        "max_bytes",
+        "on_broken",
+        "on_slow",
+        "queued",
+        "settled",
+        "write_timeout",
+    )
+
     def __init__(
         self,
         flusher: Flusher,
@@ -111,7 +130,9 @@ class SendQueue:
         self.write_timeout = write_timeout
         self.on_slow = on_slow
         self.on_broken = on_broken
-        self._chunks: deque[bytes] = deque()
+        # Plain lists, not deques: an idle connection's empty deque costs a 500-byte block,
+        # and a list that is written whole is handed to writev as it is.
+        self._chunks: list[bytes] = []
         self._head = 0  # bytes of _chunks[0] already written
         self.queued = 0  # bytes in _chunks not yet written
         self.appended = 0  # bytes ever queued
@@ -119,7 +140,7 @@ class SendQueue:
         self._state = _State.IDLE
         self._socket: trio.socket.SocketType | None = None
         self._stream: trio.abc.Stream | None = None
-        self._waiters: deque[tuple[int, trio.Event]] = deque()
+        self._waiters: list[tuple[int, trio.Event]] = []
         self._draining = False
 
     def attach(self, stream: trio.abc.Stream) -> None:
@@ -209,23 +230,32 @@ class SendQueue:
         self._state = _State.CLOSED
         self._chunks.clear()
         self.queued = 0
-        while self._waiters:
-            self._waiters.popleft()[1].set()
+        waiters, self._waiters = self._waiters, []
+        for _, event in waiters:
+            event.set()
 
     def _advance(self, n: int) -> None:
         """Drop ``n`` written bytes from the front of the queue."""
         self.queued -= n
         chunks = self._chunks
         n += self._head
-        while chunks and n >= len(chunks[0]):
-            n -= len(chunks.popleft())
+        done = 0
+        for chunk in chunks:
+            if n < len(chunk):
+                break
+            n -= len(chunk)
+            done += 1
+        if done == len(chunks):
+            chunks.clear()
+        else:
+            del chunks[:done]
         self._head = n
 
     def _settle(self, n: int) -> None:
         self.settled += n
         waiters = self._waiters
         while waiters and waiters[0][0] <= self.settled:
-            waiters.popleft()[1].set()
+            waiters.pop(0)[1].set()
 
     def _write_nonblocking(self) -> bool | None:
         """One ``writev`` of what is queued. True: all written; False: the socket is full;
@@ -237,16 +267,12 @@ class SendQueue:
             self._fail("socket closed")
             return None
         chunks = self._chunks
-        if len(chunks) == 1 and not self._head:
-            bufs: list[bytes | memoryview] = [chunks[0]]
+        bufs: list[bytes] | list[memoryview]
+        if not self._head and len(chunks) <= IOV_MAX:
+            bufs = chunks  # the common case: no copy of the list at all
         else:
-            bufs = [memoryview(chunks[0])[self._head :]]
-            for i, chunk in enumerate(chunks):
-                if i == 0:
-                    continue
-                if i >= IOV_MAX:
-                    break
-                bufs.append(chunk)
+            bufs = [memoryview(c) for c in chunks[:IOV_MAX]]
+            bufs[0] = bufs[0][self._head :]
         try:
             n = os.writev(fd, bufs)
         except BlockingIOError:
@@ -335,6 +361,8 @@ class SendQueue:
 class QueuedStream(trio.abc.Stream):
     """The stream handed to trio-websocket: reads pass through (and note the time, for the
     idle timer), writes go into the connection's :class:`SendQueue`."""
+
+    __slots__ = ("bytes_received", "guard", "inner", "last_receive", "on_oversize", "queue")
 
     def __init__(self, inner: trio.abc.Stream, queue: SendQueue, *, max_frame: int) -> None:
         self.inner = inner

@@ -49,6 +49,8 @@ ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket
 class TokenBucket:
     """Publish rate limiting: ``rate`` tokens per second, at most ``burst`` saved up."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate
         self.burst = float(burst)
@@ -65,6 +67,27 @@ class TokenBucket:
 
 
 class Session:
+    # Slots: a worker holds tens of thousands of sessions; a __dict__ each costs ~1 KiB.
+    __slots__ = (
+        "_scope",
+        "bucket",
+        "close_code",
+        "close_reason",
+        "conn_id",
+        "expires_deadline",
+        "identity",
+        "key",
+        "next_ping",
+        "queue",
+        "started",
+        "stream",
+        "subs",
+        "timer_generation",
+        "violations",
+        "worker",
+        "ws",
+    )
+
     def __init__(
         self,
         worker: Worker,
@@ -85,11 +108,12 @@ class Session:
         self.started = now
         self.subs: dict[str, Subscription] = {}
         self.bucket = TokenBucket(cfg.limits.publish_rate, cfg.limits.publish_burst, now)
-        self.violations: deque[float] = deque()
+        self.violations: deque[float] | None = None  # made on the first error
         self.close_code: int | None = None
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None
-        self._deadline_changed = trio.Event()
+        self.timer_generation = 0
+        self.next_ping = now + cfg.timeouts.ping_interval
         self.expires_deadline = math.inf
         if identity is not None:
             self._set_expiry(identity)
@@ -106,11 +130,10 @@ class Session:
                     scope.cancel()
                 if self.identity is not None:
                     self._welcome()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._timer)
-                    await self._read_loop()
-                    nursery.cancel_scope.cancel()
+                self._reschedule()
+                await self._read_loop()
         finally:
+            self.worker.deadlines.cancel(self)
             with trio.CancelScope(shield=True):
                 await self._cleanup()
                 await self._finish_close(cfg.timeouts.write_timeout)
@@ -176,6 +199,8 @@ class Session:
         self.worker.count_error(code)
         now = trio.current_time()
         v = self.violations
+        if v is None:
+            v = self.violations = deque()
         v.append(now)
         while v and v[0] < now - VIOLATION_WINDOW:
             v.popleft()
@@ -203,34 +228,38 @@ class Session:
             self.expires_deadline = math.inf
         else:
             self.expires_deadline = trio.current_time() + (identity.expires_at - time.time())
-        self._deadline_changed.set()
 
-    async def _timer(self) -> None:
+    def _reschedule(self) -> None:
+        """(Re)compute when :meth:`on_deadline` is next due and tell the worker's deadlines."""
+        if self.close_code is None:
+            when = self.on_deadline(trio.current_time())
+            if when is not None:
+                self.worker.deadlines.schedule(self, when)
+
+    def on_deadline(self, now: float) -> float | None:
+        """Called by the worker's :class:`~broker.timers.Deadlines`: close the connection if
+        it has been idle, unauthenticated or expired too long, send a ping when one is due;
+        return when to be called next (None once closing)."""
+        if self.close_code is not None:
+            return None
         cfg = self.worker.config.timeouts
-        next_ping = trio.current_time() + cfg.ping_interval
-        while True:
-            now = trio.current_time()
-            idle_deadline = self.stream.last_receive + cfg.idle_timeout
-            if now >= idle_deadline:
-                self.close(p.CloseCode.IDLE_TIMEOUT, "idle timeout")
-                return
-            auth_deadline = math.inf
-            if self.identity is None:
-                auth_deadline = self.started + cfg.auth_timeout
-                if now >= auth_deadline:
-                    self.close(p.CloseCode.NOT_AUTHENTICATED, "not authenticated in time")
-                    return
-            if now >= self.expires_deadline:
-                self.close(p.CloseCode.TOKEN_EXPIRED, "token expired")
-                return
-            if now >= next_ping:
-                self.queue.send(p.PING_FRAME)
-                next_ping = now + cfg.ping_interval
-            self._deadline_changed = trio.Event()
-            with trio.move_on_at(
-                min(idle_deadline, auth_deadline, self.expires_deadline, next_ping)
-            ):
-                await self._deadline_changed.wait()
+        idle_deadline = self.stream.last_receive + cfg.idle_timeout
+        if now >= idle_deadline:
+            self.close(p.CloseCode.IDLE_TIMEOUT, "idle timeout")
+            return None
+        auth_deadline = math.inf
+        if self.identity is None:
+            auth_deadline = self.started + cfg.auth_timeout
+            if now >= auth_deadline:
+                self.close(p.CloseCode.NOT_AUTHENTICATED, "not authenticated in time")
+                return None
+        if now >= self.expires_deadline:
+            self.close(p.CloseCode.TOKEN_EXPIRED, "token expired")
+            return None
+        if now >= self.next_ping:
+            self.queue.send(p.PING_FRAME)
+            self.next_ping = now + cfg.ping_interval
+        return min(idle_deadline, auth_deadline, self.expires_deadline, self.next_ping)
 
     # --- input --------------------------------------------------------------------------
 
@@ -291,6 +320,7 @@ class Session:
         if self.identity is None:
             self.identity = identity
             self._set_expiry(identity)
+            self._reschedule()
             structlog.contextvars.bind_contextvars(client=identity.client)
             log.info("authenticated", source="inband")
             self._welcome()
@@ -301,6 +331,7 @@ class Session:
                 )
             self.identity = identity
             self._set_expiry(identity)
+            self._reschedule()
             for pattern in self.subs:
                 if not identity.subscribe.allows_pattern(pattern):
                     self.close(

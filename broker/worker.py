@@ -33,6 +33,7 @@ from broker.protocol import CloseCode
 from broker.router import Router
 from broker.sendqueue import Flusher, QueuedStream, SendQueue
 from broker.session import Session
+from broker.timers import Deadlines
 
 __all__ = ["Worker", "make_listen_socket"]
 
@@ -97,6 +98,7 @@ class Worker:
         self.verifier = TokenVerifier(config.auth)
         self.router = Router()
         self.flusher = Flusher()
+        self.deadlines = Deadlines()
         handlers = BusHandlers(
             self.router.on_publication, self.router.on_presence, self._on_bus_state
         )
@@ -204,9 +206,7 @@ class Worker:
             socks = [make_listen_socket(host, port)]
         ports = [s.getsockname()[1] for s in socks]
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.bus.run)
-            nursery.start_soon(self.flusher.run)
-            nursery.start_soon(self._closer)
+            await nursery.start(self.services)
             self._accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, self.listeners(socks), nursery)
             log.info(
@@ -214,6 +214,19 @@ class Worker:
             )
             task_status.started(ports)
             await trio.sleep_forever()
+
+    async def services(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run what every connection of this worker shares: the bus, the flusher, the
+        deadlines and the slow-consumer closer. Started by :meth:`serve` (and by tests that
+        feed the worker in-memory streams)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run)
+            nursery.start_soon(self.flusher.run)
+            nursery.start_soon(self.deadlines.run)
+            nursery.start_soon(self._closer)
+            task_status.started()
 
     async def _accept(self, listeners: list[trio.abc.Listener[Any]], nursery: trio.Nursery) -> None:
         with self._accept_scope:

@@ -39,8 +39,7 @@ def token(sub: str = "alice", ttl: float = 3600, **claims: Any) -> str:
 @asynccontextmanager
 async def running(worker: Worker) -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as nursery:
-        await nursery.start(worker.bus.run)
-        nursery.start_soon(worker.flusher.run)
+        await nursery.start(worker.services)
         yield nursery
         nursery.cancel_scope.cancel()
 
