@@ -103,10 +103,10 @@ trio-pubsub development broker (config: {path})
   WebSocket:  {url}
   token (user "dev-user", 24 h, may publish and subscribe to everything):
     {token}
-  try it:
-    .venv/bin/python -m websockets '{url}?token={token}'
-    then type: {{"op":"subscribe","topic":"chat.>","id":1}}
-          and: {{"op":"publish","topic":"chat.room1","data":"hello","id":2}}
+  try it, in two more terminals:
+    export PUBSUB_URL={url} PUBSUB_TOKEN={token}
+    .venv/bin/pubsub sub 'chat.>'
+    .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
   demo page:  http://{config.server.http_listen}/demo/?token={token}
   more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
 """,
