@@ -241,7 +241,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Run {doc.get('started', '')}{' (quick)' if doc.get('quick') else ''}, "
         f"{doc.get('seconds', '?')} s; {m.get('cpus')} CPUs ({m.get('cpu_model', '')}), "
-        f"Python {m.get('python')}, {m.get('nats_server')}, node {m.get('node')}.",
+        f"Python {m.get('python')}, {m.get('nats_server')}, node {m.get('node')}; "
+        f"`{doc.get('command', 'python -m bench.run')}`.",
         "Every server ran alone on 127.0.0.1 against the same raw-socket load generator. "
         "CPU is utime + stime of the server's whole process tree; ratios are "
         "broker / peer (below 1 is better for times and CPU, above 1 for rates). "

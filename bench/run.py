@@ -89,12 +89,24 @@ def background_cpu_pct(seconds: float = 1.0) -> float:
 
 
 class Suite:
-    def __init__(self, workdir: Path, budget: float, quick: bool, peers: bool) -> None:
+    def __init__(
+        self, workdir: Path, budget: float, quick: bool, peers: bool, wait_quiet: float = 0.0
+    ) -> None:
         self.workdir = workdir
+        self.wait_quiet = wait_quiet
         self.deadline = time.monotonic() + budget
         self.quick = quick
         self.peers = peers
         self.results: dict[str, Any] = {}
+
+    def wait_until_quiet(self) -> float:
+        """With ``--wait-quiet S``: wait up to S seconds for the rest of the machine to use
+        under 25 % of a CPU. Returns the last sample."""
+        deadline = time.monotonic() + min(self.wait_quiet, max(0.0, self.remaining() - 60))
+        while True:
+            busy = background_cpu_pct(0.5)
+            if busy < 25 or time.monotonic() >= deadline:
+                return busy
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -126,6 +138,7 @@ class Suite:
             print(f"{workload:10} {name:12} skipped: time budget", flush=True)
             return
         adapter = "broker" if name.startswith("broker") else name
+        background = self.wait_until_quiet()
         t0 = time.monotonic()
         try:
             server = self.start(name)
@@ -144,6 +157,7 @@ class Suite:
                 return
             figures = run(server, adapter)
             figures["wall_s"] = round(time.monotonic() - t0, 1)
+            figures["background_cpu_pct_before"] = background
             runs[name] = figures
             print(f"{workload:10} {name:12} {report.headline(workload, figures)}", flush=True)
         except Exception as exc:
@@ -227,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller and shorter (a smoke run)")
     parser.add_argument("--skip-peers", action="store_true", help="only this broker")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all workloads")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each step wait up to S seconds for other processes to go quiet",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     only = {w.strip() for w in args.only.split(",") if w.strip()}
@@ -241,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the machine is busy ({background:.0f}% CPU in use by others)", flush=True)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="pubsub-bench-") as tmp:
-        suite = Suite(Path(tmp), args.budget, args.quick, not args.skip_peers)
+        suite = Suite(Path(tmp), args.budget, args.quick, not args.skip_peers, args.wait_quiet)
         try:
             suite.run(only)
         except KeyboardInterrupt:
@@ -250,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "quick": args.quick,
+        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {**machine(), "background_cpu_pct": background},
         "workloads": suite.results,
     }
