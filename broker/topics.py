@@ -32,48 +32,43 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_-]+\Z")
 K = TypeVar("K")
 
 
-def _check_common(text: object, what: str) -> list[str]:
+def _validate(text: object, *, wildcards: bool) -> str:
+    what = "topic pattern" if wildcards else "topic"
     if not isinstance(text, str):
         raise FrameError("bad_topic", f"{what} must be a string")
     size = len(text.encode("utf-8", "surrogatepass"))
     if not 1 <= size <= MAX_TOPIC_BYTES:
         raise FrameError("bad_topic", f"{what} must be 1 to {MAX_TOPIC_BYTES} bytes, not {size}")
-    return text.split(".")
+    segments = text.split(".")
+    for i, seg in enumerate(segments):
+        if _SEGMENT.match(seg):
+            continue
+        if seg in ("*", ">") and not wildcards:
+            raise FrameError("bad_topic", f"wildcards are not allowed here: {text!r}")
+        if seg == "*":
+            continue
+        if seg == ">":
+            if i != len(segments) - 1:
+                raise FrameError("bad_topic", f"'>' may stand only last in {text!r}")
+            continue
+        allowed = "[A-Za-z0-9_-]+, '*' or a final '>'" if wildcards else "[A-Za-z0-9_-]+"
+        raise FrameError(
+            "bad_topic",
+            f"bad segment {seg!r} in {text!r}: segments are {allowed}, separated by '.'",
+        )
+    return text
 
 
 def validate_topic(topic: object) -> str:
     """Return ``topic`` if it is a valid exact topic; raise :class:`FrameError` (``bad_topic``)
     saying what is wrong otherwise."""
-    for seg in _check_common(topic, "topic"):
-        if not _SEGMENT.match(seg):
-            if seg in ("*", ">"):
-                raise FrameError("bad_topic", f"wildcards are not allowed here: {topic!r}")
-            raise FrameError(
-                "bad_topic",
-                f"bad segment {seg!r} in {topic!r}: segments are [A-Za-z0-9_-]+ separated by '.'",
-            )
-    assert isinstance(topic, str)
-    return topic
+    return _validate(topic, wildcards=False)
 
 
 def validate_pattern(pattern: object) -> str:
     """Return ``pattern`` if it is a valid topic or wildcard pattern; raise
     :class:`FrameError` (``bad_topic``) otherwise."""
-    segments = _check_common(pattern, "topic pattern")
-    for i, seg in enumerate(segments):
-        if seg == "*":
-            continue
-        if seg == ">":
-            if i != len(segments) - 1:
-                raise FrameError("bad_topic", f"'>' may stand only last in {pattern!r}")
-            continue
-        if not _SEGMENT.match(seg):
-            raise FrameError(
-                "bad_topic",
-                f"bad segment {seg!r} in {pattern!r}: segments are [A-Za-z0-9_-]+, '*' or a final '>'",
-            )
-    assert isinstance(pattern, str)
-    return pattern
+    return _validate(pattern, wildcards=True)
 
 
 def is_wildcard(pattern: str) -> bool:
