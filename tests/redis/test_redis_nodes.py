@@ -77,6 +77,9 @@ async def open_ws(b: BrokerProcess, sub: str) -> Client:
         additional_headers={"Authorization": f"Bearer {b.token(sub)}"},
         subprotocols=["pubsub.v1"],  # type: ignore[list-item]
         max_size=None,
+        # A client that stops reading mid-stream must still read the server's close frame
+        # behind the backlog, or close() waits for its whole timeout.
+        max_queue=None,
     )
     welcome = json.loads(await ws.recv())
     assert welcome["op"] == "welcome" and welcome["client"] == sub
