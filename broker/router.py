@@ -58,10 +58,19 @@ class Router:
                 self.index.remove(sub.pattern, sub)
                 raise
 
-    async def remove(self, sub: Subscription) -> None:
-        if self.index.remove(sub.pattern, sub):
+    def detach(self, sub: Subscription) -> None:
+        """Take ``sub`` out of the index (synchronously: nothing is delivered to it after)."""
+        self.index.remove(sub.pattern, sub)
+
+    async def unwatch_if_unused(self, pattern: str) -> None:
+        """Stop the bus delivering ``pattern`` here if no subscription uses it any more."""
+        if not self.index.has(pattern):
             assert self.bus is not None
-            await self.bus.unwatch(sub.pattern)
+            await self.bus.unwatch(pattern)
+
+    async def remove(self, sub: Subscription) -> None:
+        self.detach(sub)
+        await self.unwatch_if_unused(sub.pattern)
 
     def on_publication(self, pub: Publication) -> None:
         self.publications_in += 1

@@ -43,6 +43,7 @@ __all__ = ["Session"]
 log = structlog.get_logger()
 VIOLATION_WINDOW = 10.0
 CLOSE_GRACE = 2.0
+CLEANUP_TIMEOUT = 5.0  # how long a closing connection may wait on the bus to tidy up
 ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released  # how long a close frame may take to go out before the socket is dropped
 
 
@@ -172,18 +173,28 @@ class Session:
     async def _cleanup(self) -> None:
         subs = list(self.subs.values())
         self.subs.clear()
+        # Out of the router at once, whatever the bus does: no publication is framed for
+        # this connection from now on, and nothing of it stays in the index.
         for sub in subs:
-            await self._drop_subscription(sub)
+            self.worker.router.detach(sub)
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            for sub in subs:
+                await self._release(sub)
 
     async def _drop_subscription(self, sub: Subscription) -> None:
+        self.worker.router.detach(sub)
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            await self._release(sub)
+
+    async def _release(self, sub: Subscription) -> None:
+        """Tell the bus what a detached subscription no longer needs."""
         worker = self.worker
         try:
-            with trio.move_on_after(5):
-                await worker.router.remove(sub)
-                if not is_wildcard(sub.pattern) and self.identity is not None:
-                    await worker.bus.presence_leave(sub.pattern, self.identity.client, self.key)
+            await worker.router.unwatch_if_unused(sub.pattern)
+            if not is_wildcard(sub.pattern) and self.identity is not None:
+                await worker.bus.presence_leave(sub.pattern, self.identity.client, self.key)
         except BusUnavailable:
-            pass  # the bus forgets this worker's presence when it reconnects
+            pass  # a bus that comes back forgets or expires this connection's presence
 
     # --- output -------------------------------------------------------------------------
 

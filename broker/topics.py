@@ -207,6 +207,22 @@ class SubscriptionIndex(Generic[K]):
             node = parent
         return empty
 
+    def has(self, pattern: str) -> bool:
+        """Whether any key is registered under exactly ``pattern``."""
+        if not is_wildcard(pattern):
+            return pattern in self.exact
+        node = self._root
+        segments = pattern.split(".")
+        for seg in segments[:-1]:
+            child = node.children.get(seg)
+            if child is None:
+                return False
+            node = child
+        if segments[-1] == ">":
+            return bool(node.rest)
+        child = node.children.get(segments[-1])
+        return child is not None and bool(child.here)
+
     @property
     def has_wildcards(self) -> bool:
         return self._wild_count > 0
