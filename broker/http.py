@@ -300,7 +300,7 @@ class HttpServer:
         registry: Registry | None = None,
     ) -> None:
         self.backend = backend
-        self._keys = [k.encode() for k in api_keys if k]
+        self.set_api_keys(api_keys)
         self.limits = limits or HttpLimits()
         self._connections = 0
         self._static = _load_resources("broker", "static")
@@ -377,6 +377,10 @@ class HttpServer:
             )
         log.error("http_handler_failed", method=req.method, path=req.path[:200], exc_info=exc)
         return HttpError("internal", "internal error")
+
+    def set_api_keys(self, api_keys: Iterable[str]) -> None:
+        """Replace the accepted API keys (a configuration reload)."""
+        self._keys = [k.encode() for k in api_keys if k]
 
     def _authorize(self, req: Request) -> None:
         challenge = [("www-authenticate", 'Bearer realm="pubsub"')]
@@ -817,15 +821,19 @@ async def serve_http(
     *,
     limits: HttpLimits | None = None,
     registry: Registry | None = None,
+    server: HttpServer | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the operations listener on ``listen_host:listen_port`` until cancelled.
 
     Calls ``task_status.started(port)`` with the real port once listening (so port 0 picks a
     free one). ``registry`` (optional) receives the listener's own request counter, which
-    ``/metrics`` appends to the backend's text.
+    ``/metrics`` appends to the backend's text. Pass ``server`` to keep a handle on it (to
+    change its API keys on reload); ``backend``, ``api_keys``, ``limits`` and ``registry`` are
+    then ignored.
     """
-    server = HttpServer(backend, api_keys, limits=limits, registry=registry)
+    if server is None:
+        server = HttpServer(backend, api_keys, limits=limits, registry=registry)
     host: str | None = listen_host or None
     if host is not None and host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

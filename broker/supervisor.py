@@ -22,6 +22,7 @@ one in force.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -68,14 +69,21 @@ def check_data_size(config: Config, data_json: str) -> None:
         raise FrameError("too_large", f"data is over max_data_size ({limit} bytes)")
 
 
-async def _serve_http(nursery: trio.Nursery, config: Config, backend: Any) -> int | None:
+async def _serve_http(
+    nursery: trio.Nursery, config: Config, backend: Any
+) -> tuple[int | None, Any]:
+    """Start the operations listener if configured; its port and the server object (whose
+    API keys a reload replaces)."""
     if not config.server.http_listen:
-        return None
-    from broker.http import serve_http
+        return None, None
+    from broker.http import HttpServer, serve_http
 
     host, port = parse_hostport(config.server.http_listen, "server.http_listen")
-    http_port: int = await nursery.start(serve_http, host, port, backend, config.api_keys)
-    return http_port
+    server = HttpServer(backend, config.api_keys)
+    http_port: int = await nursery.start(
+        functools.partial(serve_http, host, port, backend, (), server=server)
+    )
+    return http_port, server
 
 
 # --- one process ------------------------------------------------------------------------
@@ -89,7 +97,7 @@ async def _single(config: Config, overrides: dict[str, Any]) -> None:
         with trio.open_signal_receiver(*TERMINATING, signal.SIGHUP) as signals:
             socks = _listen_sockets(config, 1)
             ports = await nursery.start(worker.serve, socks[0])
-            http_port = await _serve_http(
+            http_port, http = await _serve_http(
                 nursery, config, WorkerBackend([worker], ws_port=ports[0])
             )
             log.info("ready", port=ports[0], http_port=http_port, workers=1)
@@ -102,6 +110,8 @@ async def _single(config: Config, overrides: dict[str, Any]) -> None:
                     new = reload_config(worker.config, overrides)
                     if new is not None:
                         worker.reload(new)
+                        if http is not None:
+                            http.set_api_keys(new.api_keys)
                     systemd.ready()
                     continue
                 log.info("shutting_down", signal=signal.Signals(signum).name)
@@ -149,6 +159,7 @@ class Supervisor:
         self.procs: dict[int, trio.Process] = {}
         self.stopping = False
         self.port = 0
+        self.http: Any = None
         # With Redis, the operations listener publishes and reads through a bus of its own;
         # the hub then only carries the workers' control traffic.
         self.ops_bus: Bus | None = None
@@ -183,7 +194,9 @@ class Supervisor:
                 if waited.cancelled_caught:
                     log.error("workers_not_ready", ready=len(self.hub.workers), expected=self.count)
                     raise SystemExit(3)
-                http_port = await _serve_http(nursery, self.config, SupervisorBackend(self))
+                http_port, self.http = await _serve_http(
+                    nursery, self.config, SupervisorBackend(self)
+                )
                 log.info(
                     "ready",
                     port=self.port,
@@ -210,6 +223,8 @@ class Supervisor:
         if new is not None:
             self.config = new
             self.hub.store.rule_for = new.history_rule
+            if self.http is not None:
+                self.http.set_api_keys(new.api_keys)
             for proc in self.procs.values():
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGHUP)

@@ -246,3 +246,34 @@ def test_sighup_reloads_without_dropping_connections(tmp_path: Path) -> None:
             await ws.close()
 
         asyncio.run(main())
+
+
+def test_sighup_replaces_the_http_api_keys(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests.support.broker import API_KEY
+
+    def publish(b: BrokerProcess, key: str) -> int:
+        req = urllib.request.Request(
+            f"{b.http_url}/api/publish",
+            data=json.dumps({"topic": "t", "data": 1}).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    new_key = "rotated-api-key-0123456789"
+    for workers in (1, 2):
+        (tmp_path / f"w{workers}").mkdir()
+        with BrokerProcess.start(tmp_path / f"w{workers}", workers=workers) as b:
+            assert publish(b, API_KEY) == 200
+            config = {**b.config, "api": {"keys": [new_key]}}
+            b.config_path.write_text(to_toml(config))
+            b.signal(signal.SIGHUP)
+            b.wait_for("reloaded", timeout=10)
+            assert publish(b, API_KEY) == 401
+            assert publish(b, new_key) == 200
