@@ -277,3 +277,44 @@ def test_sighup_replaces_the_http_api_keys(tmp_path: Path) -> None:
             b.wait_for("reloaded", timeout=10)
             assert publish(b, API_KEY) == 401
             assert publish(b, new_key) == 200
+
+
+def test_api_disconnect_reaches_every_worker(tmp_path: Path) -> None:
+    import urllib.request
+
+    from tests.support.broker import API_KEY
+
+    with BrokerProcess.start(tmp_path, workers=2) as b:
+
+        async def main() -> list[int]:
+            mine: dict[int, ClientConnection] = {}
+            others = []
+            while len(mine) < 2:
+                ws, welcome = await open_client(b, "mallory")
+                if welcome["worker"] in mine:
+                    others.append(ws)
+                else:
+                    mine[welcome["worker"]] = ws
+            bystander, _ = await open_client(b, "alice")
+            req = urllib.request.Request(
+                f"{b.http_url}/api/disconnect",
+                data=json.dumps({"client": "mallory"}).encode(),
+                headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                closed = json.loads(resp.read())
+            assert closed.get("closed", closed.get("disconnected")) == 2 + len(others), closed
+            codes = []
+            for ws in [*mine.values(), *others]:
+                try:
+                    async with asyncio.timeout(5):
+                        while True:
+                            await ws.recv()
+                except ConnectionClosed as exc:
+                    assert exc.rcvd is not None
+                    codes.append(exc.rcvd.code)
+            assert (await call(bystander, op="ping", id=1))["ok"]
+            await bystander.close()
+            return codes
+
+        assert set(asyncio.run(main())) == {1008}
