@@ -426,6 +426,7 @@ class RedisBus(Bus):
         self._cluster_nodes: list[Any] = []  # addresses of the cluster nodes seen
         self._scripts: dict[str, Any] = {}
         self._up = False
+        self._state_known = False
         self._ever_down = False
 
         # What the worker wants to receive, kept across reconnections.
@@ -494,8 +495,11 @@ class RedisBus(Bus):
         return self._up
 
     def _set_up(self, up: bool, reason: str = "") -> None:
-        if up == self._up:
+        if up == self._up and self._state_known:
             return
+        # The first state is reported too: a node that cannot reach Redis at startup (down,
+        # wrong password) says so once.
+        self._state_known = True
         self._up = up
         if up:
             log.info("bus_up", bus="redis", url=self._safe_url(), node=self.node)
@@ -558,6 +562,8 @@ class RedisBus(Bus):
             # connection that went silent (not closed) is noticed too.
             "stream_timeout": self._timeout,
             "retry_policy": NoRetryPolicy(),
+            # A password with reserved characters is percent-encoded in the URL.
+            "decode_components": True,
         }
         if self.cluster:
             if self._cluster_nodes:

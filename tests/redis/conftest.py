@@ -66,16 +66,25 @@ class RedisServer:
     """One ``redis-server`` process on ``127.0.0.1:port``; ``kill()`` and ``start()`` again
     reuse the same port and directory (nothing is persisted, so a restart starts empty)."""
 
-    def __init__(self, directory: Path, port: int | None = None, *, cluster: bool = False):
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        cluster: bool = False,
+        password: str | None = None,
+    ):
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port(cluster=cluster)
         self.cluster = cluster
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         assert REDIS_SERVER is not None
@@ -89,6 +98,8 @@ class RedisServer:
             "--logfile", str(self.directory / "redis.log"),
             "--daemonize", "no",
         ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         if self.cluster:
             args += [
                 "--cluster-enabled", "yes",
@@ -118,8 +129,9 @@ class RedisServer:
 
     def cli(self, *args: str, check: bool = True) -> str:
         assert REDIS_CLI is not None
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
         out = subprocess.run(
-            [REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *args],
+            [REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *auth, *args],
             capture_output=True,
             text=True,
             timeout=10,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import trio
@@ -367,3 +369,24 @@ async def test_a_position_is_read_only_after_its_delivery(redis_server: RedisSer
         result = await a.history("seam.t", StreamPosition(2, position.epoch), None)
         assert [p.offset for p in result.publications] == [3]
         assert ra.offsets("seam.t") == [1, 2, 3]
+
+
+async def test_password_in_the_url(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "auth", password="s3cret/+x")
+    try:
+        server.start()
+        quoted = server.url.replace("s3cret/+x", quote("s3cret/+x", safe=""))
+        async with running_bus(quoted) as (bus, rec):
+            await bus.watch("p.t")
+            await bus.publish("p.t", "1", "me")
+            await wait_until(lambda: rec.offsets("p.t") == [1])
+        wrong = quoted.replace("s3cret", "wrong")
+        async with running_bus(wrong, reconnect_max=0.2) as (bus, rec):
+            assert not bus.is_up
+            assert rec.states == [False]  # said once, not at every attempt
+            with pytest.raises(BusUnavailable):
+                await bus.publish("p.t", "2", None)
+            await trio.sleep(0.5)
+            assert rec.states == [False]
+    finally:
+        server.kill()

@@ -62,8 +62,10 @@ class Stream:
                 self.errors.append(f"new epoch {msg['epoch']} starts at {msg['offset']}")
             self.epoch, self.offset = msg["epoch"], msg["offset"]
         elif msg["offset"] != self.offset + 1:
+            acked = {o: (msg["epoch"], o) in published for o in range(self.offset, msg["offset"])}
             self.errors.append(
-                f"expected {self.offset + 1}, got {msg['offset']} ({self.name}) {self.trace[-12:]}"
+                f"{self.name}: expected {self.offset + 1}, got {msg['offset']}; "
+                f"acknowledged: {acked}; last events: {self.trace[-30:]}"
             )
             self.offset = max(self.offset, msg["offset"])
         else:
