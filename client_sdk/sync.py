@@ -17,6 +17,7 @@ that was never closed is closed at interpreter exit, so no thread is left behind
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -34,6 +35,8 @@ from client_sdk.models import ConnectionState, Event, History, Position, Welcome
 __all__ = ["SyncClient", "SyncSubscription", "connect"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("client_sdk")
 
 _OPEN: weakref.WeakSet[SyncClient] = weakref.WeakSet()
 
@@ -92,7 +95,9 @@ class SyncClient:
             trio.run(self._main)
         except BaseException as exc:
             if not self._ready.is_set():
-                self._startup_error = exc
+                self._startup_error = exc  # raised by the constructor, in the caller's thread
+            else:
+                log.exception("the pubsub client's thread failed")
         finally:
             self._ready.set()
 
