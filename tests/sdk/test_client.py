@@ -620,3 +620,32 @@ async def test_subscriptions_made_while_reconnecting_are_made_once(broker: Broke
                 await client.publish(f"new.{i}", i)
                 assert [getattr(e, "data", e) for e in await take(sub, 1)] == [i]
         nursery.cancel_scope.cancel()
+
+
+async def test_two_workers_and_a_restart(tmp_path: Path) -> None:
+    """With several workers the hub orders publications; clients on any worker see one
+    stream, and recover it across a restart of the whole broker."""
+    with BrokerProcess.start(tmp_path, FAST_SHUTDOWN, workers=2) as b:
+        opts: dict[str, Any] = {"backoff_base": 0.05, "backoff_max": 0.2}
+        async with AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    client_sdk.connect(b.url, token=b.token(f"c{i}"), **opts)
+                )
+                for i in range(6)
+            ]
+            # (the kernel spreads connections over the workers; 6 nearly always reach both)
+            subs = [await stack.enter_async_context(c.subscribe("room")) for c in clients]
+            assert await clients[0].presence("room") == tuple(f"c{i}" for i in range(6))
+            for i, c in enumerate(clients):
+                await c.publish("room", i)
+            for sub in subs:
+                assert [getattr(e, "data", e) for e in await take(sub, 6)] == list(range(6))
+            await trio.to_thread.run_sync(b.restart)
+            for c in clients:
+                await c.wait_connected(10)
+            await clients[3].publish("room", "after")
+            for sub in subs:
+                gap, after = await take(sub, 2)
+                assert isinstance(gap, Gap) and gap.epoch_changed
+                assert isinstance(after, Message) and after.data == "after"
