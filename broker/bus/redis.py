@@ -438,6 +438,7 @@ class RedisBus(Bus):
         self._exact_ps: Any = None
         self._wild_ps: Any = None
         self._sub_lock = trio.Lock()
+        self._watches_in_progress: dict[str, trio.Event] = {}
 
         # Per topic: (epoch, offset) of the last publication delivered ("" = no epoch yet).
         self._last: dict[str, tuple[str, int]] = {}
@@ -912,9 +913,19 @@ class RedisBus(Bus):
             return HistoryResult(tuple(pubs), position, False, (since.offset + 1, lost_to))
         return HistoryResult(tuple(pubs), position, True, None)
 
+    async def _watch_settled(self, topic: str) -> None:
+        """Wait for a watch of ``topic`` in progress (the worker asks the bus once per pattern,
+        so a second subscriber may read a position while the first one's subscription is
+        still being made: a position read before it is active could miss what follows)."""
+        event = self._watches_in_progress.get(topic)
+        if event is not None:
+            with trio.move_on_after(self._timeout):
+                await event.wait()
+
     async def history(
         self, topic: str, since: StreamPosition | None, limit: int | None
     ) -> HistoryResult:
+        await self._watch_settled(topic)
         if limit is not None and limit <= 0:
             result = attrs.evolve(await self._read(topic, since, -1), publications=())
         else:
@@ -923,6 +934,7 @@ class RedisBus(Bus):
         return result
 
     async def position(self, topic: str) -> StreamPosition:
+        await self._watch_settled(topic)
         position = (await self._read(topic, None, -1)).position
         await self._delivered(topic, position)
         return position
@@ -932,6 +944,17 @@ class RedisBus(Bus):
     async def watch(self, pattern: str) -> None:
         """Subscribe to what ``pattern`` needs. While Redis is down the wish is recorded and
         fulfilled on reconnection, so this never raises."""
+        if is_wildcard(pattern) or pattern in self._watches_in_progress:
+            await self._watch(pattern)
+            return
+        event = self._watches_in_progress[pattern] = trio.Event()
+        try:
+            await self._watch(pattern)
+        finally:
+            del self._watches_in_progress[pattern]
+            event.set()
+
+    async def _watch(self, pattern: str) -> None:
         async with self._sub_lock:
             if is_wildcard(pattern):
                 if pattern in self._wild_patterns:

@@ -390,3 +390,30 @@ async def test_password_in_the_url(tmp_path: Path) -> None:
             assert rec.states == [False]
     finally:
         server.kill()
+
+
+async def test_a_position_waits_for_the_watch_in_progress(redis_server: RedisServer) -> None:
+    async with running_bus(redis_server.url, node="a") as (a, _):
+        ps = a._exact_ps
+        subscribe = ps.subscribe
+        done: list[str] = []
+
+        async def slow_subscribe(*channels: str) -> None:
+            await trio.sleep(0.3)
+            await subscribe(*channels)
+
+        ps.subscribe = slow_subscribe
+
+        async def first_subscriber() -> None:
+            await a.watch("w.t")
+            done.append("watch")
+
+        async def second_subscriber() -> None:
+            await trio.sleep(0.05)  # the worker asked the bus to watch once, for the first
+            await a.position("w.t")
+            done.append("position")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_subscriber)
+            nursery.start_soon(second_subscriber)
+        assert done == ["watch", "position"]
