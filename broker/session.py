@@ -43,7 +43,8 @@ __all__ = ["Session"]
 log = structlog.get_logger()
 VIOLATION_WINDOW = 10.0
 CLOSE_GRACE = 2.0
-CLEANUP_TIMEOUT = 5.0  # how long a closing connection may wait on the bus to tidy up
+CLEANUP_TIMEOUT = 5.0
+LINGER = 1.0  # how long the rest of an oversized message is read and discarded  # how long a closing connection may wait on the bus to tidy up
 ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released  # how long a close frame may take to go out before the socket is dropped
 
 
@@ -167,6 +168,19 @@ class Session:
                     # trio-websocket may have queued its own close frame (1009) already, in
                     # which case aclose() returns at once: let the frame go out either way.
                     await self.queue.wait_drained()
+        remote = self.ws.closed
+        if code == p.CloseCode.MESSAGE_TOO_BIG or (
+            remote is not None and remote.code == p.CloseCode.MESSAGE_TOO_BIG
+        ):
+            # The client is most likely still sending the oversized message. Closing a socket
+            # with unread data makes the kernel send a reset, which can overtake the 1009
+            # close frame; read and discard for a moment first (a lingering close).
+            with trio.move_on_after(LINGER):
+                try:
+                    while await self.stream.inner.receive_some(65536):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
         # However the close handshake went, release the socket now.
         await trio.aclose_forcefully(self.stream)
 

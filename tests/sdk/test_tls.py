@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import client_sdk
-from tests.integration.test_tls_and_systemd import self_signed
 from tests.support.broker import BrokerProcess
+from tests.support.tls import self_signed
 
 
 async def test_wss_with_a_trusted_certificate(tmp_path: Path) -> None:
