@@ -323,6 +323,8 @@ def _redis_failures() -> tuple[type[BaseException], ...]:
     return (RedisError, *_REDIS_FAILURES)
 
 
+_UNSUBSCRIBED = frozenset({"unsubscribe", "punsubscribe", "sunsubscribe"})
+
 # How many presence refreshes run at once (coredis pipelines them on its connections).
 _CONCURRENCY = 32
 
@@ -658,7 +660,9 @@ class RedisBus(Bus):
 
         return {
             "retry_policy": NoRetryPolicy(),
-            "ignore_subscribe_messages": True,
+            # Unsubscribe notices are read: Redis Cluster drops shard subscriptions whose
+            # slot moved, and a dropped subscription that is still wanted must be renewed.
+            "ignore_subscribe_messages": False,
             "subscription_timeout": self._timeout,
             # A PING when the connection has been quiet this long, so that a silently dead
             # connection is noticed.
@@ -679,22 +683,64 @@ class RedisBus(Bus):
         self._presence_kick.set()  # refresh our presence entries now
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_reset)
-            nursery.start_soon(self._reader, exact_ps, False)
+            nursery.start_soon(self._reader, exact_ps, False, nursery)
             if wild_ps is not exact_ps:
-                nursery.start_soon(self._reader, wild_ps, True)
+                nursery.start_soon(self._reader, wild_ps, True, nursery)
             if self._ever_down:
                 # Whatever was published while we were away is in history: fetch it.
                 for topic in list(self._last):
                     await self._inbox_send.send(_CatchUp(topic))
 
+    def _check_unsubscribed(self, kind: str, name: str, nursery: trio.Nursery) -> None:
+        """The server says a subscription ended. Ours end that way when we unwatch; one that
+        is still wanted was dropped by the server (a cluster slot moved): renew it."""
+        if kind == "punsubscribe":
+            wanted = [p for p in self._wild_patterns if self._glob(p) == name]
+        else:
+            topic = name[len(self._prefix) + 2 : -1]
+            wanted = [topic] if self._channel(topic) == name and topic in self._exact else []
+        for pattern in wanted:
+            log.warning("bus_subscription_dropped", channel=name)
+            nursery.start_soon(self._renew, pattern)
+
+    async def _renew(self, pattern: str) -> None:
+        async with self._sub_lock:
+            wildcard = is_wildcard(pattern)
+            if pattern not in (self._wild_patterns if wildcard else self._exact):
+                return  # unwatched meanwhile
+            ps = self._wild_ps if wildcard else self._exact_ps
+            if ps is None:
+                return  # the session is over; the next one subscribes everything
+            with self._resubscribe_on_failure("resubscribe"):
+                if wildcard:
+                    await ps.psubscribe(self._glob(pattern))
+                else:
+                    if self.cluster and self._client is not None:
+                        # The slot moved: learn where to before subscribing there.
+                        await self._client.connection_pool.cluster_layout.initialize()
+                    try:
+                        await ps.subscribe(self._channel(pattern))
+                    except KeyError:  # a master this subscriber has no connection to
+                        self._reset_session.set()
+                        return
+        if not wildcard:
+            # What was published while it was dropped is in history.
+            await self._inbox_send.send(_CatchUp(pattern))
+
     async def _watch_reset(self) -> None:
         await self._reset_session.wait()
         raise _Reset()
 
-    async def _reader(self, ps: Any, wildcard_only: bool) -> None:
+    async def _reader(self, ps: Any, wildcard_only: bool, nursery: trio.Nursery) -> None:
         while True:
             msg = await ps.get_message()
-            if msg is None or msg["type"] not in ("message", "pmessage", "smessage"):
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind in _UNSUBSCRIBED:
+                self._check_unsubscribed(kind, _decode(msg["channel"]), nursery)
+                continue
+            if kind not in ("message", "pmessage", "smessage"):
                 continue
             item = _parse_message(msg["data"])
             if item is None or (isinstance(item, PresenceEvent) and msg["type"] == "pmessage"):

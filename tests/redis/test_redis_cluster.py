@@ -121,3 +121,50 @@ async def test_cluster_node_restart_restores_every_subscription(
         for t in topics:
             pubs = [p for p in ra.publications if p.topic == t]
             assert pubs[-1].data == "2"
+
+
+def topic_on_slot(slot: int) -> str:
+    i = 0
+    while hash_slot(f"ps:mv.t{i}".encode()) != slot:
+        i += 1
+    return f"mv.t{i}"
+
+
+def move_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> None:
+    """Migrate one slot, with its keys, the way redis-cli --cluster reshard does."""
+    src, dst = cluster.servers[source], cluster.servers[target]
+    src_id, dst_id = src.cli("CLUSTER", "MYID").strip(), dst.cli("CLUSTER", "MYID").strip()
+    dst.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+    src.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+    keys = src.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+    if keys:
+        src.cli("MIGRATE", "127.0.0.1", str(dst.port), "", "0", "5000", "KEYS", *keys)
+    for server in cluster.servers:
+        server.cli("CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+
+
+async def test_cluster_slot_moved_subscription_follows(redis_cluster: RedisCluster) -> None:
+    topic = topic_on_slot(0)  # the first master serves slot 0
+    async with (
+        running_bus(redis_cluster.url, node="a", cluster=True, reconnect_max=0.5) as (a, ra),
+        running_bus(redis_cluster.url, node="b", cluster=True, reconnect_max=0.5) as (b, _),
+    ):
+        await a.watch(topic)
+        await b.publish(topic, "1", None)
+        await wait_until(lambda: ra.offsets(topic) == [1])
+        move_slot(redis_cluster, 0, source=0, target=1)
+        try:
+            # The channel now lives on the second master, and so does the topic's history.
+            for _ in range(100):
+                try:
+                    await b.publish(topic, "2", None)
+                    break
+                except BusUnavailable:
+                    await trio.sleep(0.1)
+            await wait_until(lambda: ra.offsets(topic) == [1, 2], within=15, what="after move")
+            assert redis_cluster.servers[1].cli("PUBSUB", "SHARDCHANNELS").split() == [
+                f"{{ps:{topic}}}"
+            ]
+            assert ra.states == [True], "the subscription followed the slot without a reconnect"
+        finally:
+            move_slot(redis_cluster, 0, source=1, target=0)
