@@ -11,7 +11,7 @@ Cluster they sit on one slot and one Lua script can touch them all atomically::
     {ps:TOPIC}:pres        zset: client id -> expiry (ms) of its longest-lived connection
     {ps:TOPIC}:pc:CLIENT   zset: "node|worker|conn" -> expiry (ms), one per connection
 
-**Publishing** is one script (:data:`PUBLISH_LUA`): read or create the epoch, ``HINCRBY`` the
+**Publishing** is one script (:data:`PUBLISH_LUA`): read or create the epoch, take the next
 offset, ``XADD`` to the history capped at the topic's size (``MAXLEN =``), drop entries older
 than its TTL, ``PEXPIRE`` the keys by the TTL (an idle topic vanishes; the next publication
 then creates a new epoch, which is how clients learn that history was lost) and ``PUBLISH`` the
@@ -128,13 +128,17 @@ PUBLISH_LUA = (
 local meta, hist = KEYS[1], KEYS[2]
 local size, ttl, meta_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[11])
 local now = now_ms()
-local epoch = redis.call('HGET', meta, 'e')
-if not epoch then
+local current = redis.call('HMGET', meta, 'e', 'o')
+local epoch, offset = current[1], 1
+if epoch then
+  offset = tonumber(current[2] or 0) + 1
+else
   epoch = ARGV[5]
   redis.call('DEL', hist)
-  redis.call('HSET', meta, 'e', epoch, 'o', 0)
 end
-local offset = redis.call('HINCRBY', meta, 'o', 1)
+-- Scripts are not transactions: a command that fails leaves the earlier writes in place.
+-- The offset is therefore written only after the history entry, so that a failed XADD
+-- hands out no offset.
 if size > 0 then
   local id = string.format('%d-0', offset)
   if ARGV[4] == '1' then
@@ -151,6 +155,7 @@ if size > 0 then
 else
   redis.call('DEL', hist)
 end
+redis.call('HSET', meta, 'e', epoch, 'o', offset)
 if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) else redis.call('PERSIST', meta) end
 local slen = -1
 if ARGV[4] == '1' then slen = #ARGV[3] end
