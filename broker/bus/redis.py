@@ -384,12 +384,15 @@ class RedisBus(Bus):
     ``url`` is ``redis://[:PASSWORD@]HOST:PORT/DB`` or ``rediss://...`` (TLS); with
     ``cluster=True`` it names any one node of a Redis Cluster (the DB must be 0). ``node``
     names this node and worker in connection names and logs. ``history_rule(topic)`` gives the
-    topic's :class:`~broker.config.HistoryRule` (or a ``(size, ttl_seconds)`` tuple); an idle
-    topic's position (offset and epoch) outlives its history by ``position_ttl`` seconds, so
-    that clients coming back learn exactly what they lost. ``presence_ttl`` is how long a
-    presence entry lives without a refresh. ``timeout`` bounds every Redis command (publishes fail with
-    ``BusUnavailable`` after it at worst, at once when Redis is known to be down).
-    ``prefix`` starts every key and channel name (no ``{``, ``}`` or ``|``).
+    topic's :class:`~broker.config.HistoryRule` (or a ``(size, ttl_seconds)`` tuple); a topic's
+    position (offset and epoch) is kept ``position_ttl`` seconds after its last publication,
+    and at least as long as its history, so that clients coming back learn exactly what they
+    lost. ``presence_ttl`` is how long a presence entry lives without a refresh. ``timeout``
+    bounds every Redis command (publishes fail with ``BusUnavailable`` after it at worst, at
+    once when Redis is known to be down); ``reconnect_max`` caps the reconnection backoff.
+    ``prefix`` starts every key and channel name (no ``{``, ``}`` or ``|``). ``queue_size``
+    bounds the received messages waiting for delivery, ``max_tracked_topics`` the topics whose
+    last delivered offset is remembered.
 
     :meth:`run` must be running for anything else to work; it calls ``task_status.started()``
     after the first connection attempt, successful or not (a node can start while Redis is
