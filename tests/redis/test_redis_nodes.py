@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,14 @@ async def call(client: Client, **frame: Any) -> dict[str, Any]:
 
 async def next_push(client: Client, op: str, within: float = 10) -> dict[str, Any]:
     return await client.next_push(op, within)
+
+
+def readyz(node: BrokerProcess) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{node.http_url}/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def test_cross_node_delivery_presence_and_wildcards(
@@ -203,9 +213,14 @@ def test_redis_restart_under_a_steady_stream_between_nodes(
                 lambda: any(r.get("error", {}).get("code") == "unavailable" for r in results),
                 "publishes refused with unavailable",
             )
+            # Readiness says so, for load balancers.
+            status, body = await asyncio.to_thread(readyz, node_a)
+            assert status == 503 and body["bus"] is False, body
             redis_server.start()
             count = len([r for r in results if r["ok"]])
             await until(lambda: len([r for r in results if r["ok"]]) >= count + 10, "publishing")
+            status, body = await asyncio.to_thread(readyz, node_a)
+            assert status == 200 and body["bus"] is True, body
             # The reader's node is not deaf: it delivers what was published after the restart.
             target = [r for r in results if r["ok"]][-1]
             await until(
