@@ -16,13 +16,13 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.support.broker import BrokerProcess
 
-from .conftest import RedisServer
+from .conftest import RedisCluster, RedisServer
 
 
 @contextlib.contextmanager
 def two_nodes(
     tmp_path: Path,
-    redis: RedisServer,
+    redis: RedisServer | RedisCluster,
     *,
     workers: int = 1,
     extra: dict[str, Any] | None = None,
@@ -269,5 +269,31 @@ def test_killed_node_presence_expires(tmp_path: Path, redis_server: RedisServer)
             presence = await call(watcher, op="presence", topic="room", id=2)
             assert presence["clients"] == ["watcher"]
             await watcher.close()
+
+        asyncio.run(main())
+
+
+def test_two_nodes_on_a_redis_cluster(tmp_path: Path, redis_cluster: RedisCluster) -> None:
+    with two_nodes(tmp_path, redis_cluster, workers=2, cluster=True) as (node_a, node_b):
+
+        async def main() -> None:
+            alice = await open_ws(node_a, "alice")
+            bob = await open_ws(node_b, "bob")
+            topics = [f"room.{i}" for i in range(6)]  # spread over the shards
+            for i, topic in enumerate(topics):
+                assert (await call(alice, op="subscribe", topic=topic, id=i))["ok"]
+            assert (await call(alice, op="subscribe", topic="news.*", id=99))["ok"]
+            for k in range(3):
+                for i, topic in enumerate(topics):
+                    reply = await call(bob, op="publish", topic=topic, data=k, id=100 + 10 * k + i)
+                    assert reply["ok"] and reply["offset"] == k + 1, reply
+            await call(bob, op="publish", topic="news.x", data="n", id=1000)
+            got: dict[str, list[int]] = {}
+            for _ in range(3 * len(topics) + 1):
+                msg = await next_push(alice, "message")
+                got.setdefault(msg["topic"], []).append(msg["offset"])
+            assert got == {**{t: [1, 2, 3] for t in topics}, "news.x": [1]}
+            await alice.close()
+            await bob.close()
 
         asyncio.run(main())
