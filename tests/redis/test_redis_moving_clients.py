@@ -84,7 +84,7 @@ def test_clients_move_between_nodes_while_redis_and_a_node_restart(
     # History large enough for every absence: recovery must then always be exact, and the
     # only loss is Redis restarting empty (a new epoch).
     history = {"history": [{"pattern": ">", "size": 5000, "ttl": 600}]}
-    with two_nodes(tmp_path, redis_server, extra=history, presence_ttl=2.0) as nodes:
+    with two_nodes(tmp_path, redis_server, workers=2, extra=history, presence_ttl=2.0) as nodes:
         published: dict[tuple[str, int], Any] = {}
         streams = [Stream(f"sub{i}") for i in range(3)]
 
