@@ -115,7 +115,9 @@ def test_gt_needs_at_least_one_segment() -> None:
     assert not pattern_covers("a.*", "a.>")
 
 
-@given(st.lists(st.tuples(patterns() | topics, st.integers(0, 3)), max_size=15), patterns() | topics)
+@given(
+    st.lists(st.tuples(patterns() | topics, st.integers(0, 3)), max_size=15), patterns() | topics
+)
 def test_index_has_agrees_with_its_contents(entries: list[tuple[str, int]], probe: str) -> None:
     index: SubscriptionIndex[int] = SubscriptionIndex()
     for pattern, key in entries:
