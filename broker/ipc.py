@@ -61,6 +61,7 @@ class Link:
         self._wakeup = trio.Event()
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._callbacks: dict[int, Callable[[Any | BaseException], None]] = {}
         self.closed = False
         self.gone = trio.Event()
         self.last_seen = trio.current_time()
@@ -98,9 +99,19 @@ class Link:
         ok, result = slot
         if ok:
             return result
-        if isinstance(result, str) and result.startswith("unavailable"):
-            raise BusUnavailable(result)
-        raise BusError(str(result))
+        raise _failure(result)
+
+    def call_nowait(
+        self, done: Callable[[Any | BaseException], None], method: str, *args: Any
+    ) -> None:
+        """Send a request; ``done`` gets its result (or a :class:`BusError`) when the reply
+        comes, or :class:`BusUnavailable` if the link goes first."""
+        if self.closed:
+            done(BusUnavailable("the hub link is down"))
+            return
+        rid = next(self._ids)
+        self._callbacks[rid] = done
+        self.send(["req", rid, method, *args])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read and write until the peer closes or fails, then fail every pending call."""
@@ -118,6 +129,9 @@ class Link:
         self.gone.set()
         for event, _ in self._calls.values():
             event.set()
+        callbacks, self._callbacks = self._callbacks, {}
+        for done in callbacks.values():
+            done(BusUnavailable("the hub link is down"))
 
     async def _writer(self) -> None:
         while True:
@@ -151,6 +165,10 @@ class Link:
                 message = json.loads(bytes(buf[pos + 4 : pos + 4 + size]))
                 pos += 4 + size
                 if message[0] == "res":
+                    done = self._callbacks.pop(message[1], None)
+                    if done is not None:
+                        done(message[3] if message[2] else _failure(message[3]))
+                        continue
                     waiter = self._calls.get(message[1])
                     if waiter is not None:
                         waiter[1][:] = [message[2], message[3]]
@@ -158,6 +176,11 @@ class Link:
                 else:
                     self.on_message(self, message)
             del buf[:pos]
+
+
+def _failure(message: Any) -> BusError:
+    text = str(message)
+    return BusUnavailable(text) if text.startswith("unavailable") else BusError(text)
 
 
 Handler = Callable[[str, list[Any]], Awaitable[Any]]

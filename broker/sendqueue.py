@@ -56,13 +56,15 @@ class _State(enum.Enum):
 class Flusher:
     """Writes every dirty queue of one worker. Run :meth:`run` once per worker.
 
-    ``passes`` is how many scheduler passes to yield before writing: each lets the tasks that
-    are already runnable (readers with data) add to the queues first, which is where the
-    coalescing comes from; latency stays low because nothing waits for a timer.
+    Before writing, the flusher yields to the scheduler until no other task is runnable (at
+    most ``max_passes`` times): every reader that has data finishes its batch first, so the
+    frames of a burst of publications coalesce into one write per connection. Latency stays
+    low because nothing waits for a timer, only for work that is already runnable.
     """
 
-    def __init__(self, passes: int = 3) -> None:
-        self.passes = passes
+    def __init__(self, min_passes: int = 3, max_passes: int = 16) -> None:
+        self.min_passes = min_passes
+        self.max_passes = max_passes
         self._dirty: list[SendQueue] = []
         self._wakeup = trio.Event()
         self.writes = 0  # statistics: writev calls
@@ -74,15 +76,15 @@ class Flusher:
             self._wakeup.set()
 
     async def run(self) -> None:
+        statistics = trio.lowlevel.current_statistics
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            for _ in range(self.passes):
+            for i in range(self.max_passes):
                 await trio.lowlevel.checkpoint()
+                if i + 1 >= self.min_passes and not statistics().tasks_runnable:
+                    break
             dirty, self._dirty = self._dirty, []
-            if self._dirty:
-                # Marks made while we yielded went into the new list; it is handled next round.
-                self._wakeup.set()
             for queue in dirty:
                 queue.flush()
 

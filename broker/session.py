@@ -29,7 +29,7 @@ import trio_websocket
 
 from broker import protocol as p
 from broker.auth import Identity
-from broker.bus.base import ConnKey, StreamPosition
+from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.errors import AuthError, BusUnavailable, FrameError
 from broker.router import Subscription, message_frame
 from broker.topics import is_wildcard, validate_pattern, validate_topic
@@ -380,8 +380,22 @@ class Session:
             raise FrameError(
                 "rate_limited", f"publish rate limit is {limits.publish_rate:g}/s; slow down"
             )
-        pub = await self.worker.bus.publish(topic, cmd.data, self.identity.client)
-        self.reply(cmd.id, offset=pub.offset, epoch=pub.epoch)
+        frame_id = cmd.id
+
+        def done(result: Publication | BaseException) -> None:
+            if isinstance(result, Publication):
+                self.reply(frame_id, offset=result.offset, epoch=result.epoch)
+            elif isinstance(result, BusUnavailable):
+                self.error(frame_id, "unavailable", "the message bus is unavailable; try again")
+            else:
+                log.error("publish_failed", error=str(result))
+                self.error(frame_id, "internal", "internal error; the request was not carried out")
+
+        # Pipelined where the bus allows it: the reader goes on with the next frame while the
+        # publication travels, so a burst of publications reaches the bus (and then every
+        # subscriber) together. Replies still come back in order.
+        if not self.worker.bus.publish_nowait(topic, cmd.data, self.identity.client, done):
+            done(await self.worker.bus.publish(topic, cmd.data, self.identity.client))
 
     async def _subscribe(self, cmd: p.Subscribe) -> None:
         assert self.identity is not None

@@ -135,6 +135,18 @@ class Bus(abc.ABC):
         """Assign the next offset of ``topic``, store the publication in history, deliver it to
         the watchers, and return it. ``data`` is the JSON text of the value."""
 
+    def publish_nowait(
+        self,
+        topic: str,
+        data: str,
+        sender: str | None,
+        done: Callable[[Publication | BaseException], None],
+    ) -> bool:
+        """Start :meth:`publish` without waiting and call ``done`` with the publication (or
+        the exception) later, in order with the other publications of this worker. Returns
+        False when this bus cannot (then the caller awaits :meth:`publish`)."""
+        return False
+
     @abc.abstractmethod
     async def position(self, topic: str) -> StreamPosition:
         """The topic's latest position (offset 0 and the current epoch when it has none)."""

@@ -62,6 +62,14 @@ class HubClient:
             nursery.cancel_scope.cancel()
         log.error("hub_link_lost")
 
+    def call_nowait(
+        self, done: Callable[[Any | BaseException], None], method: str, *args: Any
+    ) -> None:
+        if self.link is None:
+            done(BusUnavailable("not connected to the hub"))
+            return
+        self.link.call_nowait(done, method, *args)
+
     async def call(self, method: str, *args: Any) -> Any:
         if self.link is None:
             raise BusUnavailable("not connected to the hub")
@@ -134,6 +142,22 @@ class IpcBus(Bus):
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         offset, epoch = await self._call("publish", topic, data, sender)
         return Publication(topic, offset, epoch, sender, data)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        data: str,
+        sender: str | None,
+        done: Callable[[Publication | BaseException], None],
+    ) -> bool:
+        def reply(result: Any | BaseException) -> None:
+            if isinstance(result, BaseException):
+                done(result)
+            else:
+                done(Publication(topic, result[0], result[1], sender, data))
+
+        self.client.call_nowait(reply, "publish", topic, data, sender)
+        return True
 
     async def position(self, topic: str) -> StreamPosition:
         offset, epoch = await self._call("position", topic)

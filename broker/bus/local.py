@@ -44,6 +44,18 @@ class LocalBus(Bus):
         self.handlers.on_publication(pub)
         return pub
 
+    def publish_nowait(
+        self,
+        topic: str,
+        data: str,
+        sender: str | None,
+        done: Callable[[Publication | BaseException], None],
+    ) -> bool:
+        pub = self.store.publish(topic, data, sender)
+        self.handlers.on_publication(pub)
+        done(pub)
+        return True
+
     async def position(self, topic: str) -> StreamPosition:
         return self.store.position(topic)
 
