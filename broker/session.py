@@ -71,6 +71,7 @@ class TokenBucket:
 class Session:
     # Slots: a worker holds tens of thousands of sessions; a __dict__ each costs ~1 KiB.
     __slots__ = (
+        "_published",
         "_scope",
         "bucket",
         "close_code",
@@ -80,6 +81,7 @@ class Session:
         "identity",
         "key",
         "next_ping",
+        "publishing",
         "queue",
         "started",
         "stream",
@@ -115,6 +117,8 @@ class Session:
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None
         self.timer_generation = 0
+        self.publishing = 0  # publications handed to the bus, not answered yet
+        self._published: trio.Event | None = None
         self.next_ping = now + cfg.timeouts.ping_interval
         self.expires_deadline = math.inf
         if identity is not None:
@@ -298,6 +302,7 @@ class Session:
             try:
                 command = p.parse_command(message)
             except FrameError as exc:
+                await self._settle_publishes()
                 self.error(exc.frame_id, exc.code, exc.message)
                 continue
             try:
@@ -312,15 +317,27 @@ class Session:
                     command.id, "internal", "internal error; the request was not carried out"
                 )
 
+    async def _settle_publishes(self) -> None:
+        """Wait until every pipelined publication has been answered (replies stay in order)."""
+        while self.publishing:
+            self._published = trio.Event()
+            await self._published.wait()
+
     async def _execute(self, command: p.Command) -> None:
+        if isinstance(command, p.Publish) and self.identity is not None:
+            try:
+                await self._publish(command)
+            except FrameError:
+                await self._settle_publishes()
+                raise
+            return
+        await self._settle_publishes()
         if isinstance(command, p.Auth):
             await self._auth(command)
             return
         if self.identity is None:
             raise FrameError("unauthorized", 'authenticate first: send {"op":"auth","token":...}')
-        if isinstance(command, p.Publish):
-            await self._publish(command)
-        elif isinstance(command, p.Subscribe):
+        if isinstance(command, p.Subscribe):
             await self._subscribe(command)
         elif isinstance(command, p.Unsubscribe):
             await self._unsubscribe(command)
@@ -383,6 +400,9 @@ class Session:
         frame_id = cmd.id
 
         def done(result: Publication | BaseException) -> None:
+            self.publishing -= 1
+            if not self.publishing and self._published is not None:
+                self._published.set()
             if isinstance(result, Publication):
                 self.reply(frame_id, offset=result.offset, epoch=result.epoch)
             elif isinstance(result, BusUnavailable):
@@ -393,7 +413,9 @@ class Session:
 
         # Pipelined where the bus allows it: the reader goes on with the next frame while the
         # publication travels, so a burst of publications reaches the bus (and then every
-        # subscriber) together. Replies still come back in order.
+        # subscriber) together. The bus answers publications in order, and any other op waits
+        # for them first (_execute), so replies still come in request order.
+        self.publishing += 1
         if not self.worker.bus.publish_nowait(topic, cmd.data, self.identity.client, done):
             done(await self.worker.bus.publish(topic, cmd.data, self.identity.client))
 

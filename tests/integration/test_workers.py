@@ -322,3 +322,31 @@ def test_api_disconnect_reaches_every_worker(tmp_path: Path) -> None:
             return codes
 
         assert set(asyncio.run(main())) == {1008}
+
+
+def test_replies_keep_request_order_with_pipelined_publishes(tmp_path: Path) -> None:
+    with BrokerProcess.start(tmp_path, workers=2) as b:
+
+        async def main() -> list[Any]:
+            ws, _ = await open_client(b, "orderly")
+            frames: list[dict[str, Any]] = []
+            for i in range(200):
+                frames.append({"op": "publish", "topic": "t", "data": i, "id": i})
+                if i % 7 == 0:
+                    frames.append({"op": "ping", "id": f"p{i}"})
+                if i % 11 == 0:
+                    frames.append(
+                        {"op": "publish", "topic": "bad..topic", "data": i, "id": f"e{i}"}
+                    )
+            for frame in frames:
+                await ws.send(json.dumps(frame))
+            ids = []
+            while len(ids) < len(frames):
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if "ok" in msg:
+                    ids.append(msg["id"])
+            await ws.close()
+            return [ids, [f["id"] for f in frames]]
+
+        got, sent = asyncio.run(main())
+        assert got == sent
