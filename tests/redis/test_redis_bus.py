@@ -269,7 +269,10 @@ async def test_redis_restart_under_a_steady_stream(redis_server: RedisServer) ->
             redis_server.kill()
             await wait_until(lambda: not a.is_up and not b.is_up, what="both down")
             await wait_until(lambda: len(failures) >= 5, what="failed publishes")
-            assert max(failures) < 0.5, "publishes must fail fast while Redis is down"
+            # Publishes fail at once while Redis is down (those in flight at the kill within
+            # the command timeout at worst; the margin is for a loaded machine).
+            assert sorted(failures)[len(failures) // 2] < 0.05, failures
+            assert max(failures) < 2.5, failures
             redis_server.start()
             await wait_until(lambda: a.is_up and b.is_up, within=10, what="both up")
             count = len(published)
@@ -285,8 +288,10 @@ async def test_redis_restart_under_a_steady_stream(redis_server: RedisServer) ->
         await wait_until(lambda: len(ra.publications) >= len(published), what="deliveries")
         got = [(epochs.index(p.epoch), p.offset) for p in ra.publications]
         assert got == sorted(got) and set(expected) <= set(got)
-        assert ra.states == [True, False, True]
-        assert rb.states == [True, False, True]
+        for states in (ra.states, rb.states):
+            # Up, down once for the outage (a reconnection attempt that fails on a loaded
+            # machine may add a flap), up at the end.
+            assert states[:2] == [True, False] and states[-1] is True, states
 
 
 async def test_starts_while_redis_is_down(redis_server: RedisServer) -> None:
