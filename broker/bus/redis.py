@@ -463,6 +463,10 @@ class RedisBus(Bus):
         self._reset_session = trio.Event()
         self._on_connected: Callable[[], None] = lambda: None
 
+    def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:
+        """Reloaded ``[[history]]`` rules apply to the next publication of each topic."""
+        self._history_rule = history_rule
+
     @classmethod
     def from_config(
         cls, config: Config, handlers: BusHandlers, *, node: str | None = None
