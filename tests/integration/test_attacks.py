@@ -21,11 +21,17 @@ from tests.support.rawws import FrameReader, encode_frame, handshake, http_reque
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """File descriptors of the broker's whole process tree (supervisor and workers)."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(len(os.listdir(f"/proc/{p.pid}/fd")) for p in procs)
 
 
-def test_slowloris_is_cut_off_and_legitimate_clients_still_connect(tmp_path: Path) -> None:
-    with BrokerProcess.start(tmp_path, {"timeouts": {"handshake_timeout": 3.0}}) as b:
+def test_slowloris_is_cut_off_and_legitimate_clients_still_connect(
+    tmp_path: Path, workers: int
+) -> None:
+    with BrokerProcess.start(
+        tmp_path, {"timeouts": {"handshake_timeout": 3.0}}, workers=workers
+    ) as b:
         baseline = open_fds(b.pid)
         request = http_request(f"/ws?token={b.token('x')}", port=b.port)
         attackers = []
@@ -147,9 +153,13 @@ def test_a_thousand_subscribers_that_never_read(tmp_path: Path) -> None:
             s.close()
 
 
-def test_malformed_frames_never_hurt_the_connection_or_the_worker(tmp_path: Path) -> None:
+def test_malformed_frames_never_hurt_the_connection_or_the_worker(
+    tmp_path: Path, workers: int
+) -> None:
     # Abuse is otherwise cut off with 4029 after max_violations; here every answer is checked.
-    with BrokerProcess.start(tmp_path, {"limits": {"max_violations": 100_000}}) as broker:
+    with BrokerProcess.start(
+        tmp_path, {"limits": {"max_violations": 100_000}}, workers=workers
+    ) as broker:
         fuzz_connection(broker)
         assert not broker.events("connection_failed")
         assert not broker.events("internal_error")

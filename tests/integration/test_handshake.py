@@ -24,24 +24,26 @@ def refused(
     return status, json.loads(body)
 
 
-def test_refusals_are_json_and_never_upgrade(broker: BrokerProcess) -> None:
-    good = broker.token("alice")
-    status, body = refused(broker, f"/elsewhere?token={good}")
+def test_refusals_are_json_and_never_upgrade(any_broker: BrokerProcess) -> None:
+    good = any_broker.token("alice")
+    status, body = refused(any_broker, f"/elsewhere?token={good}")
     assert status == 404 and body["error"]["code"] == "not_found"  # type: ignore[index]
-    status, body = refused(broker, f"/ws?token={good}", {"Sec-WebSocket-Protocol": "mqtt, stomp"})
+    status, body = refused(
+        any_broker, f"/ws?token={good}", {"Sec-WebSocket-Protocol": "mqtt, stomp"}
+    )
     assert status == 400 and body["error"]["code"] == "bad_request"  # type: ignore[index]
-    status, body = refused(broker, "/ws?token=forged.token.here")
+    status, body = refused(any_broker, "/ws?token=forged.token.here")
     assert status == 401 and body["error"]["code"] == "unauthorized"  # type: ignore[index]
-    expired = broker.token("alice", ttl=-10)
-    status, body = refused(broker, "/ws", {"Authorization": f"Bearer {expired}"})
+    expired = any_broker.token("alice", ttl=-10)
+    status, body = refused(any_broker, "/ws", {"Authorization": f"Bearer {expired}"})
     assert status == 401 and "expired" in body["error"]["message"]  # type: ignore[index]
-    not_yet = broker.token("alice", nbf=int(time.time()) + 600)
-    assert refused(broker, f"/ws?token={not_yet}")[0] == 401
+    not_yet = any_broker.token("alice", nbf=int(time.time()) + 600)
+    assert refused(any_broker, f"/ws?token={not_yet}")[0] == 401
 
 
-def test_origin_is_checked_before_the_token(tmp_path: Path) -> None:
+def test_origin_is_checked_before_the_token(tmp_path: Path, workers: int) -> None:
     config = {"server": {"allowed_origins": ["https://app.example.com"]}}
-    with BrokerProcess.start(tmp_path, config) as b:
+    with BrokerProcess.start(tmp_path, config, workers=workers) as b:
         for origin in [
             "https://evil.example",
             "https://app.example.com.evil.com",
@@ -61,12 +63,12 @@ def test_origin_is_checked_before_the_token(tmp_path: Path) -> None:
         assert status == 101
 
 
-def test_subprotocol_selected_and_compression_declined(broker: BrokerProcess) -> None:
+def test_subprotocol_selected_and_compression_declined(any_broker: BrokerProcess) -> None:
     status, hdrs, rest, sock = handshake(
-        broker.port,
+        any_broker.port,
         "/ws",
         {
-            "Authorization": f"Bearer {broker.token('alice')}",
+            "Authorization": f"Bearer {any_broker.token('alice')}",
             "Sec-WebSocket-Protocol": "other, pubsub.v1",
             "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits",
         },
@@ -92,25 +94,29 @@ def test_max_connections_gives_503(tmp_path: Path) -> None:
             s.close()
 
 
-def test_header_abuse_is_refused_quickly(broker: BrokerProcess) -> None:
-    token = broker.token("a")
+def test_header_abuse_is_refused_quickly(any_broker: BrokerProcess) -> None:
+    token = any_broker.token("a")
     many = [(f"X-H{i}", "v") for i in range(300)]
-    assert refused(broker, f"/ws?token={token}", many)[0] == 400
+    assert refused(any_broker, f"/ws?token={token}", many)[0] == 400
     status, _, _, sock = handshake(
-        broker.port, f"/ws?token={token}", {"Sec-WebSocket-Protocol": "p" * 10_000}
+        any_broker.port, f"/ws?token={token}", {"Sec-WebSocket-Protocol": "p" * 10_000}
     )
     sock.close()
     assert status == 400
     # Larger than the HTTP parser accepts at all: refused, and the connection closed.
-    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    sock = socket.create_connection(("127.0.0.1", any_broker.port), timeout=5)
     with sock:
-        sock.sendall(http_request(f"/ws?token={token}", {"X-Big": "b" * 70_000}, port=broker.port))
+        sock.sendall(
+            http_request(f"/ws?token={token}", {"X-Big": "b" * 70_000}, port=any_broker.port)
+        )
         status, _, _ = read_response(sock)
         assert status == 400
 
 
-def test_oversized_frame_closes_with_1009_and_others_continue(tmp_path: Path) -> None:
-    with BrokerProcess.start(tmp_path, {"limits": {"max_message_size": 1000}}) as b:
+def test_oversized_frame_closes_with_1009_and_others_continue(tmp_path: Path, workers: int) -> None:
+    with BrokerProcess.start(
+        tmp_path, {"limits": {"max_message_size": 1000}}, workers=workers
+    ) as b:
         _, _, rest, other = handshake(b.port, f"/ws?token={b.token('b')}")
         other_reader = FrameReader(other, rest)
         other_reader.json()
@@ -131,17 +137,17 @@ def test_oversized_frame_closes_with_1009_and_others_continue(tmp_path: Path) ->
             s.close()
 
 
-def test_tokens_never_reach_the_logs(broker: BrokerProcess) -> None:
-    token = broker.token("alice")
+def test_tokens_never_reach_the_logs(any_broker: BrokerProcess) -> None:
+    token = any_broker.token("alice")
     for path, headers in [
         (f"/ws?token={token}", None),
         ("/ws", {"Authorization": f"Bearer {token}"}),
         ("/ws?token=forged.bad.token", None),
     ]:
-        _, _, _, sock = handshake(broker.port, path, headers)
+        _, _, _, sock = handshake(any_broker.port, path, headers)
         sock.close()
     time.sleep(0.3)
-    log = broker.log_path.read_text()
+    log = any_broker.log_path.read_text()
     assert "connect" in log
     assert token not in log and "forged.bad.token" not in log
     assert token.split(".")[2] not in log
@@ -149,9 +155,9 @@ def test_tokens_never_reach_the_logs(broker: BrokerProcess) -> None:
 
 @pytest.mark.parametrize("bad", [b"\xff\xfe not json", b'{"op":"ping","id":'])
 def test_bad_text_frames_get_an_error_and_the_connection_stays(
-    broker: BrokerProcess, bad: bytes
+    any_broker: BrokerProcess, bad: bytes
 ) -> None:
-    _, _, rest, sock = handshake(broker.port, f"/ws?token={broker.token('a')}")
+    _, _, rest, sock = handshake(any_broker.port, f"/ws?token={any_broker.token('a')}")
     with sock:
         reader = FrameReader(sock, rest)
         reader.json()
