@@ -147,7 +147,8 @@ class Link:
         buf = bytearray()
         while True:
             try:
-                data = await self.stream.receive_some(262144)
+                # 64 KiB: larger reads cross glibc's mmap threshold and cost several times more.
+                data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:

@@ -97,7 +97,7 @@ class Worker:
         self.node = node or node_name(config)
         self.verifier = TokenVerifier(config.auth)
         self.router = Router()
-        self.flusher = Flusher()
+        self.flusher = Flusher(lambda: self.router.publications_in)
         self.deadlines = Deadlines()
         handlers = BusHandlers(
             self.router.on_publication, self.router.on_presence, self._on_bus_state

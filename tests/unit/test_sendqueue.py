@@ -124,9 +124,9 @@ async def test_overflow_while_blocked_keeps_one_drainer_and_a_whole_frame() -> N
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("passes", [0, 3])
-async def test_flusher_passes_setting(passes: int) -> None:
-    flusher = Flusher(passes=passes)
+@pytest.mark.parametrize("passes", [(0, 1), (3, 64)])
+async def test_flusher_passes_setting(passes: tuple[int, int]) -> None:
+    flusher = Flusher(min_passes=passes[0], max_passes=passes[1])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
         queue, _, peer, _ = await pair(nursery, flusher)
