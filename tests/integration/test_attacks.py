@@ -139,6 +139,7 @@ def test_a_thousand_subscribers_that_never_read(tmp_path: Path) -> None:
 
         latencies = sorted(asyncio.run(main()))
         p99 = latencies[int(len(latencies) * 0.99)]
+        print(f"fast subscribers beside 1000 slow ones: p99 {p99 * 1000:.1f} ms")
         assert len(latencies) == 50 * n
         # Speed is the benchmark's business (bench/ reports this p99 against its 100 ms
         # target); here only a stall that no machine excuses fails the test.
