@@ -29,6 +29,7 @@ Histogram ``counts`` are per bucket (not cumulative), with a last entry for ``+I
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 import re
@@ -66,7 +67,7 @@ def _check_name(name: str, pattern: re.Pattern[str], what: str) -> None:
         raise ValueError(f"invalid metric {what}: {name!r}")
 
 
-class _Family:
+class _Family(abc.ABC):
     """What every metric family shares: a name, a help text, label names and children."""
 
     kind = ""
@@ -92,8 +93,9 @@ class _Family:
             )
         return tuple(sorted((*self._const, *((k, str(v)) for k, v in labels.items()))))
 
+    @abc.abstractmethod
     def _sample_items(self) -> list[list[Any]]:
-        raise NotImplementedError
+        """The family's samples as ``[labels, value]`` pairs, for :meth:`snapshot`."""
 
     def snapshot(self) -> dict[str, Any]:
         return {"type": self.kind, "help": self.help, "samples": self._sample_items()}
