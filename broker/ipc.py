@@ -31,6 +31,7 @@ from broker.errors import BusError, BusUnavailable
 __all__ = ["Link", "encode"]
 
 MAX_MESSAGE = 64 * 1024 * 1024
+MAX_COALESCE_PASSES = 32
 _LEN = struct.Struct("!I")
 
 
@@ -137,8 +138,17 @@ class Link:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            # One scheduler pass lets a burst of sends coalesce into one write.
-            await trio.lowlevel.checkpoint()
+            # Yield while messages keep being queued (two quiet passes end it, at most
+            # MAX_COALESCE_PASSES): a burst of publications crosses in one write, and the peer
+            # then handles (and flushes to its clients) the whole burst at once.
+            queued = len(self._out)
+            quiet = 0
+            for _ in range(MAX_COALESCE_PASSES):
+                await trio.lowlevel.checkpoint()
+                quiet = quiet + 1 if len(self._out) == queued else 0
+                queued = len(self._out)
+                if quiet >= 2:
+                    break
             out, self._out = self._out, []
             if out:
                 await self.stream.send_all(b"".join(out))
