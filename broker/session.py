@@ -32,6 +32,7 @@ from broker.auth import Identity
 from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.errors import AuthError, BusUnavailable, FrameError
 from broker.router import Subscription, message_frame
+from broker.timers import Timer
 from broker.topics import is_wildcard, validate_pattern, validate_topic
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Session:
         "started",
         "stream",
         "subs",
-        "timer_generation",
+        "timer",
         "violations",
         "worker",
         "ws",
@@ -116,7 +117,7 @@ class Session:
         self.close_code: int | None = None
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None
-        self.timer_generation = 0
+        self.timer: Timer | None = None
         self.publishing = 0  # publications handed to the bus, not answered yet
         self._published: trio.Event | None = None
         self.next_ping = now + cfg.timeouts.ping_interval
