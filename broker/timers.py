@@ -48,6 +48,7 @@ class Deadlines:
         self._order = itertools.count()
         self._wakeup = trio.Event()
         self._next = math.inf
+        self._stale = 0  # detached entries still in the heap
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -60,11 +61,17 @@ class Deadlines:
         if when < self._next:
             self._wakeup.set()
 
-    @staticmethod
-    def cancel(owner: TimedOwner) -> None:
+    def cancel(self, owner: TimedOwner) -> None:
         if owner.timer is not None:
             owner.timer.owner = None
             owner.timer = None
+            self._stale += 1
+            if self._stale > 1024 and self._stale * 2 > len(self._heap):
+                # Mostly dead entries (connections that closed long before their next
+                # deadline): rebuild rather than carry them until they come up.
+                self._heap[:] = [e for e in self._heap if e[2].owner is not None]
+                heapq.heapify(self._heap)
+                self._stale = 0
 
     async def run(self) -> None:
         heap = self._heap
@@ -74,6 +81,7 @@ class Deadlines:
                 _, _, timer = heapq.heappop(heap)
                 owner = timer.owner
                 if owner is None:
+                    self._stale = max(0, self._stale - 1)
                     continue  # replaced or cancelled
                 try:
                     when = owner.on_deadline(now)
