@@ -44,10 +44,6 @@ class Reject:
         return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
 
 
-def _reject(status: int, code: str, message: str, reason: str) -> Reject:
-    return Reject(status, code, message, reason)
-
-
 def evaluate(
     target: str,
     headers: list[tuple[bytes, bytes]],
@@ -61,20 +57,20 @@ def evaluate(
     ``headers`` the headers wsproto did not consume itself (lower-cased names)."""
     url = urlsplit(target)
     if url.path != WS_PATH:
-        return _reject(
+        return Reject(
             404,
             "not_found",
             f"no WebSocket endpoint at {url.path[:100]!r}; use {WS_PATH}",
             "not_found",
         )
     if len(headers) > MAX_HEADERS:
-        return _reject(
+        return Reject(
             400, "bad_request", f"too many headers (at most {MAX_HEADERS})", "bad_headers"
         )
     if sum(len(p) + 2 for p in subprotocols) > MAX_SUBPROTOCOL_HEADER:
-        return _reject(400, "bad_request", "Sec-WebSocket-Protocol is too long", "bad_headers")
+        return Reject(400, "bad_request", "Sec-WebSocket-Protocol is too long", "bad_headers")
     if subprotocols and SUBPROTOCOL not in subprotocols:
-        return _reject(
+        return Reject(
             400,
             "bad_request",
             f"unsupported subprotocols; this server speaks {SUBPROTOCOL}",
@@ -92,26 +88,26 @@ def evaluate(
         check_origin(origins, allowed_origins)
     except AuthError as exc:
         code = "forbidden" if exc.status == 403 else "bad_request"
-        return _reject(exc.status, code, str(exc), exc.reason)
+        return Reject(exc.status, code, str(exc), exc.reason)
     if at_capacity:
-        return _reject(
+        return Reject(
             503, "unavailable", "this worker is at its connection limit; retry later", "capacity"
         )
     subprotocol = SUBPROTOCOL if subprotocols else None
     token: str | None = None
     source = "none"
     if len(authorization) > 1:
-        return _reject(400, "bad_request", "more than one Authorization header", "bad_headers")
+        return Reject(400, "bad_request", "more than one Authorization header", "bad_headers")
     if authorization:
         scheme, _, credentials = authorization[0].partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():
-            return _reject(401, "unauthorized", "Authorization must be 'Bearer <jwt>'", "malformed")
+            return Reject(401, "unauthorized", "Authorization must be 'Bearer <jwt>'", "malformed")
         token, source = credentials.strip(), "header"
     else:
         tokens = parse_qs(url.query).get("token")
         if tokens:
             if len(tokens) > 1:
-                return _reject(400, "bad_request", "more than one token parameter", "bad_headers")
+                return Reject(400, "bad_request", "more than one token parameter", "bad_headers")
             token, source = tokens[0], "query"
     if token is None:
         if verifier.allow_anonymous:
@@ -120,5 +116,5 @@ def evaluate(
     try:
         identity = verifier.verify(token)
     except AuthError as exc:
-        return _reject(401, "unauthorized", str(exc), exc.reason)
+        return Reject(401, "unauthorized", str(exc), exc.reason)
     return Accept(identity, subprotocol, source)

@@ -59,7 +59,7 @@ from broker.bus.base import HistoryResult, Publication, StreamPosition
 from broker.errors import BusUnavailable, FrameError
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.metrics import Registry, merge, render, snapshot_from_stats
-from broker.protocol import encode_message
+from broker.protocol import check_data_size, encode_message
 from broker.topics import validate_pattern, validate_topic
 
 if TYPE_CHECKING:
@@ -776,9 +776,7 @@ class WorkerBackend:
 
     async def publish(self, topic: str, data_json: str) -> Publication:
         worker = self.workers[0]
-        limit = worker.config.limits.max_data_size
-        if len(data_json.encode()) > limit:
-            raise FrameError("too_large", f"data is over max_data_size ({limit} bytes)")
+        check_data_size(data_json, worker.config.limits.max_data_size)
         return await worker.bus.publish(topic, data_json, None)
 
     async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:

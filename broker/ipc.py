@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -192,6 +192,3 @@ class Link:
 def _failure(message: Any) -> BusError:
     text = str(message)
     return BusUnavailable(text) if text.startswith("unavailable") else BusError(text)
-
-
-Handler = Callable[[str, list[Any]], Awaitable[Any]]

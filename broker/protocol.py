@@ -239,6 +239,14 @@ def parse_command(text: str | bytes) -> Command:
     raise FrameError("bad_request", f"unknown op {op[:32]!r}; ops are {', '.join(_OPS)}", fid)
 
 
+def check_data_size(data: str, limit: int) -> None:
+    """Raise :class:`FrameError` (``too_large``) if the JSON text ``data`` of a publication is
+    over ``limit`` UTF-8 bytes. Shared by the WebSocket and the HTTP publish paths."""
+    size = len(data) if data.isascii() else len(data.encode())
+    if size > limit:
+        raise FrameError("too_large", f"data is {size} bytes encoded; the limit is {limit}")
+
+
 def encode_reply(frame_id: FrameId, **fields: Any) -> str:
     """A success reply: ``{"id": ..., "ok": true, **fields}``."""
     return _dumps({"id": frame_id, "ok": True, **fields})

@@ -389,11 +389,7 @@ class Session:
         if not self.identity.publish.allows_topic(topic):
             raise FrameError("forbidden", f"not allowed to publish to {topic}")
         limits = self.worker.config.limits
-        size = len(cmd.data) if cmd.data.isascii() else len(cmd.data.encode())
-        if size > limits.max_data_size:
-            raise FrameError(
-                "too_large", f"data is {size} bytes encoded; the limit is {limits.max_data_size}"
-            )
+        p.check_data_size(cmd.data, limits.max_data_size)
         if not self.bucket.take(trio.current_time()):
             raise FrameError(
                 "rate_limited", f"publish rate limit is {limits.publish_rate:g}/s; slow down"

@@ -39,10 +39,11 @@ import trio
 from broker import gctune, systemd
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
 from broker.config import Config, load_config, parse_hostport
-from broker.errors import ConfigError, FrameError
+from broker.errors import ConfigError
 from broker.hub import Hub
 from broker.logs import configure_logging
 from broker.metrics import merge, render, snapshot_from_stats
+from broker.protocol import check_data_size
 from broker.topics import validate_pattern, validate_topic
 from broker.worker import Worker, make_listen_socket, make_redis_bus
 
@@ -61,12 +62,6 @@ def reload_config(current: Config, overrides: dict[str, Any]) -> Config | None:
     except ConfigError as exc:
         log.error("reload_refused", key=exc.key, problem=exc.problem, source=current.source)
         return None
-
-
-def check_data_size(config: Config, data_json: str) -> None:
-    limit = config.limits.max_data_size
-    if len(data_json.encode()) > limit:
-        raise FrameError("too_large", f"data is over max_data_size ({limit} bytes)")
 
 
 async def _serve_http(
@@ -326,7 +321,7 @@ class SupervisorBackend:
 
     async def publish(self, topic: str, data_json: str) -> Publication:
         validate_topic(topic)
-        check_data_size(self.sup.config, data_json)
+        check_data_size(data_json, self.sup.config.limits.max_data_size)
         if self.sup.ops_bus is not None:
             return await self.sup.ops_bus.publish(topic, data_json, None)
         return self.sup.hub.publish(topic, data_json, None)

@@ -32,7 +32,7 @@ from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
 from broker.router import Router
 from broker.sendqueue import Flusher, QueuedStream, SendQueue
-from broker.session import Session
+from broker.session import ABORTED, Session
 from broker.timers import Deadlines
 
 __all__ = ["Worker", "make_listen_socket"]
@@ -322,7 +322,7 @@ class Worker:
                 qstream.on_oversize = lambda n: (
                     session.close(CloseCode.MESSAGE_TOO_BIG, "frame too large") if session else None
                 )
-                queue.on_broken = lambda reason: session.close(1006, reason) if session else None
+                queue.on_broken = lambda reason: session.close(ABORTED, reason) if session else None
                 self.sessions[conn_id] = session
                 await session.run()
                 nursery.cancel_scope.cancel()

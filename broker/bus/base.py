@@ -25,7 +25,7 @@ Implementations: :mod:`broker.bus.local` (one worker, in-process), :mod:`broker.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -183,6 +183,3 @@ class Bus(abc.ABC):
     def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:  # noqa: B027
         """Apply reloaded ``[[history]]`` rules (to topics created from now on). Buses whose
         history lives elsewhere (the hub) ignore it."""
-
-
-PublicationHandler = Callable[[Publication], Awaitable[None]]
