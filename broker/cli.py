@@ -9,7 +9,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jwt
 
@@ -115,8 +115,16 @@ trio-pubsub development broker (config: {path})
     return _serve(config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on bad usage; here 2 means a bad configuration, so usage is 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pubsub-broker",
         description="trio-pubsub: a WebSocket publish/subscribe broker (protocol pubsub.v1).",
         epilog=EPILOG,

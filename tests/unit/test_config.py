@@ -95,3 +95,10 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     path.write_text("not toml [")
     assert main(["check-config", "--config", str(path)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_exit_codes_match_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve"])  # --config missing: bad usage
+    assert info.value.code == 1
+    assert main(["check-config", "--config", "/nonexistent/broker.toml"]) == 2
