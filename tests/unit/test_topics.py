@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +15,7 @@ from broker.topics import (
     validate_pattern,
     validate_topic,
 )
+from tests.support.topicref import reference_match
 
 SEGMENTS = st.sampled_from(["a", "b", "c", "news", "x-1", "Z_9"])
 topics = st.lists(SEGMENTS, min_size=1, max_size=5).map(".".join)
@@ -28,19 +27,6 @@ def patterns(draw: st.DrawFn) -> str:
     if draw(st.booleans()):
         segs.append(">")
     return ".".join(segs)
-
-
-def reference_match(pattern: str, topic: str) -> bool:
-    """An independent matcher: the pattern as a regular expression."""
-    parts = []
-    for seg in pattern.split("."):
-        if seg == "*":
-            parts.append(r"[^.]+")
-        elif seg == ">":
-            parts.append(r"[^.]+(?:\.[^.]+)*")
-        else:
-            parts.append(re.escape(seg))
-    return re.fullmatch(r"\.".join(parts), topic) is not None
 
 
 @given(patterns(), topics)
