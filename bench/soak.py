@@ -24,7 +24,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from bench.servers import make_tokens, start_broker
+from bench.servers import make_tokens, memory_kib, start_broker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -104,6 +104,9 @@ async def run(
                         {
                             "t": round(time.monotonic() - start, 1),
                             "rss_kib": server.memory_kib()["rss"],
+                            # the first pid is the supervisor (it holds the hub), then the
+                            # workers: where memory grows says which side leaks
+                            "rss_by_process_kib": [memory_kib([p])["rss"] for p in pids],
                             "fds": fd_count(pids),
                             "processes": len(pids),
                             **counters,
