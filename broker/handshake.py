@@ -55,7 +55,11 @@ def evaluate(
 ) -> Accept | Reject:
     """Decide on one upgrade request. ``target`` is the request target (path and query),
     ``headers`` the headers wsproto did not consume itself (lower-cased names)."""
-    url = urlsplit(target)
+    try:
+        url = urlsplit(target)
+    except ValueError:
+        # e.g. "//[": urlsplit refuses an unclosed IPv6 bracket in the authority
+        return Reject(400, "bad_request", "malformed request target", "bad_target")
     if url.path != WS_PATH:
         return Reject(
             404,

@@ -28,6 +28,9 @@ def test_refusals_are_json_and_never_upgrade(any_broker: BrokerProcess) -> None:
     good = any_broker.token("alice")
     status, body = refused(any_broker, f"/elsewhere?token={good}")
     assert status == 404 and body["error"]["code"] == "not_found"  # type: ignore[index]
+    # found by the fuzzer: urlsplit raises on an unclosed IPv6 bracket
+    status, body = refused(any_broker, f"//[/ws?token={good}")
+    assert status == 400 and body["error"]["code"] == "bad_request"  # type: ignore[index]
     status, body = refused(
         any_broker, f"/ws?token={good}", {"Sec-WebSocket-Protocol": "mqtt, stomp"}
     )
