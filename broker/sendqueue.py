@@ -44,6 +44,10 @@ def _ignore(reason: str) -> None:
     return None
 
 
+def _ignore_length(length: int) -> None:
+    return None
+
+
 # Queue states. Plain module constants, not an Enum: the send path checks them per delivery,
 # and an enum member lookup costs several times a global's on CPython 3.11.
 IDLE = 0  # nothing queued
@@ -389,7 +393,15 @@ class QueuedStream(trio.abc.Stream):
         self.last_receive = trio.current_time()
         self.bytes_received = 0
         self.guard = FrameLengthGuard(max_frame)
-        self.on_oversize: Callable[[int], None] = lambda length: None
+        self.on_oversize: Callable[[int], None] = _ignore_length
+
+    def release_callbacks(self) -> None:
+        """Drop this stream's and its queue's callbacks. They close over the session, which
+        holds the stream and the queue: left in place, that cycle keeps a closed connection's
+        whole object graph (socket, wsproto, buffers) alive until a full garbage collection,
+        which with :mod:`broker.gctune`'s thresholds can be half an hour away."""
+        self.on_oversize = _ignore_length
+        self.queue.on_slow = self.queue.on_broken = _ignore
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.queue.send_and_wait(bytes(data))

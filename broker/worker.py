@@ -324,7 +324,10 @@ class Worker:
                 )
                 queue.on_broken = lambda reason: session.close(ABORTED, reason) if session else None
                 self.sessions[conn_id] = session
-                await session.run()
+                try:
+                    await session.run()
+                finally:
+                    qstream.release_callbacks()
                 nursery.cancel_scope.cancel()
         finally:
             if session is None:

@@ -4,7 +4,9 @@ without a socket."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import trio
@@ -223,3 +225,32 @@ async def test_a_crash_in_one_connection_reaches_no_other(
         assert (await call(a, op="presence", topic="t", id=1))["error"]["code"] == "internal"
         assert (await call(b, op="ping", id=2))["ok"]
         assert (await call(a, op="ping", id=3))["ok"]
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    # The soak test's memory growth: callbacks closing over the session made every closed
+    # connection cyclic garbage, freed only by a rare full collection. With the collector
+    # off, reference counting alone must free everything of a closed connection.
+    worker = make_worker()
+    gc.collect()
+    gc.disable()
+    try:
+        async with running(worker) as nursery:
+            ws = await connect(worker, nursery, f"/ws?token={token()}")
+            await recv(ws)
+            assert (await call(ws, op="subscribe", topic="a.>", id=1))["ok"]
+            # the server side's WebSocketConnection: it must be freed (and not as garbage)
+            freed = weakref.ref(next(iter(worker.sessions.values())).ws)
+            await ws.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not worker.sessions
+            assert freed() is None
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = {type(o).__qualname__ for o in gc.garbage}
+            gc.garbage.clear()
+            assert not left & {"Session", "SendQueue", "QueuedStream"}, sorted(left)
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.set_debug(0)
+        gc.enable()
