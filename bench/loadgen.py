@@ -711,6 +711,12 @@ class Agent:
         elif kind == "pace":
             self.pace = cmd["seconds"]
             self.ctl.send({"ok": True})
+        elif kind == "stall":
+            # stop reading every connection, for good: the server sees subscribers whose
+            # receive buffers fill and stay full (slow consumers)
+            for conn in self.conns.values():
+                self.ep.modify(conn.sock.fileno(), 0)
+            self.ctl.send({"ok": True, "stalled": len(self.conns)})
         elif kind == "close_all":
             for conn in list(self.conns.values()):
                 self.close(conn)
@@ -829,10 +835,11 @@ class Generator:
         topics: list[list[str]] | None,
         concurrency: int = 200,
         timeout: float = 120.0,
+        agents: list[int] | None = None,
     ) -> dict[str, Any]:
-        """Open ``count`` connections spread over the subscriber agents (connection k gets
-        ``topics[k]``); returns ok, failed, elapsed, errors."""
-        agents = self.subscriber_agents
+        """Open ``count`` connections spread over ``agents`` (by default every subscriber
+        agent; connection k gets ``topics[k]``); returns ok, failed, elapsed, errors."""
+        agents = agents or self.subscriber_agents
         per: list[list[int]] = [[] for _ in agents]
         for k in range(count):
             per[k % len(agents)].append(k)

@@ -42,6 +42,14 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("loadgen_cpu_pct", "loadgen CPU %", False),
         ("other_cpu_pct", "other CPU %", False),
     ],
+    "slow": [
+        ("p50_ms", "readers' p50 ms", False),
+        ("p99_ms", "readers' p99 ms", False),
+        ("max_ms", "readers' max ms", False),
+        ("fast_complete", "every reader got every publication", True),
+        ("server_cpu_pct", "server CPU %", False),
+        ("rss_growth_mib", "server memory growth MiB", False),
+    ],
     "idle": [
         ("connections", "connections", True),
         ("pss_kib_per_connection", "PSS KiB/conn", False),
@@ -66,6 +74,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
 }
 # figures that describe the run rather than the server: no ratio
 NO_RATIO = {
+    "fast_complete",
     "other_cpu_pct",
     "loadgen_cpu_us_per_delivery",
     "loadgen_cpu_pct",
@@ -81,6 +90,8 @@ TITLES = {
     "(1,000 subscribers, 100,000 deliveries/s)",
     "latency_one_topic": "2b. Latency: 2,000 publications/s on one topic to 1,000 subscribers "
     "(2,000,000 deliveries/s asked: a saturation test)",
+    "slow": "2c. Slow subscribers: 50 that read beside 1,000 that stopped reading, one "
+    "topic, 200 publications/s of 512 bytes",
     "idle": "3. Idle connections: authenticated, subscribed, idle",
     "connect": "4. Connect rate: TCP + WebSocket upgrade + token check, 200 in flight, "
     "each a fresh token",
@@ -93,6 +104,7 @@ PRIMARY = {
     "fanout": "cpu_us_per_delivery",
     "latency": "p99_ms",
     "latency_one_topic": "p99_ms",
+    "slow": "p99_ms",
     "idle": "pss_kib_per_connection",
     "connect": "connects_per_s",
     "topics": "cpu_us_per_delivery",
@@ -177,6 +189,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"p99 latency {b} under 10 ms", _get(results, "latency", b, "p99_ms"), 10.0, True)
     for b in BROKERS:
         add(
+            f"readers' p99 latency {b} beside 1,000 stalled subscribers under 100 ms",
+            _get(results, "slow", b, "p99_ms"),
+            100.0,
+            True,
+        )
+    for b in BROKERS:
+        add(
             f"memory per idle connection {b} at most 12 KiB (PSS)",
             _get(results, "idle", b, "pss_kib_per_connection"),
             12.0001,
@@ -207,6 +226,7 @@ SUMMARY = [
     ("fanout", "cpu_us_per_delivery", "fan-out: server CPU µs per delivery"),
     ("fanout", "deliveries_per_s", "fan-out: deliveries/s"),
     ("latency", "p99_ms", "latency p99 ms (100,000 deliveries/s)"),
+    ("slow", "p99_ms", "readers' p99 ms beside 1,000 stalled subscribers"),
     ("idle", "pss_kib_per_connection", "idle: KiB per connection (PSS)"),
     ("idle", "broadcast_median_ms", "idle: one broadcast to all, ms"),
     ("connect", "connects_per_s", "connects/s with token check"),

@@ -12,6 +12,8 @@ Workloads (see :mod:`bench.workloads`):
                   20; with 1 and 2 broker workers
   2. latency      2,000 publications/s to 1,000 subscribers: spread over 20 topics of 50
                   subscribers (100,000 deliveries/s), and on one topic (2,000,000/s asked)
+  2c. slow        50 reading subscribers beside 1,000 that stopped reading, 200 publications/s:
+                  the readers' latency and completeness, the server's memory growth
   3. idle         20,000 authenticated subscribed idle connections (or as many as the file
                   descriptor limit allows): memory per connection, time for one broadcast
   4. connect      handshakes with token verification per second, 2 broker workers
@@ -205,6 +207,12 @@ class Suite:
                 25,
             ),
             (
+                "slow",
+                brokers_first,
+                lambda s, a: workloads.slow_subscribers(s, a, duration=duration),
+                25,
+            ),
+            (
                 "idle",
                 brokers_first,
                 idle,
@@ -232,7 +240,7 @@ class Suite:
                 self.step(workload, name, run, needs)
 
 
-WORKLOADS = ("fanout", "latency", "idle", "connect", "topics")
+WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,6 +194,64 @@ def latency(
     return result
 
 
+def slow_subscribers(
+    server: Server,
+    adapter: str,
+    slow: int = 1000,
+    fast: int = 50,
+    rate: float = 200.0,
+    size: int = 512,
+    duration: float = 6.0,
+    warmup: float = 2.0,
+) -> dict[str, Any]:
+    """``slow`` subscribers that stop reading beside ``fast`` ones that read, all on one
+    topic, at a steady ``rate``: the readers' publication-to-delivery latency, whether each
+    of them got every publication, and the server's memory growth meanwhile."""
+    topic = "bench.slow"
+    tokens = tokens_for(server, slow + fast + 1)
+    time.sleep(0.3)
+    base = server.memory_kib()
+    with Generator(adapter, HOST, server.port, sub_procs=2) as gen:
+        gen.connect_publisher(tokens[-1])
+        for agent, count in ((1, fast), (2, slow)):
+            r = gen.connect_subscribers(count, tokens, [[topic]] * count, agents=[agent])
+            if r["ok"] != count:
+                raise RuntimeError(f"{r['ok']} of {count} subscribers connected: {r['errors']}")
+        gen.call(2, kind="stall")
+        job = {"kind": "rate", "topics": [topic], "rate": rate, "size": size}
+        # the warm-up fills the stalled connections' socket buffers
+        gen.call(0, timeout=warmup + 60, duration=warmup, **job)
+        time.sleep(0.5)
+        gen.call(1, kind="latency", every=1)
+        r0 = gen.shared[1]
+        c0, t0 = server.cpu_seconds(), time.monotonic()
+        reply = gen.call(0, timeout=duration + 60, **{**job, "duration": duration})
+        deadline = time.monotonic() + 3.0
+        while gen.shared[1] < r0 + reply["published"] * fast and time.monotonic() < deadline:
+            time.sleep(0.01)
+        elapsed = time.monotonic() - t0
+        cpu = server.cpu_seconds() - c0
+        received = gen.shared[1] - r0
+        lat = sorted(gen.call(1, kind="stats", latency=True)["latency"] or [])
+        mem = server.memory_kib()
+        stats = gen.stats()
+    return {
+        "slow": slow,
+        "fast": fast,
+        "rate": rate,
+        "published": reply["published"],
+        "fast_received": received,
+        "fast_complete": received == reply["published"] * fast,
+        "p50_ms": round(_percentile(lat, 0.50) / 1000, 3),
+        "p99_ms": round(_percentile(lat, 0.99) / 1000, 3),
+        "max_ms": round(lat[-1] / 1000, 3) if lat else None,
+        "server_cpu_pct": round(100 * cpu / elapsed, 1),
+        "rss_growth_mib": round((mem["rss"] - base["rss"]) / 1024, 1),
+        "errors": stats["errors"],
+        "closes": stats["closes"],
+    }
+
+
 def idle_connections(
     server: Server,
     adapter: str,

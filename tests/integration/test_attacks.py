@@ -141,8 +141,10 @@ def test_a_thousand_subscribers_that_never_read(tmp_path: Path) -> None:
         p99 = latencies[int(len(latencies) * 0.99)]
         print(f"fast subscribers beside 1000 slow ones: p99 {p99 * 1000:.1f} ms")
         assert len(latencies) == 50 * n
-        # Speed is the benchmark's business (bench/ reports this p99 against its 100 ms
-        # target); here only a stall that no machine excuses fails the test.
+        # Speed is the benchmark's business: bench/'s "slow" workload measures this p99
+        # with a raw-socket load generator in its own processes, against the 100 ms target.
+        # Here the readers are full Python clients sharing a process with the 1,000 stalled
+        # sockets, so only a stall that no machine excuses fails the test.
         assert p99 < 1.0, f"p99 {p99 * 1000:.1f} ms"
         deadline = time.monotonic() + 20
         while len(b.events("slow_consumer")) < 1000 and time.monotonic() < deadline:
