@@ -42,6 +42,15 @@ def _percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[k])
 
 
+def latency_ms(sorted_us: list[int]) -> dict[str, float | None]:
+    """p50, p99 and max of latencies in microseconds (sorted), in milliseconds."""
+    return {
+        "p50_ms": round(_percentile(sorted_us, 0.50) / 1000, 3),
+        "p99_ms": round(_percentile(sorted_us, 0.99) / 1000, 3),
+        "max_ms": round(sorted_us[-1] / 1000, 3) if sorted_us else None,
+    }
+
+
 def _measure(
     gen: Generator, server: Server, job: dict[str, Any], expected_per_pub: int
 ) -> dict[str, Any]:
@@ -185,9 +194,7 @@ def latency(
         rate=rate,
         achieved_rate=round(result["published"] / duration),
         samples=len(lat),
-        p50_ms=round(_percentile(lat, 0.50) / 1000, 3),
-        p99_ms=round(_percentile(lat, 0.99) / 1000, 3),
-        max_ms=round(lat[-1] / 1000, 3) if lat else None,
+        **latency_ms(lat),
         errors=stats["errors"],
         closes=stats["closes"],
     )
@@ -242,9 +249,7 @@ def slow_subscribers(
         "published": reply["published"],
         "fast_received": received,
         "fast_complete": received == reply["published"] * fast,
-        "p50_ms": round(_percentile(lat, 0.50) / 1000, 3),
-        "p99_ms": round(_percentile(lat, 0.99) / 1000, 3),
-        "max_ms": round(lat[-1] / 1000, 3) if lat else None,
+        **latency_ms(lat),
         "server_cpu_pct": round(100 * cpu / elapsed, 1),
         "rss_growth_mib": round((mem["rss"] - base["rss"]) / 1024, 1),
         "errors": stats["errors"],
