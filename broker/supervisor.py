@@ -130,14 +130,19 @@ def _listen_sockets(config: Config, count: int) -> list[list[socket.socket]]:
         return [chosen] * count
     host, port = parse_hostport(config.server.listen, "server.listen")
     socks: list[list[socket.socket]] = []
-    for _ in range(count):
-        try:
+    try:
+        if count > 1 and port != 0:
+            # SO_REUSEPORT would let these sockets join another broker's group on the same
+            # port, silently splitting its clients between two brokers. A socket without it
+            # cannot bind where anyone listens: bind one first, as the check.
+            make_listen_socket(host, port).close()
+        for _ in range(count):
             s = make_listen_socket(host, port, reuse_port=count > 1)
-        except OSError as exc:
-            log.error("listen_failed", listen=config.server.listen, error=exc.strerror)
-            raise SystemExit(3) from None
-        port = s.getsockname()[1]
-        socks.append([s])
+            port = s.getsockname()[1]
+            socks.append([s])
+    except OSError as exc:
+        log.error("listen_failed", listen=config.server.listen, error=exc.strerror)
+        raise SystemExit(3) from None
     return socks
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -350,3 +351,20 @@ def test_replies_keep_request_order_with_pipelined_publishes(tmp_path: Path) -> 
 
         got, sent = asyncio.run(main())
         assert got == sent
+
+
+def test_a_second_broker_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    # Workers share their port with SO_REUSEPORT, which would also let a second
+    # multi-worker broker join the group silently and take half the connections.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with BrokerProcess.start(tmp_path / "a", workers=2) as first:
+        second = BrokerProcess(tmp_path / "b", first.config, 2, None)
+        try:
+            with pytest.raises(RuntimeError, match="exited with 3"):
+                second._spawn(port=first.port)
+            [failed] = second.events("listen_failed")
+            assert "in use" in failed["error"]
+        finally:
+            second.stop()
+        assert first.proc is not None and first.proc.poll() is None
