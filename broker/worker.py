@@ -34,6 +34,7 @@ from broker.router import Router
 from broker.sendqueue import Flusher, QueuedStream, SendQueue
 from broker.session import ABORTED, Session
 from broker.timers import Deadlines
+from broker.wsconn import release_handshake
 
 __all__ = ["Worker", "make_listen_socket"]
 
@@ -304,6 +305,7 @@ class Worker:
                         nursery.cancel_scope.cancel()
                         return
                     ws = await request.accept(subprotocol=verdict.subprotocol)
+                    release_handshake(ws)
                 if verdict is None or isinstance(verdict, handshake.Reject):
                     log.info("handshake_timeout")
                     nursery.cancel_scope.cancel()
