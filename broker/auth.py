@@ -13,6 +13,7 @@ wildcard subscription can ever receive a denied topic.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -70,15 +71,23 @@ class Identity:
     subscribe: Permissions
 
 
-def _patterns(claim: Any, key: str) -> tuple[str, ...] | None:
+def _claimed(claim: Any, key: str, default: Permissions) -> Permissions:
+    """The permissions of claim ``pubsub.<key>`` (``default`` without a ``pubsub`` claim)."""
     if claim is None:
-        return None
+        return default
     value = claim.get(key) if isinstance(claim, Mapping) else None
     if value is None:
-        return ()
+        return _permissions((), key)
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise AuthError(f"the pubsub.{key} claim must be a list of patterns", reason="bad_claims")
-    for pattern in value:
+    return _permissions(tuple(value), key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _permissions(patterns: tuple[str, ...], key: str) -> Permissions:
+    """Checked and built once per distinct claim: clients holding tokens with the same
+    patterns (the usual case) share one frozen object instead of each connection its own."""
+    for pattern in patterns:
         try:
             validate_pattern(pattern.removeprefix("!"))
         except FrameError:
@@ -86,7 +95,7 @@ def _patterns(claim: Any, key: str) -> tuple[str, ...] | None:
                 f"the pubsub.{key} claim holds an invalid pattern {pattern[:100]!r}",
                 reason="bad_claims",
             ) from None
-    return tuple(value)
+    return Permissions.from_list(patterns)
 
 
 class TokenVerifier:
@@ -163,13 +172,11 @@ class TokenVerifier:
         claim = claims.get("pubsub")
         if claim is not None and not isinstance(claim, Mapping):
             raise AuthError("the pubsub claim must be an object", reason="bad_claims")
-        pub = _patterns(claim, "publish")
-        subs = _patterns(claim, "subscribe")
         return Identity(
             client=sub,
             expires_at=None if exp is None else int(exp),
-            publish=self._default_publish if pub is None else Permissions.from_list(pub),
-            subscribe=self._default_subscribe if subs is None else Permissions.from_list(subs),
+            publish=_claimed(claim, "publish", self._default_publish),
+            subscribe=_claimed(claim, "subscribe", self._default_subscribe),
         )
 
 
