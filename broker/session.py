@@ -43,10 +43,10 @@ __all__ = ["Session"]
 
 log = structlog.get_logger()
 VIOLATION_WINDOW = 10.0
-CLOSE_GRACE = 2.0
-CLEANUP_TIMEOUT = 5.0
-LINGER = 1.0  # how long the rest of an oversized message is read and discarded  # how long a closing connection may wait on the bus to tidy up
-ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released  # how long a close frame may take to go out before the socket is dropped
+CLOSE_GRACE = 2.0  # how long a close frame may take to go out before the socket is dropped
+CLEANUP_TIMEOUT = 5.0  # how long a closing connection may wait on the bus to tidy up
+LINGER = 1.0  # how long the rest of an oversized message is read and discarded
+ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released
 
 
 class TokenBucket:
@@ -144,6 +144,17 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
                 await self._finish_close(cfg.timeouts.write_timeout)
+
+    # --- what the send queue and the stream report (see Worker._connection) ---------------
+
+    def on_slow(self, reason: str) -> None:
+        self.worker.slow_consumer(self, reason)
+
+    def on_broken(self, reason: str) -> None:
+        self.close(ABORTED, reason)
+
+    def on_oversize(self, length: int) -> None:
+        self.close(p.CloseCode.MESSAGE_TOO_BIG, "frame too large")
 
     def close(self, code: int, reason: str) -> None:
         """Ask the session to close with ``code``; the first reason given wins."""
