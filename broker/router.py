@@ -82,13 +82,14 @@ class Router:
             if not subs:
                 return
             frame = message_frame(pub)
-            for sub in subs:
+            waiting = 0
+            for sub in subs:  # the per-delivery loop: keep it to the one call
                 if sub.pending is None:
                     sub.queue.send(frame)
-                    delivered += 1
                 else:
                     sub.pending.append(pub)
-            self.deliveries += delivered
+                    waiting += 1
+            self.deliveries += len(subs) - waiting
             return
         # Each session once. A session whose exact subscription is being set up (pending)
         # but which also matches through a live wildcard gets it live now: held back in
