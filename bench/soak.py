@@ -148,12 +148,16 @@ def write(report: dict[str, Any]) -> None:
         f"RSS growth after warm-up: {report['rss_growth_after_warmup'] * 100:.1f} %; "
         f"file descriptors after the load: {report['after_idle']['fds']}; flat: {report['flat']}",
         "",
-        "| t (s) | RSS (MiB) | fds | sessions | published |",
-        "|---|---|---|---|---|",
+        "RSS per process: the supervisor (which holds the hub), then each worker.",
+        "",
+        "| t (s) | RSS (MiB) | per process (MiB) | fds | sessions | published |",
+        "|---|---|---|---|---|---|",
     ]
     for s in report["samples"]:
+        each = " / ".join(f"{kib / 1024:.1f}" for kib in s.get("rss_by_process_kib", []))
         lines.append(
-            f"| {s['t']} | {s['rss_kib'] / 1024:.1f} | {s['fds']} | {s['sessions']} | {s['published']} |"
+            f"| {s['t']} | {s['rss_kib'] / 1024:.1f} | {each or '-'} | {s['fds']} "
+            f"| {s['sessions']} | {s['published']} |"
         )
     (RESULTS / "soak-latest.md").write_text("\n".join(lines) + "\n")
 
