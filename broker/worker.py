@@ -276,6 +276,7 @@ class Worker:
                 )
                 qstream = QueuedStream(stream, queue, max_frame=cfg.limits.max_message_size)
                 verdict: handshake.Accept | handshake.Reject | None = None
+                ws: trio_websocket.WebSocketConnection | None = None
                 with trio.move_on_after(cfg.timeouts.handshake_timeout):
                     request = await trio_websocket.wrap_server_stream(
                         nursery,
@@ -309,7 +310,8 @@ class Worker:
                     # (its headers, h11's copies of them) and wsproto's handshake state go.
                     del request
                     release_handshake(ws)
-                if verdict is None or isinstance(verdict, handshake.Reject):
+                if ws is None or not isinstance(verdict, handshake.Accept):
+                    # the timeout struck before the verdict, or while the 101 went out
                     log.info("handshake_timeout")
                     nursery.cancel_scope.cancel()
                     return

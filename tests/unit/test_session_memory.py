@@ -9,6 +9,8 @@ import json
 import weakref
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 import trio.testing
 
@@ -138,6 +140,31 @@ async def test_handshake_that_never_completes_is_dropped(
             start = trio.current_time()
             assert await client_stream.receive_some() == b""  # closed by the server
             assert trio.current_time() - start == pytest.approx(3, abs=0.01)
+        assert worker.handshaking == 0 and not worker.sessions
+
+
+async def test_handshake_timeout_while_the_101_is_held_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A client that sends a valid upgrade and then never reads: on a lockstep stream the
+    # 101 response cannot go out, and the handshake timeout strikes inside accept().
+    worker = make_worker(timeouts={"handshake_timeout": 3})
+    async with running(worker):
+        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+        with structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as n:
+                n.start_soon(worker._handle, server_stream)
+                await client_stream.send_all(
+                    b"GET /ws?token=" + token().encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                    b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                )
+                await trio.sleep(10)
+                n.cancel_scope.cancel()
+        events = [e["event"] for e in logs]
+        assert "handshake_timeout" in events
+        assert "connection_failed" not in events
         assert worker.handshaking == 0 and not worker.sessions
 
 
