@@ -9,7 +9,9 @@ stays out of files that get copied around.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -184,13 +186,22 @@ _FIELD_TYPES: dict[str, Any] = {
 }
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(name: str) -> str:
+    """``name`` as it would be written in the file: bare when it can be, else quoted (so an
+    error about an empty or odd key still shows which one)."""
+    return name if _BARE_KEY.fullmatch(name) else json.dumps(name)
+
+
 def _section(cls: type[Any], name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(name, "expected a table")
     fields = {f.name: f for f in attrs.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        dotted = f"{name}.{key}"
+        dotted = f"{name}.{_toml_key(key)}"
         field = fields.get(key)
         if field is None:
             known = ", ".join(sorted(fields))
@@ -291,7 +302,8 @@ def _history(raw: Any) -> tuple[HistoryRule, ...]:
         unknown = set(entry) - {"pattern", "size", "ttl"}
         if unknown:
             raise ConfigError(
-                f"{where}.{sorted(unknown)[0]}", "unknown key (known: pattern, size, ttl)"
+                f"{where}.{_toml_key(sorted(unknown)[0])}",
+                "unknown key (known: pattern, size, ttl)",
             )
         for key in ("pattern", "size", "ttl"):
             if key not in entry:
@@ -351,7 +363,7 @@ def parse_config(
             kwargs["api_keys"] = keys
         else:
             known = ", ".join([*sorted(_SECTIONS), "history", "api"])
-            raise ConfigError(name, f"unknown section (known: {known})")
+            raise ConfigError(_toml_key(name), f"unknown section (known: {known})")
     cfg = Config(**kwargs)
     if not cfg.auth.jwt_secret and env.get(SECRET_ENV):
         cfg = attrs.evolve(cfg, auth=attrs.evolve(cfg.auth, jwt_secret=env[SECRET_ENV]))

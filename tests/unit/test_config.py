@@ -40,6 +40,9 @@ def test_bad_keys_are_named() -> None:
         == "server.allowed_origins"
     )
     assert error_key({**SECRET, "serverr": {}}) == "serverr"
+    # keys that TOML must quote are named as written (the fuzzer found `[""]` named as "")
+    assert error_key({**SECRET, "": {}}) == '""'
+    assert error_key({**SECRET, "server": {"a b": 1}}) == 'server."a b"'
     assert error_key({**SECRET, "history": [{"pattern": "a.>", "size": 5}]}) == "history[0].ttl"
     assert (
         error_key({**SECRET, "history": [{"pattern": "a..b", "size": 5, "ttl": 1}]})
