@@ -30,7 +30,18 @@ def tokens_for(server: Server, count: int) -> list[str]:
 def _connect(gen: Generator, server: Server, count: int, topics: list[list[str]] | None) -> None:
     tokens = tokens_for(server, count + 1)
     gen.connect_publisher(tokens[-1])
-    r = gen.connect_subscribers(count, tokens, topics)
+    _subscribe(gen, count, tokens, topics)
+
+
+def _subscribe(
+    gen: Generator,
+    count: int,
+    tokens: list[str],
+    topics: list[list[str]] | None,
+    agents: list[int] | None = None,
+) -> None:
+    """Open ``count`` subscribers (on ``agents``, by default all); raise unless all are in."""
+    r = gen.connect_subscribers(count, tokens, topics, agents=agents)
     if r["ok"] != count:
         raise RuntimeError(f"{r['ok']} of {count} subscribers connected: {r['errors']}")
 
@@ -221,9 +232,7 @@ def slow_subscribers(
     with Generator(adapter, HOST, server.port, sub_procs=2) as gen:
         gen.connect_publisher(tokens[-1])
         for agent, count in ((1, fast), (2, slow)):
-            r = gen.connect_subscribers(count, tokens, [[topic]] * count, agents=[agent])
-            if r["ok"] != count:
-                raise RuntimeError(f"{r['ok']} of {count} subscribers connected: {r['errors']}")
+            _subscribe(gen, count, tokens, [[topic]] * count, agents=[agent])
         gen.call(2, kind="stall")
         job = {"kind": "rate", "topics": [topic], "rate": rate, "size": size}
         # the warm-up fills the stalled connections' socket buffers
