@@ -40,12 +40,8 @@ __all__ = ["Flusher", "QueuedStream", "SendQueue"]
 IOV_MAX = 1024
 
 
-def _ignore(reason: str) -> None:
-    return None
-
-
-def _ignore_length(length: int) -> None:
-    return None
+def _ignore(_: object) -> None:
+    """The callback of a queue or stream that has nobody (or nobody any more) to tell."""
 
 
 # Queue states. Plain module constants, not an Enum: the send path checks them per delivery,
@@ -401,14 +397,15 @@ class QueuedStream(trio.abc.Stream):
         self.last_receive = trio.current_time()
         self.bytes_received = 0
         self.guard = FrameLengthGuard(max_frame)
-        self.on_oversize: Callable[[int], None] = _ignore_length
+        self.on_oversize: Callable[[int], None] = _ignore
 
     def release_callbacks(self) -> None:
-        """Drop this stream's and its queue's callbacks. They close over the session, which
-        holds the stream and the queue: left in place, that cycle keeps a closed connection's
-        whole object graph (socket, wsproto, buffers) alive until a full garbage collection,
-        which with :mod:`broker.gctune`'s thresholds can be half an hour away."""
-        self.on_oversize = _ignore_length
+        """Drop this stream's and its queue's callbacks. They are the session's bound methods,
+        and the session holds the stream and the queue: left in place, that cycle keeps a
+        closed connection's whole object graph (socket, wsproto, buffers) alive until a full
+        garbage collection, which with :mod:`broker.gctune`'s thresholds can be half an hour
+        away."""
+        self.on_oversize = _ignore
         self.queue.on_slow = self.queue.on_broken = _ignore
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
