@@ -4,6 +4,7 @@ BrokerError
 ├── ConfigError          a configuration file or option is wrong (names the key)
 ├── AuthError            a token or origin was refused (carries the HTTP status and reason)
 ├── FrameError           a client frame is invalid (carries the protocol error code)
+├── WebSocketViolation   a client broke the WebSocket protocol (carries the close code)
 └── BusError
     └── BusUnavailable   the bus (IPC hub or Redis) cannot be reached right now
 """
@@ -50,6 +51,16 @@ class FrameError(BrokerError):
         self.code = code
         self.message = message
         self.frame_id = frame_id
+
+
+class WebSocketViolation(BrokerError):
+    """A client broke the WebSocket protocol or sent a message over the size limit; the
+    connection is closed with ``code`` (1002, 1007, 1009) and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
 
 
 class BusError(BrokerError):

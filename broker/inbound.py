@@ -2,8 +2,9 @@
 payloads) and reports a frame that announces more than the size limit the moment its header
 arrives.
 
-Why: trio-websocket enforces ``max_message_size`` only as payload arrives, so a header that
-claims 2**62 bytes followed by silence would hold the connection open until the idle timer.
+Why: wsproto hands over a frame's payload as it arrives, so a size limit checked on what was
+received would let a header that claims 2**62 bytes, followed by silence, hold the connection
+open until the idle timer.
 The stream is the HTTP upgrade request (a GET: no body) and then frames, so the guard skips to
 the end of the request head and then walks frame boundaries itself, independent of any parser's
 internals. Sans-I/O: :meth:`FrameLengthGuard.feed` is a plain function of bytes.

@@ -33,8 +33,6 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # trio-websocket logs through the standard library at DEBUG; keep it quiet.
-    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
 def get_logger(**initial: Any) -> Any:

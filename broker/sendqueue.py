@@ -16,10 +16,10 @@ waits for writability and is given ``write_timeout`` to make progress. A queue t
 bytes are dropped at once (so memory stays bounded) and the session closes it with 4008. No
 other connection ever waits for it.
 
-trio-websocket also writes (the 101 response, pongs, the close frame). It writes through
-:class:`QueuedStream`, the stream we hand it, whose ``send_all`` appends to the same queue and
-waits until those bytes are on the wire. So there is exactly one writer per socket and frames
-can never interleave, whatever trio-websocket's own locking does.
+The WebSocket layer (:mod:`broker.wsserver`) writes the 101 response, pongs and close frames
+into the same queue, so there is exactly one writer per socket and frames never interleave.
+Drainers run in the worker's nursery, not the connection's (an idle connection then needs no
+nursery of its own); closing the queue cancels its drainer.
 
 Streams that are not plain sockets (TLS, in-memory test streams) have no file descriptor to
 write to without blocking; for them the drainer writes every batch with ``send_all``.
@@ -30,12 +30,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import structlog
 import trio
 import trio.lowlevel
 
-from broker.inbound import FrameLengthGuard
+__all__ = ["Flusher", "SendQueue"]
 
-__all__ = ["Flusher", "QueuedStream", "SendQueue"]
+log = structlog.get_logger()
 
 IOV_MAX = 1024
 
@@ -115,7 +116,7 @@ class SendQueue:
     # Slots: tens of thousands of these live at once, and a __dict__ each would cost ~1 KiB.
     __slots__ = (
         "_chunks",
-        "_draining",
+        "_drain_scope",
         "_flusher",
         "_head",
         "_nursery",
@@ -159,7 +160,7 @@ class SendQueue:
         self._socket: trio.socket.SocketType | None = None
         self._stream: trio.abc.Stream | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
-        self._draining = False
+        self._drain_scope: trio.CancelScope | None = None  # the drainer's, while one runs
 
     def attach(self, stream: trio.abc.Stream) -> None:
         """Write to ``stream``: directly to its socket when it is a plain
@@ -198,25 +199,22 @@ class SendQueue:
             self._flusher.mark(self)
         return True
 
-    async def send_and_wait(self, data: bytes) -> None:
-        """Queue ``data`` even past the limit (control frames are tiny) and wait until it is
-        written. Raises :class:`trio.BrokenResourceError` if the connection fails first."""
-        if self._state is CLOSED:
-            raise trio.BrokenResourceError("connection is closed")
+    def send_control(self, data: bytes) -> None:
+        """Queue ``data`` (a control frame or an HTTP response) even past the limit, and even
+        for a slow consumer whose other frames were dropped: control frames are tiny, and the
+        close frame that tells a slow consumer why must still go out. Dropped only once the
+        queue is closed."""
+        state = self._state
+        if state is CLOSED:
+            return
         self._chunks.append(data)
         self.queued += len(data)
         self.appended += len(data)
-        mark = self.appended
-        event = trio.Event()
-        self._waiters.append((mark, event))
-        if self._state is IDLE:
+        if state is IDLE:
             self._state = DIRTY
             self._flusher.mark(self)
-        elif self._state is OVERFLOWED:
+        elif state is OVERFLOWED:
             self._start_drainer()
-        await event.wait()
-        if self._state is CLOSED and self.settled < mark:
-            raise trio.BrokenResourceError("connection failed before the data was written")
 
     async def wait_drained(self) -> None:
         """Wait until everything queued so far is written (or dropped, or the queue closed)."""
@@ -247,9 +245,19 @@ class SendQueue:
         if self._chunks and not blocked:
             self._start_drainer()
 
+    def release_callbacks(self) -> None:
+        """Drop the callbacks. They are the session's bound methods, and the session holds
+        the queue: left in place, that cycle keeps a closed connection's whole object graph
+        (socket, wsproto, buffers) alive until a full garbage collection, which with
+        :mod:`broker.gctune`'s thresholds can be half an hour away."""
+        self.on_slow = self.on_broken = _ignore
+
     def close(self) -> None:
-        """Drop everything queued and refuse further frames; wake waiters with an error."""
+        """Drop everything queued, refuse further frames, stop the drainer and wake every
+        waiter."""
         self._state = CLOSED
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
         self._chunks.clear()
         self.queued = 0
         waiters, self._waiters = self._waiters, []
@@ -335,18 +343,23 @@ class SendQueue:
     def _start_drainer(self) -> None:
         if self._state is DIRTY:
             self._state = BLOCKED
-        if not self._draining:
+        if self._drain_scope is None:
             # At most one drainer: two tasks may not wait on one socket (and must not
             # interleave writes).
-            self._draining = True
-            self._nursery.start_soon(self._drain)
+            self._drain_scope = trio.CancelScope()
+            self._nursery.start_soon(self._drain, self._drain_scope)
 
-    async def _drain(self) -> None:
+    async def _drain(self, scope: trio.CancelScope) -> None:
         """Write until the queue is empty, giving each step ``write_timeout`` to progress."""
         try:
-            await self._drain_loop()
+            with scope:
+                await self._drain_loop()
+        except Exception:
+            # It runs in the worker's nursery: a bug here must cost one connection, not all.
+            log.exception("drainer_failed")
+            self._fail("internal error")
         finally:
-            self._draining = False
+            self._drain_scope = None
 
     async def _drain_loop(self) -> None:
         try:
@@ -365,6 +378,11 @@ class SendQueue:
                         self._fail("write_timeout")
                         return
                     self._overflow("write_timeout")
+                    if self._socket is None:
+                        # A cancelled send_all leaves a stream that is not a plain socket
+                        # (TLS) in an unknown state: nothing more may be written to it.
+                        self.close()
+                        return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(str(exc) or "stream closed")
             return
@@ -382,46 +400,3 @@ class SendQueue:
         self._advance(len(batch))
         await self._stream.send_all(batch)
         self._settle(len(batch))
-
-
-class QueuedStream(trio.abc.Stream):
-    """The stream handed to trio-websocket: reads pass through (and note the time, for the
-    idle timer), writes go into the connection's :class:`SendQueue`."""
-
-    __slots__ = ("bytes_received", "guard", "inner", "last_receive", "on_oversize", "queue")
-
-    def __init__(self, inner: trio.abc.Stream, queue: SendQueue, *, max_frame: int) -> None:
-        self.inner = inner
-        self.queue = queue
-        queue.attach(inner)
-        self.last_receive = trio.current_time()
-        self.bytes_received = 0
-        self.guard = FrameLengthGuard(max_frame)
-        self.on_oversize: Callable[[int], None] = _ignore
-
-    def release_callbacks(self) -> None:
-        """Drop this stream's and its queue's callbacks. They are the session's bound methods,
-        and the session holds the stream and the queue: left in place, that cycle keeps a
-        closed connection's whole object graph (socket, wsproto, buffers) alive until a full
-        garbage collection, which with :mod:`broker.gctune`'s thresholds can be half an hour
-        away."""
-        self.on_oversize = _ignore
-        self.queue.on_slow = self.queue.on_broken = _ignore
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.queue.send_and_wait(bytes(data))
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
-        self.last_receive = trio.current_time()
-        self.bytes_received += len(data)
-        if self.guard.violation is None and self.guard.feed(data) is not None:
-            self.on_oversize(self.guard.violation or 0)
-        return data
-
-    async def aclose(self) -> None:
-        self.queue.close()
-        await self.inner.aclose()

@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-A session runs in one task group: the *reader* (this task: it takes frames from
-trio-websocket, parses them with :mod:`broker.protocol` and executes them) and the *timer*
-(one task that owns every deadline of the connection: the idle timeout, the next server ping,
-the in-band authentication deadline and the token's expiry). Replies and pushes are framed
-here and appended to the connection's :class:`~broker.sendqueue.SendQueue`; nothing in a
-session ever waits for the client to read.
+A session is one task, the *reader*: it takes the client's messages from
+:class:`~broker.wsserver.ServerWebSocket`, parses them with :mod:`broker.protocol` and
+executes them. Its deadlines (the idle timeout, the next server ping, the in-band
+authentication deadline and the token's expiry) are kept by the worker's one
+:class:`~broker.timers.Deadlines` task, which calls :meth:`Session.on_deadline`. Replies and
+pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;
+nothing in a session ever waits for the client to read.
 
 A session ends for exactly one reason, recorded once by :meth:`Session.close`: the client
 closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
@@ -25,19 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
-import trio_websocket
 
 from broker import protocol as p
 from broker.auth import Identity
 from broker.bus.base import ConnKey, Publication, StreamPosition
-from broker.errors import AuthError, BusUnavailable, FrameError
+from broker.errors import AuthError, BusUnavailable, FrameError, WebSocketViolation
 from broker.router import Subscription, message_frame
 from broker.timers import Timer
 from broker.topics import is_wildcard, validate_pattern, validate_topic
 
 if TYPE_CHECKING:
-    from broker.sendqueue import QueuedStream
     from broker.worker import Worker
+    from broker.wsserver import ServerWebSocket
 
 __all__ = ["Session"]
 
@@ -45,7 +45,6 @@ log = structlog.get_logger()
 VIOLATION_WINDOW = 10.0
 CLOSE_GRACE = 2.0  # how long a close frame may take to go out before the socket is dropped
 CLEANUP_TIMEOUT = 5.0  # how long a closing connection may wait on the bus to tidy up
-LINGER = 1.0  # how long the rest of an oversized message is read and discarded
 ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released
 
 
@@ -85,7 +84,6 @@ class Session:
         "publishing",
         "queue",
         "started",
-        "stream",
         "subs",
         "timer",
         "violations",
@@ -97,15 +95,13 @@ class Session:
         self,
         worker: Worker,
         conn_id: int,
-        ws: trio_websocket.WebSocketConnection,
-        stream: QueuedStream,
+        ws: ServerWebSocket,
         identity: Identity | None,
     ) -> None:
         self.worker = worker
         self.conn_id = conn_id
         self.ws = ws
-        self.stream = stream
-        self.queue = stream.queue
+        self.queue = ws.queue
         self.identity = identity
         self.key = ConnKey(worker.node, worker.index, conn_id)
         cfg = worker.config
@@ -138,23 +134,31 @@ class Session:
                 if self.identity is not None:
                     self._welcome()
                 self._reschedule()
-                await self._read_loop()
+                ws = self.ws
+                while True:
+                    try:
+                        message = await ws.next_message()
+                    except WebSocketViolation as exc:
+                        self.close(exc.code, exc.reason)
+                        break
+                    if message is None:  # the client closed, or went away
+                        break
+                    await self._serve(message)
+                    # Not kept while the connection waits, idle, for its next message.
+                    del message
         finally:
             self.worker.deadlines.cancel(self)
             with trio.CancelScope(shield=True):
                 await self._cleanup()
                 await self._finish_close(cfg.timeouts.write_timeout)
 
-    # --- what the send queue and the stream report (see Worker._connection) ---------------
+    # --- what the send queue reports (see Worker._connection) -----------------------------
 
     def on_slow(self, reason: str) -> None:
         self.worker.slow_consumer(self, reason)
 
     def on_broken(self, reason: str) -> None:
         self.close(ABORTED, reason)
-
-    def on_oversize(self, length: int) -> None:
-        self.close(p.CloseCode.MESSAGE_TOO_BIG, "frame too large")
 
     def close(self, code: int, reason: str) -> None:
         """Ask the session to close with ``code``; the first reason given wins."""
@@ -166,39 +170,26 @@ class Session:
             self._scope.cancel()
 
     async def _finish_close(self, grace: float) -> None:
+        ws = self.ws
         code = self.close_code
         if code is None:
-            remote = self.ws.closed
+            remote = ws.remote_close
             log.info(
                 "disconnect",
-                code=remote.code if remote else 1006,
-                reason=(remote.reason or "") if remote else "",
+                code=ws.close_code,
+                reason=remote[1] if remote else "",
                 initiator="client",
             )
+            with trio.move_on_after(min(grace, CLOSE_GRACE)):
+                await self.queue.wait_drained()  # our answer to its close frame
         else:
             log.info("disconnect", code=code, reason=self.close_reason, initiator="server")
             self.worker.count_close(code)
-            if code != ABORTED:
+            if code != ABORTED and ws.send_close(code, self.close_reason):
                 with trio.move_on_after(min(grace, CLOSE_GRACE)):
-                    await self.ws.aclose(code, self.close_reason)
-                    # trio-websocket may have queued its own close frame (1009) already, in
-                    # which case aclose() returns at once: let the frame go out either way.
-                    await self.queue.wait_drained()
-        remote = self.ws.closed
-        if code == p.CloseCode.MESSAGE_TOO_BIG or (
-            remote is not None and remote.code == p.CloseCode.MESSAGE_TOO_BIG
-        ):
-            # The client is most likely still sending the oversized message. Closing a socket
-            # with unread data makes the kernel send a reset, which can overtake the 1009
-            # close frame; read and discard for a moment first (a lingering close).
-            with trio.move_on_after(LINGER):
-                try:
-                    while await self.stream.inner.receive_some(65536):
-                        pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+                    await ws.finish_close()
         # However the close handshake went, release the socket now.
-        await trio.aclose_forcefully(self.stream)
+        await ws.aclose()
 
     async def _cleanup(self) -> None:
         subs = list(self.subs.values())
@@ -284,7 +275,7 @@ class Session:
         if self.close_code is not None:
             return None
         cfg = self.worker.config.timeouts
-        idle_deadline = self.stream.last_receive + cfg.idle_timeout
+        idle_deadline = self.ws.last_receive + cfg.idle_timeout
         if now >= idle_deadline:
             self.close(p.CloseCode.IDLE_TIMEOUT, "idle timeout")
             return None
@@ -304,30 +295,23 @@ class Session:
 
     # --- input --------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        ws = self.ws
-        while True:
-            try:
-                message = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
-                return
-            try:
-                command = p.parse_command(message)
-            except FrameError as exc:
-                await self._settle_publishes()
-                self.error(exc.frame_id, exc.code, exc.message)
-                continue
-            try:
-                await self._execute(command)
-            except FrameError as exc:
-                self.error(command.id, exc.code, exc.message)
-            except BusUnavailable:
-                self.error(command.id, "unavailable", "the message bus is unavailable; try again")
-            except Exception:
-                log.exception("internal_error", op=type(command).__name__.lower())
-                self.error(
-                    command.id, "internal", "internal error; the request was not carried out"
-                )
+    async def _serve(self, message: str | bytes) -> None:
+        """Parse and carry out one client frame; every failure becomes an error reply."""
+        try:
+            command = p.parse_command(message)
+        except FrameError as exc:
+            await self._settle_publishes()
+            self.error(exc.frame_id, exc.code, exc.message)
+            return
+        try:
+            await self._execute(command)
+        except FrameError as exc:
+            self.error(command.id, exc.code, exc.message)
+        except BusUnavailable:
+            self.error(command.id, "unavailable", "the message bus is unavailable; try again")
+        except Exception:
+            log.exception("internal_error", op=type(command).__name__.lower())
+            self.error(command.id, "internal", "internal error; the request was not carried out")
 
     async def _settle_publishes(self) -> None:
         """Wait until every pipelined publication has been answered (replies stay in order)."""

@@ -21,7 +21,6 @@ from typing import Any
 import structlog
 import trio
 import trio.lowlevel
-import trio_websocket
 
 from broker import handshake
 from broker.auth import TokenVerifier
@@ -31,17 +30,15 @@ from broker.config import Config, parse_hostport
 from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
 from broker.router import Router
-from broker.sendqueue import Flusher, QueuedStream, SendQueue
+from broker.sendqueue import Flusher, SendQueue
 from broker.session import Session
 from broker.timers import Deadlines
-from broker.wsconn import release_handshake
+from broker.wsserver import ServerWebSocket
 
 __all__ = ["Worker", "make_listen_socket"]
 
 log = structlog.get_logger()
 
-RECEIVE_BUFFER = 65536
-MESSAGE_QUEUE = 64
 CLOSE_BATCH = 16  # slow consumers closed per scheduler pass
 
 
@@ -106,6 +103,7 @@ class Worker:
         self.bus = (bus_factory or default_bus)(config, handlers)
         self.router.bus = self.bus
         self.sessions: dict[int, Session] = {}
+        self._nursery: trio.Nursery  # set by services(): where the send queues' drainers run
         self.handshaking = 0
         self._sessions_changed = trio.Event()
         self._to_close: deque[tuple[Session, str]] = deque()
@@ -149,7 +147,7 @@ class Worker:
             "deliveries_out": self.router.deliveries,
             "bytes_out": self.flusher.bytes_written,
             "bytes_in": self.bytes_in_closed
-            + sum(s.stream.bytes_received for s in self.sessions.values()),
+            + sum(s.ws.bytes_received for s in self.sessions.values()),
             "connections_total": self.connections_total,
             "closes": {str(k): v for k, v in self.closes.items()},
             "auth_failures": dict(self.auth_failures),
@@ -206,6 +204,8 @@ class Worker:
             host, port = parse_hostport(self.config.server.listen, "server.listen")
             socks = [make_listen_socket(host, port)]
         ports = [s.getsockname()[1] for s in socks]
+        # Bound here, inherited by every connection's task (one shared context, not a copy each).
+        structlog.contextvars.bind_contextvars(worker=self.index)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.services)
             self._accept_scope = trio.CancelScope()
@@ -223,6 +223,7 @@ class Worker:
         deadlines and the slow-consumer closer. Started by :meth:`serve` (and by tests that
         feed the worker in-memory streams)."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery  # where the send queues' drainers run
             await nursery.start(self.bus.run)
             nursery.start_soon(self.flusher.run)
             nursery.start_soon(self.deadlines.run)
@@ -252,96 +253,82 @@ class Worker:
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         conn_id = next(self._ids)
-        structlog.contextvars.bind_contextvars(conn=conn_id, worker=self.index)
+        structlog.contextvars.bind_contextvars(conn=conn_id)
+        cfg = self.config
+        queue = SendQueue(
+            self.flusher,
+            self._nursery,
+            max_bytes=cfg.limits.send_queue_max_bytes,
+            write_timeout=cfg.timeouts.write_timeout,
+        )
+        ws = ServerWebSocket(stream, queue, max_message=cfg.limits.max_message_size)
         try:
-            await self._connection(conn_id, stream)
+            await self._connection(conn_id, ws)
         except Exception:
             # Contain it: one connection's bug must not reach another connection.
             log.exception("connection_failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            await ws.aclose()
 
-    async def _connection(self, conn_id: int, stream: trio.abc.Stream) -> None:
+    async def _connection(self, conn_id: int, ws: ServerWebSocket) -> None:
         cfg = self.config
         started = trio.current_time()
         self.handshaking += 1
         session: Session | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                queue = SendQueue(
-                    self.flusher,
-                    nursery,
-                    max_bytes=cfg.limits.send_queue_max_bytes,
-                    write_timeout=cfg.timeouts.write_timeout,
+            verdict: handshake.Accept | handshake.Reject | None = None
+            with trio.move_on_after(cfg.timeouts.handshake_timeout):
+                request = await ws.receive_request()
+                if request is None:
+                    return  # the client went away, or its request was invalid (answered)
+                verdict = handshake.evaluate(
+                    request.target,
+                    request.extra_headers,
+                    tuple(request.subprotocols),
+                    allowed_origins=cfg.server.allowed_origins,
+                    verifier=self.verifier,
+                    at_capacity=not self.accepting
+                    or len(self.sessions) >= cfg.limits.max_connections,
                 )
-                qstream = QueuedStream(stream, queue, max_frame=cfg.limits.max_message_size)
-                verdict: handshake.Accept | handshake.Reject | None = None
-                ws: trio_websocket.WebSocketConnection | None = None
-                with trio.move_on_after(cfg.timeouts.handshake_timeout):
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery,
-                        qstream,
-                        message_queue_size=MESSAGE_QUEUE,
-                        max_message_size=cfg.limits.max_message_size,
-                        receive_buffer_size=RECEIVE_BUFFER,
+                del request  # its headers hold the token: keep them no longer than needed
+                if isinstance(verdict, handshake.Reject):
+                    if verdict.status == 401:
+                        self.count_auth_failure(verdict.reason)
+                    log.info("rejected", status=verdict.status, reason=verdict.reason)
+                    await ws.reject(
+                        verdict.status, [(b"Content-Type", b"application/json")], verdict.body()
                     )
-                    verdict = handshake.evaluate(
-                        request.path,
-                        request.headers,
-                        request.proposed_subprotocols,
-                        allowed_origins=cfg.server.allowed_origins,
-                        verifier=self.verifier,
-                        at_capacity=not self.accepting
-                        or len(self.sessions) >= cfg.limits.max_connections,
-                    )
-                    if isinstance(verdict, handshake.Reject):
-                        if verdict.status == 401:
-                            self.count_auth_failure(verdict.reason)
-                        log.info("rejected", status=verdict.status, reason=verdict.reason)
-                        await request.reject(
-                            verdict.status,
-                            extra_headers=[(b"Content-Type", b"application/json")],
-                            body=verdict.body(),
-                        )
-                        nursery.cancel_scope.cancel()
-                        return
-                    ws = await request.accept(subprotocol=verdict.subprotocol)
-                    # This frame lives as long as the connection: let the upgrade request
-                    # (its headers, h11's copies of them) and wsproto's handshake state go.
-                    del request
-                    release_handshake(ws)
-                if ws is None or not isinstance(verdict, handshake.Accept):
-                    # the timeout struck before the verdict, or while the 101 went out
-                    log.info("handshake_timeout")
-                    nursery.cancel_scope.cancel()
                     return
-                self.handshaking -= 1
-                elapsed = trio.current_time() - started
-                self.handshake_counts[bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)] += 1
-                self.handshake_sum += elapsed
-                self.connections_total += 1
-                identity = verdict.identity
-                if identity is not None:
-                    structlog.contextvars.bind_contextvars(client=identity.client)
-                log.info("connect", token_source=verdict.token_source)
-                session = Session(self, conn_id, ws, qstream, identity)
-                # bound methods rather than closures: a few hundred bytes less per connection
-                queue.on_slow = session.on_slow
-                queue.on_broken = session.on_broken
-                qstream.on_oversize = session.on_oversize
-                self.sessions[conn_id] = session
-                try:
-                    await session.run()
-                finally:
-                    qstream.release_callbacks()
-                nursery.cancel_scope.cancel()
+            if not isinstance(verdict, handshake.Accept):
+                # the timeout struck before the verdict, or while a refusal went out
+                log.info("handshake_timeout")
+                return
+            ws.accept(verdict.subprotocol)
+            self.handshaking -= 1
+            elapsed = trio.current_time() - started
+            self.handshake_counts[bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)] += 1
+            self.handshake_sum += elapsed
+            self.connections_total += 1
+            identity = verdict.identity
+            if identity is not None:
+                structlog.contextvars.bind_contextvars(client=identity.client)
+            log.info("connect", token_source=verdict.token_source)
+            session = Session(self, conn_id, ws, identity)
+            # bound methods rather than closures: a few hundred bytes less per connection
+            ws.queue.on_slow = session.on_slow
+            ws.queue.on_broken = session.on_broken
+            self.sessions[conn_id] = session
+            try:
+                await session.run()
+            finally:
+                ws.queue.release_callbacks()
         finally:
             if session is None:
                 self.handshaking -= 1
             else:
                 self.sessions.pop(conn_id, None)
                 # A counter must never go down: keep what closed connections received.
-                self.bytes_in_closed += session.stream.bytes_received
+                self.bytes_in_closed += ws.bytes_received
                 self._sessions_changed.set()
 
     def slow_consumer(self, session: Session, reason: str) -> None:

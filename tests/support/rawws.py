@@ -75,17 +75,26 @@ def handshake(
 
 
 def encode_frame(
-    payload: bytes, opcode: int = 0x1, *, fin: bool = True, length: int | None = None
+    payload: bytes,
+    opcode: int = 0x1,
+    *,
+    fin: bool = True,
+    length: int | None = None,
+    masked: bool = True,
 ) -> bytes:
-    """A masked client frame; ``length`` may lie about the payload length."""
+    """A client frame, masked unless ``masked`` is False (which no client may send);
+    ``length`` may lie about the payload length."""
     n = len(payload) if length is None else length
+    bit = 0x80 if masked else 0
     head = bytes([(0x80 if fin else 0) | opcode])
     if n < 126:
-        head += bytes([0x80 | n])
+        head += bytes([bit | n])
     elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        head += bytes([bit | 126]) + struct.pack("!H", n)
     else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
     mask = os.urandom(4)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 

@@ -9,12 +9,12 @@ import pytest
 import trio
 import trio.testing
 
-from broker.sendqueue import Flusher, QueuedStream, SendQueue
+from broker.sendqueue import Flusher, SendQueue
 
 
 async def pair(
     nursery: trio.Nursery, flusher: Flusher, **kw: object
-) -> tuple[SendQueue, QueuedStream, socket.socket, list[str]]:
+) -> tuple[SendQueue, socket.socket, list[str]]:
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -27,17 +27,15 @@ async def pair(
         write_timeout=kw.get("write_timeout", 10.0),  # type: ignore[arg-type]
         on_slow=verdicts.append,
     )
-    stream = QueuedStream(
-        trio.SocketStream(trio.socket.from_stdlib_socket(a)), queue, max_frame=1 << 16
-    )
-    return queue, stream, b, verdicts
+    queue.attach(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    return queue, b, verdicts
 
 
 async def test_frames_coalesce_into_one_write_in_order() -> None:
     flusher = Flusher()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
-        queue, _, peer, _ = await pair(nursery, flusher)
+        queue, peer, _ = await pair(nursery, flusher)
         for i in range(50):
             queue.send(b"%03d;" % i)
         await trio.sleep(0.05)
@@ -51,7 +49,7 @@ async def test_queue_over_its_limit_is_a_slow_consumer_and_memory_is_released() 
     flusher = Flusher()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
-        queue, _, peer, verdicts = await pair(nursery, flusher, max_bytes=100_000)
+        queue, peer, verdicts = await pair(nursery, flusher, max_bytes=100_000)
         frame = b"x" * 1000
         sent = 0
         while queue.send(frame):
@@ -69,7 +67,7 @@ async def test_write_timeout_is_a_slow_consumer(autojump_clock: trio.testing.Moc
     flusher = Flusher()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
-        queue, _, peer, verdicts = await pair(nursery, flusher, write_timeout=5.0)
+        queue, peer, verdicts = await pair(nursery, flusher, write_timeout=5.0)
         for _ in range(200):
             queue.send(b"y" * 1000)  # far more than both socket buffers; nobody reads
         await trio.sleep(6)
@@ -82,7 +80,7 @@ async def test_control_frames_wait_for_their_turn_and_arrive_whole() -> None:
     flusher = Flusher()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
-        queue, stream, peer, _ = await pair(nursery, flusher)
+        queue, peer, _ = await pair(nursery, flusher)
         big = b"d" * 200_000  # blocks: the drainer takes over
         queue.send(big)
         received = bytearray()
@@ -95,7 +93,8 @@ async def test_control_frames_wait_for_their_turn_and_arrive_whole() -> None:
 
         nursery.start_soon(reader)
         with trio.fail_after(5):
-            await stream.send_all(b"CLOSE")  # as trio-websocket sends a close frame
+            queue.send_control(b"CLOSE")  # as a close frame is sent
+            await queue.wait_drained()
         await trio.sleep(0.05)
         assert bytes(received) == big + b"CLOSE"
         nursery.cancel_scope.cancel()
@@ -105,7 +104,7 @@ async def test_overflow_while_blocked_keeps_one_drainer_and_a_whole_frame() -> N
     flusher = Flusher()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
-        queue, stream, peer, verdicts = await pair(nursery, flusher, max_bytes=150_000)
+        queue, peer, verdicts = await pair(nursery, flusher, max_bytes=150_000)
         frame = b"F" * 50_000
         queue.send(frame)
         await trio.sleep(0.05)  # partly written, then blocked
@@ -115,7 +114,7 @@ async def test_overflow_while_blocked_keeps_one_drainer_and_a_whole_frame() -> N
         got = bytearray()
         peer.setblocking(False)
         with trio.fail_after(5):
-            nursery.start_soon(stream.send_all, b"END")
+            queue.send_control(b"END")
             while not got.endswith(b"END"):
                 await trio.lowlevel.wait_readable(peer)
                 got.extend(peer.recv(65536))
@@ -129,7 +128,7 @@ async def test_flusher_passes_setting(passes: tuple[int, int]) -> None:
     flusher = Flusher(min_passes=passes[0], max_passes=passes[1])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flusher.run)
-        queue, _, peer, _ = await pair(nursery, flusher)
+        queue, peer, _ = await pair(nursery, flusher)
         queue.send(b"hello")
         await trio.sleep(0.05)
         peer.setblocking(False)

@@ -1,0 +1,172 @@
+"""The WebSocket layer (:mod:`broker.wsserver`) frame by frame, over a real socket pair: the
+worker runs in trio, a raw client sends what it likes from a thread. Fragments, pings between
+fragments, pipelined and byte-by-byte frames, both directions of the close handshake, and the
+violations that close a connection with 1002, 1007 and 1009."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+
+from broker.worker import Worker
+from tests.support.inmemory import make_worker, running, token
+from tests.support.rawws import FrameReader, encode_frame, http_request, read_response
+
+T = TypeVar("T")
+
+
+class Client:
+    """The client end of a socket pair, upgraded; used from a worker thread (blocking)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.sendall(http_request(f"/ws?token={token()}", port=0))
+        status, _, rest = read_response(sock)
+        assert status == 101
+        self.reader = FrameReader(sock, rest)
+        assert self.reader.json()["op"] == "welcome"
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.sendall(b"".join(frames))
+
+    def op(self, **frame: Any) -> bytes:
+        return encode_frame(json.dumps(frame).encode())
+
+    def eof(self) -> bool:
+        """Whether the server closed the TCP connection (after everything already read)."""
+        return self.reader.buf == b"" and self.sock.recv(1) == b""
+
+
+@asynccontextmanager
+async def client(worker: Worker) -> AsyncIterator[Callable[[Callable[[Client], T]], Any]]:
+    """Serve one connection of ``worker`` over a socket pair; yields ``run(fn)``, which runs
+    ``fn(client)`` in a thread and returns its result."""
+    server_sock, client_sock = socket.socketpair()
+    client_sock.settimeout(10)
+    async with running(worker) as nursery:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(server_sock))
+        nursery.start_soon(worker._handle, stream)
+        box: list[Client] = []
+
+        async def run(fn: Callable[[Client], T]) -> T:
+            if not box:
+                box.append(await trio.to_thread.run_sync(Client, client_sock))
+            return await trio.to_thread.run_sync(fn, box[0])
+
+        try:
+            yield run
+        finally:
+            client_sock.close()
+
+
+async def test_fragments_with_a_ping_between_them_make_one_message() -> None:
+    async with client(make_worker()) as run:
+        body = json.dumps({"op": "ping", "id": 1}).encode()
+
+        def talk(c: Client) -> list[tuple[int, bytes]]:
+            c.send(
+                encode_frame(body[:5], 0x1, fin=False),
+                encode_frame(b"are you there", 0x9),  # control frames may come between
+                encode_frame(body[5:9], 0x0, fin=False),
+                encode_frame(body[9:], 0x0),
+            )
+            return [c.reader.frame(), c.reader.frame()]
+
+        pong, reply = await run(talk)
+        assert pong == (0xA, b"are you there")
+        assert reply[0] == 0x1 and json.loads(reply[1]) == {"id": 1, "ok": True}
+
+
+async def test_pipelined_and_byte_by_byte_frames_are_all_served_in_order() -> None:
+    async with client(make_worker()) as run:
+
+        def talk(c: Client) -> list[Any]:
+            c.send(*(c.op(op="ping", id=i) for i in range(50)))  # one write, 50 frames
+            got = [c.reader.json()["id"] for _ in range(50)]
+            for byte in c.op(op="ping", id="slow"):  # one frame, one byte at a time
+                c.send(bytes([byte]))
+            got.append(c.reader.json()["id"])
+            return got
+
+        assert await run(talk) == [*range(50), "slow"]
+
+
+async def test_a_fragmented_message_over_the_limit_is_closed_with_1009() -> None:
+    worker = make_worker(limits={"max_message_size": 1000})
+    async with client(worker) as run:
+
+        def talk(c: Client) -> int:
+            # every fragment is under the limit; together they are not
+            c.send(*(encode_frame(b"x" * 400, 0x0 if i else 0x1, fin=False) for i in range(3)))
+            return c.reader.close_code()
+
+        assert await run(talk) == 1009
+    assert worker.closes[1009] == 1
+
+
+async def test_invalid_utf8_in_a_text_frame_is_closed_with_1007() -> None:
+    async with client(make_worker()) as run:
+        assert (
+            await run(lambda c: (c.send(encode_frame(b'"\xff\xfe"')), c.reader.close_code())[1])
+            == 1007
+        )
+
+
+async def test_an_unmasked_client_frame_is_closed_with_1002() -> None:
+    async with client(make_worker()) as run:
+        frame = encode_frame(b'{"op":"ping"}', masked=False)
+        assert await run(lambda c: (c.send(frame), c.reader.close_code())[1]) == 1002
+
+
+async def test_a_client_close_is_answered_with_its_code_then_the_socket_closes() -> None:
+    worker = make_worker()
+    async with client(worker) as run:
+
+        def talk(c: Client) -> tuple[int, bool]:
+            c.send(encode_frame(struct.pack("!H", 4321) + b"bye", 0x8))
+            return c.reader.close_code(), c.eof()
+
+        assert await run(talk) == (4321, True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not worker.sessions
+
+
+async def test_a_server_close_waits_for_the_answer_then_closes_the_socket() -> None:
+    worker = make_worker()
+    async with client(worker) as run:
+        await run(lambda c: None)  # upgraded
+        assert worker.disconnect("alice") == 1
+
+        def talk(c: Client) -> tuple[int, bool]:
+            code = c.reader.close_code()
+            c.send(encode_frame(struct.pack("!H", code), 0x8))
+            # At once, not after the 2 s the server would give a client that never answers.
+            c.sock.settimeout(1.5)
+            return code, c.eof()
+
+        assert await run(talk) == (1008, True)
+
+
+async def test_a_request_that_is_not_an_upgrade_gets_400_and_no_session() -> None:
+    worker = make_worker()
+    server_sock, client_sock = socket.socketpair()
+    client_sock.settimeout(10)
+    async with running(worker) as nursery:
+        nursery.start_soon(
+            worker._handle, trio.SocketStream(trio.socket.from_stdlib_socket(server_sock))
+        )
+
+        def talk() -> tuple[int, bytes]:
+            client_sock.sendall(http_request("/ws", port=0, upgrade=False))
+            status, _, _ = read_response(client_sock)
+            return status, client_sock.recv(1)
+
+        assert await trio.to_thread.run_sync(talk) == (400, b"")
+        client_sock.close()
+    assert not worker.sessions and worker.handshaking == 0
