@@ -176,7 +176,7 @@ class Session:
             remote = ws.remote_close
             log.info(
                 "disconnect",
-                code=ws.close_code,
+                code=ws.remote_code,
                 reason=remote[1] if remote else "",
                 initiator="client",
             )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import structlog
 import trio
 import trio.lowlevel
 from wsproto import ConnectionType, WSConnection
@@ -49,6 +50,8 @@ from broker.inbound import FrameLengthGuard
 from broker.sendqueue import SendQueue
 
 __all__ = ["RECEIVE_SIZE", "ServerWebSocket"]
+
+log = structlog.get_logger()
 
 # Read in large pieces: a publisher's burst is taken (and its replies coalesced) in one pass.
 RECEIVE_SIZE = 65536
@@ -172,6 +175,8 @@ class ServerWebSocket:
             except RemoteProtocolError as exc:
                 hint = exc.event_hint
                 if isinstance(hint, RejectConnection):
+                    # e.g. a proxy that dropped the Upgrade header: say which header is wrong
+                    log.info("rejected", status=hint.status_code, reason=str(exc))
                     self.queue.send(handshake.send(hint))
                     await self.queue.wait_drained()
                 return None
@@ -329,6 +334,6 @@ class ServerWebSocket:
         await trio.aclose_forcefully(self.stream)
 
     @property
-    def close_code(self) -> int:
+    def remote_code(self) -> int:
         """The code of the client's close frame, or 1006 if it sent none."""
         return self.remote_close[0] if self.remote_close else ABNORMAL_CLOSURE

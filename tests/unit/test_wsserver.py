@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import structlog
+import structlog.testing
 import trio
 
 from broker.worker import Worker
@@ -167,6 +169,9 @@ async def test_a_request_that_is_not_an_upgrade_gets_400_and_no_session() -> Non
             status, _, _ = read_response(client_sock)
             return status, client_sock.recv(1)
 
-        assert await trio.to_thread.run_sync(talk) == (400, b"")
+        with structlog.testing.capture_logs() as logs:
+            assert await trio.to_thread.run_sync(talk) == (400, b"")
         client_sock.close()
     assert not worker.sessions and worker.handshaking == 0
+    [rejected] = [e for e in logs if e["event"] == "rejected"]
+    assert rejected["status"] == 400 and "Upgrade" in rejected["reason"]
