@@ -1,7 +1,9 @@
 """The WebSocket layer (:mod:`broker.wsserver`) frame by frame, over a real socket pair: the
 worker runs in trio, a raw client sends what it likes from a thread. Fragments, pings between
 fragments, pipelined and byte-by-byte frames, both directions of the close handshake, and the
-violations that close a connection with 1002, 1007 and 1009."""
+violations that close a connection with 1002, 1007 and 1009. Then a property over memory
+streams: however messages are fragmented and the bytes split, the messages come out whole and
+in order, and every ping is answered in order."""
 
 from __future__ import annotations
 
@@ -15,8 +17,13 @@ from typing import Any, TypeVar
 import structlog
 import structlog.testing
 import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from broker.sendqueue import Flusher, SendQueue
 from broker.worker import Worker
+from broker.wsserver import ServerWebSocket
 from tests.support.inmemory import make_worker, running, token
 from tests.support.rawws import FrameReader, encode_frame, http_request, read_response
 
@@ -175,3 +182,86 @@ async def test_a_request_that_is_not_an_upgrade_gets_400_and_no_session() -> Non
     assert not worker.sessions and worker.handshaking == 0
     [rejected] = [e for e in logs if e["event"] == "rejected"]
     assert rejected["status"] == 400 and "Upgrade" in rejected["reason"]
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of every complete unmasked frame in ``data``."""
+    frames = []
+    pos = 0
+    while pos + 2 <= len(data):
+        n = data[pos + 1] & 0x7F
+        head = 2
+        if n == 126:
+            n, head = struct.unpack("!H", data[pos + 2 : pos + 4])[0], 4
+        elif n == 127:
+            n, head = struct.unpack("!Q", data[pos + 2 : pos + 10])[0], 10
+        if pos + head + n > len(data):
+            break
+        frames.append((data[pos] & 0x0F, data[pos + head : pos + head + n]))
+        pos += head + n
+    return frames
+
+
+messages = st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages=messages, data=st.data())
+def test_any_fragmenting_and_splitting_gives_the_messages_whole_and_in_order(
+    messages: list[str | bytes], data: st.DataObject
+) -> None:
+    wire: list[bytes] = []
+    pings: list[bytes] = []
+    for i, message in enumerate(messages):
+        payload = message.encode() if isinstance(message, str) else message
+        opcode = 0x1 if isinstance(message, str) else 0x2
+        # Cuts anywhere, even inside a UTF-8 sequence (the decoder carries it over), and
+        # empty fragments too.
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(payload)), max_size=3)))
+        pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
+        for j, piece in enumerate(pieces):
+            last = j == len(pieces) - 1
+            wire.append(encode_frame(piece, 0x0 if j else opcode, fin=last))
+            if data.draw(st.booleans()):
+                ping = b"%d.%d:" % (i, j) + data.draw(st.binary(max_size=100))
+                wire.append(encode_frame(ping, 0x9))  # between fragments, or after a message
+                pings.append(ping)
+    stream = b"".join(wire)
+    splits = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    chunks = [stream[a:b] for a, b in zip([0, *splits], [*splits, len(stream)], strict=True)]
+
+    async def main() -> tuple[list[str | bytes], bytes]:
+        client, server = trio.testing.memory_stream_pair()
+        flusher = Flusher()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flusher.run)
+            queue = SendQueue(flusher, nursery, max_bytes=1 << 20, write_timeout=5)
+            ws = ServerWebSocket(server, queue, max_message=1 << 16)
+            await client.send_all(http_request("/ws", port=0))
+            assert await ws.receive_request() is not None
+            ws.accept(None)
+            for chunk in chunks:
+                if chunk:
+                    await client.send_all(chunk)
+            got: list[str | bytes] = []
+            for _ in messages:
+                message = await ws.next_message()
+                assert message is not None
+                got.append(message)
+            # As the session does: ask for the next message, which answers the pings that
+            # came after the last one, then waits.
+            nursery.start_soon(ws.next_message)
+            received = b""
+            with trio.fail_after(5):
+                while b"\r\n\r\n" not in received or len(pongs(received)) < len(pings):
+                    received += await client.receive_some(65536)
+            nursery.cancel_scope.cancel()
+        return got, received
+
+    def pongs(received: bytes) -> list[tuple[int, bytes]]:
+        return server_frames(received.partition(b"\r\n\r\n")[2])
+
+    got, received = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert got == messages
+    assert received.startswith(b"HTTP/1.1 101 ")
+    assert pongs(received) == [(0xA, ping) for ping in pings]
