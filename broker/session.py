@@ -34,10 +34,10 @@ from broker.errors import AuthError, BusUnavailable, FrameError, WebSocketViolat
 from broker.router import Subscription, message_frame
 from broker.timers import Timer
 from broker.topics import is_wildcard, validate_pattern, validate_topic
+from broker.wsserver import ABNORMAL_CLOSURE, ServerWebSocket
 
 if TYPE_CHECKING:
     from broker.worker import Worker
-    from broker.wsserver import ServerWebSocket
 
 __all__ = ["Session"]
 
@@ -45,7 +45,7 @@ log = structlog.get_logger()
 VIOLATION_WINDOW = 10.0
 CLOSE_GRACE = 2.0  # how long a close frame may take to go out before the socket is dropped
 CLEANUP_TIMEOUT = 5.0  # how long a closing connection may wait on the bus to tidy up
-ABORTED = 1006  # the socket failed: no close frame can be sent, only the socket released
+ABORTED = ABNORMAL_CLOSURE  # the socket failed: no close frame can be sent, only released
 
 
 class TokenBucket:

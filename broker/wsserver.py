@@ -47,16 +47,17 @@ from wsproto.utilities import RemoteProtocolError
 
 from broker.errors import WebSocketViolation
 from broker.inbound import FrameLengthGuard
+from broker.protocol import CloseCode
 from broker.sendqueue import SendQueue
 
-__all__ = ["RECEIVE_SIZE", "ServerWebSocket"]
+__all__ = ["ABNORMAL_CLOSURE", "RECEIVE_SIZE", "ServerWebSocket"]
 
 log = structlog.get_logger()
 
 # Read in large pieces: a publisher's burst is taken (and its replies coalesced) in one pass.
 RECEIVE_SIZE = 65536
-MESSAGE_TOO_BIG = 1009
-ABNORMAL_CLOSURE = 1006  # no close frame came: the peer went away (RFC 6455 7.1.5)
+#: No close frame came: the peer went away, or the socket failed (RFC 6455 7.1.5). Never sent.
+ABNORMAL_CLOSURE = 1006
 
 
 class ServerWebSocket:
@@ -158,7 +159,7 @@ class ServerWebSocket:
     def _check_guard(self) -> None:
         if self.guard.violation is not None:
             self.violated = True
-            raise WebSocketViolation(MESSAGE_TOO_BIG, "frame too large")
+            raise WebSocketViolation(CloseCode.MESSAGE_TOO_BIG, "frame too large")
 
     async def receive_request(self) -> Request | None:
         """Read the upgrade request. Returns None if the client went away first, or sent
@@ -267,7 +268,7 @@ class ServerWebSocket:
         self.violated = True
         self._parts = None
         self._size = 0
-        raise WebSocketViolation(MESSAGE_TOO_BIG, "message too large")
+        raise WebSocketViolation(CloseCode.MESSAGE_TOO_BIG, "message too large")
 
     # --- answering the upgrade ------------------------------------------------------------
 
