@@ -141,8 +141,14 @@ Command = Auth | Subscribe | Unsubscribe | Publish | History | Presence | Ping
 _OPS: Final = ("auth", "subscribe", "unsubscribe", "publish", "history", "presence", "ping")
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# One encoder, built once: json.dumps with non-default options builds a new one per call.
+_dumps: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# What that encoder writes for a str, without its type dispatch (a publication has three).
+_dumps_str: Final = json.encoder.encode_basestring
+
+
+def _dumps_optional_str(value: str | None) -> str:
+    return "null" if value is None else _dumps_str(value)
 
 
 def _read_id(frame: dict[str, Any]) -> FrameId:
@@ -281,8 +287,8 @@ def encode_welcome(
 def encode_message(topic: str, offset: int, epoch: str, sender: str | None, data: str) -> str:
     """A publication push. ``data`` is already JSON text and is inserted as is."""
     return (
-        f'{{"op":"message","topic":{_dumps(topic)},"offset":{offset},'
-        f'"epoch":{_dumps(epoch)},"from":{_dumps(sender)},"data":{data}}}'
+        f'{{"op":"message","topic":{_dumps_str(topic)},"offset":{offset},'
+        f'"epoch":{_dumps_str(epoch)},"from":{_dumps_optional_str(sender)},"data":{data}}}'
     )
 
 
