@@ -21,7 +21,9 @@ from typing import Any, Final
 
 import attrs
 
+from broker import frames
 from broker.errors import FrameError
+from broker.frames import PING, TEXT, encode_frame
 
 __all__ = [
     "SUBPROTOCOL",
@@ -71,8 +73,10 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = frames.PROTOCOL_ERROR
+    INVALID_DATA = frames.INVALID_DATA
     POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
+    MESSAGE_TOO_BIG = frames.MESSAGE_TOO_BIG
     INTERNAL_ERROR = 1011
     NOT_AUTHENTICATED = 4001
     TOKEN_EXPIRED = 4003
@@ -311,17 +315,12 @@ def encode_presence_event(kind: str, topic: str, client: str) -> str:
 
 
 def frame_text(payload: bytes) -> bytes:
-    """Wrap ``payload`` (UTF-8 JSON) in one final, unmasked WebSocket text frame (RFC 6455 5.2).
+    """Wrap ``payload`` (UTF-8 JSON) in one final, unmasked WebSocket text frame.
 
     Server frames are not masked, so the result is the same for every recipient and is built
     once per publication.
     """
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+    return encode_frame(TEXT, payload)
 
 
-PING_FRAME: Final = b"\x89\x00"
+PING_FRAME: Final = encode_frame(PING, b"")

@@ -31,10 +31,11 @@ from broker import protocol as p
 from broker.auth import Identity
 from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.errors import AuthError, BusUnavailable, FrameError, WebSocketViolation
+from broker.frames import ABNORMAL_CLOSURE
 from broker.router import Subscription, message_frame
 from broker.timers import Timer
 from broker.topics import is_wildcard, validate_pattern, validate_topic
-from broker.wsserver import ABNORMAL_CLOSURE, ServerWebSocket
+from broker.wsserver import ServerWebSocket
 
 if TYPE_CHECKING:
     from broker.worker import Worker

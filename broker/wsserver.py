@@ -1,63 +1,67 @@
-"""The server side of one WebSocket connection, on wsproto: the upgrade, then messages.
+"""The server side of one WebSocket connection: the upgrade on wsproto, then messages.
 
 Theory of operation
 -------------------
 A connection is one task. It calls :meth:`ServerWebSocket.receive_request` for the upgrade
 request, answers with :meth:`~ServerWebSocket.accept` or :meth:`~ServerWebSocket.reject`,
 then calls :meth:`~ServerWebSocket.next_message` in a loop: that reads from the stream, feeds
-wsproto, answers pings and the client's close frame, and returns each complete message.
-Everything written (the 101, pongs, close frames and all the session sends) goes into the
-connection's :class:`~broker.sendqueue.SendQueue`, the one writer of the socket, so nothing
-here ever waits for the client to read.
+the connection's :class:`~broker.frames.FrameReader`, answers pings and the client's close
+frame, and returns each complete message. Everything written (the 101, pongs, close frames and
+all the session sends) goes into the connection's :class:`~broker.sendqueue.SendQueue`, the one
+writer of the socket, so nothing here ever waits for the client to read.
 
-Why wsproto directly and not trio-websocket on the server side: trio-websocket gives every
-connection a reader task of its own, a nursery, a memory channel for messages and three
-events, and keeps the finished HTTP handshake. With tens of thousands of idle connections that
-was about half of a connection's memory (docs/performance.md has the figures). Here an idle
-connection is one task waiting in ``receive_some``, a wsproto ``Connection`` and a few
-counters. (The SDK's client side uses trio-websocket as it is.)
+Why not trio-websocket on the server side: it gives every connection a reader task of its own,
+a nursery, a memory channel for messages and three events, and keeps the finished HTTP
+handshake. With tens of thousands of idle connections that was about half of a connection's
+memory (docs/performance.md has the figures). Here an idle connection is one task waiting for
+its socket, a frame reader and a few counters. wsproto (with h11) does the HTTP upgrade and is
+dropped once it is answered; :mod:`broker.frames` does the frames. (The SDK's client side uses
+trio-websocket as it is.)
 
-Limits are enforced as bytes arrive: a frame header that announces more than
-``max_message`` is refused before its payload comes (:class:`~broker.inbound.FrameLengthGuard`),
-and a message assembled from fragments is refused once it passes the same limit.
+Limits are enforced as bytes arrive: the frame reader refuses a frame whose header announces
+more than ``max_message`` (with the message's earlier fragments) before its payload comes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import structlog
 import trio
 import trio.lowlevel
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
     RejectConnection,
     RejectData,
     Request,
-    TextMessage,
 )
 from wsproto.utilities import RemoteProtocolError
 
 from broker.errors import WebSocketViolation
-from broker.inbound import FrameLengthGuard
-from broker.protocol import CloseCode
+from broker.frames import (
+    ABNORMAL_CLOSURE,
+    PONG,
+    Close,
+    FrameReader,
+    Ping,
+    close_frame,
+    encode_frame,
+)
 from broker.sendqueue import SendQueue
 
-__all__ = ["ABNORMAL_CLOSURE", "RECEIVE_SIZE", "ServerWebSocket"]
+__all__ = ["RECEIVE_SIZE", "ServerWebSocket"]
 
 log = structlog.get_logger()
 
 # Read in large pieces: a publisher's burst is taken (and its replies coalesced) in one pass.
 RECEIVE_SIZE = 65536
-#: No close frame came: the peer went away, or the socket failed (RFC 6455 7.1.5). Never sent.
-ABNORMAL_CLOSURE = 1006
+
+# Connection states. Module constants, read on every send (see broker.sendqueue for why).
+UPGRADING = 0  # the upgrade request is being read or answered
+OPEN = 1
+CLOSE_SENT = 2  # our close frame is queued; waiting for the client's
+CLOSED = 3  # the client's close frame was answered, or the upgrade was refused
 
 
 class ServerWebSocket:
@@ -67,13 +71,10 @@ class ServerWebSocket:
 
     # Slots: a worker holds tens of thousands of these.
     __slots__ = (
-        "_conn",
-        "_events",
         "_handshake",
-        "_parts",
-        "_size",
+        "_reader",
+        "_state",
         "bytes_received",
-        "guard",
         "last_receive",
         "max_message",
         "queue",
@@ -91,16 +92,13 @@ class ServerWebSocket:
         self.queue = queue
         queue.attach(stream)
         self.max_message = max_message
-        self.guard = FrameLengthGuard(max_message)
         self.last_receive = trio.current_time()
         self.bytes_received = 0
+        self._state = UPGRADING
         # The HTTP side (h11) lives only until the upgrade is answered; then only the frame
-        # side (``_conn``) is kept.
+        # reader is kept.
         self._handshake: WSConnection | None = WSConnection(ConnectionType.SERVER)
-        self._conn: Connection | None = None
-        self._events: Iterator[Event] | None = None  # events of the last read, not all taken
-        self._parts: list[str] | list[bytes] | None = None  # a fragmented message so far
-        self._size = 0
+        self._reader: FrameReader | None = None
         #: the client's close frame (code, reason), once it has sent one
         self.remote_close: tuple[int, str] | None = None
         #: set when the client broke the protocol: its further bytes are never parsed
@@ -109,7 +107,7 @@ class ServerWebSocket:
     @property
     def is_open(self) -> bool:
         """Whether messages may still be sent (accepted, and no close frame sent or answered)."""
-        return self._conn is not None and self._conn.state is ConnectionState.OPEN
+        return self._state == OPEN
 
     # --- reading --------------------------------------------------------------------------
 
@@ -153,13 +151,7 @@ class ServerWebSocket:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.last_receive = trio.current_time()
         self.bytes_received += len(data)
-        self.guard.feed(data)
         return data
-
-    def _check_guard(self) -> None:
-        if self.guard.violation is not None:
-            self.violated = True
-            raise WebSocketViolation(CloseCode.MESSAGE_TOO_BIG, "frame too large")
 
     async def receive_request(self) -> Request | None:
         """Read the upgrade request. Returns None if the client went away first, or sent
@@ -192,83 +184,43 @@ class ServerWebSocket:
 
         Raises :class:`~broker.errors.WebSocketViolation` (with the close code to send) when
         the client breaks the WebSocket protocol or sends more than ``max_message``."""
-        conn = self._conn
-        assert conn is not None, "accept() first"
+        reader = self._reader
+        assert reader is not None, "accept() first"
+        if self.remote_close is not None:
+            return None
         while True:
-            if self._events is not None:
-                message = self._take_message(conn)
-                if message is not None:
-                    return message
-                if self.remote_close is not None:
+            event = self._parse(reader)
+            if event is None:
+                data = await self._receive()
+                if not data:
                     return None
-            data = await self._receive()
-            self._check_guard()
-            if not data:
-                return None
-            conn.receive_data(data)
-            self._events = conn.events()
-            # A suspended coroutine keeps its locals: an idle connection must not hold on to
-            # the last bytes it read while it waits for the next.
-            del data
-
-    def _take_message(self, conn: Connection) -> str | bytes | None:
-        """Walk the events of the last read up to the next complete message, answering
-        pings and the client's close frame on the way; None when they are used up (or the
-        client closed). Raises like :meth:`next_message`."""
-        assert self._events is not None
-        # Returning from inside the loop keeps the rest of this read's events for next time.
-        for event in self._events:
-            if isinstance(event, TextMessage | BytesMessage):
-                message = self._assemble(event.data, event.message_finished)
-                if message is not None:
-                    return message
+                reader.feed(data)
+                # A suspended coroutine keeps its locals: an idle connection must not hold on
+                # to the last bytes it read while it waits for the next.
+                del data
+            elif isinstance(event, str | bytes):
+                return event
             elif isinstance(event, Ping):
                 # Through the bounded path: a client that pings and never reads becomes a
                 # slow consumer like any other.
-                self.queue.send(conn.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                self._events = None
-                if conn.state is not ConnectionState.REMOTE_CLOSING:
-                    # wsproto reports a frame it cannot parse as a close event while the
-                    # connection is still open: the code (1002, 1007) is ours to send.
-                    self.violated = True
-                    raise WebSocketViolation(event.code, event.reason or "protocol error")
-                self.remote_close = (event.code, event.reason or "")
-                self.queue.send_control(conn.send(event.response()))
+                self.queue.send(encode_frame(PONG, event.payload))
+            else:
+                self._closed_by_client(event)
                 return None
-        self._events = None
-        return None
 
-    def _assemble(self, data: str | bytes | bytearray, finished: bool) -> str | bytes | None:
-        """Add one piece of a message; return the message once it is complete."""
-        if isinstance(data, bytearray):  # wsproto's binary payloads may come as bytearray
-            data = bytes(data)
-        parts = self._parts
-        if parts is None and finished:  # the common case: a whole message in one frame
-            if len(data) > self.max_message:
-                self._too_big()
-            return data
-        size = self._size + len(data)
-        if size > self.max_message:
-            self._too_big()
-        if parts is None:
-            parts = self._parts = [data]  # type: ignore[assignment]
-        else:
-            parts.append(data)  # type: ignore[arg-type]
-        self._size = size
-        if not finished:
-            return None
-        self._parts = None
-        self._size = 0
-        if isinstance(data, str):
-            return "".join(parts)  # type: ignore[arg-type]
-        return b"".join(parts)  # type: ignore[arg-type]
+    def _parse(self, reader: FrameReader) -> str | bytes | Ping | Close | None:
+        """The reader's next event; a violation is remembered (see :meth:`finish_close`)."""
+        try:
+            return reader.next()
+        except WebSocketViolation:
+            self.violated = True
+            raise
 
-    def _too_big(self) -> None:
-        self.violated = True
-        self._parts = None
-        self._size = 0
-        raise WebSocketViolation(CloseCode.MESSAGE_TOO_BIG, "message too large")
+    def _closed_by_client(self, event: Close) -> None:
+        self.remote_close = (event.code, event.reason)
+        if self._state == OPEN:  # answer with the same code (RFC 6455 5.5.1)
+            self.queue.send_control(close_frame(event.code, event.reason))
+        self._state = CLOSED
 
     # --- answering the upgrade ------------------------------------------------------------
 
@@ -277,7 +229,8 @@ class ServerWebSocket:
         handshake = self._handshake
         assert handshake is not None, "the upgrade was already answered"
         self.queue.send_control(handshake.send(AcceptConnection(subprotocol=subprotocol)))
-        self._conn = handshake.connection
+        self._reader = FrameReader(self.max_message)
+        self._state = OPEN
         # h11's state, the request's headers (the token among them): nothing needs them now.
         self._handshake = None
 
@@ -289,6 +242,7 @@ class ServerWebSocket:
         data = handshake.send(RejectConnection(status_code=status, headers=headers, has_body=True))
         data += handshake.send(RejectData(data=body))
         self._handshake = None
+        self._state = CLOSED
         self.queue.send_control(data)
         await self.queue.wait_drained()
 
@@ -297,10 +251,10 @@ class ServerWebSocket:
     def send_close(self, code: int, reason: str) -> bool:
         """Queue a close frame, even past the queue's limit. Returns False if none can be sent
         (not upgraded, or a close frame was already sent or answered)."""
-        if not self.is_open:
+        if self._state != OPEN:
             return False
-        assert self._conn is not None
-        self.queue.send_control(self._conn.send(CloseConnection(code=code, reason=reason)))
+        self._state = CLOSE_SENT
+        self.queue.send_control(close_frame(code, reason))
         return True
 
     async def finish_close(self) -> None:
@@ -313,21 +267,24 @@ class ServerWebSocket:
         a socket with unread data makes the kernel send a reset, which can overtake the close
         frame; a lingering read avoids that."""
         await self.queue.wait_drained()
-        conn = self._conn
-        self._events = None
-        self._parts = None
-        if self.violated or conn is None:
+        reader = self._reader
+        while reader is not None and not self.violated and self._state == CLOSE_SENT:
+            try:
+                event = self._parse(reader)
+            except WebSocketViolation:
+                break
+            if event is None:
+                data = await self._receive()
+                if not data:
+                    return
+                reader.feed(data)
+            elif isinstance(event, Close):
+                self._closed_by_client(event)
+                return
+            # messages and pings after our close frame are dropped (RFC 6455 5.5.1)
+        if self.violated or reader is None:
             while await self._receive():
                 pass
-            return
-        while conn.state is ConnectionState.LOCAL_CLOSING:
-            for event in conn.events():
-                if isinstance(event, CloseConnection):
-                    return
-            data = await self._receive()
-            if not data:
-                return
-            conn.receive_data(data)
 
     async def aclose(self) -> None:
         """Drop what is queued and release the socket, without waiting for anything."""

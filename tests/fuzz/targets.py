@@ -19,9 +19,9 @@ import jwt
 from broker import protocol
 from broker.auth import Identity, TokenVerifier
 from broker.config import AuthConfig, parse_config
-from broker.errors import AuthError, ConfigError, FrameError
+from broker.errors import AuthError, ConfigError, FrameError, WebSocketViolation
+from broker.frames import FrameReader, Ping
 from broker.handshake import Accept, Reject, evaluate
-from broker.inbound import FrameLengthGuard
 from broker.topics import SubscriptionIndex, validate_pattern, validate_topic
 
 SECRET = "f" * 40
@@ -52,17 +52,25 @@ def command(data: bytes) -> None:
         json.loads(protocol.encode_error(exc.frame_id, exc.code, exc.message))
 
 
-def frame_guard(data: bytes) -> None:
-    """Raw bytes after an upgrade, in chunks: the guard never raises, and once it reports a
-    violation the length is over the limit and stays reported."""
-    guard = FrameLengthGuard(limit=1000)
-    head, _, frames = data.partition(b"|")
-    found = guard.feed(head + b"\r\n\r\n")
-    for i in range(0, len(frames), 7):
-        found = guard.feed(frames[i : i + 7])
-        if found is not None:
-            assert found > 1000
-            assert guard.feed(b"more") == found
+def frame_reader(data: bytes) -> None:
+    """Raw bytes after an upgrade, fed in chunks: the reader hands out messages within the
+    limit, pings and close frames with a code a peer may send, or refuses the stream with
+    1002, 1007 or 1009 and nothing else."""
+    reader = FrameReader(1000)
+    try:
+        for i in range(0, len(data), 7):
+            reader.feed(data[i : i + 7])
+            while (event := reader.next()) is not None:
+                if isinstance(event, str):
+                    assert len(event.encode()) <= 1000
+                elif isinstance(event, bytes):
+                    assert len(event) <= 1000
+                elif isinstance(event, Ping):
+                    assert len(event.payload) <= 125
+                else:
+                    assert event.code == 1005 or 1000 <= event.code <= 4999
+    except WebSocketViolation as exc:
+        assert exc.code in {1002, 1007, 1009}, exc.code
 
 
 def upgrade(data: bytes) -> None:
@@ -156,7 +164,7 @@ def config(data: bytes) -> None:
 
 TARGETS: list[Callable[[bytes], None]] = [
     command,
-    frame_guard,
+    frame_reader,
     upgrade,
     token,
     claims,

@@ -94,17 +94,3 @@ def test_frame_header_lengths(size: int) -> None:
     assert frame.endswith(payload)
     header = len(frame) - size
     assert header == (2 if size < 126 else 4 if size < 65536 else 10)
-
-
-def test_frame_length_guard_flags_a_huge_header_at_once() -> None:
-    from broker.inbound import FrameLengthGuard
-    from tests.support.rawws import encode_frame
-
-    guard = FrameLengthGuard(1000)
-    head = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"
-    stream = head + encode_frame(b"x" * 999) + encode_frame(b"y" * 200, opcode=0x9)
-    for i in range(len(stream)):  # byte by byte: every split point
-        assert guard.feed(stream[i : i + 1]) is None
-    assert guard.feed(encode_frame(b"", length=2**62)[:10]) == 2**62
-    whole = FrameLengthGuard(1000)
-    assert whole.feed(head + encode_frame(b"z" * 1001)) == 1001

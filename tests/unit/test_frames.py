@@ -1,0 +1,144 @@
+"""The frame layer (:mod:`broker.frames`) as plain functions of bytes: what a client's frames
+give, every way a client can break RFC 6455 and the code it is closed with, and the frames the
+server builds."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.errors import WebSocketViolation
+from broker.frames import (
+    NO_STATUS,
+    Close,
+    FrameReader,
+    Ping,
+    close_frame,
+    encode_frame,
+)
+from tests.support.rawws import encode_frame as client_frame
+
+LIMIT = 1000
+
+
+def read_all(stream: bytes, *, step: int = 0, limit: int = LIMIT) -> list[object]:
+    """Everything ``stream`` holds, fed whole or in pieces of ``step`` bytes."""
+    reader = FrameReader(limit)
+    events: list[object] = []
+    pieces = [stream] if not step else [stream[i : i + step] for i in range(0, len(stream), step)]
+    for piece in pieces:
+        reader.feed(piece)
+        while (event := reader.next()) is not None:
+            events.append(event)
+    return events
+
+
+def refusal(stream: bytes, *, limit: int = LIMIT) -> tuple[int, str]:
+    with pytest.raises(WebSocketViolation) as refused:
+        read_all(stream, limit=limit)
+    return refused.value.code, refused.value.reason
+
+
+def test_messages_fragments_and_control_frames_in_order_at_every_split() -> None:
+    stream = (
+        client_frame("héllo".encode())
+        + client_frame(b"\x00\xff", opcode=0x2)
+        + client_frame(b"fr", fin=False)
+        + client_frame(b"are", opcode=0xA)  # a pong between fragments: consumed silently
+        + client_frame(b"ag", opcode=0x0, fin=False)
+        + client_frame(b"p1", opcode=0x9)
+        + client_frame("ment ✓".encode(), opcode=0x0)
+        + client_frame(b"x" * 300)  # a 16-bit length
+        + client_frame(b"", opcode=0x2)
+        + client_frame(struct.pack("!H", 4000) + b"bye", opcode=0x8)
+    )
+    expected = [
+        "héllo",
+        b"\x00\xff",
+        Ping(b"p1"),
+        "fragment ✓",
+        "x" * 300,
+        b"",
+        Close(4000, "bye"),
+    ]
+    for step in (0, 1, 2, 3, 5, 64):
+        assert read_all(stream, step=step) == expected
+
+
+def test_a_message_at_the_limit_passes_and_one_byte_more_is_refused_from_its_header() -> None:
+    assert read_all(client_frame(b"y" * LIMIT)) == ["y" * LIMIT]
+    # only the header: the payload is never waited for
+    assert refusal(client_frame(b"y" * (LIMIT + 1))[:4]) == (1009, "message too large")
+    assert refusal(client_frame(b"", length=2**62)[:10])[0] == 1009
+    # fragments count together
+    parts = client_frame(b"a" * 600, fin=False) + client_frame(b"b" * 401, opcode=0x0)
+    assert refusal(parts)[0] == 1009
+
+
+@pytest.mark.parametrize(
+    ("stream", "code", "says"),
+    [
+        (bytes([0xC1]) + client_frame(b"hi")[1:], 1002, "reserved bits"),
+        (client_frame(b"hi", masked=False), 1002, "masked"),
+        (client_frame(b"hi", opcode=0x3), 1002, "opcode 0x3"),
+        (client_frame(b"hi", opcode=0xB), 1002, "opcode 0xb"),
+        (client_frame(b"hi", opcode=0x9, fin=False), 1002, "fragmented"),
+        (client_frame(b"p" * 126, opcode=0x9), 1002, "125"),
+        (client_frame(b"hi", opcode=0x0), 1002, "continuation"),
+        (client_frame(b"a", fin=False) + client_frame(b"b"), 1002, "before the fragmented"),
+        (client_frame(b"\xc3\x28"), 1007, "UTF-8"),
+        (client_frame(b"\xc3", fin=False) + client_frame(b"\xff", opcode=0x0), 1007, "UTF-8"),
+        (client_frame(b"\x03", opcode=0x8), 1002, "one-byte"),
+        (client_frame(struct.pack("!H", 1005), opcode=0x8), 1002, "1005"),
+        (client_frame(struct.pack("!H", 999), opcode=0x8), 1002, "999"),
+        (client_frame(struct.pack("!H", 2000), opcode=0x8), 1002, "2000"),
+        (client_frame(struct.pack("!H", 5000), opcode=0x8), 1002, "5000"),
+        (client_frame(struct.pack("!H", 1000) + b"\xff", opcode=0x8), 1007, "UTF-8"),
+    ],
+)
+def test_each_protocol_violation_is_refused_with_its_code(
+    stream: bytes, code: int, says: str
+) -> None:
+    refused_code, reason = refusal(stream)
+    assert refused_code == code
+    assert says in reason
+
+
+def test_a_close_frame_without_a_code_reads_as_1005() -> None:
+    assert read_all(client_frame(b"", opcode=0x8)) == [Close(NO_STATUS, "")]
+    assert read_all(client_frame(struct.pack("!H", 1014), opcode=0x8)) == [Close(1014, "")]
+
+
+def test_the_buffer_is_let_go_once_everything_is_read() -> None:
+    reader = FrameReader(100_000)
+    reader.feed(client_frame(b"z" * 90_000))
+    assert reader.next() == "z" * 90_000
+    assert reader.next() is None
+    assert len(reader._buf) == 0 and reader._pos == 0
+
+
+@given(
+    payload=st.binary(max_size=300),
+    split=st.integers(min_value=1, max_value=400),
+)
+def test_unmasking_matches_the_definition(payload: bytes, split: int) -> None:
+    # rawws masks with a fresh random key, byte by byte as RFC 6455 5.3 defines it
+    assert read_all(client_frame(payload, opcode=0x2), step=split) == [payload]
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_server_frames_are_final_unmasked_and_sized(size: int) -> None:
+    frame = encode_frame(0x2, b"x" * size)
+    assert frame[0] == 0x82 and not frame[1] & 0x80
+    assert len(frame) - size == (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+def test_close_frames_cut_long_reasons_on_a_character_boundary() -> None:
+    frame = close_frame(1008, "é" * 100)  # 200 bytes of UTF-8
+    assert frame[:2] == bytes([0x88, 125 - 1])  # 2 + 122: the 123rd byte was half a character
+    assert frame[2:4] == struct.pack("!H", 1008)
+    assert frame[4:].decode("utf-8") == "é" * 61
+    assert close_frame(NO_STATUS, "") == b"\x88\x00"
