@@ -23,8 +23,9 @@ topics = st.lists(SEGMENTS, min_size=1, max_size=5).map(".".join)
 
 @st.composite
 def patterns(draw: st.DrawFn) -> str:
-    segs = draw(st.lists(st.one_of(SEGMENTS, st.just("*")), min_size=1, max_size=5))
-    if draw(st.booleans()):
+    tail = draw(st.booleans())  # a final '>' (and then '>' alone is a pattern too)
+    segs = draw(st.lists(st.one_of(SEGMENTS, st.just("*")), min_size=0 if tail else 1, max_size=5))
+    if tail:
         segs.append(">")
     return ".".join(segs)
 
@@ -74,7 +75,7 @@ def test_valid_topics(topic: str) -> None:
 
 @pytest.mark.parametrize(
     "topic",
-    ["", "a..b", ".a", "a.", "a b", "a.*", "a.>", "é", "x" * 256, 5, None, "a/b"],
+    ["", "a..b", ".a", "a.", "a b", "a.*", "a.>", "é", "x" * 256, 5, None, "a/b", "a\n", "a.b\n"],
 )
 def test_invalid_topics(topic: object) -> None:
     with pytest.raises(FrameError) as info:
