@@ -83,7 +83,7 @@ class Close:
     reason: str
 
 
-def _unmask(data: bytearray, mask: bytes) -> bytes:
+def _unmask(data: bytearray, mask: bytearray) -> bytes:
     """``data`` XOR the repeated 4-byte ``mask``: as big integers, one C loop each way."""
     n = len(data)
     if not n:
@@ -145,7 +145,7 @@ class FrameReader:
             end = start + length
             if end > n:
                 break
-            payload = _unmask(buf[start:end], bytes(buf[start - 4 : start]))
+            payload = _unmask(buf[start:end], buf[start - 4 : start])
             pos = end
             self._pos = pos
             if opcode >= CLOSE:

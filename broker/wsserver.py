@@ -57,7 +57,7 @@ log = structlog.get_logger()
 # Read in large pieces: a publisher's burst is taken (and its replies coalesced) in one pass.
 RECEIVE_SIZE = 65536
 
-# Connection states. Module constants, read on every send (see broker.sendqueue for why).
+# Connection states: plain ints, like broker.sendqueue's queue states.
 UPGRADING = 0  # the upgrade request is being read or answered
 OPEN = 1
 CLOSE_SENT = 2  # our close frame is queued; waiting for the client's
@@ -103,11 +103,6 @@ class ServerWebSocket:
         self.remote_close: tuple[int, str] | None = None
         #: set when the client broke the protocol: its further bytes are never parsed
         self.violated = False
-
-    @property
-    def is_open(self) -> bool:
-        """Whether messages may still be sent (accepted, and no close frame sent or answered)."""
-        return self._state == OPEN
 
     # --- reading --------------------------------------------------------------------------
 
