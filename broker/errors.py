@@ -53,14 +53,21 @@ class FrameError(BrokerError):
         self.frame_id = frame_id
 
 
-class WebSocketViolation(BrokerError):
-    """A client broke the WebSocket protocol or sent a message over the size limit; the
-    connection is closed with ``code`` (1002, 1007, 1009) and ``reason``."""
+#: The metric label of a WebSocketViolation, by close code, when the raiser names none.
+_VIOLATION_KINDS = {1002: "protocol", 1007: "invalid_data", 1008: "policy", 1009: "message_size"}
 
-    def __init__(self, code: int, reason: str) -> None:
+
+class WebSocketViolation(BrokerError):
+    """A client broke the WebSocket protocol or one of its limits; the connection is closed
+    with ``code`` (1002, 1007, 1008, 1009) and ``reason``. ``kind`` names what was broken, for
+    metrics (``"protocol"``, ``"invalid_data"``, ``"message_size"``, ``"fragments"``,
+    ``"message_timeout"``); by default it follows from the code."""
+
+    def __init__(self, code: int, reason: str, *, kind: str = "") -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.kind = kind or _VIOLATION_KINDS.get(code, str(code))
 
 
 class BusError(BrokerError):

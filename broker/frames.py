@@ -12,6 +12,14 @@ for a malformed frame, 1007 for text that is not UTF-8, 1009 for a message over 
 The limit is judged on the frame header, before the payload arrives: a header that announces
 2**62 bytes is refused at once instead of holding the connection open while "receiving" it.
 
+What a message being assembled may hold is bounded whatever its fragmentation: its fragments are
+unmasked into one ``bytearray`` (a list of small pieces cost about 55 bytes per 1-byte
+fragment), a message may come in at most :data:`MAX_FRAGMENTS` frames, and the headers of those
+frames count against the size limit, which allows :data:`HEADER_ALLOWANCE` bytes for them on
+top of ``max_message``. Empty continuation frames therefore grow nothing, and cost at most
+:data:`MAX_FRAGMENTS` header parses per message. How long a message may take is the business
+of the I/O layer (:mod:`broker.wsserver`), which asks :attr:`FrameReader.in_message`.
+
 Why our own reader and not wsproto's: a publisher's frames are the broker's hot input, and
 wsproto's general machinery (an event generator per read, named tuples per frame, an
 incremental UTF-8 decoder per message, its extension hooks) was a third of a publishing
@@ -31,7 +39,9 @@ __all__ = [
     "BINARY",
     "CLOSE",
     "CONTINUATION",
+    "HEADER_ALLOWANCE",
     "INVALID_DATA",
+    "MAX_FRAGMENTS",
     "MESSAGE_TOO_BIG",
     "NO_STATUS",
     "PING",
@@ -67,6 +77,15 @@ ABNORMAL_CLOSURE = 1006
 _SENDABLE_BELOW_3000 = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))
 MAX_CONTROL_PAYLOAD = 125
 
+#: Data frames one message may come in (websockets allows 4096; browsers send one frame per
+#: message, and a client that streams a 64 KiB message in 1 KiB pieces needs 64). One more
+#: is refused with 1009.
+MAX_FRAGMENTS = 1024
+#: Header bytes a message's frames may take beyond ``max_message``: with them counted, the
+#: wire size of a message is at most ``max_message`` + 4096 (room for 512 fragments with
+#: 16-bit lengths at the size limit).
+HEADER_ALLOWANCE = 4096
+
 
 @attrs.frozen
 class Ping:
@@ -97,15 +116,22 @@ class FrameReader:
     :class:`~broker.errors.WebSocketViolation` it must not be used again."""
 
     # Slots: one per connection, and a worker holds tens of thousands.
-    __slots__ = ("_buf", "_opcode", "_parts", "_pos", "_size", "max_message")
+    __slots__ = ("_buf", "_frames", "_headers", "_message", "_opcode", "_pos", "max_message")
 
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
         self._buf = bytearray()
         self._pos = 0  # where the next frame starts in _buf
         self._opcode = 0  # TEXT or BINARY while a fragmented message is open, else 0
-        self._parts: list[bytes] | None = None  # its fragments so far
-        self._size = 0  # and their total length
+        self._message: bytearray | None = None  # its payload so far, unmasked
+        self._frames = 0  # the frames it came in so far
+        self._headers = 0  # and the bytes of their headers
+
+    @property
+    def in_message(self) -> bool:
+        """Whether part of a message or frame is held: a fragmented message is open, or
+        received bytes wait for the rest of their frame."""
+        return bool(self._opcode) or self._pos < len(self._buf)
 
     def feed(self, data: bytes) -> None:
         """Add received bytes."""
@@ -141,7 +167,8 @@ class FrameReader:
                 length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 start = pos + 14
             opcode = b0 & 0x0F
-            self._check_header(b0, b1, opcode, length)
+            head = start - pos
+            self._check_header(b0, b1, opcode, length, head)
             end = start + length
             if end > n:
                 break
@@ -154,24 +181,24 @@ class FrameReader:
                 if opcode == CLOSE:
                     return _parse_close(payload)
                 continue  # a pong: nothing to do
-            if b0 & 0x80:  # FIN
-                if opcode:
+            if opcode:  # the first frame of a message
+                if b0 & 0x80:  # FIN: the whole message in one frame, the usual case
                     return _decode(opcode, payload)
-                parts = self._parts
-                assert parts is not None
-                parts.append(payload)
-                opcode = self._opcode
-                self._parts = None
-                self._opcode = self._size = 0
-                return _decode(opcode, b"".join(parts))
-            if opcode:
                 self._opcode = opcode
-                self._parts = [payload]
-                self._size = length
-            else:
-                assert self._parts is not None
-                self._parts.append(payload)
-                self._size += length
+                self._message = bytearray(payload)
+                self._frames = 1
+                self._headers = head
+                continue
+            message = self._message
+            assert message is not None
+            message += payload
+            if b0 & 0x80:  # FIN
+                opcode = self._opcode
+                self._message = None
+                self._opcode = self._frames = self._headers = 0
+                return _decode(opcode, message)
+            self._frames += 1
+            self._headers += head
         if pos == n and n:
             # Everything is consumed: let go of the buffer (it may have grown to a large
             # message) rather than keep it for as long as the connection idles.
@@ -179,7 +206,9 @@ class FrameReader:
             self._pos = 0
         return None
 
-    def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> None:
+    def _check_header(self, b0: int, b1: int, opcode: int, length: int, head: int) -> None:
+        """Refuse a frame from its header (``head`` bytes, announcing ``length``): judged again
+        on every call until the frame is complete, so it only reads the reader's state."""
         if b0 & 0x70:
             raise WebSocketViolation(
                 PROTOCOL_ERROR, "reserved bits set, and no extension was agreed"
@@ -199,10 +228,20 @@ class FrameReader:
         if opcode > BINARY:
             raise WebSocketViolation(PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
         if opcode == CONTINUATION:
-            if not self._opcode:
+            message = self._message
+            if message is None:
                 raise WebSocketViolation(PROTOCOL_ERROR, "a continuation frame without a message")
-            length += self._size
-        elif self._opcode:
+            length += len(message)
+            if length > self.max_message:
+                raise WebSocketViolation(MESSAGE_TOO_BIG, "message too large")
+            if length + self._headers + head > self.max_message + HEADER_ALLOWANCE:
+                raise WebSocketViolation(
+                    MESSAGE_TOO_BIG, "message too large, counting its frame headers"
+                )
+            if self._frames >= MAX_FRAGMENTS:
+                raise WebSocketViolation(MESSAGE_TOO_BIG, "too many fragments", kind="fragments")
+            return
+        if self._opcode:
             raise WebSocketViolation(
                 PROTOCOL_ERROR, "a new message before the fragmented one ended"
             )
@@ -210,9 +249,9 @@ class FrameReader:
             raise WebSocketViolation(MESSAGE_TOO_BIG, "message too large")
 
 
-def _decode(opcode: int, payload: bytes) -> str | bytes:
+def _decode(opcode: int, payload: bytes | bytearray) -> str | bytes:
     if opcode == BINARY:
-        return payload
+        return bytes(payload)
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError:

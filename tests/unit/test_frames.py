@@ -5,6 +5,7 @@ server builds."""
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 
 from broker.errors import WebSocketViolation
 from broker.frames import (
+    HEADER_ALLOWANCE,
+    MAX_FRAGMENTS,
     NO_STATUS,
     Close,
     FrameReader,
@@ -142,3 +145,75 @@ def test_close_frames_cut_long_reasons_on_a_character_boundary() -> None:
     assert frame[2:4] == struct.pack("!H", 1008)
     assert frame[4:].decode("utf-8") == "é" * 61
     assert close_frame(NO_STATUS, "") == b"\x88\x00"
+
+
+def fragmented(pieces: list[bytes], opcode: int = 0x1) -> bytes:
+    """One message in ``len(pieces)`` frames: the first with ``opcode``, the last final."""
+    last = len(pieces) - 1
+    return b"".join(
+        client_frame(piece, 0x0 if i else opcode, fin=i == last) for i, piece in enumerate(pieces)
+    )
+
+
+def split(data: bytes, k: int) -> list[bytes]:
+    """``data`` in ``k`` pieces of nearly equal length (some empty when k > len(data))."""
+    n = len(data)
+    return [data[i * n // k : (i + 1) * n // k] for i in range(k)]
+
+
+def test_a_message_may_come_in_max_fragments_frames_and_not_one_more() -> None:
+    limit = 4096  # room for the headers of 1025 empty frames: only the count can refuse them
+    assert read_all(fragmented([b""] * MAX_FRAGMENTS), limit=limit) == [""]
+    with pytest.raises(WebSocketViolation) as refused:
+        read_all(fragmented([b""] * (MAX_FRAGMENTS + 1)), limit=limit)
+    assert (refused.value.code, refused.value.reason) == (1009, "too many fragments")
+    assert refused.value.kind == "fragments"
+    # refused from the header of the frame one too many, before any final frame comes
+    opening = client_frame(b"", fin=False) + client_frame(b"", 0x0, fin=False) * MAX_FRAGMENTS
+    assert refusal(opening[:-4], limit=limit) == (1009, "too many fragments")
+
+
+def test_frame_headers_count_against_the_limit_with_a_fixed_allowance() -> None:
+    # 683 frames with 6-byte headers (4098 bytes of them): at the limit with 998 bytes of
+    # payload, one byte over with 999, though the payload alone is under LIMIT.
+    assert HEADER_ALLOWANCE + 2 == 683 * 6
+    payload = b"p" * (LIMIT - 2)
+    assert read_all(fragmented(split(payload, 683), opcode=0x2)) == [payload]
+    code, reason = refusal(fragmented(split(payload + b"p", 683)))
+    assert code == 1009 and "frame headers" in reason
+
+
+def test_one_byte_fragments_take_the_message_size_not_a_piece_each() -> None:
+    # A list of 1-byte pieces held ~42 bytes per fragment; the message's one buffer holds 1.
+    n = MAX_FRAGMENTS - 1
+    reader = FrameReader(100_000)
+    stream = client_frame(b"a", fin=False) + b"".join(
+        client_frame(b"b", 0x0, fin=False) for _ in range(n - 1)
+    )
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(stream), 1024):
+            reader.feed(stream[i : i + 1024])
+            assert reader.next() is None
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * n, held  # the message (n bytes), and at most one piece of input
+    reader.feed(client_frame(b"c", 0x0))
+    assert reader.next() == "a" + "b" * (n - 1) + "c"
+
+
+def test_in_message_says_whether_part_of_a_message_is_held() -> None:
+    reader = FrameReader(LIMIT)
+    assert not reader.in_message
+    whole = client_frame(b"hello")
+    reader.feed(whole[:3])  # a frame's first bytes
+    assert reader.next() is None and reader.in_message
+    reader.feed(whole[3:])
+    assert reader.next() == "hello" and reader.next() is None and not reader.in_message
+    reader.feed(client_frame(b"he", fin=False) + client_frame(b"", 0x9))
+    assert reader.next() == Ping(b"")  # a ping inside the message
+    assert reader.next() is None and reader.in_message  # the message is still open
+    reader.feed(client_frame(b"llo", 0x0))
+    assert reader.next() == "hello" and reader.next() is None and not reader.in_message
