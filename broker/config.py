@@ -83,6 +83,10 @@ class TimeoutsConfig:
     idle_timeout: float = 60.0
     ping_interval: float = 20.0
     write_timeout: float = 10.0
+    # A client message (all its fragments) must arrive within this many seconds of its first
+    # byte: as long as the upgrade request may take, since both are one request's bytes that
+    # an honest client sends at once (64 KiB in 10 s is a 52 kbit/s uplink).
+    message_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -282,6 +286,7 @@ def _validate(cfg: Config) -> None:
         "idle_timeout",
         "ping_interval",
         "write_timeout",
+        "message_timeout",
     ):
         _positive(f"timeouts.{key}", getattr(cfg.timeouts, key))
     if cfg.bus.url and not cfg.bus.url.startswith(("redis://", "rediss://")):

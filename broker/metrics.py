@@ -467,6 +467,13 @@ class BrokerMetrics:
             HANDSHAKE_BUCKETS,
         )
         self.bus_up = r.gauge("pubsub_bus_up", "1 when the bus is connected, else 0.")
+        self.ws_violations = r.counter(
+            "pubsub_ws_violations_total",
+            "Connections the WebSocket layer closed or refused, by what they broke: protocol "
+            "(1002), invalid_data (1007), message_size and fragments (1009), message_timeout "
+            "(1008), request_head (HTTP 431), header_encoding (HTTP 400).",
+            ["kind"],
+        )
 
 
 #: Reason labels of ``pubsub_closes_total`` for the close codes the server uses.
@@ -489,7 +496,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     """One worker's metrics snapshot built from the plain figures it keeps (its ``stats()``
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
-    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``handshake`` (a
+    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``ws_violations``
+    {kind: n}, ``handshake`` (a
     :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
@@ -509,6 +517,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     for code, n in dict(stats.get("errors", {})).items():
         m.errors.inc(n, code=str(code))
     m.bus_up.set(1 if stats.get("bus_up", True) else 0)
+    for kind, n in dict(stats.get("ws_violations", {})).items():
+        m.ws_violations.inc(n, kind=str(kind))
     snap = m.registry.snapshot()
     handshake = stats.get("handshake")
     if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:

@@ -33,7 +33,7 @@ from broker.router import Router
 from broker.sendqueue import Flusher, SendQueue
 from broker.session import Session
 from broker.timers import Deadlines
-from broker.wsserver import ServerWebSocket
+from broker.wsserver import FrameLimits, ServerWebSocket
 
 __all__ = ["Worker", "make_listen_socket"]
 
@@ -117,6 +117,8 @@ class Worker:
         self.connections_total = 0
         self.bytes_in_closed = 0
         self.errors: Counter[str] = Counter()
+        # Shared by every connection: its refusals are this worker's pubsub_ws_violations_total.
+        self.frame_limits = FrameLimits.from_config(config)
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -152,6 +154,7 @@ class Worker:
             "closes": {str(k): v for k, v in self.closes.items()},
             "auth_failures": dict(self.auth_failures),
             "errors": dict(self.errors),
+            "ws_violations": dict(self.frame_limits.refused),
             "bus_up": self.bus.is_up,
             "handshake": {
                 "counts": list(self.handshake_counts),
@@ -176,6 +179,7 @@ class Worker:
         Keys, secrets, origins, limits and history rules change; listening addresses do not."""
         self.verifier = TokenVerifier(config.auth)
         self.config = config
+        self.frame_limits = FrameLimits.from_config(config, self.frame_limits.refused)
         self.bus.reconfigure(config.history_rule)
         log.info("reloaded", source=config.source)
 
@@ -261,7 +265,7 @@ class Worker:
             max_bytes=cfg.limits.send_queue_max_bytes,
             write_timeout=cfg.timeouts.write_timeout,
         )
-        ws = ServerWebSocket(stream, queue, max_message=cfg.limits.max_message_size)
+        ws = ServerWebSocket(stream, queue, self.frame_limits)
         try:
             await self._connection(conn_id, ws)
         except Exception:

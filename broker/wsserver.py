@@ -18,14 +18,47 @@ its socket, a frame reader and a few counters. wsproto (with h11) does the HTTP 
 dropped once it is answered; :mod:`broker.frames` does the frames. (The SDK's client side uses
 trio-websocket as it is.)
 
-Limits are enforced as bytes arrive: the frame reader refuses a frame whose header announces
-more than ``max_message`` (with the message's earlier fragments) before its payload comes.
+Limits are enforced as bytes arrive, and every one of them holds however the client splits its
+bytes into reads:
+
+- the request head may be at most :data:`MAX_REQUEST_HEAD` bytes, counted here up to its blank
+  line (h11 checks only a head that is still incomplete after a read, so one large read could
+  pass it); over it, 431. A header wsproto must decode as ASCII and cannot (a non-ASCII
+  ``Host``, say) is a 400, not a traceback;
+- bytes that arrive behind the request head (frames a client pipelined after its upgrade
+  request) are not for h11: they go to the frame reader, and are served once the upgrade is
+  accepted;
+- the frame reader refuses a frame whose header announces more than ``max_message`` (with the
+  message's earlier fragments) before its payload comes, and bounds fragments (see
+  :mod:`broker.frames`);
+- a message must arrive whole within ``message_timeout`` of its first byte, or the connection
+  is closed with 1008. Control frames do not extend that deadline, though they keep the idle
+  timer (the session's) from firing. The deadline is a cancel scope around the reader's own
+  wait for bytes, and only while part of a message is held: no task, and nothing at all for a
+  connection between messages.
+
+Closing after a violation (RFC 6455 7.1.1 wants the server to close TCP first): once the close
+frame is written, the write side is shut (the client reads the close frame, then end of file)
+and the client's input is drained for at most :data:`VIOLATION_DRAIN` seconds, or until its own
+end of file, so that the kernel does not answer unread bytes with a reset that could overtake
+the close frame; then the socket is closed. :meth:`ServerWebSocket.finish_close` does it, and so
+does every refusal of an upgrade request by this layer (the worker's own refusals, answers to
+a complete and valid request, close at once).
+
+Every refusal of this layer is counted by kind in the worker's shared
+:class:`FrameLimits` (``pubsub_ws_violations_total``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import socket
+from collections import Counter
+from contextlib import suppress
 
+import attrs
 import structlog
 import trio
 import trio.lowlevel
@@ -38,6 +71,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
+from broker.config import Config
 from broker.errors import WebSocketViolation
 from broker.frames import (
     ABNORMAL_CLOSURE,
@@ -48,14 +82,29 @@ from broker.frames import (
     close_frame,
     encode_frame,
 )
+from broker.handshake import Reject
+from broker.protocol import CloseCode
 from broker.sendqueue import SendQueue
 
-__all__ = ["RECEIVE_SIZE", "ServerWebSocket"]
+__all__ = [
+    "MAX_REQUEST_HEAD",
+    "RECEIVE_SIZE",
+    "VIOLATION_DRAIN",
+    "FrameLimits",
+    "ServerWebSocket",
+]
 
 log = structlog.get_logger()
 
 # Read in large pieces: a publisher's burst is taken (and its replies coalesced) in one pass.
 RECEIVE_SIZE = 65536
+#: The longest request head (request line, headers, blank line) accepted: h11's own default.
+MAX_REQUEST_HEAD = 16384
+#: After a violation, how long the client's input is read and dropped once the close frame is
+#: out and the write side shut (RFC 6455 7.1.1: the server closes first, and soon).
+VIOLATION_DRAIN = 0.5
+# Where a request head ends, as h11 finds it: a blank line, with or without its CR.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 # Connection states: plain ints, like broker.sendqueue's queue states.
 UPGRADING = 0  # the upgrade request is being read or answered
@@ -64,10 +113,29 @@ CLOSE_SENT = 2  # our close frame is queued; waiting for the client's
 CLOSED = 3  # the client's close frame was answered, or the upgrade was refused
 
 
+@attrs.frozen
+class FrameLimits:
+    """What a worker's connections are read with, shared by all of them: the message size
+    and time limits, and the count of refusals by kind (the worker's metric)."""
+
+    max_message: int = 65536
+    message_timeout: float = 10.0
+    refused: Counter[str] = attrs.field(factory=Counter, eq=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Config, refused: Counter[str] | None = None) -> FrameLimits:
+        """The limits of ``config``; ``refused`` carries the counts over a reload."""
+        return cls(
+            config.limits.max_message_size,
+            config.timeouts.message_timeout,
+            Counter() if refused is None else refused,
+        )
+
+
 class ServerWebSocket:
     """One client connection's WebSocket protocol state, over ``stream``, writing into
-    ``queue``. ``last_receive`` and ``bytes_received`` say when and how much the client
-    last sent (the idle timer and the metrics read them)."""
+    ``queue``, within ``limits``. ``last_receive`` and ``bytes_received`` say when and how much
+    the client last sent (the idle timer and the metrics read them)."""
 
     # Slots: a worker holds tens of thousands of these.
     __slots__ = (
@@ -76,7 +144,7 @@ class ServerWebSocket:
         "_state",
         "bytes_received",
         "last_receive",
-        "max_message",
+        "limits",
         "queue",
         "remote_close",
         "socket",
@@ -84,20 +152,23 @@ class ServerWebSocket:
         "violated",
     )
 
-    def __init__(self, stream: trio.abc.Stream, queue: SendQueue, *, max_message: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, queue: SendQueue, limits: FrameLimits | None = None
+    ) -> None:
         self.stream = stream
         # A plain TCP stream is read from its socket directly (as the send queue writes it):
         # three coroutine frames fewer for every idle connection to hold.
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.queue = queue
         queue.attach(stream)
-        self.max_message = max_message
+        self.limits = FrameLimits() if limits is None else limits
         self.last_receive = trio.current_time()
         self.bytes_received = 0
         self._state = UPGRADING
         # The HTTP side (h11) lives only until the upgrade is answered; then only the frame
         # reader is kept.
         self._handshake: WSConnection | None = WSConnection(ConnectionType.SERVER)
+        # Made by accept(), or earlier when frames came right behind the upgrade request.
         self._reader: FrameReader | None = None
         #: the client's close frame (code, reason), once it has sent one
         self.remote_close: tuple[int, str] | None = None
@@ -150,14 +221,35 @@ class ServerWebSocket:
 
     async def receive_request(self) -> Request | None:
         """Read the upgrade request. Returns None if the client went away first, or sent
-        something that is not a valid WebSocket upgrade (then wsproto's error response, a 400
-        or 426, is already queued and sent)."""
+        something that is not a valid WebSocket upgrade (then the error response, a 400, 426
+        or 431, is already sent)."""
         handshake = self._handshake
         assert handshake is not None, "the upgrade was already read"
+        head = 0  # bytes of the request head so far
+        tail = b""  # the end of the previous read: a blank line may straddle two reads
         while True:
             data = await self._receive()
             if not data:
                 return None
+            match = _BLANK_LINE.search(tail + data)
+            end = len(data) if match is None else match.end() - len(tail)
+            head += end
+            if head > MAX_REQUEST_HEAD:
+                await self._refuse_request(
+                    Reject(
+                        431,
+                        "bad_request",
+                        f"the request head is over {MAX_REQUEST_HEAD} bytes",
+                        "request_head",
+                    )
+                )
+                return None
+            if match is not None and end < len(data):
+                # Frames the client sent right behind its request: kept for the frame reader.
+                self._reader = FrameReader(self.limits.max_message)
+                self._reader.feed(data[end:])
+                data = data[:end]
+            tail = data[-2:]
             try:
                 handshake.receive_data(data)
             except RemoteProtocolError as exc:
@@ -166,11 +258,32 @@ class ServerWebSocket:
                     # e.g. a proxy that dropped the Upgrade header: say which header is wrong
                     log.info("rejected", status=hint.status_code, reason=str(exc))
                     self.queue.send(handshake.send(hint))
-                    await self.queue.wait_drained()
+                    await self._close_write_and_drain()
+                return None
+            except UnicodeError:
+                # wsproto decodes Host as IDNA and Connection, Upgrade and the
+                # Sec-WebSocket-* lists as ASCII, and lets the error escape.
+                await self._refuse_request(
+                    Reject(
+                        400,
+                        "bad_request",
+                        "Host, Connection and Sec-WebSocket-* headers must be ASCII",
+                        "header_encoding",
+                    )
+                )
                 return None
             for event in handshake.events():
                 if isinstance(event, Request):
                     return event
+            if match is not None:  # a whole head and no request: nothing more will come
+                return None
+
+    async def _refuse_request(self, refusal: Reject) -> None:
+        """Answer the upgrade request with ``refusal``, then close as after a violation."""
+        log.info("rejected", status=refusal.status, reason=refusal.reason)
+        self.limits.refused[refusal.reason] += 1
+        await self.reject(refusal.status, [(b"Content-Type", b"application/json")], refusal.body())
+        await self._close_write_and_drain()
 
     async def next_message(self) -> str | bytes | None:
         """The client's next complete message. Answers pings on the way. Returns None once
@@ -178,15 +291,27 @@ class ServerWebSocket:
         queued) or gone away.
 
         Raises :class:`~broker.errors.WebSocketViolation` (with the close code to send) when
-        the client breaks the WebSocket protocol or sends more than ``max_message``."""
+        the client breaks the WebSocket protocol, sends more than ``max_message``, or takes
+        longer than ``message_timeout`` over a message."""
         reader = self._reader
-        assert reader is not None, "accept() first"
+        assert reader is not None and self._state != UPGRADING, "accept() first"
         if self.remote_close is not None:
             return None
+        # Since when a message (or frame) has been found incomplete: its clock. It starts in
+        # this call at the earliest, so that the time the session spent serving the previous
+        # message, not reading, is never charged to the client.
+        since = math.inf
         while True:
             event = self._parse(reader)
             if event is None:
-                data = await self._receive()
+                if not reader.in_message:
+                    since = math.inf
+                elif since == math.inf:
+                    since = trio.current_time()
+                if since == math.inf:
+                    data = await self._receive()
+                else:
+                    data = await self._receive_by(since + self.limits.message_timeout)
                 if not data:
                     return None
                 reader.feed(data)
@@ -197,19 +322,37 @@ class ServerWebSocket:
                 return event
             elif isinstance(event, Ping):
                 # Through the bounded path: a client that pings and never reads becomes a
-                # slow consumer like any other.
+                # slow consumer like any other. Its deadline stays where it was.
                 self.queue.send(encode_frame(PONG, event.payload))
             else:
                 self._closed_by_client(event)
                 return None
 
+    async def _receive_by(self, deadline: float) -> bytes:
+        """:meth:`_receive`, for the rest of a message that must be complete by ``deadline``.
+        Raises :class:`~broker.errors.WebSocketViolation` (1008) once it has passed."""
+        with trio.move_on_at(deadline):
+            return await self._receive()
+        raise self._violation(
+            WebSocketViolation(
+                CloseCode.POLICY_VIOLATION,
+                f"message not completed within {self.limits.message_timeout:g} s",
+                kind="message_timeout",
+            )
+        )
+
     def _parse(self, reader: FrameReader) -> str | bytes | Ping | Close | None:
         """The reader's next event; a violation is remembered (see :meth:`finish_close`)."""
         try:
             return reader.next()
-        except WebSocketViolation:
-            self.violated = True
-            raise
+        except WebSocketViolation as exc:
+            raise self._violation(exc) from None
+
+    def _violation(self, exc: WebSocketViolation) -> WebSocketViolation:
+        """Remember and count ``exc``; return it to be raised."""
+        self.violated = True
+        self.limits.refused[exc.kind] += 1
+        return exc
 
     def _closed_by_client(self, event: Close) -> None:
         self.remote_close = (event.code, event.reason)
@@ -224,7 +367,8 @@ class ServerWebSocket:
         handshake = self._handshake
         assert handshake is not None, "the upgrade was already answered"
         self.queue.send_control(handshake.send(AcceptConnection(subprotocol=subprotocol)))
-        self._reader = FrameReader(self.max_message)
+        if self._reader is None:
+            self._reader = FrameReader(self.limits.max_message)
         self._state = OPEN
         # h11's state, the request's headers (the token among them): nothing needs them now.
         self._handshake = None
@@ -257,10 +401,10 @@ class ServerWebSocket:
         has answered it (or gone away), dropping whatever it sends meanwhile. Bound it with a
         timeout.
 
-        After a violation the client's bytes are only read and discarded: its stream cannot
-        be parsed any more, and it is most likely still sending an oversized message. Closing
-        a socket with unread data makes the kernel send a reset, which can overtake the close
-        frame; a lingering read avoids that."""
+        After a violation the write side is shut once the close frame is out, and the
+        client's bytes are only read and discarded, briefly (:meth:`_close_write_and_drain`):
+        its stream cannot be parsed any more, and it is most likely still sending an
+        oversized message."""
         await self.queue.wait_drained()
         reader = self._reader
         while reader is not None and not self.violated and self._state == CLOSE_SENT:
@@ -278,6 +422,22 @@ class ServerWebSocket:
                 return
             # messages and pings after our close frame are dropped (RFC 6455 5.5.1)
         if self.violated or reader is None:
+            await self._close_write_and_drain()
+
+    async def _close_write_and_drain(self) -> None:
+        """Everything queued is written: shut the write side (the client reads end of file
+        after our last frame or response), then read and drop what the client sends until its
+        own end of file, for at most :data:`VIOLATION_DRAIN` seconds. Closing a socket with
+        unread data makes the kernel send a reset, which can overtake what was written; a
+        short lingering read avoids most of that without holding the socket for long."""
+        await self.queue.wait_drained()
+        if self.socket is not None:
+            with suppress(OSError):
+                self.socket.shutdown(socket.SHUT_WR)
+        elif isinstance(self.stream, trio.abc.HalfCloseableStream):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.stream.send_eof()
+        with trio.move_on_after(VIOLATION_DRAIN):
             while await self._receive():
                 pass
 

@@ -11,9 +11,10 @@ import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
+import pytest
 import structlog
 import structlog.testing
 import trio
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from broker.sendqueue import Flusher, SendQueue
 from broker.worker import Worker
-from broker.wsserver import ServerWebSocket
+from broker.wsserver import MAX_REQUEST_HEAD, VIOLATION_DRAIN, FrameLimits, ServerWebSocket
 from tests.support.inmemory import make_worker, running, token
 from tests.support.rawws import FrameReader, encode_frame, http_request, read_response
 
@@ -184,21 +185,28 @@ async def test_a_request_that_is_not_an_upgrade_gets_400_and_no_session() -> Non
     assert rejected["status"] == 400 and "Upgrade" in rejected["reason"]
 
 
+def next_frame(data: bytes, pos: int = 0) -> tuple[int, bytes, int] | None:
+    """The (opcode, payload, end) of the unmasked frame at ``pos`` in ``data``, if complete."""
+    if pos + 2 > len(data):
+        return None
+    n = data[pos + 1] & 0x7F
+    head = 2
+    if n == 126:
+        n, head = struct.unpack("!H", data[pos + 2 : pos + 4])[0], 4
+    elif n == 127:
+        n, head = struct.unpack("!Q", data[pos + 2 : pos + 10])[0], 10
+    if pos + head + n > len(data):
+        return None
+    return data[pos] & 0x0F, data[pos + head : pos + head + n], pos + head + n
+
+
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     """The (opcode, payload) of every complete unmasked frame in ``data``."""
     frames = []
     pos = 0
-    while pos + 2 <= len(data):
-        n = data[pos + 1] & 0x7F
-        head = 2
-        if n == 126:
-            n, head = struct.unpack("!H", data[pos + 2 : pos + 4])[0], 4
-        elif n == 127:
-            n, head = struct.unpack("!Q", data[pos + 2 : pos + 10])[0], 10
-        if pos + head + n > len(data):
-            break
-        frames.append((data[pos] & 0x0F, data[pos + head : pos + head + n]))
-        pos += head + n
+    while (frame := next_frame(data, pos)) is not None:
+        opcode, payload, pos = frame
+        frames.append((opcode, payload))
     return frames
 
 
@@ -236,7 +244,7 @@ def test_any_fragmenting_and_splitting_gives_the_messages_whole_and_in_order(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flusher.run)
             queue = SendQueue(flusher, nursery, max_bytes=1 << 20, write_timeout=5)
-            ws = ServerWebSocket(server, queue, max_message=1 << 16)
+            ws = ServerWebSocket(server, queue, FrameLimits(1 << 16))
             await client.send_all(http_request("/ws", port=0))
             assert await ws.receive_request() is not None
             ws.accept(None)
@@ -265,3 +273,247 @@ def test_any_fragmenting_and_splitting_gives_the_messages_whole_and_in_order(
     assert got == messages
     assert received.startswith(b"HTTP/1.1 101 ")
     assert pongs(received) == [(0xA, ping) for ping in pings]
+
+
+# --- limits and closing, over memory streams with the autojump clock --------------------------
+
+
+class MemoryClient:
+    """A raw client on the far end of a memory stream pair served by ``worker._handle``;
+    ``done_at`` is when the worker let go of the connection."""
+
+    def __init__(self, stream: trio.testing.StapledStream[Any, Any]) -> None:
+        self.stream = stream
+        self.buf = b""
+        self.done_at: float | None = None
+
+    async def send(self, *chunks: bytes) -> None:
+        await self.stream.send_all(b"".join(chunks))
+
+    async def _more(self) -> bool:
+        data = await self.stream.receive_some(65536)
+        self.buf += data
+        return bool(data)
+
+    async def response(self) -> tuple[int, bytes]:
+        """The status and body of the HTTP response (the body up to Content-Length)."""
+        while b"\r\n\r\n" not in self.buf:
+            assert await self._more(), self.buf
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        while len(self.buf) < length:
+            assert await self._more()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(lines[0].split()[1]), body
+
+    async def frame(self) -> tuple[int, bytes]:
+        while (frame := next_frame(self.buf)) is None:
+            assert await self._more(), "closed before a whole frame"
+        opcode, payload, end = frame
+        self.buf = self.buf[end:]
+        return opcode, payload
+
+    async def json(self) -> dict[str, Any]:
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == 0x1:
+                return json.loads(payload)  # type: ignore[no-any-return]
+            assert opcode != 0x8, payload
+
+    async def close_frame(self) -> tuple[int, str]:
+        """Read until the close frame: its code and reason."""
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == 0x8:
+                return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+
+    async def at_eof(self) -> bool:
+        """Whether the server shut its side after what was already read."""
+        return self.buf == b"" and not await self._more()
+
+
+@asynccontextmanager
+async def memory_client(worker: Worker) -> AsyncIterator[MemoryClient]:
+    """A connection to ``worker`` (running) over memory streams, not yet upgraded."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    c = MemoryClient(client_stream)
+
+    async def serve() -> None:
+        await worker._handle(server_stream)
+        c.done_at = trio.current_time()
+
+    async with running(worker) as nursery:
+        nursery.start_soon(serve)
+        yield c
+
+
+def upgrade_request(**headers: str) -> bytes:
+    return http_request(f"/ws?token={token()}", headers, port=0)
+
+
+@asynccontextmanager
+async def upgraded_client(worker: Worker) -> AsyncIterator[MemoryClient]:
+    """:func:`memory_client`, upgraded and welcomed."""
+    async with memory_client(worker) as c:
+        await c.send(upgrade_request())
+        assert (await c.response())[0] == 101
+        assert (await c.json())["op"] == "welcome"
+        yield c
+
+
+def ping_op(i: int) -> bytes:
+    return encode_frame(json.dumps({"op": "ping", "id": i}).encode())
+
+
+async def test_a_message_must_be_whole_within_message_timeout_whatever_comes_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(timeouts={"message_timeout": 10.0})
+    async with upgraded_client(worker) as c:
+        start = trio.current_time()
+        await c.send(encode_frame(b'{"op":', 0x1, fin=False))
+        pongs = 0
+        with trio.fail_after(60):
+            while True:
+                await trio.sleep(1)
+                # Pings and more fragments: each answered or taken, none moves the deadline.
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await c.send(
+                        encode_frame(b"%d" % pongs, 0x9), encode_frame(b" ", 0x0, fin=False)
+                    )
+                opcode, payload = await c.frame()
+                if opcode == 0x8:
+                    break
+                assert (opcode, payload) == (0xA, b"%d" % pongs)
+                pongs += 1
+        assert struct.unpack("!H", payload[:2])[0] == 1008
+        assert payload[2:] == b"message not completed within 10 s"
+        assert 10 <= trio.current_time() - start < 11
+        assert pongs == 9
+    assert worker.closes[1008] == 1
+    assert worker.frame_limits.refused == {"message_timeout": 1}
+
+
+async def test_a_frame_trickling_in_is_held_to_the_same_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with upgraded_client(make_worker(timeouts={"message_timeout": 5.0})) as c:
+        start = trio.current_time()
+
+        async def trickle() -> None:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for byte in ping_op(1) * 10:
+                    await c.send(bytes([byte]))
+                    await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            assert await c.close_frame() == (1008, "message not completed within 5 s")
+            assert 5 <= trio.current_time() - start < 6
+            nursery.cancel_scope.cancel()
+
+
+async def test_slow_messages_inside_the_deadline_and_long_pauses_between_them_are_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(timeouts={"message_timeout": 10.0, "idle_timeout": 60.0})
+    async with upgraded_client(worker) as c:
+        for i in range(3):
+            body = ping_op(i)
+            await c.send(body[:5])
+            await trio.sleep(9.9)  # the rest just before the deadline
+            await c.send(body[5:])
+            assert await c.json() == {"id": i, "ok": True}
+            await trio.sleep(50)  # between messages only the idle timer runs
+    assert not worker.closes
+
+
+async def test_after_a_violation_the_server_shuts_its_side_first_and_drains_only_briefly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with upgraded_client(worker) as c:
+        await c.send(encode_frame(b'{"op":"ping"}', masked=False))
+        assert (await c.close_frame())[0] == 1002
+        violated = trio.current_time()
+        assert await c.at_eof()  # right behind the close frame, while we still send
+        assert trio.current_time() - violated < 0.01
+        # A client that neither closes nor stops sending is cut off after the drain.
+        while c.done_at is None:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await c.send(b"garbage")
+            await trio.sleep(0.01)
+        assert VIOLATION_DRAIN <= c.done_at - violated < VIOLATION_DRAIN + 0.05
+
+
+async def test_frames_pipelined_behind_the_upgrade_request_are_served() -> None:
+    worker = make_worker()
+    async with memory_client(worker) as c:
+        frames = b"".join(ping_op(i) for i in range(3))
+        big = encode_frame(json.dumps({"op": "ping", "id": "big", "pad": "x" * 60_000}).encode())
+        with trio.fail_after(5):
+            await c.send(upgrade_request() + frames + big)  # one write, one read
+            assert (await c.response())[0] == 101
+            assert (await c.json())["op"] == "welcome"
+            assert [(await c.json())["id"] for _ in range(4)] == [0, 1, 2, "big"]
+
+
+def request_of_size(size: int) -> bytes:
+    """An upgrade request whose head is exactly ``size`` bytes long."""
+    base = len(upgrade_request(Pad=""))
+    request = upgrade_request(Pad="p" * (size - base))
+    assert len(request) == size
+    return request
+
+
+@pytest.mark.parametrize("step", [1, 1000, 65536])
+async def test_the_request_head_limit_holds_however_the_bytes_are_split(step: int) -> None:
+    for size, status in ((MAX_REQUEST_HEAD, 101), (MAX_REQUEST_HEAD + 1, 431)):
+        worker = make_worker()
+        async with memory_client(worker) as c:
+            request = request_of_size(size)
+            with trio.fail_after(10):
+                for i in range(0, len(request), step):
+                    await c.send(request[i : i + step])
+                    await trio.testing.wait_all_tasks_blocked()  # one read per piece
+                got, body = await c.response()
+            assert got == status
+            if status == 431:
+                assert json.loads(body)["error"]["code"] == "bad_request"
+                assert await c.at_eof()
+        assert worker.frame_limits.refused == ({"request_head": 1} if status == 431 else {})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Host", "h\u00e9llo.example"),
+        ("Host", "\u4f8b\u3048.jp"),
+        ("Connection", "Upgrade, ke\u00e9p-alive"),
+        ("Sec-WebSocket-Protocol", "pubsub.v1, \u00fc"),
+    ],
+)
+async def test_a_header_that_must_be_ascii_and_is_not_gets_400_not_a_traceback(
+    name: str, value: str
+) -> None:
+    worker = make_worker()
+    request = upgrade_request()
+    if name in ("Host", "Connection"):  # replace the header rawws writes
+        head, _, rest = request.partition(f"\r\n{name}: ".encode())
+        request = head + f"\r\n{name}: {value}".encode() + b"\r\n" + rest.partition(b"\r\n")[2]
+    else:
+        request = upgrade_request(**{name: value})
+    with structlog.testing.capture_logs() as logs:
+        async with memory_client(worker) as c:
+            await c.send(request)
+            with trio.fail_after(5):
+                status, body = await c.response()
+    assert status == 400
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+    assert worker.frame_limits.refused == {"header_encoding": 1}
