@@ -105,3 +105,8 @@ def test_exit_codes_match_the_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve"])  # --config missing: bad usage
     assert info.value.code == 1
     assert main(["check-config", "--config", "/nonexistent/broker.toml"]) == 2
+
+
+def test_message_timeout_defaults_to_ten_seconds_and_must_be_positive() -> None:
+    assert parse_config(SECRET, env={}).timeouts.message_timeout == 10.0
+    assert error_key({**SECRET, "timeouts": {"message_timeout": 0}}) == "timeouts.message_timeout"

@@ -174,6 +174,7 @@ CONFIG_KEYS = {
         "idle_timeout",
         "ping_interval",
         "write_timeout",
+        "message_timeout",
     },
     "bus": {"url", "cluster", "presence_ttl"},
     "api": {"keys"},
