@@ -7,13 +7,14 @@ and hands out what they hold (:meth:`~FrameReader.next`): each complete message 
 (text) or ``bytes`` (binary), reassembled from its fragments, and the control frames a server
 must act on, :class:`Ping` and :class:`Close`. Pongs are consumed silently. A client that breaks
 the protocol gets :class:`~broker.errors.WebSocketViolation` with the close code to send: 1002
-for a malformed frame, 1007 for text that is not UTF-8, 1009 for a message over the limit.
+for a malformed frame, 1007 for text that is not UTF-8, 1009 for a message over the limit or in
+too many frames.
 
 The limit is judged on the frame header, before the payload arrives: a header that announces
 2**62 bytes is refused at once instead of holding the connection open while "receiving" it.
 
 What a message being assembled may hold is bounded whatever its fragmentation: its fragments are
-unmasked into one ``bytearray`` (a list of small pieces cost about 55 bytes per 1-byte
+unmasked into one ``bytearray`` (a list of small pieces cost about 40 bytes per 1-byte
 fragment), a message may come in at most :data:`MAX_FRAGMENTS` frames, and the headers of those
 frames count against the size limit, which allows :data:`HEADER_ALLOWANCE` bytes for them on
 top of ``max_message``. Empty continuation frames therefore grow nothing, and cost at most
