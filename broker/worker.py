@@ -117,6 +117,7 @@ class Worker:
         self.connections_total = 0
         self.bytes_in_closed = 0
         self.errors: Counter[str] = Counter()
+        self.presence_refused: Counter[str] = Counter()
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -133,6 +134,9 @@ class Worker:
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
+
+    def count_presence_refused(self, code: str) -> None:
+        self.presence_refused[code] += 1
 
     def _on_bus_state(self, up: bool) -> None:
         log.warning("bus_state", up=up)
@@ -153,6 +157,8 @@ class Worker:
             "auth_failures": dict(self.auth_failures),
             "errors": dict(self.errors),
             "bus_up": self.bus.is_up,
+            "presence_members": self.bus.presence_members(),
+            "presence_refused": dict(self.presence_refused),
             "handshake": {
                 "counts": list(self.handshake_counts),
                 "sum": self.handshake_sum,

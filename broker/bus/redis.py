@@ -41,7 +41,8 @@ connection; :meth:`RedisBus.position` and :meth:`RedisBus.history` of a watched 
 only once the publications up to that position were handed to the worker, which stitches a
 subscription's replayed history and its live publications at that position.
 
-**Presence.** Each connection's entry expires ``presence_ttl`` seconds after its last refresh;
+**Presence.** Only topics that ``[presence] topics`` tracks are joined (the worker decides),
+so only they get presence keys or sweeps. Each connection's entry expires ``presence_ttl`` seconds after its last refresh;
 every bus refreshes its own entries every ``presence_ttl / 3``. Scripts emit ``join`` when a
 client's first live entry appears and ``leave`` when its last goes, on the topic's channel.
 A node that dies leaves entries that simply expire: every bus periodically sweeps the topics
@@ -1151,6 +1152,10 @@ class RedisBus(Bus):
         clients = await self._script("presence", [self._key(topic, "pres")], [])
         return sorted(_decode(c) for c in clients)
 
+    def presence_members(self) -> int:
+        """This process's own entries (the deployment's live in Redis)."""
+        return sum(len(clients) for clients in self._local_presence.values())
+
     async def _presence_loop(self) -> None:
         """Refresh this bus's presence entries and sweep expired ones of watched topics,
         every third of the TTL (and at once after a reconnection)."""
@@ -1163,7 +1168,10 @@ class RedisBus(Bus):
                 continue
             pairs = [(t, c) for t, clients in self._local_presence.items() for c in clients]
             await self._each("presence_refresh_failed", self._refresh, pairs)
-            await self._each("presence_sweep_failed", self._sweep, [(t,) for t in self._exact])
+            # Only topics that track presence are joined, and every local subscriber of such a
+            # topic joins it: the topics joined here are the tracked ones this node watches.
+            topics = [(t,) for t in self._local_presence]
+            await self._each("presence_sweep_failed", self._sweep, topics)
 
     async def _each(
         self, failure: str, job: Callable[..., Awaitable[None]], items: list[Any]

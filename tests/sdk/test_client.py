@@ -40,7 +40,7 @@ from client_sdk import (
     TooLarge,
 )
 from tests.sdk.proxy import CuttableProxy
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 # Restarts in these tests must not wait for the default 10 s drain (and its 5 s hint spread).
 FAST_SHUTDOWN = {"server": {"shutdown_timeout": 1.0}}
@@ -77,7 +77,8 @@ async def test_publish_and_subscribe(broker: BrokerProcess) -> None:
             assert sub.pending == 0
 
 
-async def test_presence_history_and_presence_events(broker: BrokerProcess) -> None:
+async def test_presence_history_and_presence_events(presence_broker: BrokerProcess) -> None:
+    broker = presence_broker
     async with (
         client_sdk.connect(broker.url, token=broker.token("alice")) as alice,
         client_sdk.connect(broker.url, token=broker.token("bob")) as bob,
@@ -625,7 +626,8 @@ async def test_subscriptions_made_while_reconnecting_are_made_once(broker: Broke
 async def test_two_workers_and_a_restart(tmp_path: Path) -> None:
     """With several workers the hub orders publications; clients on any worker see one
     stream, and recover it across a restart of the whole broker."""
-    with BrokerProcess.start(tmp_path, FAST_SHUTDOWN, workers=2) as b:
+    config = {**FAST_SHUTDOWN, **PRESENCE_EVERYWHERE}
+    with BrokerProcess.start(tmp_path, config, workers=2) as b:
         opts: dict[str, Any] = {"backoff_base": 0.05, "backoff_max": 0.2}
         async with AsyncExitStack() as stack:
             clients = [

@@ -157,6 +157,7 @@ CONFIG_KEYS = {
         "audience",
         "issuer",
         "require_exp",
+        "default_presence",
     },
     "limits": {
         "max_message_size",
@@ -176,6 +177,7 @@ CONFIG_KEYS = {
         "write_timeout",
     },
     "bus": {"url", "cluster", "presence_ttl"},
+    "presence": {"topics"},
     "api": {"keys"},
 }
 
