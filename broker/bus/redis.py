@@ -42,9 +42,10 @@ only once the publications up to that position were handed to the worker, which 
 subscription's replayed history and its live publications at that position.
 
 **Presence.** Only topics that ``[presence] topics`` tracks are joined (the worker decides),
-so only they get presence keys or sweeps. Each connection's entry expires ``presence_ttl`` seconds after its last refresh;
-every bus refreshes its own entries every ``presence_ttl / 3``. Scripts emit ``join`` when a
-client's first live entry appears and ``leave`` when its last goes, on the topic's channel.
+so only they get presence keys. Each connection's entry expires ``presence_ttl`` seconds
+after its last refresh; every bus refreshes its own entries every ``presence_ttl / 3``.
+Scripts emit ``join`` when a client's first live entry appears and ``leave`` when its last
+goes, on the topic's channel.
 A node that dies leaves entries that simply expire: every bus periodically sweeps the topics
 it watches, and the sweep script (atomic, so only one node announces it) removes the expired
 client and publishes its ``leave``. :meth:`RedisBus.presence` counts only unexpired entries, so
@@ -1168,10 +1169,7 @@ class RedisBus(Bus):
                 continue
             pairs = [(t, c) for t, clients in self._local_presence.items() for c in clients]
             await self._each("presence_refresh_failed", self._refresh, pairs)
-            # Only topics that track presence are joined, and every local subscriber of such a
-            # topic joins it: the topics joined here are the tracked ones this node watches.
-            topics = [(t,) for t in self._local_presence]
-            await self._each("presence_sweep_failed", self._sweep, topics)
+            await self._each("presence_sweep_failed", self._sweep, [(t,) for t in self._exact])
 
     async def _each(
         self, failure: str, job: Callable[..., Awaitable[None]], items: list[Any]

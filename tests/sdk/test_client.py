@@ -28,6 +28,7 @@ from client_sdk import (
     Gap,
     GapError,
     Message,
+    NotTracked,
     PermissionRevoked,
     Position,
     PresenceEvent,
@@ -116,6 +117,29 @@ async def test_wildcard_subscriptions(broker: BrokerProcess) -> None:
         assert one_level.position is None  # offsets are per exact topic
         with pytest.raises(PubSubError):  # nothing else arrived
             await one_level.get(0.2)
+
+
+async def test_presence_refusals_are_typed(tmp_path: Path) -> None:
+    with BrokerProcess.start(tmp_path, {"presence": {"topics": ["room.tracked"]}}) as b:
+        reader_token = b.token("reader", subscribe=[">"], presence=[">"])
+        async with (
+            client_sdk.connect(b.url, token=b.token("plain")) as plain,
+            client_sdk.connect(b.url, token=reader_token) as reader,
+        ):
+            with pytest.raises(Forbidden):
+                await plain.presence("room.tracked")
+            with pytest.raises(Forbidden):
+                async with plain.subscribe("room.tracked", presence=True):
+                    pass
+            with pytest.raises(NotTracked) as info:
+                await reader.presence("room.other")
+            assert info.value.code == "not_tracked" and isinstance(info.value, ServerError)
+            with pytest.raises(NotTracked):
+                async with reader.subscribe("room.other", presence=True):
+                    pass
+            async with plain.subscribe("room.tracked"):  # allowed, and listed
+                await plain.history("room.tracked")  # served after the join: frames in order
+                assert await reader.presence("room.tracked") == ("plain",)
 
 
 async def test_errors_are_typed(tmp_path: Path) -> None:
