@@ -6,31 +6,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
-from tests.http.brokerkit import http, next_op, request
+from tests.http.brokerkit import http, next_op, request, ws_client
 from tests.support.broker import BrokerProcess
 
 CONFIG = {"presence": {"topics": ["room.>", "!room.private"]}}
 
 
-@contextmanager
-def client(b: BrokerProcess, sub: str, **claims: Any) -> Iterator[ClientConnection]:
+def client(b: BrokerProcess, sub: str, **claims: Any) -> AbstractContextManager[ClientConnection]:
     """A connection as ``sub``; with ``claims`` its token carries a ``pubsub`` claim."""
-    token = b.token(sub, subscribe=[">"], **claims) if claims else b.token(sub)
-    with connect(
-        b.url,
-        subprotocols=["pubsub.v1"],  # type: ignore[list-item]
-        additional_headers={"Authorization": f"Bearer {token}"},
-        open_timeout=10,
-    ) as conn:
-        assert json.loads(conn.recv(timeout=10))["op"] == "welcome"
-        yield conn
+    return ws_client(b, sub, b.token(sub, subscribe=[">"], **claims) if claims else None)
 
 
 def metric(b: BrokerProcess, name: str, **labels: str) -> float:
