@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jwt
 import pytest
 import trio
 import trio.testing
 
+from broker import cli
 from broker.auth import TokenVerifier
-from broker.cli import make_token
-from broker.config import AuthConfig, PresenceConfig, parse_config
+from broker.cli import main, make_token
+from broker.config import AuthConfig, Config, PresenceConfig, parse_config
 from broker.errors import ConfigError, FrameError
 from broker.metrics import hub_presence_snapshot, merge, render, snapshot_from_stats
 from tests.support.inmemory import call, closed_with, connect, make_worker, recv, running, token
@@ -124,6 +126,31 @@ def test_the_token_command_mints_the_presence_claim() -> None:
     assert claims["pubsub"] == {"publish": [], "subscribe": ["chat.>"], "presence": ["chat.>"]}
     plain = jwt.decode(make_token(cfg, "bob"), SECRET, algorithms=["HS256"])
     assert "pubsub" not in plain  # the configured defaults apply
+
+
+def test_the_token_command_has_a_presence_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(f'[auth]\njwt_secret = "{SECRET}"\n')
+    args = ["token", "--config", str(path), "--sub", "a", "--presence", "x.>", "--presence", "!x.y"]
+    assert main(args) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])
+    assert claims["pubsub"]["presence"] == ["x.>", "!x.y"]
+
+
+def test_the_development_configuration_allows_presence_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    served: list[Config] = []
+    monkeypatch.setattr(cli, "_serve", lambda config, overrides=None: served.append(config) or 0)
+    assert main(["dev"]) == 0
+    [config] = served
+    assert config.presence.tracks("chat.room1") and config.presence.tracks("any.topic.at.all")
+    token_line = capsys.readouterr().out.split("token (user")[1].splitlines()[1].strip()
+    identity = TokenVerifier(config.auth).verify(token_line)
+    assert identity.presence.allows_topic("chat.room1")
 
 
 # --- the metrics -----------------------------------------------------------------------------
