@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from websockets.sync.client import ClientConnection
 
 from tests.http.brokerkit import http, next_op, request, ws_client
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess, to_toml
 
 CONFIG = {"presence": {"topics": ["room.>", "!room.private"]}}
 
@@ -123,3 +124,37 @@ def test_tracked_and_permitted_members_join_and_leave(tmp_path: Path, workers: i
             assert error_code(reply) == "forbidden"
         status, _, body = http(b, "GET", "/api/presence?topic=room.1")
         assert status == 200 and json.loads(body)["clients"] == ["watcher"]
+
+
+def reload(b: BrokerProcess, config: dict[str, Any]) -> None:
+    """Apply ``config`` with SIGHUP and wait until every process has reloaded it."""
+    b.config_path.write_text(to_toml(config))
+    b.signal(signal.SIGHUP)
+    for _ in range(b.workers + (b.workers > 1)):  # each worker, and the supervisor
+        b.wait_for("reloaded", timeout=10)
+
+
+def test_a_reload_applies_to_new_subscriptions_and_leaves_no_ghost(
+    tmp_path: Path, workers: int
+) -> None:
+    with (
+        BrokerProcess.start(tmp_path, PRESENCE_EVERYWHERE, workers=workers) as b,
+        client(b, "watcher") as watcher,
+    ):
+        assert request(watcher, op="subscribe", topic="room", presence=True, id=1)["ok"]
+        with client(b, "alice") as alice:
+            assert request(alice, op="subscribe", topic="room", id=1)["ok"]
+            settle(alice)
+            # From now on no topic tracks presence...
+            reload(b, {**b.config, "presence": {"topics": []}})
+            reply = request(watcher, op="presence", topic="room", id=2)
+            assert error_code(reply) == "not_tracked"
+            with client(b, "bob") as bob:
+                reply = request(bob, op="subscribe", topic="room", presence=True, id=1)
+                assert error_code(reply) == "not_tracked"
+                assert request(bob, op="subscribe", topic="room", id=2)["ok"]
+                settle(bob)
+                assert metric(b, "pubsub_presence_members") == 2  # bob is not listed
+        # ...but the members listed before it still leave, with their events: no ghost.
+        assert next_op(watcher, "leave") == {"op": "leave", "topic": "room", "client": "alice"}
+        assert metric(b, "pubsub_presence_members") == 1  # the watcher, until it goes
