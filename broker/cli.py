@@ -124,6 +124,9 @@ trio-pubsub development broker (config: {path})
 """,
         flush=True,
     )
+    if not config.presence.topics:
+        # A file written before presence became opt-in: the demo's presence would be refused.
+        print(f'  presence is off: add [presence] topics = [">"] to {path}\n', flush=True)
     return _serve(config)
 
 

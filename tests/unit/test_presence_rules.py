@@ -151,6 +151,10 @@ def test_the_development_configuration_allows_presence_everywhere(
     token_line = capsys.readouterr().out.split("token (user")[1].splitlines()[1].strip()
     identity = TokenVerifier(config.auth).verify(token_line)
     assert identity.presence.allows_topic("chat.room1")
+    # A development file from before presence was opt-in gets a hint how to turn it on.
+    (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{SECRET}"\n')
+    assert main(["dev"]) == 0
+    assert "presence is off: add [presence] topics" in capsys.readouterr().out
 
 
 # --- the metrics -----------------------------------------------------------------------------
