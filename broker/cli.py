@@ -126,7 +126,11 @@ trio-pubsub development broker (config: {path})
     )
     if not config.presence.topics:
         # A file written before presence became opt-in: the demo's presence would be refused.
-        print(f'  presence is off: add [presence] topics = [">"] to {path}\n', flush=True)
+        print(
+            f"  presence is off: delete {path} for a new one, or add [presence] "
+            'topics = [">"] and [auth] default_presence = [">"]\n',
+            flush=True,
+        )
     return _serve(config)
 
 

@@ -154,7 +154,7 @@ def test_the_development_configuration_allows_presence_everywhere(
     # A development file from before presence was opt-in gets a hint how to turn it on.
     (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{SECRET}"\n')
     assert main(["dev"]) == 0
-    assert "presence is off: add [presence] topics" in capsys.readouterr().out
+    assert "presence is off: delete .pubsub-dev/broker.toml" in capsys.readouterr().out
 
 
 # --- the metrics -----------------------------------------------------------------------------
