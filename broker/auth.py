@@ -9,6 +9,10 @@ defaults. A pattern prefixed with ``!`` denies, and a deny always wins:
 ``["a.>", "!a.secret.>"]`` allows ``a.x`` but never ``a.secret.x``. A subscription pattern is
 allowed only when one allowed pattern covers it wholly and it overlaps no denied pattern, so no
 wildcard subscription can ever receive a denied topic.
+
+Reading presence (the ``presence`` op, and ``join``/``leave`` events on a subscription) takes
+a permission of its own, ``pubsub.presence`` (default ``[auth] default_presence``, empty):
+who is subscribed is personal data, so being allowed to subscribe is not enough.
 """
 
 from __future__ import annotations
@@ -69,12 +73,13 @@ class Permissions:
 @attrs.frozen
 class Identity:
     """An authenticated client: its id (``sub``), when its token expires (unix seconds, or
-    None), and what it may publish and subscribe to."""
+    None), what it may publish and subscribe to, and whose presence it may read."""
 
     client: str
     expires_at: int | None
     publish: Permissions
     subscribe: Permissions
+    presence: Permissions = Permissions((), ())
 
 
 def _claimed(claim: Any, key: str, default: Permissions) -> Permissions:
@@ -118,13 +123,20 @@ class TokenVerifier:
             self._algorithms = ["HS256"]
         self._default_publish = Permissions.from_list(cfg.default_publish)
         self._default_subscribe = Permissions.from_list(cfg.default_subscribe)
+        self._default_presence = Permissions.from_list(cfg.default_presence)
 
     @property
     def allow_anonymous(self) -> bool:
         return self._cfg.allow_anonymous
 
     def anonymous(self) -> Identity:
-        return Identity(ANONYMOUS, None, self._default_publish, self._default_subscribe)
+        return Identity(
+            ANONYMOUS,
+            None,
+            self._default_publish,
+            self._default_subscribe,
+            self._default_presence,
+        )
 
     def verify(self, token: str, *, now: float | None = None) -> Identity:
         """Check ``token``'s signature and claims; return who it names.
@@ -183,6 +195,7 @@ class TokenVerifier:
             expires_at=None if exp is None else int(exp),
             publish=_claimed(claim, "publish", self._default_publish),
             subscribe=_claimed(claim, "subscribe", self._default_subscribe),
+            presence=_claimed(claim, "presence", self._default_presence),
         )
 
 

@@ -27,6 +27,7 @@ examples:
   pubsub-broker serve --config broker.toml --listen 0.0.0.0:8765 --workers 4
   pubsub-broker check-config --config broker.toml
   pubsub-broker token --config broker.toml --sub alice --ttl 3600 --publish 'chat.>' --subscribe 'chat.>'
+  pubsub-broker token --config broker.toml --sub alice --subscribe 'chat.>' --presence 'chat.>'
   pubsub-broker dev            # development: make a config with a random secret, print a token, serve
 
 exit codes: 0 ok, 1 bad usage, 2 bad configuration, 3 could not start (e.g. port in use)
@@ -51,8 +52,11 @@ def make_token(
     ttl: float | None = 3600,
     publish: list[str] | None = None,
     subscribe: list[str] | None = None,
+    presence: list[str] | None = None,
 ) -> str:
-    """An HS256 token for ``sub`` signed with the configured secret (development and tests)."""
+    """An HS256 token for ``sub`` signed with the configured secret (development and tests).
+    Given any of ``publish``, ``subscribe`` or ``presence``, the token carries a ``pubsub``
+    claim with all three (the ones not given empty); else the configured defaults apply."""
     if not config.auth.jwt_secret:
         raise ConfigError("auth.jwt_secret", "tokens can only be minted with a shared secret")
     claims: dict[str, Any] = {"sub": sub, "iat": int(time.time())}
@@ -62,8 +66,12 @@ def make_token(
         claims["aud"] = config.auth.audience
     if config.auth.issuer:
         claims["iss"] = config.auth.issuer
-    if publish is not None or subscribe is not None:
-        claims["pubsub"] = {"publish": publish or [], "subscribe": subscribe or []}
+    if publish is not None or subscribe is not None or presence is not None:
+        claims["pubsub"] = {
+            "publish": publish or [],
+            "subscribe": subscribe or [],
+            "presence": presence or [],
+        }
     return jwt.encode(claims, config.auth.jwt_secret, algorithm="HS256")
 
 
@@ -88,7 +96,11 @@ def _dev() -> int:
             "[auth]\n"
             f'jwt_secret = "{secret}"\n'
             'default_publish = [">"]\n'
-            'default_subscribe = [">"]\n\n'
+            'default_subscribe = [">"]\n'
+            "# who is subscribed is personal data: here everyone may read it, on every topic\n"
+            'default_presence = [">"]\n\n'
+            "[presence]\n"
+            'topics = [">"]\n\n'
             "[api]\n"
             f'keys = ["{secrets.token_urlsafe(24)}"]\n'
         )
@@ -101,7 +113,7 @@ def _dev() -> int:
         f"""
 trio-pubsub development broker (config: {path})
   WebSocket:  {url}
-  token (user "dev-user", 24 h, may publish and subscribe to everything):
+  token (user "dev-user", 24 h, may publish, subscribe and read presence everywhere):
     {token}
   try it, in two more terminals:
     export PUBSUB_URL={url} PUBSUB_TOKEN={token}
@@ -112,6 +124,13 @@ trio-pubsub development broker (config: {path})
 """,
         flush=True,
     )
+    if not config.presence.topics:
+        # A file written before presence became opt-in: the demo's presence would be refused.
+        print(
+            f"  presence is off: delete {path} for a new one, or add [presence] "
+            'topics = [">"] and [auth] default_presence = [">"]\n',
+            flush=True,
+        )
     return _serve(config)
 
 
@@ -173,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="allowed subscribe pattern (repeatable; '!P' denies)",
     )
+    token.add_argument(
+        "--presence",
+        action="append",
+        metavar="PATTERN",
+        help="topics whose presence it may read (repeatable; '!P' denies)",
+    )
 
     sub.add_parser(
         "dev", help="development: create .pubsub-dev/broker.toml if missing, print a token, serve"
@@ -194,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             print(
                 make_token(
-                    config, args.sub, ttl=args.ttl, publish=args.publish, subscribe=args.subscribe
+                    config,
+                    args.sub,
+                    ttl=args.ttl,
+                    publish=args.publish,
+                    subscribe=args.subscribe,
+                    presence=args.presence,
                 )
             )
             return 0

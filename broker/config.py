@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, FrameError
 from broker.topics import pattern_matches, validate_pattern
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "HistoryRule",
     "LimitsConfig",
+    "PresenceConfig",
     "ServerConfig",
     "TimeoutsConfig",
     "load_config",
@@ -62,6 +63,7 @@ class AuthConfig:
     audience: str = ""
     issuer: str = ""
     require_exp: bool = True
+    default_presence: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -110,6 +112,32 @@ DEFAULT_HISTORY = HistoryRule(">", 100, 600.0)
 
 
 @attrs.frozen
+class PresenceConfig:
+    """Which topics track presence: ``topics`` is a list of patterns, ``!`` denies and a deny
+    wins (as in permissions). Empty, the default: no topic does. Presence lists who is
+    subscribed, which is personal data, so a deployment opts in topic by topic."""
+
+    topics: tuple[str, ...] = ()
+
+    def tracks(self, topic: str) -> bool:
+        """Whether the exact ``topic`` keeps a member list and announces joins and leaves."""
+        tracked = False
+        for pattern in self.topics:
+            if pattern.startswith("!"):
+                if pattern_matches(pattern[1:], topic):
+                    return False
+            elif not tracked:
+                tracked = pattern_matches(pattern, topic)
+        return tracked
+
+    def check(self, topic: str) -> None:
+        """Raise :class:`~broker.errors.FrameError` ``not_tracked`` unless ``topic`` tracks
+        presence (the answer of the ``presence`` op and of ``/api/presence``)."""
+        if not self.tracks(topic):
+            raise FrameError("not_tracked", f"presence is not tracked on {topic}")
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -119,6 +147,7 @@ class Config:
     history: tuple[HistoryRule, ...] = ()
     api_keys: tuple[str, ...] = ()
     source: str = ""
+    presence: PresenceConfig = PresenceConfig()
 
     def history_rule(self, topic: str) -> HistoryRule:
         """The first ``[[history]]`` rule whose pattern matches ``topic``, else the default
@@ -263,12 +292,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "auth.jwt_public_key_file", f"file not found: {cfg.auth.jwt_public_key_file}"
         )
-    for key in ("default_publish", "default_subscribe"):
-        for pattern in getattr(cfg.auth, key):
+    for key, patterns in (
+        ("auth.default_publish", cfg.auth.default_publish),
+        ("auth.default_subscribe", cfg.auth.default_subscribe),
+        ("auth.default_presence", cfg.auth.default_presence),
+        ("presence.topics", cfg.presence.topics),
+    ):
+        for pattern in patterns:
             try:
                 validate_pattern(pattern.removeprefix("!"))
             except BrokerError as exc:
-                raise ConfigError(f"auth.{key}", str(exc)) from None
+                raise ConfigError(key, str(exc)) from None
     for key in (
         "max_message_size",
         "max_data_size",
@@ -333,6 +367,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig,
     "timeouts": TimeoutsConfig,
     "bus": BusConfig,
+    "presence": PresenceConfig,
 }
 
 

@@ -15,6 +15,8 @@ which tells clients that their old positions cannot be resumed.
 
 Presence counts connections per client id: :meth:`TopicStore.join` reports a new *member*
 only for the first connection of a client id, :meth:`TopicStore.leave` only for the last.
+Only topics that track presence are ever joined (the worker decides, see
+:class:`~broker.config.PresenceConfig`), so the others hold no presence state here at all.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class TopicStore:
         self._tombstones: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._tombstone_limit = tombstone_limit
         self._presence: dict[str, dict[str, set[ConnKey]]] = {}
+        self.presence_members = 0  # (topic, client id) pairs held, for the metrics
 
     def __len__(self) -> int:
         return len(self._topics)
@@ -164,6 +167,7 @@ class TopicStore:
         keys = clients.setdefault(client, set())
         first = not keys
         keys.add(key)
+        self.presence_members += first
         return first
 
     def leave(self, topic: str, client: str, key: ConnKey) -> bool:
@@ -178,6 +182,7 @@ class TopicStore:
         if keys:
             return False
         del clients[client]
+        self.presence_members -= 1
         if not clients:
             del self._presence[topic]
         return True

@@ -22,7 +22,7 @@ Routes
 ``/metrics``                GET     Prometheus text format 0.0.4, every worker
 ``/api/publish``            POST    ``{"topic", "data"}`` -> ``{"topic", "offset", "epoch"}``
 ``/api/history``            GET     ``?topic=&since=&epoch=&limit=`` -> like the ``history`` op
-``/api/presence``           GET     ``?topic=`` -> ``{"topic", "clients"}``
+``/api/presence``           GET     ``?topic=`` -> ``{"topic", "clients"}`` (404 ``not_tracked``)
 ``/api/disconnect``         POST    ``{"client"}`` -> ``{"client", "closed"}``
 ``/client.js``              GET     the browser client (an ES module)
 ``/demo/``, ``/status/``    GET     the demo page and the operators' status page
@@ -101,7 +101,8 @@ class OpsBackend(Protocol):
         """What the bus still holds of ``topic`` after ``since``; raises like :meth:`publish`."""
 
     async def presence(self, topic: str) -> list[str]:
-        """The distinct client ids subscribed to ``topic``, sorted, on every worker."""
+        """The distinct client ids subscribed to ``topic``, sorted, on every worker. Raises
+        :class:`FrameError` ``not_tracked`` when ``[presence] topics`` does not track it."""
 
     async def disconnect(self, client_id: str) -> int:
         """Close every connection of ``client_id`` on every worker; the number closed."""
@@ -139,6 +140,7 @@ STATUS_FOR_CODE = {
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
+    "not_tracked": 404,
     "method_not_allowed": 405,
     "too_large": 413,
     "rate_limited": 429,
@@ -783,6 +785,7 @@ class WorkerBackend:
         return await self.workers[0].bus.history(topic, since, limit)
 
     async def presence(self, topic: str) -> list[str]:
+        self.workers[0].config.presence.check(topic)
         return await self.workers[0].bus.presence(topic)
 
     async def disconnect(self, client_id: str) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "Histogram",
     "Registry",
     "broker_metrics",
+    "hub_presence_snapshot",
     "merge",
     "render",
     "snapshot_from_stats",
@@ -474,6 +475,29 @@ class BrokerMetrics:
             "(1008), request_head (HTTP 431), header_encoding (HTTP 400).",
             ["kind"],
         )
+        self.presence_members = _presence_members_gauge(r)
+        self.presence_refused = r.counter(
+            "pubsub_presence_refused_total",
+            "Presence reads (the presence op, subscribe with presence) refused, by code "
+            "(forbidden: no presence permission; not_tracked: the topic does not track it).",
+            ["code"],
+        )
+
+
+def _presence_members_gauge(r: Registry) -> Gauge:
+    return r.gauge(
+        "pubsub_presence_members",
+        "Presence entries (topic, client id) held in memory by this worker, or by the hub "
+        '(worker="hub"); with Redis, this worker\'s own entries.',
+    )
+
+
+def hub_presence_snapshot(members: int) -> Snapshot:
+    """The hub's presence entries as a snapshot labelled ``worker="hub"``, to merge with the
+    workers' (the hub is no worker, so it has none of their other families)."""
+    gauge = _presence_members_gauge(Registry(const_labels={"worker": "hub"}))
+    gauge.set(members)
+    return {gauge.name: gauge.snapshot()}
 
 
 #: Reason labels of ``pubsub_closes_total`` for the close codes the server uses.
@@ -497,7 +521,7 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
     ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``ws_violations``
-    {kind: n}, ``handshake`` (a
+    {kind: n}, ``presence_members``, ``presence_refused`` {code: n}, ``handshake`` (a
     :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
@@ -519,6 +543,9 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     m.bus_up.set(1 if stats.get("bus_up", True) else 0)
     for kind, n in dict(stats.get("ws_violations", {})).items():
         m.ws_violations.inc(n, kind=str(kind))
+    m.presence_members.set(stats.get("presence_members", 0))
+    for code, n in dict(stats.get("presence_refused", {})).items():
+        m.presence_refused.inc(n, code=str(code))
     snap = m.registry.snapshot()
     handshake = stats.get("handshake")
     if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:

@@ -66,6 +66,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    NOT_TRACKED = "not_tracked"
 
 
 class CloseCode(enum.IntEnum):

@@ -25,12 +25,15 @@ __all__ = ["Router", "Subscription", "message_frame"]
 
 @attrs.define(eq=False)
 class Subscription:
-    """One session's subscription to one topic or pattern."""
+    """One session's subscription to one topic or pattern. ``presence``: it receives join and
+    leave events; ``tracked``: its client was (or is being) joined to the topic's presence, so
+    it must leave when the subscription goes (whatever a reload says about the topic since)."""
 
     queue: SendQueue
     pattern: str
     presence: bool = False
     pending: list[Publication] | None = None
+    tracked: bool = False
 
 
 def message_frame(pub: Publication) -> bytes:

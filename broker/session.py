@@ -213,7 +213,7 @@ class Session:
         worker = self.worker
         try:
             await worker.router.unwatch_if_unused(sub.pattern)
-            if not is_wildcard(sub.pattern) and self.identity is not None:
+            if sub.tracked and self.identity is not None:
                 await worker.bus.presence_leave(sub.pattern, self.identity.client, self.key)
         except BusUnavailable:
             pass  # a bus that comes back forgets or expires this connection's presence
@@ -371,10 +371,16 @@ class Session:
             self.identity = identity
             self._set_expiry(identity)
             self._reschedule()
-            for pattern in self.subs:
+            for pattern, sub in self.subs.items():
                 if not identity.subscribe.allows_pattern(pattern):
                     self.close(
                         p.CloseCode.POLICY_VIOLATION, f"no longer allowed to subscribe to {pattern}"
+                    )
+                    return
+                if sub.presence and not identity.presence.allows_topic(pattern):
+                    self.close(
+                        p.CloseCode.POLICY_VIOLATION,
+                        f"no longer allowed to read the presence of {pattern}",
                     )
                     return
         self.reply(cmd.id, client=identity.client, expires_at=identity.expires_at)
@@ -422,6 +428,8 @@ class Session:
             raise FrameError("bad_request", "'presence' needs an exact topic")
         if not self.identity.subscribe.allows_pattern(pattern):
             raise FrameError("forbidden", f"not allowed to subscribe to {pattern}")
+        if cmd.presence:
+            self._check_presence(pattern)
         if pattern in self.subs:
             raise FrameError("bad_request", f"already subscribed to {pattern}; unsubscribe first")
         limit = self.worker.config.limits.max_subscriptions
@@ -430,7 +438,10 @@ class Session:
                 "too_many_subscriptions", f"at most {limit} subscriptions per connection"
             )
         bus = self.worker.bus
-        sub = Subscription(self.queue, pattern, cmd.presence, pending=None if wildcard else [])
+        tracked = not wildcard and self.worker.config.presence.tracks(pattern)
+        sub = Subscription(
+            self.queue, pattern, cmd.presence, pending=None if wildcard else [], tracked=tracked
+        )
         self.subs[pattern] = sub
         try:
             await self.worker.router.add(sub)
@@ -468,6 +479,8 @@ class Session:
             self.queue.send(message_frame(pub))
         # Join after the reply, so that the client's own join event (and everyone else's from
         # now on) reaches it after it knows it is subscribed.
+        if not tracked:
+            return
         try:
             await bus.presence_join(pattern, self.identity.client, self.key)
         except BusUnavailable:
@@ -509,7 +522,21 @@ class Session:
             **extra,
         )
 
+    def _check_presence(self, topic: str) -> None:
+        """Raise ``forbidden`` unless this client may read the presence of ``topic``, then
+        ``not_tracked`` unless the topic tracks it; either is counted as a refusal."""
+        assert self.identity is not None
+        worker = self.worker
+        try:
+            if not self.identity.presence.allows_topic(topic):
+                raise FrameError("forbidden", f"not allowed to read the presence of {topic}")
+            worker.config.presence.check(topic)
+        except FrameError as exc:
+            worker.count_presence_refused(exc.code)
+            raise
+
     async def _presence(self, cmd: p.Presence) -> None:
         topic = self._readable_topic(cmd.topic)
+        self._check_presence(topic)
         clients = await self.worker.bus.presence(topic)
         self.reply(cmd.id, clients=clients)

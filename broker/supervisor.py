@@ -42,7 +42,7 @@ from broker.config import Config, load_config, parse_hostport
 from broker.errors import ConfigError
 from broker.hub import Hub
 from broker.logs import configure_logging
-from broker.metrics import merge, render, snapshot_from_stats
+from broker.metrics import hub_presence_snapshot, merge, render, snapshot_from_stats
 from broker.protocol import check_data_size
 from broker.topics import validate_pattern, validate_topic
 from broker.worker import Worker, make_listen_socket, make_redis_bus
@@ -319,7 +319,9 @@ class SupervisorBackend:
         return sorted(await self.sup.hub.ask_all("stats"), key=lambda s: s.get("worker", 0))
 
     async def metrics_text(self) -> str:
-        return render(merge([snapshot_from_stats(s) for s in await self._worker_stats()]))
+        snaps = [snapshot_from_stats(s) for s in await self._worker_stats()]
+        snaps.append(hub_presence_snapshot(self.sup.hub.store.presence_members))
+        return render(merge(snaps))
 
     async def stats(self) -> dict[str, Any]:
         return {"workers": await self._worker_stats()}
@@ -337,6 +339,7 @@ class SupervisorBackend:
         return self.sup.hub.store.history(topic, since, limit)
 
     async def presence(self, topic: str) -> list[str]:
+        self.sup.config.presence.check(topic)
         if self.sup.ops_bus is not None:
             return await self.sup.ops_bus.presence(topic)
         return self.sup.hub.store.members(topic)

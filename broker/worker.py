@@ -119,6 +119,7 @@ class Worker:
         self.errors: Counter[str] = Counter()
         # Shared by every connection: its refusals are this worker's pubsub_ws_violations_total.
         self.frame_limits = FrameLimits.from_config(config)
+        self.presence_refused: Counter[str] = Counter()
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -135,6 +136,9 @@ class Worker:
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
+
+    def count_presence_refused(self, code: str) -> None:
+        self.presence_refused[code] += 1
 
     def _on_bus_state(self, up: bool) -> None:
         log.warning("bus_state", up=up)
@@ -156,6 +160,8 @@ class Worker:
             "errors": dict(self.errors),
             "ws_violations": dict(self.frame_limits.refused),
             "bus_up": self.bus.is_up,
+            "presence_members": self.bus.presence_members(),
+            "presence_refused": dict(self.presence_refused),
             "handshake": {
                 "counts": list(self.handshake_counts),
                 "sum": self.handshake_sum,

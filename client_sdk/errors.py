@@ -16,6 +16,7 @@ PubSubError`` catches them all. The tree::
     |   +-- BadTopic              bad_topic
     |   +-- Forbidden             forbidden
     |   +-- NotSubscribed         not_subscribed
+    |   +-- NotTracked            not_tracked (the topic does not track presence)
     |   +-- TooLarge              too_large
     |   +-- TooManySubscriptions  too_many_subscriptions
     |   +-- RateLimited           rate_limited
@@ -50,6 +51,7 @@ __all__ = [
     "GapError",
     "InternalError",
     "NotSubscribed",
+    "NotTracked",
     "PermissionRevoked",
     "PubSubError",
     "RateLimited",
@@ -161,6 +163,13 @@ class NotSubscribed(ServerError):
     code = "not_subscribed"
 
 
+class NotTracked(ServerError):
+    """``not_tracked``: presence was asked of a topic whose presence the broker does not track
+    (its ``[presence] topics`` configuration)."""
+
+    code = "not_tracked"
+
+
 class TooLarge(ServerError):
     """``too_large``: the publication's data is larger than the broker accepts."""
 
@@ -227,6 +236,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
         BadTopic,
         Forbidden,
         NotSubscribed,
+        NotTracked,
         TooLarge,
         TooManySubscriptions,
         RateLimited,

@@ -4,8 +4,9 @@
     python examples/subscribe.py chat.room1 'news.>'
 
 Each subscription yields messages in offset order, presence events when asked for (exact
-topics only), and a Gap wherever the broker could not replay what was published while this
-client was away (for example after the broker restarted and lost its in-memory history).
+topics only, and only where the broker tracks presence and the token may read it), and a Gap
+wherever the broker could not replay what was published while this client was away (for
+example after the broker restarted and lost its in-memory history).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import AsyncExitStack, suppress
 import trio
 
 import client_sdk
-from client_sdk import Gap, Message, PresenceEvent
+from client_sdk import Forbidden, Gap, Message, NotTracked, PresenceEvent
 
 
 def is_pattern(topic: str) -> bool:
@@ -39,6 +40,18 @@ def show(state: client_sdk.ConnectionState) -> None:
     print(f"-- {state.value}", file=sys.stderr)
 
 
+async def open_subscription(
+    client: client_sdk.Client, stack: AsyncExitStack, topic: str
+) -> client_sdk.Subscription:
+    """Subscribe with presence events where the broker allows it, else without them."""
+    if not is_pattern(topic):
+        # Presence is opt-in on the broker: a topic that does not track it (NotTracked), or a
+        # token that may not read it (Forbidden), refuses the subscription; ask again without.
+        with suppress(Forbidden, NotTracked):
+            return await stack.enter_async_context(client.subscribe(topic, presence=True))
+    return await stack.enter_async_context(client.subscribe(topic))
+
+
 async def main(topics: list[str]) -> None:
     url = os.environ.get("PUBSUB_URL", "ws://127.0.0.1:8765/ws")
     token = os.environ.get("PUBSUB_TOKEN")
@@ -48,8 +61,7 @@ async def main(topics: list[str]) -> None:
         trio.open_nursery() as nursery,
     ):
         for topic in topics:
-            sub = client.subscribe(topic, presence=not is_pattern(topic))
-            nursery.start_soon(follow, await stack.enter_async_context(sub))
+            nursery.start_soon(follow, await open_subscription(client, stack, topic))
 
 
 if __name__ == "__main__":

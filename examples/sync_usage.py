@@ -12,7 +12,7 @@ import os
 import threading
 
 import client_sdk.sync
-from client_sdk import Message
+from client_sdk import Forbidden, Message, NotTracked
 
 url = os.environ.get("PUBSUB_URL", "ws://127.0.0.1:8765/ws")
 
@@ -32,5 +32,8 @@ with client_sdk.sync.connect(url, token=os.environ.get("PUBSUB_TOKEN")) as clien
                 received += 1
                 if received == 5:
                     break
-        print("here now:", client.presence("demo.sync"))  # subscribers of the topic
+        try:
+            print("here now:", client.presence("demo.sync"))  # subscribers of the topic
+        except (Forbidden, NotTracked) as exc:  # presence is opt-in on the broker
+            print("presence not available:", exc)
     print("history:", [m.data for m in client.history("demo.sync", limit=10).messages])

@@ -5,11 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     """A real single-worker broker subprocess on a free loopback port."""
     with BrokerProcess.start(tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+def presence_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """Like ``broker``, with presence tracked on every topic and readable by default."""
+    with BrokerProcess.start(tmp_path, PRESENCE_EVERYWHERE) as b:
         yield b

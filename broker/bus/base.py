@@ -15,7 +15,9 @@ a position ``(offset, epoch)`` from another epoch cannot be resumed.
 Presence is kept per topic and client id (the token's ``sub``), counting connections: the
 first connection of a client id to join a topic emits a ``join`` event to the topic's
 watchers, the last one to leave emits ``leave``. Connections are named by
-:class:`ConnKey` so that a bus can forget every connection of a dead worker at once.
+:class:`ConnKey` so that a bus can forget every connection of a dead worker at once. A bus
+tracks whatever it is told to: the worker joins only topics that ``[presence] topics`` tracks,
+so the others cost a bus nothing.
 
 Implementations: :mod:`broker.bus.local` (one worker, in-process), :mod:`broker.bus.ipc`
 (several workers on one machine, through the supervisor's hub) and :mod:`broker.bus.redis`
@@ -179,6 +181,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def presence(self, topic: str) -> list[str]:
         """The distinct client ids present on ``topic``, sorted."""
+
+    def presence_members(self) -> int:
+        """How many (topic, client id) presence entries this process holds for the bus (0
+        where they live elsewhere: the hub, Redis), for the metrics."""
+        return 0
 
     def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:  # noqa: B027
         """Apply reloaded ``[[history]]`` rules (to topics created from now on). Buses whose

@@ -84,3 +84,6 @@ class LocalBus(Bus):
 
     async def presence(self, topic: str) -> list[str]:
         return self.store.members(topic)
+
+    def presence_members(self) -> int:
+        return self.store.presence_members

@@ -41,9 +41,11 @@ connection; :meth:`RedisBus.position` and :meth:`RedisBus.history` of a watched 
 only once the publications up to that position were handed to the worker, which stitches a
 subscription's replayed history and its live publications at that position.
 
-**Presence.** Each connection's entry expires ``presence_ttl`` seconds after its last refresh;
-every bus refreshes its own entries every ``presence_ttl / 3``. Scripts emit ``join`` when a
-client's first live entry appears and ``leave`` when its last goes, on the topic's channel.
+**Presence.** Only topics that ``[presence] topics`` tracks are joined (the worker decides),
+so only they get presence keys. Each connection's entry expires ``presence_ttl`` seconds
+after its last refresh; every bus refreshes its own entries every ``presence_ttl / 3``.
+Scripts emit ``join`` when a client's first live entry appears and ``leave`` when its last
+goes, on the topic's channel.
 A node that dies leaves entries that simply expire: every bus periodically sweeps the topics
 it watches, and the sweep script (atomic, so only one node announces it) removes the expired
 client and publishes its ``leave``. :meth:`RedisBus.presence` counts only unexpired entries, so
@@ -1150,6 +1152,10 @@ class RedisBus(Bus):
     async def presence(self, topic: str) -> list[str]:
         clients = await self._script("presence", [self._key(topic, "pres")], [])
         return sorted(_decode(c) for c in clients)
+
+    def presence_members(self) -> int:
+        """This process's own entries (the deployment's live in Redis)."""
+        return sum(len(clients) for clients in self._local_presence.values())
 
     async def _presence_loop(self) -> None:
         """Refresh this bus's presence entries and sweep expired ones of watched topics,

@@ -229,7 +229,8 @@ export class PubSubClient extends EventTarget {
    * onGap({topic, from, to, epochChanged, possible}), onJoin({topic, client}),
    * onLeave({topic, client}), onError(PubSubError) (a later resubscription was refused).
    * Resolves with the Subscription once the server accepted it (waiting for a connection if
-   * needed); rejects with the server's error (`forbidden`, `bad_topic`, ...).
+   * needed); rejects with the server's error (`forbidden`, `bad_topic`, ...; with presence also
+   * `not_tracked`, when the broker keeps no presence for the topic).
    */
   subscribe(topic, options = {}) {
     if (typeof options === "function") options = { onMessage: options };
@@ -282,7 +283,8 @@ export class PubSubClient extends EventTarget {
     return reply;
   }
 
-  /** The client ids subscribed to an exact topic, on every worker and node. */
+  /** The client ids subscribed to an exact topic, on every worker and node. Presence is opt-in
+   * on the broker: rejects with `forbidden` (the token may not read it) or `not_tracked`. */
   async presence(topic) {
     const reply = await this._request({ op: "presence", topic });
     return reply.clients;

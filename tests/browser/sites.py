@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support.broker import BrokerProcess, to_toml
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess, to_toml
 
 
 @contextmanager
@@ -59,8 +59,9 @@ def allow_origins(b: BrokerProcess, *origins: str) -> None:
 def start_web_broker(
     tmp_path: Path, config: dict[str, Any] | None = None, *, workers: int = 1
 ) -> Iterator[BrokerProcess]:
-    """A broker whose own pages may open WebSockets to it (stopped on exit, even on failure)."""
-    config = {"server": {"shutdown_timeout": 1.0}, **(config or {})}
+    """A broker whose own pages may open WebSockets to it (stopped on exit, even on failure),
+    with presence tracked and readable everywhere, as `pubsub-broker dev` configures it."""
+    config = {"server": {"shutdown_timeout": 1.0}, **PRESENCE_EVERYWHERE, **(config or {})}
     with BrokerProcess.start(tmp_path, config=config, workers=workers) as b:
         assert b.http_port, "the broker did not report an http_port"
         allow_origins(b, b.http_url)

@@ -452,3 +452,38 @@ def test_history_and_presence_from_the_client(page: Any, web_broker: BrokerProce
     assert [m["offset"] for m in result["some"]["messages"]] == [2]
     assert result["some"]["recovered"] is True
     assert result["members"] == ["ivy"]
+
+
+def test_presence_refusals_reach_the_page(page: Any, tmp_path: Any) -> None:
+    # Presence tracked on room.* only, and readable by nobody by default.
+    config = {"presence": {"topics": ["room.*"]}, "auth": {"default_presence": []}}
+    with start_web_broker(tmp_path, config) as b:
+        page.goto(f"{b.http_url}/demo/")
+        codes = page.evaluate(
+            """async ([url, plain, reader]) => {
+              const { PubSubClient } = await import("/client.js");
+              const code = (promise) => promise.then(() => "ok", (err) => err.code);
+              const a = new PubSubClient(url, { token: plain });
+              const b = new PubSubClient(url, { token: reader });
+              const codes = {
+                forbidden: await code(a.presence("room.1")),
+                forbiddenSub: await code(a.subscribe("room.1", { presence: true })),
+                untracked: await code(b.presence("lobby")),
+                untrackedSub: await code(b.subscribe("lobby", { presence: true })),
+                plainSub: await code(b.subscribe("lobby")),
+                members: await b.presence("room.1"),
+              };
+              a.close();
+              b.close();
+              return codes;
+            }""",
+            [b.url, b.token("plain"), b.token("reader", subscribe=[">"], presence=[">"])],
+        )
+    assert codes == {
+        "forbidden": "forbidden",
+        "forbiddenSub": "forbidden",
+        "untracked": "not_tracked",
+        "untrackedSub": "not_tracked",
+        "plainSub": "ok",
+        "members": [],
+    }

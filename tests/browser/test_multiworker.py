@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.browser.sites import start_web_broker, static_site
 from tests.http.brokerkit import http
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 pytestmark = pytest.mark.browser
 
@@ -48,7 +48,7 @@ def test_a_foreign_app_on_a_multi_worker_broker(page: Any, tmp_path: Path) -> No
     # the page's HTML is built then, and served from an origin the broker allows.
     html = {"body": ""}
     with static_site(lambda: html["body"]) as origin:
-        config = {"server": {"allowed_origins": [origin]}}
+        config = {"server": {"allowed_origins": [origin]}, **PRESENCE_EVERYWHERE}
         with BrokerProcess.start(tmp_path, config=config, workers=2) as b:
             assert b.http_port, "the broker did not report an http_port"
             html["body"] = PAGE % {"ops": b.http_url}

@@ -32,11 +32,12 @@ def http(
 
 
 @contextmanager
-def ws_client(b: BrokerProcess, sub: str) -> Iterator[ClientConnection]:
+def ws_client(b: BrokerProcess, sub: str, token: str | None = None) -> Iterator[ClientConnection]:
+    """A connection as ``sub``, with ``token`` (default: one with the configured defaults)."""
     with connect(
         b.url,
         subprotocols=["pubsub.v1"],  # type: ignore[list-item]
-        additional_headers={"Authorization": f"Bearer {b.token(sub)}"},
+        additional_headers={"Authorization": f"Bearer {token or b.token(sub)}"},
         open_timeout=10,
     ) as conn:
         welcome = json.loads(conn.recv(timeout=10))

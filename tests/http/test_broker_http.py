@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.http.brokerkit import http, next_op, request, ws_client
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 
 def metrics(b: BrokerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -30,7 +30,8 @@ def metrics(b: BrokerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], flo
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    with BrokerProcess.start(tmp_path, config={"limits": {"max_data_size": 2000}}) as b:
+    config = {"limits": {"max_data_size": 2000}, **PRESENCE_EVERYWHERE}
+    with BrokerProcess.start(tmp_path, config=config) as b:
         assert b.http_port, "the broker did not report an http_port"
         yield b
 
@@ -87,6 +88,7 @@ def test_api_publish_reaches_a_websocket_subscriber(broker: BrokerProcess) -> No
 
         status, _, body = http(broker, "GET", "/api/presence?topic=chat.room1")
         assert json.loads(body) == {"topic": "chat.room1", "clients": ["alice"]}
+        assert metrics(broker)["pubsub_presence_members"][(("worker", "0"),)] == 1
 
         snapshot = metrics(broker)
         assert snapshot["pubsub_connections"][(("worker", "0"),)] == 1

@@ -147,7 +147,11 @@ def test_recovery_is_exact_across_reconnects_under_a_steady_stream(broker: Broke
     assert seen == list(range(first, total + 1)), "each offset exactly once, in order"
 
 
-def test_presence_counts_clients_and_sees_abrupt_disconnects(broker: BrokerProcess) -> None:
+def test_presence_counts_clients_and_sees_abrupt_disconnects(
+    presence_broker: BrokerProcess,
+) -> None:
+    broker = presence_broker
+
     async def main() -> None:
         watcher = await open_ws(broker, "watcher")
         assert (await call(watcher, op="subscribe", topic="room", presence=True, id=1))["ok"]

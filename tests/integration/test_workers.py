@@ -17,7 +17,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.broker import BrokerProcess, to_toml
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess, to_toml
 from tests.support.clients import call, open_client
 
 
@@ -29,7 +29,7 @@ def worker_pids(b: BrokerProcess) -> dict[int, int]:
 
 
 def test_connections_spread_and_publications_cross_workers(tmp_path: Path) -> None:
-    with BrokerProcess.start(tmp_path, workers=2) as b:
+    with BrokerProcess.start(tmp_path, PRESENCE_EVERYWHERE, workers=2) as b:
 
         async def main() -> None:
             clients = [await open_client(b, f"c{i}") for i in range(40)]
@@ -152,7 +152,7 @@ def test_killed_worker_is_replaced_and_clients_recover_every_offset(tmp_path: Pa
 
 
 def test_dead_workers_presence_is_forgotten_at_once(tmp_path: Path) -> None:
-    with BrokerProcess.start(tmp_path, workers=2) as b:
+    with BrokerProcess.start(tmp_path, PRESENCE_EVERYWHERE, workers=2) as b:
 
         async def main() -> None:
             watchers = []

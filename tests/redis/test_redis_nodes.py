@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 from .conftest import RedisCluster, RedisServer
 
@@ -107,7 +107,7 @@ def readyz(node: BrokerProcess) -> tuple[int, dict[str, Any]]:
 def test_cross_node_delivery_presence_and_wildcards(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    with two_nodes(tmp_path, redis_server) as (node_a, node_b):
+    with two_nodes(tmp_path, redis_server, extra=PRESENCE_EVERYWHERE) as (node_a, node_b):
 
         async def main() -> None:
             alice = await open_ws(node_a, "alice")
@@ -251,7 +251,8 @@ def test_redis_restart_under_a_steady_stream_between_nodes(
 
 
 def test_killed_node_presence_expires(tmp_path: Path, redis_server: RedisServer) -> None:
-    with two_nodes(tmp_path, redis_server, presence_ttl=1.0) as (node_a, node_b):
+    nodes = two_nodes(tmp_path, redis_server, extra=PRESENCE_EVERYWHERE, presence_ttl=1.0)
+    with nodes as (node_a, node_b):
 
         async def main() -> None:
             watcher = await open_ws(node_b, "watcher")

@@ -16,10 +16,17 @@ from typing import Any
 import pytest
 
 import client_sdk.sync
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBSUB = [sys.executable, "-m", "client_sdk.cli"]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A broker that tracks presence: the tests see that the CLI subscribed through it."""
+    with BrokerProcess.start(tmp_path, PRESENCE_EVERYWHERE) as b:
+        yield b
 
 
 def env_for(b: BrokerProcess, sub: str = "cli", **claims: Any) -> dict[str, str]:
@@ -113,7 +120,8 @@ def test_sub_since_history_and_presence(broker: BrokerProcess) -> None:
 
 
 def test_sub_follows_a_broker_restart_and_reports_the_gap(tmp_path: Path) -> None:
-    with BrokerProcess.start(tmp_path, {"server": {"shutdown_timeout": 1.0}}) as b:
+    config = {"server": {"shutdown_timeout": 1.0}, **PRESENCE_EVERYWHERE}
+    with BrokerProcess.start(tmp_path, config) as b:
         env = env_for(b)
         with background(["sub", "t", "--count", "2"], env) as sub:
             wait_subscribed(b, "t")
@@ -145,6 +153,7 @@ def test_sub_follows_a_broker_restart_and_reports_the_gap(tmp_path: Path) -> Non
         (["pub", "not.allowed", "1"], 3),
         (["pub", "a.*", "1"], 3),
         (["presence", "a.*"], 3),
+        (["presence", "a"], 3),  # the token's claim does not allow reading presence
         (["pub", "a", "1", "--token", "not-a-jwt"], 2),
         (["pub", "a", "1", "--url", "ws://127.0.0.1:9/ws"], 2),
     ],

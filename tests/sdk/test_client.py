@@ -28,6 +28,7 @@ from client_sdk import (
     Gap,
     GapError,
     Message,
+    NotTracked,
     PermissionRevoked,
     Position,
     PresenceEvent,
@@ -40,7 +41,7 @@ from client_sdk import (
     TooLarge,
 )
 from tests.sdk.proxy import CuttableProxy
-from tests.support.broker import BrokerProcess
+from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 # Restarts in these tests must not wait for the default 10 s drain (and its 5 s hint spread).
 FAST_SHUTDOWN = {"server": {"shutdown_timeout": 1.0}}
@@ -77,7 +78,8 @@ async def test_publish_and_subscribe(broker: BrokerProcess) -> None:
             assert sub.pending == 0
 
 
-async def test_presence_history_and_presence_events(broker: BrokerProcess) -> None:
+async def test_presence_history_and_presence_events(presence_broker: BrokerProcess) -> None:
+    broker = presence_broker
     async with (
         client_sdk.connect(broker.url, token=broker.token("alice")) as alice,
         client_sdk.connect(broker.url, token=broker.token("bob")) as bob,
@@ -115,6 +117,29 @@ async def test_wildcard_subscriptions(broker: BrokerProcess) -> None:
         assert one_level.position is None  # offsets are per exact topic
         with pytest.raises(PubSubError):  # nothing else arrived
             await one_level.get(0.2)
+
+
+async def test_presence_refusals_are_typed(tmp_path: Path) -> None:
+    with BrokerProcess.start(tmp_path, {"presence": {"topics": ["room.tracked"]}}) as b:
+        reader_token = b.token("reader", subscribe=[">"], presence=[">"])
+        async with (
+            client_sdk.connect(b.url, token=b.token("plain")) as plain,
+            client_sdk.connect(b.url, token=reader_token) as reader,
+        ):
+            with pytest.raises(Forbidden):
+                await plain.presence("room.tracked")
+            with pytest.raises(Forbidden):
+                async with plain.subscribe("room.tracked", presence=True):
+                    pass
+            with pytest.raises(NotTracked) as info:
+                await reader.presence("room.other")
+            assert info.value.code == "not_tracked" and isinstance(info.value, ServerError)
+            with pytest.raises(NotTracked):
+                async with reader.subscribe("room.other", presence=True):
+                    pass
+            async with plain.subscribe("room.tracked"):  # allowed, and listed
+                await plain.history("room.tracked")  # served after the join: frames in order
+                assert await reader.presence("room.tracked") == ("plain",)
 
 
 async def test_errors_are_typed(tmp_path: Path) -> None:
@@ -625,7 +650,8 @@ async def test_subscriptions_made_while_reconnecting_are_made_once(broker: Broke
 async def test_two_workers_and_a_restart(tmp_path: Path) -> None:
     """With several workers the hub orders publications; clients on any worker see one
     stream, and recover it across a restart of the whole broker."""
-    with BrokerProcess.start(tmp_path, FAST_SHUTDOWN, workers=2) as b:
+    config = {**FAST_SHUTDOWN, **PRESENCE_EVERYWHERE}
+    with BrokerProcess.start(tmp_path, config, workers=2) as b:
         opts: dict[str, Any] = {"backoff_base": 0.05, "backoff_max": 0.2}
         async with AsyncExitStack() as stack:
             clients = [

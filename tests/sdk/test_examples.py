@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import client_sdk.sync
-from tests.sdk.test_cli import wait_subscribed
+from tests.sdk.test_cli import broker, wait_subscribed
 from tests.support.broker import BrokerProcess
+
+# The examples are written for the development broker, which tracks presence everywhere; the
+# tests see through presence that an example has subscribed.
+__all__ = ["broker"]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -81,6 +86,37 @@ def test_sync_example(broker: BrokerProcess) -> None:
     assert done.returncode == 0, done.stderr
     assert "connected as syncer" in done.stdout
     assert "#5: {'i': 4}" in done.stdout and "here now: ('syncer',)" in done.stdout
+
+
+def test_examples_run_where_presence_is_off(tmp_path: Path) -> None:
+    with BrokerProcess.start(tmp_path) as b:  # no topic tracks presence, nobody may read it
+        done = example("sync_usage.py", [], env_for(b, "syncer"))
+        assert done.returncode == 0, done.stderr
+        assert "#5: {'i': 4}" in done.stdout
+        assert "presence not available: forbidden: not allowed to read" in done.stdout
+        with (
+            running("subscribe.py", ["chat.room1"], env_for(b, "reader")) as proc,
+            client_sdk.sync.connect(b.url, token=b.token("writer")) as writer,
+        ):
+            # Nothing says when it has subscribed (without presence): publish until the first
+            # publication reaches it. Its first line is that message, or EOF if it failed.
+            assert proc.stdout is not None
+            stop = threading.Event()
+
+            def publish() -> None:
+                while not stop.wait(0.1):
+                    writer.publish("chat.room1", "hello")
+
+            publisher = threading.Thread(target=publish)
+            publisher.start()
+            try:
+                first = proc.stdout.readline()
+            finally:
+                stop.set()
+                publisher.join(10)
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+        assert first.startswith("chat.room1 #") and "from writer: 'hello'" in first, err
 
 
 def test_token_refresh_example(broker: BrokerProcess) -> None:

@@ -42,7 +42,8 @@ def no_thread_left_behind() -> Iterator[None]:
     assert set(client_threads()) <= before
 
 
-def test_publish_and_subscribe_from_plain_threads(broker: BrokerProcess) -> None:
+def test_publish_and_subscribe_from_plain_threads(presence_broker: BrokerProcess) -> None:
+    broker = presence_broker
     with client_sdk.sync.connect(broker.url, token=broker.token("alice")) as client:
         assert client.state is ConnectionState.CONNECTED and client.client_id == "alice"
         received: list[Message] = []

@@ -35,6 +35,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "limits": {"publish_rate": 100000.0, "publish_burst": 100000},
 }
 
+# Presence is opt-in twice (tracked topics, and who may read them): tests of presence itself
+# merge this into their configuration, as `pubsub-broker dev` does for development.
+PRESENCE_EVERYWHERE: dict[str, Any] = {
+    "auth": {"default_presence": [">"]},
+    "presence": {"topics": [">"]},
+}
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -129,14 +136,17 @@ class BrokerProcess:
         *,
         publish: list[str] | None = None,
         subscribe: list[str] | None = None,
+        presence: list[str] | None = None,
         ttl: float | None = 3600,
         **claims: Any,
     ) -> str:
         body: dict[str, Any] = {"sub": sub, **claims}
         if ttl is not None:
             body["exp"] = int(time.time() + ttl)
-        if publish is not None or subscribe is not None:
+        if publish is not None or subscribe is not None or presence is not None:
             body["pubsub"] = {"publish": publish or [], "subscribe": subscribe or []}
+            if presence is not None:
+                body["pubsub"]["presence"] = presence
         return jwt.encode(body, self.secret, algorithm="HS256")
 
     def _spawn(self, port: int) -> None:

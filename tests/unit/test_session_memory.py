@@ -176,14 +176,12 @@ async def test_ops_and_errors_in_memory(autojump_clock: trio.testing.MockClock) 
             "publish_rate": 1.0,
             "publish_burst": 2,
             "max_data_size": 100,
-        }
+        },
+        presence={"topics": ["a.>"]},
     )
+    claims = {"publish": ["a.>"], "subscribe": ["a.>", "!a.secret.>"], "presence": ["a.>"]}
     async with running(worker) as nursery:
-        ws = await connect(
-            worker,
-            nursery,
-            f"/ws?token={token(pubsub={'publish': ['a.>'], 'subscribe': ['a.>', '!a.secret.>']})}",
-        )
+        ws = await connect(worker, nursery, f"/ws?token={token(pubsub=claims)}")
         await recv(ws)
         assert (await call(ws, op="subscribe", topic="a.*", id=1))["ok"]
         assert (await call(ws, op="subscribe", topic="a.*", id=2))["error"]["code"] == "bad_request"
@@ -249,8 +247,8 @@ async def test_a_crash_in_one_connection_reaches_no_other(
         async def boom(*args: object) -> None:
             raise RuntimeError("bug")
 
-        monkeypatch.setattr(worker.bus, "presence", boom)
-        assert (await call(a, op="presence", topic="t", id=1))["error"]["code"] == "internal"
+        monkeypatch.setattr(worker.bus, "history", boom)
+        assert (await call(a, op="history", topic="t", id=1))["error"]["code"] == "internal"
         assert (await call(b, op="ping", id=2))["ok"]
         assert (await call(a, op="ping", id=3))["ok"]
 

@@ -157,6 +157,7 @@ CONFIG_KEYS = {
         "audience",
         "issuer",
         "require_exp",
+        "default_presence",
     },
     "limits": {
         "max_message_size",
@@ -177,6 +178,7 @@ CONFIG_KEYS = {
         "message_timeout",
     },
     "bus": {"url", "cluster", "presence_ttl"},
+    "presence": {"topics"},
     "api": {"keys"},
 }
 
