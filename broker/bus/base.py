@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -133,7 +133,8 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         """Assign the next offset of ``topic``, store the publication in history, deliver it to
-        the watchers, and return it. ``data`` is the JSON text of the value."""
+        the watchers, and return it. ``data`` is the JSON text of the value. Raises
+        :class:`~broker.errors.FrameError` (``too_many_topics``) when a new topic is refused."""
 
     def publish_nowait(
         self,
@@ -179,6 +180,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def presence(self, topic: str) -> list[str]:
         """The distinct client ids present on ``topic``, sorted."""
+
+    def history_stats(self) -> dict[str, Any]:
+        """The figures of the history this process holds (:meth:`broker.history.TopicStore.
+        stats`), or an empty dict when it holds none (the hub or Redis holds it)."""
+        return {}
 
     def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:  # noqa: B027
         """Apply reloaded ``[[history]]`` rules (to topics created from now on). Buses whose

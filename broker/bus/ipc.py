@@ -167,6 +167,7 @@ class IpcBus(Bus):
         self, topic: str, since: StreamPosition | None, limit: int | None
     ) -> HistoryResult:
         raw_since = None if since is None else [since.offset, since.epoch]
+        # A paged reply (broker.hub.history_reply): the items arrive in bounded messages.
         pubs, pos, recovered, missed = await self._call("history", topic, raw_since, limit)
         return HistoryResult(
             tuple(Publication(topic, o, e, s, d) for o, e, s, d in pubs),
