@@ -44,7 +44,7 @@ import trio
 
 from broker.errors import BusError, BusUnavailable, FrameError
 
-__all__ = ["Link", "encode"]
+__all__ = ["Link", "encode", "fits"]
 
 log = structlog.get_logger()
 
@@ -60,6 +60,16 @@ def encode(message: list[Any]) -> bytes:
     built-in values."""
     body = marshal.dumps(message)
     return _LEN.pack(len(body)) + body
+
+
+def fits(*texts: str | None) -> bool:
+    """Whether a message carrying ``texts`` (and a few small values) stays under
+    :data:`MAX_MESSAGE`. Cheap for the usual sizes: the UTF-8 length is computed only when
+    the worst case (4 bytes a character) would not fit."""
+    worst = sum(4 * len(t) for t in texts if t)
+    if worst + 1024 <= MAX_MESSAGE:
+        return True
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if t) + 1024 <= MAX_MESSAGE
 
 
 class Link:

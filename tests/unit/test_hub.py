@@ -147,3 +147,20 @@ async def test_a_message_past_the_link_size_ends_that_link_or_fails_that_request
         assert (await bus.publish("small", "1", None)).offset == 1
         assert not hub.workers[0].link.closed
         watcher.close()
+
+
+async def test_a_publication_the_link_cannot_carry_is_refused_as_too_large(
+    tmp_path: Path, small_link: int
+) -> None:
+    async with hub_and_bus(tmp_path / "hub.sock") as (hub, bus, _):
+        big = "x" * (small_link + 1)
+        with pytest.raises(FrameError) as refused:
+            await bus.publish("t", big, None)
+        assert refused.value.code == "too_large"
+        done: list[Any] = []
+        bus.publish_nowait("t", big, None, done.append)
+        assert isinstance(done[0], FrameError) and done[0].code == "too_large"
+        # Near the limit in ASCII it still crosses (the 4-bytes-a-character bound is not
+        # the rule), and the link stays up.
+        assert (await bus.publish("t", "y" * (small_link - 2048), None)).offset == 1
+        assert not hub.workers[0].link.closed
