@@ -33,6 +33,7 @@ from client_sdk.errors import (
     TokenError,
     TooLarge,
     TooManySubscriptions,
+    TooManyTopics,
     Unauthorized,
     Unavailable,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "TokenSource",
     "TooLarge",
     "TooManySubscriptions",
+    "TooManyTopics",
     "Unauthorized",
     "Unavailable",
     "Welcome",

@@ -94,7 +94,10 @@ def test_reads_create_no_topic_and_new_topics_past_the_cap_are_refused(
         replies = publish_all(conn, [{"topic": f"t.{i}", "data": i} for i in range(6)])
         assert [r["ok"] for r in replies] == [True] * 5 + [False]
         assert replies[5]["error"]["code"] == "too_many_topics"
-        assert samples(b, "pubsub_topics_refused_total")[""] == 1
+        # The HTTP publish API gets the same answer, as 503.
+        status, _, body = http(b, "POST", "/api/publish", {"topic": "t.http", "data": 1})
+        assert (status, json.loads(body)["error"]["code"]) == (503, "too_many_topics")
+        assert samples(b, "pubsub_topics_refused_total")[""] == 2
         assert samples(b, "pubsub_history_topics")[""] == 5
         # Topics that exist go on.
         assert publish_all(conn, [{"topic": "t.0", "data": 1}])[0]["offset"] == 2
