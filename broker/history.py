@@ -240,7 +240,7 @@ class TopicStore:
                     self._drop(t, "budget")
                 return
 
-    def _admit(self, topic: str, now: float) -> _Topic:
+    def _admit(self, topic: str, rule: HistoryRule, now: float) -> _Topic:
         """A new entry in the table for ``topic``. Raises :class:`FrameError`
         (``too_many_topics``) when the table is full even after dropping expired topics."""
         if len(self._topics) >= self.max_topics:
@@ -254,7 +254,7 @@ class TopicStore:
                 )
         epoch, offset = self._known(topic)
         self._tombstones.pop(topic, None)
-        t = _Topic(topic, offset, epoch, self.rule_for(topic), now)
+        t = _Topic(topic, offset, epoch, rule, now)
         self._topics[topic] = t
         return t
 
@@ -271,7 +271,7 @@ class TopicStore:
                 epoch, offset = self._known(topic)
                 self._bury(topic, epoch, offset + 1)
                 return Publication(topic, offset + 1, epoch, sender, data)
-            t = self._admit(topic, now)
+            t = self._admit(topic, rule, now)
         else:
             self._topics.move_to_end(topic)
             self._expire(t, now)

@@ -27,8 +27,9 @@ Message shapes (the first element names the kind):
 
 Every message is bounded by :data:`MAX_MESSAGE`: a result that could be larger (history) is
 sent with :meth:`Link.reply_paged`, in pages of at most :data:`PAGE_BYTES`. A link whose write
-fails (the peer died) or that would have to carry a larger message ends by itself: only that
-link closes (the supervisor then restarts its worker), never the process that holds it.
+fails (the peer died), that would have to carry a larger message, or whose peer leaves more
+than :data:`MAX_QUEUED` bytes unread ends by itself: only that link closes (the supervisor
+then restarts its worker), never the process that holds it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ log = structlog.get_logger()
 MAX_MESSAGE = 64 * 1024 * 1024
 #: The most bytes (as estimated by the caller's ``size``) of items in one page of a paged reply.
 PAGE_BYTES = 4 * 1024 * 1024
+#: The most bytes queued for a peer that does not read them (a hung worker, until the
+#: supervisor kills it): past it the link ends rather than the holder's memory growing.
+MAX_QUEUED = 4 * MAX_MESSAGE
 MAX_COALESCE_PASSES = 32
 _LEN = struct.Struct("!I")
 
@@ -91,6 +95,7 @@ class Link:
         self.on_message = on_message
         self.timeout = timeout
         self._out: list[bytes] = []
+        self._queued = 0  # bytes in _out
         self._wakeup = trio.Event()
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[trio.Event, list[Any]]] = {}
@@ -108,6 +113,11 @@ class Link:
             return
         if len(data) - 4 > MAX_MESSAGE:
             log.error("ipc_message_too_large", size=len(data) - 4, limit=MAX_MESSAGE)
+            self.abort()
+            return
+        self._queued += len(data)
+        if self._queued > MAX_QUEUED:
+            log.error("ipc_queue_overflow", queued=self._queued, limit=MAX_QUEUED)
             self.abort()
             return
         self._out.append(data)
@@ -209,6 +219,7 @@ class Link:
         self.closed = True
         self.gone.set()
         self._parts.clear()
+        self._out, self._queued = [], 0
         for event, _ in self._calls.values():
             event.set()
         callbacks, self._callbacks = self._callbacks, {}
@@ -231,6 +242,7 @@ class Link:
                 if quiet >= 2:
                     break
             out, self._out = self._out, []
+            self._queued = 0
             if out:
                 try:
                     await self.stream.send_all(b"".join(out))

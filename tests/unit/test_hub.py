@@ -164,3 +164,21 @@ async def test_a_publication_the_link_cannot_carry_is_refused_as_too_large(
         # the rule), and the link stays up.
         assert (await bus.publish("t", "y" * (small_link - 2048), None)).offset == 1
         assert not hub.workers[0].link.closed
+
+
+async def test_a_worker_that_stops_reading_cannot_grow_the_hub(
+    tmp_path: Path, small_link: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker.ipc, "MAX_QUEUED", 4 * small_link)
+    path = tmp_path / "hub.sock"
+    async with hub_and_bus(path) as (hub, bus, received):
+        stuck = await raw_worker(path, 1, "t")  # never read: the socket buffers fill, then
+        await until(lambda: 1 in hub.workers and "t" in hub.workers[1].patterns)
+        await bus.watch("t")
+        data = "z" * 30_000
+        for i in range(200):  # 6 MB for the stuck worker: far past the kernel's buffers
+            hub.publish("t", data, None)
+            await until(lambda n=i + 1: len(received) == n)  # the live worker keeps up
+        await until(lambda: 1 not in hub.workers)
+        assert 0 in hub.workers and not hub.workers[0].link.closed
+        stuck.close()
