@@ -16,12 +16,15 @@ does the topic get a new epoch, which tells clients that their old positions can
 Reads never create state: the position of a topic the store does not know is offset 0 and
 the epoch its first publication will carry, derived from the topic, a per-process secret and a
 generation that moves on whenever a tombstone is forgotten (so a forgotten topic never gets an
-epoch it had before, and a restart changes every epoch).
+epoch it had before, and a restart changes every epoch). Generations are kept per bucket of
+topics (:data:`EPOCH_BUCKETS`), so forgetting one topic rarely changes the epoch announced for
+another one that nobody has published to yet.
 
 Memory is bounded three ways, oldest first: per topic by ``size`` publications and
 ``max_bytes`` bytes, and over every topic by a global byte budget (``history_max_bytes``). An
 entry's bytes are what it holds: its data and sender strings plus :data:`ENTRY_OVERHEAD` for the
-objects around them (the topic and epoch strings are shared by every entry of a topic). A
+objects around them (the topic and epoch strings are shared by every entry of a topic); each
+topic holding history adds :data:`TOPIC_OVERHEAD` to the global count. A
 global first-in-first-out queue of ``(topic, offset)`` names the oldest entry anywhere; entries
 that left their topic earlier stay in it as stale marks, skipped when reached and compacted
 away when they outnumber the live ones. Eviction always takes a topic's oldest entries, so what
@@ -38,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sys
+from array import array
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +55,7 @@ from broker.errors import FrameError
 __all__ = [
     "ENTRY_OVERHEAD",
     "EVICTION_REASONS",
+    "TOPIC_OVERHEAD",
     "TopicStore",
     "entry_bytes",
     "new_epoch",
@@ -58,6 +63,7 @@ __all__ = [
 ]
 
 TOMBSTONE_LIMIT = 100_000
+EPOCH_BUCKETS = 4096
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_TOPICS = 100_000
 
@@ -65,6 +71,11 @@ DEFAULT_MAX_TOPICS = 100_000
 #: tuple, the float and int objects, and the slots in the topic's and the global queues
 #: (measured on CPython 3.11: about 300).
 ENTRY_OVERHEAD = 300
+
+#: Bytes counted per topic holding history: its table entry, its state and its queue's first
+#: block (measured on CPython 3.11: about 900). Topics without history cost a tombstone (about
+#: 200 bytes, at most ``tombstone_limit`` of them), not counted.
+TOPIC_OVERHEAD = 900
 
 #: Why entries leave history, as counted in :meth:`TopicStore.stats`: the global byte budget,
 #: the topic's ``max_bytes``, its ``ttl``, its ``size``.
@@ -148,7 +159,7 @@ class TopicStore:
         self._tombstones: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._tombstone_limit = tombstone_limit
         self._secret = secrets.token_bytes(16)
-        self._generation = 0
+        self._generations = array("Q", bytes(8 * EPOCH_BUCKETS))
         # Every kept entry in publication order, as (topic, offset); see the module docstring.
         self._order: deque[tuple[_Topic, int]] = deque()
         self.bytes = 0
@@ -174,8 +185,8 @@ class TopicStore:
         return len(self._topics)
 
     def stats(self) -> dict[str, Any]:
-        """Plain figures for the metrics: bytes and entries held, topics holding history,
-        tombstones, evictions and evicted bytes by reason, refused new topics."""
+        """Plain figures for the metrics: bytes held (entries and topics), entries, topics
+        holding history, tombstones, evictions and evicted bytes by reason, refused topics."""
         return {
             "history_bytes": self.bytes,
             "history_entries": self.entries,
@@ -191,7 +202,7 @@ class TopicStore:
     def _fresh_epoch(self, topic: str) -> str:
         """The epoch an unknown topic's first publication will carry (see the docstring)."""
         h = hashlib.blake2b(digest_size=6, key=self._secret)
-        h.update(self._generation.to_bytes(8, "big"))
+        h.update(self._generations[hash(topic) % EPOCH_BUCKETS].to_bytes(8, "big"))
         h.update(topic.encode("utf-8", "surrogatepass"))
         return h.hexdigest()
 
@@ -203,14 +214,15 @@ class TopicStore:
         self._tombstones[topic] = (epoch, offset)
         self._tombstones.move_to_end(topic)
         if len(self._tombstones) > self._tombstone_limit:
-            self._tombstones.popitem(last=False)
-            self._generation += 1
+            forgotten, _ = self._tombstones.popitem(last=False)
+            self._generations[hash(forgotten) % EPOCH_BUCKETS] += 1
 
     def _drop(self, t: _Topic, reason: str) -> None:
         """Move a topic out of the table (evicting what it still holds) into a tombstone."""
         while t.buffer:
             self._evict_first(t, reason)
         del self._topics[t.name]
+        self.bytes -= TOPIC_OVERHEAD
         self._bury(t.name, t.epoch, t.offset)
 
     # --- history --------------------------------------------------------------------------
@@ -256,6 +268,7 @@ class TopicStore:
         self._tombstones.pop(topic, None)
         t = _Topic(topic, offset, epoch, rule, now)
         self._topics[topic] = t
+        self.bytes += TOPIC_OVERHEAD
         return t
 
     def publish(self, topic: str, data: str, sender: str | None) -> Publication:

@@ -11,7 +11,7 @@ import trio.testing
 from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.config import HistoryRule
 from broker.errors import FrameError
-from broker.history import ENTRY_OVERHEAD, TopicStore, entry_bytes
+from broker.history import ENTRY_OVERHEAD, TOPIC_OVERHEAD, TopicStore, entry_bytes
 
 
 class Clock:
@@ -151,7 +151,7 @@ def test_bytes_count_data_sender_and_overhead() -> None:
     s.publish("t", "x" * 1000, None)
     s.publish("t", "x" * 1000, "alice")
     assert one_entry() >= 1000 + ENTRY_OVERHEAD
-    assert s.bytes == 2 * one_entry() + sys.getsizeof("alice")
+    assert s.bytes == TOPIC_OVERHEAD + 2 * one_entry() + sys.getsizeof("alice")
     # A character outside Latin-1 makes CPython hold 4 bytes for every character: counted.
     s2, _ = capped()
     s2.publish("t", "x" * 999 + "\U0001f600", None)
@@ -163,7 +163,7 @@ def test_the_topic_cap_evicts_the_topics_oldest_and_recovery_reports_it() -> Non
     for _ in range(5):
         s.publish("t", "x" * 1000, None)
     assert offsets(s, "t") == [3, 4, 5]
-    assert s.bytes == 3 * one_entry()
+    assert s.bytes == TOPIC_OVERHEAD + 3 * one_entry()
     r = s.history("t", StreamPosition(1, s.position("t").epoch), None)
     assert not r.recovered and r.missed == (2, 2)
     stats = s.stats()
@@ -181,11 +181,11 @@ def test_a_publication_over_the_topic_cap_is_not_kept_but_has_its_offset() -> No
 
 
 def test_the_global_budget_evicts_the_oldest_anywhere_first() -> None:
-    s, _ = capped(max_bytes=4 * one_entry())
+    s, _ = capped(max_bytes=3 * TOPIC_OVERHEAD + 4 * one_entry())
     for topic in ["a", "b", "a", "c", "b", "c"]:
         s.publish(topic, "x" * 1000, None)
     # Six entries published, four fit: the two oldest ones (a:1 and b:1) are gone.
-    assert s.bytes <= 4 * one_entry()
+    assert s.bytes <= 3 * TOPIC_OVERHEAD + 4 * one_entry()
     assert (offsets(s, "a"), offsets(s, "b"), offsets(s, "c")) == ([2], [2], [1, 2])
     epoch = s.position("a").epoch
     r = s.history("a", StreamPosition(0, epoch), None)
@@ -194,7 +194,7 @@ def test_the_global_budget_evicts_the_oldest_anywhere_first() -> None:
 
 
 def test_a_topic_emptied_by_the_budget_keeps_its_position() -> None:
-    s, _ = capped(max_bytes=2 * one_entry())
+    s, _ = capped(max_bytes=TOPIC_OVERHEAD + 2 * one_entry())
     s.publish("a", "x" * 1000, None)
     epoch = s.position("a").epoch
     s.publish("b", "x" * 1000, None)
@@ -206,13 +206,15 @@ def test_a_topic_emptied_by_the_budget_keeps_its_position() -> None:
 
 
 def test_many_topics_stay_under_the_budget() -> None:
-    budget = 50 * one_entry()
+    budget = 50 * (one_entry() + TOPIC_OVERHEAD)
     s, _ = capped(max_bytes=budget, topic_bytes=5 * one_entry())
     for i in range(2000):
         s.publish(f"t{i % 300}", "x" * 1000, None)
         assert s.bytes <= budget
     stats = s.stats()
-    assert stats["history_entries"] == 50
+    # Each topic holds one entry (300 topics in turn): 50 topics' worth fit.
+    assert stats["history_entries"] == stats["history_topics"] == 50
+    assert s.bytes == budget
     evicted = sum(stats["history_evicted"].values())
     assert evicted == 2000 - 50
     # The stale marks of evicted entries do not pile up.
@@ -269,3 +271,16 @@ def test_size_zero_topics_hold_no_table_entry() -> None:
         assert s.publish(topic, "1", None).offset == 1
     assert len(s) == 0
     assert s.publish("a", "2", None).offset == 2
+
+
+def test_a_forgotten_topic_never_gets_an_old_epoch_again() -> None:
+    s, clock = capped(size=10, ttl=1.0, tombstone_limit=1)
+    seen = set()
+    for life in range(5):
+        pub = s.publish("t", "x", None)
+        assert pub.offset == 1 and pub.epoch not in seen
+        seen.add(pub.epoch)
+        clock.now += 2
+        s.publish(f"other{life}", "x", None)
+        clock.now += 2
+        s.sweep()  # t and other are dropped; only one tombstone fits: t's is forgotten
