@@ -42,7 +42,7 @@ import hashlib
 import secrets
 import sys
 from array import array
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -102,7 +102,8 @@ class _Topic:
     rule: HistoryRule
     touched: float  # the last publication
     bytes: int = 0
-    buffer: deque[tuple[float, Publication]] = attrs.field(factory=deque)
+    # (time kept, publication, its bytes as entry_bytes counts them)
+    buffer: deque[tuple[float, Publication, int]] = attrs.field(factory=deque)
 
 
 def select_history(
@@ -164,8 +165,8 @@ class TopicStore:
         self._order: deque[tuple[_Topic, int]] = deque()
         self.bytes = 0
         self.entries = 0
-        self.evicted: Counter[str] = Counter()
-        self.evicted_bytes: Counter[str] = Counter()
+        self.evicted = dict.fromkeys(EVICTION_REASONS, 0)
+        self.evicted_bytes = dict.fromkeys(EVICTION_REASONS, 0)
         self.topics_refused = 0
         self._presence: dict[str, dict[str, set[ConnKey]]] = {}
 
@@ -192,8 +193,8 @@ class TopicStore:
             "history_entries": self.entries,
             "history_topics": len(self._topics),
             "history_tombstones": len(self._tombstones),
-            "history_evicted": {r: self.evicted[r] for r in EVICTION_REASONS},
-            "history_evicted_bytes": {r: self.evicted_bytes[r] for r in EVICTION_REASONS},
+            "history_evicted": dict(self.evicted),
+            "history_evicted_bytes": dict(self.evicted_bytes),
             "topics_refused": self.topics_refused,
         }
 
@@ -228,8 +229,7 @@ class TopicStore:
     # --- history --------------------------------------------------------------------------
 
     def _evict_first(self, t: _Topic, reason: str) -> None:
-        _, pub = t.buffer.popleft()
-        n = entry_bytes(pub)
+        n = t.buffer.popleft()[2]
         t.bytes -= n
         self.bytes -= n
         self.entries -= 1
@@ -287,21 +287,24 @@ class TopicStore:
             t = self._admit(topic, rule, now)
         else:
             self._topics.move_to_end(topic)
-            self._expire(t, now)
+            if t.buffer and t.buffer[0][0] <= now - t.rule.ttl:
+                self._expire(t, now)
         t.touched = now
         t.offset += 1
         pub = Publication(t.name, t.offset, t.epoch, sender, data)
         n = entry_bytes(pub)
-        t.buffer.append((now, pub))
+        buf = t.buffer
+        buf.append((now, pub, n))
         t.bytes += n
         self.bytes += n
         self.entries += 1
         self._order.append((t, t.offset))
-        while len(t.buffer) > t.rule.size:
+        rule = t.rule
+        while len(buf) > rule.size:
             self._evict_first(t, "size")
-        while t.buffer and t.bytes > t.rule.max_bytes:
+        while buf and t.bytes > rule.max_bytes:
             self._evict_first(t, "topic_cap")
-        if not t.buffer:
+        if not buf:
             self._drop(t, "topic_cap")
         while self.bytes > self.max_bytes and self._order:
             self._evict_oldest()
@@ -316,7 +319,7 @@ class TopicStore:
         t = self._topics.get(topic)
         if t is not None:
             self._expire(t, self._clock())
-            pubs = [p for _, p in t.buffer]
+            pubs = [p for _, p, _ in t.buffer]
             position = StreamPosition(t.offset, t.epoch)
             if not t.buffer:
                 self._drop(t, "ttl")
