@@ -2,11 +2,15 @@
 supervisor's hub holds the history): publishers spreading over many topics stay under the
 global byte budget, what was evicted is reported exactly to a recovering client, read-only
 requests create no topic, a new topic past ``max_topics`` is refused with ``too_many_topics``,
-and history larger than one hub-worker message arrives whole."""
+and history larger than one hub-worker message arrives whole; a worker whose link fails ends
+alone (the supervisor and the other worker go on)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +129,36 @@ def test_history_larger_than_a_hub_message_arrives_whole(tmp_path: Path) -> None
         assert [m["offset"] for m in hist["messages"]] == list(range(1, 101))
         assert all(m["data"] == data for m in hist["messages"])
         assert not b.events("worker_exited")
+
+
+def test_a_worker_that_stops_reading_its_link_ends_alone(tmp_path: Path) -> None:
+    # A stopped worker leaves the hub's writes to it blocked; when it is killed as hung, those
+    # writes fail. That ends its link only: the supervisor and the other worker go on.
+    config = {"server": {"worker_hang_timeout": 2.0}}
+    with BrokerProcess.start(tmp_path, config, workers=2) as b, contextlib.ExitStack() as stack:
+        pids = {e["worker"]: e["pid"] for e in b.events("worker_started")}
+        by_worker: dict[int, ClientConnection] = {}
+        for i in range(40):  # one connection on each worker
+            conn = stack.enter_context(
+                connect(
+                    b.url,
+                    subprotocols=["pubsub.v1"],  # type: ignore[list-item]
+                    additional_headers={"Authorization": f"Bearer {b.token(f'c{i}')}"},
+                )
+            )
+            by_worker.setdefault(json.loads(conn.recv(timeout=10))["worker"], conn)
+            if len(by_worker) == 2:
+                break
+        stuck, live = by_worker[1], by_worker[0]
+        assert request(stuck, op="subscribe", topic="flood", id="s")["ok"]
+        os.kill(pids[1], signal.SIGSTOP)
+        data = "f" * 10_000
+        for _ in range(4):  # 8 MB toward the stopped worker, far past the socket buffers
+            frames = [{"topic": "flood", "data": data}] * 200
+            assert all(r["ok"] for r in publish_all(live, frames))
+        b.wait_for("worker_hung", timeout=15, worker=1)
+        b.wait_for("worker_started", timeout=15, worker=1)
+        assert b.proc is not None and b.proc.poll() is None
+        assert publish_all(live, [{"topic": "flood", "data": 1}])[0]["offset"] == 801
+        with ws_client(b, "after") as after:
+            assert request(after, op="history", topic="flood", limit=1, id="h")["offset"] == 801
