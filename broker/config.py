@@ -76,6 +76,8 @@ class LimitsConfig:
     publish_burst: int = 100
     send_queue_max_bytes: int = 1024 * 1024
     max_violations: int = 50
+    history_max_bytes: int = 256 * 1024 * 1024
+    max_topics: int = 100_000
 
 
 @attrs.frozen
@@ -100,12 +102,14 @@ class BusConfig:
 
 @attrs.frozen
 class HistoryRule:
-    """History kept for topics matching ``pattern``: at most ``size`` publications, each kept
+    """History kept for topics matching ``pattern``: at most ``size`` publications and at most
+    ``max_bytes`` bytes of them (counted as :func:`broker.history.entry_bytes` does), each kept
     at most ``ttl`` seconds. ``size == 0`` keeps none (offsets are still assigned)."""
 
     pattern: str
     size: int
     ttl: float
+    max_bytes: int = 1024 * 1024
 
 
 DEFAULT_HISTORY = HistoryRule(">", 100, 600.0)
@@ -311,6 +315,8 @@ def _validate(cfg: Config) -> None:
         "publish_burst",
         "send_queue_max_bytes",
         "max_violations",
+        "history_max_bytes",
+        "max_topics",
     ):
         _positive(f"limits.{key}", getattr(cfg.limits, key))
     _positive("limits.publish_rate", cfg.limits.publish_rate)
@@ -338,11 +344,11 @@ def _history(raw: Any) -> tuple[HistoryRule, ...]:
         where = f"history[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(where, "expected a table")
-        unknown = set(entry) - {"pattern", "size", "ttl"}
+        unknown = set(entry) - {"pattern", "size", "ttl", "max_bytes"}
         if unknown:
             raise ConfigError(
                 f"{where}.{_toml_key(sorted(unknown)[0])}",
-                "unknown key (known: pattern, size, ttl)",
+                "unknown key (known: pattern, size, ttl, max_bytes)",
             )
         for key in ("pattern", "size", "ttl"):
             if key not in entry:
@@ -357,7 +363,9 @@ def _history(raw: Any) -> tuple[HistoryRule, ...]:
         if size < 0 or size > 1_000_000:
             raise ConfigError(f"{where}.size", "must be 0 to 1000000")
         _positive(f"{where}.ttl", ttl)
-        rules.append(HistoryRule(pattern, size, ttl))
+        max_bytes = _coerce(f"{where}.max_bytes", entry.get("max_bytes", 1024 * 1024), int)
+        _positive(f"{where}.max_bytes", max_bytes)
+        rules.append(HistoryRule(pattern, size, ttl, max_bytes))
     return tuple(rules)
 
 

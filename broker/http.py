@@ -144,6 +144,7 @@ STATUS_FOR_CODE = {
     "method_not_allowed": 405,
     "too_large": 413,
     "rate_limited": 429,
+    "too_many_topics": 503,
     "internal": 500,
     "unavailable": 503,
 }

@@ -5,8 +5,14 @@ Workers connect over a Unix socket. The hub assigns offsets and keeps history an
 a :class:`~broker.history.TopicStore`, and forwards each publication (encoded once) only to the
 workers that watch a matching pattern. Because the hub is one trio task per worker reading
 requests and the store is synchronous, each topic's publications reach every worker in offset
-order. When a worker's link goes (it died, or was killed as hung), its watches and its
-connections' presence are dropped at once, and the resulting leaves are sent to the others.
+order. When a worker's link goes (it died, was killed as hung, or a write to it failed), its
+watches and its connections' presence are dropped at once, and the resulting leaves are sent to
+the others; nothing that happens on one link ends the hub (and so the supervisor).
+
+The store is bounded as in the one-process broker (``[limits] history_max_bytes`` and
+``max_topics``), so the supervisor never holds more history than that budget, and history
+replies travel in pages (:meth:`broker.ipc.Link.reply_paged`) so none passes the link's
+message size, whatever the ``[[history]]`` rules allow.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import structlog
 import trio
 
 from broker.bus.base import ConnKey, HistoryResult, PresenceEvent, Publication, StreamPosition
-from broker.config import HistoryRule
+from broker.config import HistoryRule, LimitsConfig
+from broker.errors import FrameError
 from broker.history import TopicStore
 from broker.ipc import Link, encode
 from broker.topics import SubscriptionIndex
@@ -32,13 +39,22 @@ log = structlog.get_logger()
 SWEEP_INTERVAL = 5.0
 
 
-def history_reply(result: HistoryResult) -> list[Any]:
-    return [
+def history_reply(result: HistoryResult) -> tuple[list[Any], list[Any]]:
+    """A history result as a paged reply: the publications (``[offset, epoch, sender,
+    data]``) and the rest (position, recovered, missed); see :meth:`IpcBus.history`."""
+    return (
         [[p.offset, p.epoch, p.sender, p.data] for p in result.publications],
-        [result.position.offset, result.position.epoch],
-        result.recovered,
-        list(result.missed) if result.missed is not None else None,
-    ]
+        [
+            [result.position.offset, result.position.epoch],
+            result.recovered,
+            list(result.missed) if result.missed is not None else None,
+        ],
+    )
+
+
+def _item_bytes(item: list[Any]) -> int:
+    """An upper bound of a history item's encoded size (marshal: at most 4 bytes a char)."""
+    return 4 * (len(item[3]) + len(item[2] or "")) + 64
 
 
 def _remove_stale(path: Path) -> None:
@@ -59,8 +75,10 @@ class WorkerLink:
 
 
 class Hub:
-    def __init__(self, rule_for: Callable[[str], HistoryRule]) -> None:
-        self.store = TopicStore(rule_for, trio.current_time)
+    def __init__(
+        self, rule_for: Callable[[str], HistoryRule], limits: LimitsConfig | None = None
+    ) -> None:
+        self.store = TopicStore.bounded(rule_for, trio.current_time, limits or LimitsConfig())
         self.watchers: SubscriptionIndex[WorkerLink] = SubscriptionIndex()
         self.workers: dict[int, WorkerLink] = {}
         self.publications = 0
@@ -94,6 +112,9 @@ class Hub:
             assert wl is not None
             try:
                 self._dispatch(wl, message)
+            except FrameError as exc:  # a refusal the client hears about (too_many_topics)
+                if message[0] == "req":
+                    link.reply(message[1], False, [exc.code, exc.message])
             except Exception as exc:  # a bad request must not take the hub down
                 log.exception("hub_request_failed", kind=message[0] if message else None)
                 if message and message[0] == "req":
@@ -102,6 +123,9 @@ class Hub:
         wl = WorkerLink(Link(stream, on_message))
         try:
             await wl.link.run()
+        except Exception:
+            # Whatever ends one link ends only that link: the others, and the supervisor, stay.
+            log.exception("worker_link_failed", worker=wl.index, pid=wl.pid)
         finally:
             self._forget(wl)
             await trio.aclose_forcefully(stream)
@@ -135,7 +159,8 @@ class Hub:
             link.reply(rid, True, [pos.offset, pos.epoch])
         elif method == "history":
             since = StreamPosition(args[1][0], args[1][1]) if args[1] is not None else None
-            link.reply(rid, True, history_reply(self.store.history(args[0], since, args[2])))
+            items, rest = history_reply(self.store.history(args[0], since, args[2]))
+            link.reply_paged(rid, items, rest, _item_bytes)
         elif method == "watch":
             if args[0] not in wl.patterns:
                 wl.patterns.add(args[0])
@@ -175,6 +200,9 @@ class Hub:
             link.reply(rid, False, f"unknown method {method!r}")
 
     # --- used by the hub's own requests and by the operations listener --------------------
+
+    def history_stats(self) -> dict[str, Any]:
+        return self.store.stats()
 
     def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         pub = self.store.publish(topic, data, sender)

@@ -17,10 +17,19 @@ Message shapes (the first element names the kind):
 
     ["req", id, method, args...]   a request; the peer answers with
     ["res", id, true, result]      ... its result, or
-    ["res", id, false, message]    ... a failure (``unavailable`` in the message if transient)
+    ["res", id, false, message]    ... a failure (``unavailable`` in the message if transient;
+                                   ``[code, message]`` for a refusal with a protocol error code)
+    ["part", id, [item...]]        ... or a page of a paged result's items, then
+    ["end", id, [rest...]]         ... its end: the result is ``[all items, *rest]``
     ["pub", topic, offset, epoch, sender, data]   a publication (data: JSON text)
     ["presence", topic, kind, client]             a join or leave
     ["hb"]                                        a worker's heartbeat
+
+Every message is bounded by :data:`MAX_MESSAGE`: a result that could be larger (history) is
+sent with :meth:`Link.reply_paged`, in pages of at most :data:`PAGE_BYTES`. A link whose write
+fails (the peer died), that would have to carry a larger message, or whose peer leaves more
+than :data:`MAX_QUEUED` bytes unread ends by itself: only that link closes (the supervisor
+then restarts its worker), never the process that holds it.
 """
 
 from __future__ import annotations
@@ -34,13 +43,18 @@ from typing import Any
 import structlog
 import trio
 
-from broker.errors import BusError, BusUnavailable
+from broker.errors import BusError, BusUnavailable, FrameError
 
-__all__ = ["Link", "encode"]
+__all__ = ["Link", "encode", "fits"]
 
 log = structlog.get_logger()
 
 MAX_MESSAGE = 64 * 1024 * 1024
+#: The most bytes (as estimated by the caller's ``size``) of items in one page of a paged reply.
+PAGE_BYTES = 4 * 1024 * 1024
+#: The most bytes queued for a peer that does not read them (a hung worker, until the
+#: supervisor kills it): past it the link ends rather than the holder's memory growing.
+MAX_QUEUED = 4 * MAX_MESSAGE
 MAX_COALESCE_PASSES = 32
 _LEN = struct.Struct("!I")
 
@@ -50,6 +64,16 @@ def encode(message: list[Any]) -> bytes:
     built-in values."""
     body = marshal.dumps(message)
     return _LEN.pack(len(body)) + body
+
+
+def fits(*texts: str | None) -> bool:
+    """Whether a message carrying ``texts`` (and a few small values) stays under
+    :data:`MAX_MESSAGE`. Cheap for the usual sizes: the UTF-8 length is computed only when
+    the worst case (4 bytes a character) would not fit."""
+    worst = sum(4 * len(t) for t in texts if t)
+    if worst + 1024 <= MAX_MESSAGE:
+        return True
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if t) + 1024 <= MAX_MESSAGE
 
 
 class Link:
@@ -71,16 +95,30 @@ class Link:
         self.on_message = on_message
         self.timeout = timeout
         self._out: list[bytes] = []
+        self._queued = 0  # bytes in _out
         self._wakeup = trio.Event()
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._callbacks: dict[int, Callable[[Any | BaseException], None]] = {}
+        self._parts: dict[int, list[Any]] = {}  # pages of paged results still coming
+        self._scope: trio.CancelScope | None = None
         self.closed = False
         self.gone = trio.Event()
         self.last_seen = trio.current_time()
 
     def send_bytes(self, data: bytes) -> None:
+        """Queue a framed message. One over :data:`MAX_MESSAGE` cannot be read by the peer:
+        it ends this link instead (logged), as a failed write does."""
         if self.closed:
+            return
+        if len(data) - 4 > MAX_MESSAGE:
+            log.error("ipc_message_too_large", size=len(data) - 4, limit=MAX_MESSAGE)
+            self.abort()
+            return
+        self._queued += len(data)
+        if self._queued > MAX_QUEUED:
+            log.error("ipc_queue_overflow", queued=self._queued, limit=MAX_QUEUED)
+            self.abort()
             return
         self._out.append(data)
         self._wakeup.set()
@@ -89,12 +127,49 @@ class Link:
         self.send_bytes(encode(message))
 
     def reply(self, rid: int, ok: bool, result: Any) -> None:
-        self.send(["res", rid, ok, result])
+        """Answer request ``rid``; a result too large for one message becomes a failure."""
+        frame = encode(["res", rid, ok, result])
+        if len(frame) - 4 > MAX_MESSAGE:
+            log.error("ipc_reply_too_large", size=len(frame) - 4, limit=MAX_MESSAGE)
+            frame = encode(["res", rid, False, "internal: the reply is too large"])
+        self.send_bytes(frame)
+
+    def reply_paged(
+        self, rid: int, items: list[Any], rest: list[Any], size: Callable[[Any], int]
+    ) -> None:
+        """Answer request ``rid`` with ``[items, *rest]``, the items in pages of at most
+        :data:`PAGE_BYTES` (``size(item)`` estimates an item's encoded bytes; an item larger
+        than a page gets a page of its own), so no message passes :data:`MAX_MESSAGE`."""
+        frames: list[bytes] = []
+        page: list[Any] = []
+        held = 0
+        for item in items:
+            n = size(item)
+            if page and held + n > PAGE_BYTES:
+                frames.append(encode(["part", rid, page]))
+                page, held = [], 0
+            page.append(item)
+            held += n
+        if page:
+            frames.append(encode(["part", rid, page]))
+        frames.append(encode(["end", rid, rest]))
+        if any(len(f) - 4 > MAX_MESSAGE for f in frames):
+            log.error("ipc_reply_too_large", size=max(map(len, frames)) - 4, limit=MAX_MESSAGE)
+            self.reply(rid, False, "internal: the reply is too large")
+            return
+        for frame in frames:
+            self.send_bytes(frame)
+
+    def abort(self) -> None:
+        """End the link now: fail every pending call and stop :meth:`run`."""
+        self.close()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def call(self, method: str, *args: Any) -> Any:
         """Send a request and wait for its result. Raises :class:`BusUnavailable` when the link
         is down or the peer does not answer within ``timeout``; :class:`BusError` when the
-        peer reports a failure."""
+        peer reports a failure, :class:`FrameError` when it refuses with an error code."""
         if self.closed:
             raise BusUnavailable("the hub link is down")
         rid = next(self._ids)
@@ -130,6 +205,9 @@ class Link:
         """Read and write until the peer closes or fails, then fail every pending call."""
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self.closed:  # aborted before it ran
+                    nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer)
                 task_status.started()
                 await self._reader()
@@ -140,6 +218,8 @@ class Link:
     def close(self) -> None:
         self.closed = True
         self.gone.set()
+        self._parts.clear()
+        self._out, self._queued = [], 0
         for event, _ in self._calls.values():
             event.set()
         callbacks, self._callbacks = self._callbacks, {}
@@ -162,8 +242,15 @@ class Link:
                 if quiet >= 2:
                     break
             out, self._out = self._out, []
+            self._queued = 0
             if out:
-                await self.stream.send_all(b"".join(out))
+                try:
+                    await self.stream.send_all(b"".join(out))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    # The peer is gone or stopped reading: this link ends, nothing else.
+                    log.warning("ipc_write_failed", error=str(exc) or type(exc).__name__)
+                    self.abort()
+                    return
 
     async def _reader(self) -> None:
         buf = bytearray()
@@ -195,20 +282,36 @@ class Link:
                     log.error("ipc_message_undecodable", size=size, error=str(exc))
                     return
                 pos += 4 + size
-                if message[0] == "res":
-                    done = self._callbacks.pop(message[1], None)
-                    if done is not None:
-                        done(message[3] if message[2] else _failure(message[3]))
-                        continue
-                    waiter = self._calls.get(message[1])
-                    if waiter is not None:
-                        waiter[1][:] = [message[2], message[3]]
-                        waiter[0].set()
+                kind = message[0]
+                if kind == "part":
+                    if message[1] in self._calls or message[1] in self._callbacks:
+                        self._parts.setdefault(message[1], []).extend(message[2])
+                elif kind == "end":
+                    items = self._parts.pop(message[1], [])
+                    self._resolve(message[1], True, [items, *message[2]])
+                elif kind == "res":
+                    self._parts.pop(message[1], None)
+                    self._resolve(message[1], message[2], message[3])
                 else:
                     self.on_message(self, message)
             del buf[:pos]
 
+    def _resolve(self, rid: int, ok: bool, result: Any) -> None:
+        """Hand a reply to the call waiting for it (none: it timed out; dropped)."""
+        done = self._callbacks.pop(rid, None)
+        if done is not None:
+            done(result if ok else _failure(result))
+            return
+        waiter = self._calls.get(rid)
+        if waiter is not None:
+            waiter[1][:] = [ok, result]
+            waiter[0].set()
 
-def _failure(message: Any) -> BusError:
+
+def _failure(message: Any) -> BusError | FrameError:
+    """The exception of a failure reply: a refusal with a protocol error code
+    (``[code, message]``) is a :class:`FrameError`, anything else a :class:`BusError`."""
+    if isinstance(message, list) and len(message) == 2:
+        return FrameError(str(message[0]), str(message[1]))
     text = str(message)
     return BusUnavailable(text) if text.startswith("unavailable") else BusError(text)

@@ -44,6 +44,7 @@ __all__ = [
     "Histogram",
     "Registry",
     "broker_metrics",
+    "history_snapshot",
     "hub_presence_snapshot",
     "merge",
     "render",
@@ -562,3 +563,42 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
 def broker_metrics(worker: int | str) -> BrokerMetrics:
     """A fresh registry for one worker, labelled ``worker="N"``, with the broker's families."""
     return BrokerMetrics(Registry(const_labels={"worker": str(worker)}))
+
+
+def history_snapshot(stats: Mapping[str, Any]) -> Snapshot:
+    """The metrics of the broker's one in-memory history store (in the worker of a
+    one-process broker, in the supervisor's hub with workers), from its
+    :meth:`broker.history.TopicStore.stats`; no ``worker`` label, as there is one store. An
+    empty ``stats`` (history in Redis) gives no families."""
+    if not stats:
+        return {}
+    r = Registry()
+    r.gauge(
+        "pubsub_history_bytes", "Bytes of history held (data, sender, per-entry overhead)."
+    ).set(stats.get("history_bytes", 0))
+    r.gauge("pubsub_history_entries", "Publications held in history.").set(
+        stats.get("history_entries", 0)
+    )
+    r.gauge("pubsub_history_topics", "Topics holding history (capped by max_topics).").set(
+        stats.get("history_topics", 0)
+    )
+    evicted = r.counter(
+        "pubsub_history_evicted_total",
+        "Publications evicted from history, by reason (budget: history_max_bytes, "
+        "topic_cap: the topic's max_bytes, ttl, size).",
+        ["reason"],
+    )
+    evicted_bytes = r.counter(
+        "pubsub_history_evicted_bytes_total",
+        "Bytes of publications evicted from history, by reason (as pubsub_history_evicted_total).",
+        ["reason"],
+    )
+    for reason, n in dict(stats.get("history_evicted", {})).items():
+        evicted.inc(n, reason=str(reason))
+    for reason, n in dict(stats.get("history_evicted_bytes", {})).items():
+        evicted_bytes.inc(n, reason=str(reason))
+    r.counter(
+        "pubsub_topics_refused_total",
+        "Publications refused with too_many_topics (the topic table was at max_topics).",
+    ).inc(stats.get("topics_refused", 0))
+    return r.snapshot()

@@ -63,6 +63,7 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_TOPICS = "too_many_topics"
     UNAUTHORIZED = "unauthorized"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"

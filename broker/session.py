@@ -406,6 +406,8 @@ class Session:
                 self.reply(frame_id, offset=result.offset, epoch=result.epoch)
             elif isinstance(result, BusUnavailable):
                 self.error(frame_id, "unavailable", "the message bus is unavailable; try again")
+            elif isinstance(result, FrameError):  # the bus refused it (too_many_topics)
+                self.error(frame_id, result.code, result.message)
             else:
                 log.error("publish_failed", error=str(result))
                 self.error(frame_id, "internal", "internal error; the request was not carried out")

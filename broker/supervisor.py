@@ -42,7 +42,13 @@ from broker.config import Config, load_config, parse_hostport
 from broker.errors import ConfigError
 from broker.hub import Hub
 from broker.logs import configure_logging
-from broker.metrics import hub_presence_snapshot, merge, render, snapshot_from_stats
+from broker.metrics import (
+    history_snapshot,
+    hub_presence_snapshot,
+    merge,
+    render,
+    snapshot_from_stats,
+)
 from broker.protocol import check_data_size
 from broker.topics import validate_pattern, validate_topic
 from broker.worker import Worker, make_listen_socket, make_redis_bus
@@ -93,7 +99,13 @@ async def _single(config: Config, overrides: dict[str, Any]) -> None:
             socks = _listen_sockets(config, 1)
             ports = await nursery.start(worker.serve, socks[0])
             http_port, http = await _serve_http(
-                nursery, config, WorkerBackend([worker], ws_port=ports[0])
+                nursery,
+                config,
+                WorkerBackend(
+                    [worker],
+                    ws_port=ports[0],
+                    extra_metrics=lambda: [history_snapshot(worker.bus.history_stats())],
+                ),
             )
             log.info("ready", port=ports[0], http_port=http_port, workers=1)
             gctune.freeze_startup_objects()
@@ -151,7 +163,7 @@ class Supervisor:
         self.config = config
         self.overrides = overrides
         self.count = config.worker_count
-        self.hub = Hub(config.history_rule)
+        self.hub = Hub(config.history_rule, config.limits)
         runtime = os.environ.get("RUNTIME_DIRECTORY")
         self._tmp = None if runtime else tempfile.TemporaryDirectory(prefix="pubsub-broker-")
         base = Path(runtime.split(":")[0]) if runtime else Path(self._tmp.name)  # type: ignore[union-attr]
@@ -321,6 +333,8 @@ class SupervisorBackend:
     async def metrics_text(self) -> str:
         snaps = [snapshot_from_stats(s) for s in await self._worker_stats()]
         snaps.append(hub_presence_snapshot(self.sup.hub.store.presence_members))
+        if self.sup.ops_bus is None:  # the hub holds the history
+            snaps.append(history_snapshot(self.sup.hub.history_stats()))
         return render(merge(snaps))
 
     async def stats(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from client_sdk.errors import (
     TokenError,
     TooLarge,
     TooManySubscriptions,
+    TooManyTopics,
     Unauthorized,
     Unavailable,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "TokenSource",
     "TooLarge",
     "TooManySubscriptions",
+    "TooManyTopics",
     "Unauthorized",
     "Unavailable",
     "Welcome",

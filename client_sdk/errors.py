@@ -20,6 +20,7 @@ PubSubError`` catches them all. The tree::
     |   +-- TooLarge              too_large
     |   +-- TooManySubscriptions  too_many_subscriptions
     |   +-- RateLimited           rate_limited
+    |   +-- TooManyTopics         too_many_topics (the broker holds its most topics; try later)
     |   +-- Unauthorized          unauthorized
     |   +-- Unavailable           unavailable (the broker's bus is down; try again)
     |   +-- InternalError         internal (and any code this SDK does not know yet)
@@ -61,6 +62,7 @@ __all__ = [
     "TokenError",
     "TooLarge",
     "TooManySubscriptions",
+    "TooManyTopics",
     "Unauthorized",
     "Unavailable",
     "error_from_reply",
@@ -189,6 +191,13 @@ class RateLimited(ServerError):
     code = "rate_limited"
 
 
+class TooManyTopics(ServerError):
+    """``too_many_topics``: a publication to a new topic while the broker holds history for as
+    many topics as it may; nothing was published, so retrying later is safe."""
+
+    code = "too_many_topics"
+
+
 class Unauthorized(ServerError):
     """``unauthorized``: a token refresh was refused, or a request came before authentication."""
 
@@ -240,6 +249,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
         TooLarge,
         TooManySubscriptions,
         RateLimited,
+        TooManyTopics,
         Unauthorized,
         Unavailable,
         InternalError,

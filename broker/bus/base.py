@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -135,7 +135,8 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         """Assign the next offset of ``topic``, store the publication in history, deliver it to
-        the watchers, and return it. ``data`` is the JSON text of the value."""
+        the watchers, and return it. ``data`` is the JSON text of the value. Raises
+        :class:`~broker.errors.FrameError` (``too_many_topics``) when a new topic is refused."""
 
     def publish_nowait(
         self,
@@ -186,6 +187,11 @@ class Bus(abc.ABC):
         """How many (topic, client id) presence entries this process holds for the bus (0
         where they live elsewhere: the hub, Redis), for the metrics."""
         return 0
+
+    def history_stats(self) -> dict[str, Any]:
+        """The figures of the history this process holds (:meth:`broker.history.TopicStore.
+        stats`), or an empty dict when it holds none (the hub or Redis holds it)."""
+        return {}
 
     def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:  # noqa: B027
         """Apply reloaded ``[[history]]`` rules (to topics created from now on). Buses whose

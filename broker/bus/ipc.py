@@ -21,8 +21,8 @@ from broker.bus.base import (
     Publication,
     StreamPosition,
 )
-from broker.errors import BusUnavailable
-from broker.ipc import Link
+from broker.errors import BusUnavailable, FrameError
+from broker.ipc import Link, fits
 
 __all__ = ["HubClient", "IpcBus"]
 
@@ -139,7 +139,15 @@ class IpcBus(Bus):
     async def _call(self, method: str, *args: Any) -> Any:
         return await self.client.call(method, *args)
 
+    @staticmethod
+    def _check_fits(topic: str, data: str, sender: str | None) -> None:
+        """A publication the link cannot carry (``max_data_size`` set past it) is refused
+        here, rather than ending this worker's link."""
+        if not fits(topic, data, sender):
+            raise FrameError("too_large", "the publication is larger than the bus can carry")
+
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        self._check_fits(topic, data, sender)
         offset, epoch = await self._call("publish", topic, data, sender)
         return Publication(topic, offset, epoch, sender, data)
 
@@ -156,6 +164,11 @@ class IpcBus(Bus):
             else:
                 done(Publication(topic, result[0], result[1], sender, data))
 
+        try:
+            self._check_fits(topic, data, sender)
+        except FrameError as exc:
+            done(exc)
+            return True
         self.client.call_nowait(reply, "publish", topic, data, sender)
         return True
 
@@ -167,6 +180,7 @@ class IpcBus(Bus):
         self, topic: str, since: StreamPosition | None, limit: int | None
     ) -> HistoryResult:
         raw_since = None if since is None else [since.offset, since.epoch]
+        # A paged reply (broker.hub.history_reply): the items arrive in bounded messages.
         pubs, pos, recovered, missed = await self._call("history", topic, raw_since, limit)
         return HistoryResult(
             tuple(Publication(topic, o, e, s, d) for o, e, s, d in pubs),

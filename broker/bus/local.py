@@ -1,9 +1,12 @@
 """The in-process bus: one worker, no other process. Publications are delivered by a direct
-call, in the publishing task, before :meth:`LocalBus.publish` returns."""
+call, in the publishing task, before :meth:`LocalBus.publish` returns. History lives in a
+:class:`~broker.history.TopicStore` bounded by ``[limits] history_max_bytes`` and
+``max_topics``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -16,7 +19,8 @@ from broker.bus.base import (
     Publication,
     StreamPosition,
 )
-from broker.config import HistoryRule
+from broker.config import HistoryRule, LimitsConfig
+from broker.errors import FrameError
 from broker.history import TopicStore
 
 __all__ = ["LocalBus"]
@@ -25,9 +29,14 @@ SWEEP_INTERVAL = 5.0
 
 
 class LocalBus(Bus):
-    def __init__(self, rule_for: Callable[[str], HistoryRule], handlers: BusHandlers) -> None:
+    def __init__(
+        self,
+        rule_for: Callable[[str], HistoryRule],
+        handlers: BusHandlers,
+        limits: LimitsConfig | None = None,
+    ) -> None:
         self.handlers = handlers
-        self.store = TopicStore(rule_for, trio.current_time)
+        self.store = TopicStore.bounded(rule_for, trio.current_time, limits or LimitsConfig())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -51,10 +60,17 @@ class LocalBus(Bus):
         sender: str | None,
         done: Callable[[Publication | BaseException], None],
     ) -> bool:
-        pub = self.store.publish(topic, data, sender)
+        try:
+            pub = self.store.publish(topic, data, sender)
+        except FrameError as exc:  # too_many_topics: the caller answers it like any result
+            done(exc)
+            return True
         self.handlers.on_publication(pub)
         done(pub)
         return True
+
+    def history_stats(self) -> dict[str, Any]:
+        return self.store.stats()
 
     async def position(self, topic: str) -> StreamPosition:
         return self.store.position(topic)

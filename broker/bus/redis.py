@@ -5,15 +5,16 @@ Theory of operation
 Everything a topic owns lives in Redis under keys that share one hash tag, so that in Redis
 Cluster they sit on one slot and one Lua script can touch them all atomically::
 
-    {ps:TOPIC}:meta        hash: e = epoch, o = latest offset
+    {ps:TOPIC}:meta        hash: e = epoch, o = latest offset, b = bytes the history holds
     {ps:TOPIC}:hist        stream: one entry per held publication, ID "OFFSET-0",
                            fields t (Redis time, ms), d (data) and s (sender, when any)
     {ps:TOPIC}:pres        zset: client id -> expiry (ms) of its longest-lived connection
     {ps:TOPIC}:pc:CLIENT   zset: "node|worker|conn" -> expiry (ms), one per connection
 
 **Publishing** is one script (:data:`PUBLISH_LUA`): read or create the epoch, take the next
-offset, ``XADD`` to the history capped at the topic's size (``MAXLEN =``), drop entries older
-than its TTL, ``PEXPIRE`` the keys by the TTL (an idle topic vanishes; the next publication
+offset, ``XADD`` to the history, drop entries older than its TTL, then the oldest entries while
+the topic holds more than its ``size`` publications or its ``max_bytes`` bytes (each entry counts
+its field values plus :data:`REDIS_ENTRY_OVERHEAD`; the meta hash's ``b`` keeps the sum), ``PEXPIRE`` the keys by the TTL (an idle topic vanishes; the next publication
 then creates a new epoch, which is how clients learn that history was lost) and ``PUBLISH`` the
 encoded publication on the topic's channel ``{ps:TOPIC}``. Since Redis runs scripts one at a
 time, two nodes never hand out the same offset, and what is delivered is exactly what history
@@ -85,7 +86,7 @@ from broker.bus.base import (
     Publication,
     StreamPosition,
 )
-from broker.config import Config, HistoryRule
+from broker.config import DEFAULT_HISTORY, Config, HistoryRule
 from broker.errors import BusUnavailable
 from broker.topics import SubscriptionIndex, is_wildcard, pattern_matches
 
@@ -97,6 +98,11 @@ HistoryRuleFn = Callable[[str], "HistoryRule | tuple[int, float]"]
 """Gives a topic's history rule (:class:`broker.config.HistoryRule`, or ``(size, ttl)``): at
 most ``size`` publications (0 keeps none), each kept ``ttl`` seconds (0 = no expiry)."""
 
+#: Bytes a history entry counts for in Redis besides its field values (time, data, sender):
+#: its ID and the stream's per-entry bookkeeping. A topic's ``[[history]] max_bytes`` bounds
+#: the sum (``{ps:TOPIC}:meta`` field ``b`` keeps it).
+REDIS_ENTRY_OVERHEAD = 64
+
 # --------------------------------------------------------------------------------------------
 # Lua. Scripts use Redis's own clock (TIME) so that nodes with skewed clocks agree.
 
@@ -105,35 +111,48 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- Drop history entries older than cutoff (ms). Entries are in time order, so the expired
--- ones are a prefix of the stream. Field 1 of every entry is 't'.
+-- The bytes a history entry counts for: its field values plus a fixed overhead (the entry
+-- ID and the stream's own bookkeeping); see ENTRY_OVERHEAD in the module.
+local function entry_bytes(fields)
+  local n = ENTRY_OVERHEAD
+  for i = 2, #fields, 2 do n = n + #fields[i] end
+  return n
+end
+-- Drop history entries older than cutoff (ms) and return the bytes they counted for. Entries
+-- are in time order, so the expired ones are a prefix of the stream. Field 1 of every entry
+-- is 't'.
 local function trim_expired(hist, cutoff)
+  local freed = 0
   while true do
     local batch = redis.call('XRANGE', hist, '-', '+', 'COUNT', 64)
     local old = {}
     for _, entry in ipairs(batch) do
       if tonumber(entry[2][2]) > cutoff then break end
       old[#old + 1] = entry[1]
+      freed = freed + entry_bytes(entry[2])
     end
     if #old > 0 then redis.call('XDEL', hist, unpack(old)) end
-    if #old < 64 then return end
+    if #old < 64 then return freed end
   end
 end
-"""
+""".replace("ENTRY_OVERHEAD", str(REDIS_ENTRY_OVERHEAD))
 
 PUBLISH_LUA = (
     _LUA_COMMON
     + """
 -- KEYS: meta, hist
 -- ARGV: topic, data, sender, has_sender, new_epoch, size, ttl_ms, channel, publish_cmd,
---       wildcard_channel ('' = none), position_ttl_ms (0 = none)
+--       wildcard_channel ('' = none), position_ttl_ms (0 = none), max_bytes
 local meta, hist = KEYS[1], KEYS[2]
 local size, ttl, meta_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[11])
+local max_bytes = tonumber(ARGV[12])
 local now = now_ms()
-local current = redis.call('HMGET', meta, 'e', 'o')
-local epoch, offset = current[1], 1
+local current = redis.call('HMGET', meta, 'e', 'o', 'b')
+local epoch, offset, held = current[1], 1, 0
 if epoch then
   offset = tonumber(current[2] or 0) + 1
+  -- The stream expires on its own (PEXPIRE): then it holds nothing any more.
+  if redis.call('EXISTS', hist) == 1 then held = tonumber(current[3] or 0) end
 else
   epoch = ARGV[5]
   redis.call('DEL', hist)
@@ -143,21 +162,29 @@ end
 -- hands out no offset.
 if size > 0 then
   local id = string.format('%d-0', offset)
-  if ARGV[4] == '1' then
-    redis.call('XADD', hist, 'MAXLEN', '=', size, id, 't', now, 'd', ARGV[2], 's', ARGV[3])
-  else
-    redis.call('XADD', hist, 'MAXLEN', '=', size, id, 't', now, 'd', ARGV[2])
-  end
+  local fields = {'t', tostring(now), 'd', ARGV[2]}
+  if ARGV[4] == '1' then fields[5] = 's'; fields[6] = ARGV[3] end
+  redis.call('XADD', hist, id, unpack(fields))
+  held = held + entry_bytes(fields)
   if ttl > 0 then
-    trim_expired(hist, now - ttl)
+    held = held - trim_expired(hist, now - ttl)
     redis.call('PEXPIRE', hist, ttl)
   else
     redis.call('PERSIST', hist)
   end
+  -- The topic's caps, in publications and in bytes: its oldest entries go first (the new
+  -- one too when it alone is over max_bytes), so what is held stays contiguous.
+  while held > max_bytes or redis.call('XLEN', hist) > size do
+    local head = redis.call('XRANGE', hist, '-', '+', 'COUNT', 1)
+    if #head == 0 then held = 0; break end
+    held = held - entry_bytes(head[1][2])
+    redis.call('XDEL', hist, head[1][1])
+  end
 else
   redis.call('DEL', hist)
+  held = 0
 end
-redis.call('HSET', meta, 'e', epoch, 'o', offset)
+redis.call('HSET', meta, 'e', epoch, 'o', offset, 'b', held)
 if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) else redis.call('PERSIST', meta) end
 local slen = -1
 if ARGV[4] == '1' then slen = #ARGV[3] end
@@ -189,7 +216,10 @@ if not epoch then
 else
   offset = tonumber(redis.call('HGET', meta, 'o'))
 end
-if ttl > 0 then trim_expired(hist, now_ms() - ttl) end
+if ttl > 0 then
+  local freed = trim_expired(hist, now_ms() - ttl)
+  if freed > 0 then redis.call('HINCRBY', meta, 'b', -freed) end
+end
 local first = 0
 local head = redis.call('XRANGE', hist, '-', '+', 'COUNT', 1)
 if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
@@ -900,17 +930,22 @@ class RedisBus(Bus):
 
     # ---------------------------------------------------------------- publish and history
 
-    def _rule(self, topic: str) -> tuple[int, int, int]:
-        """``(size, history ttl ms, position ttl ms)`` of a topic; 0 ms = no expiry."""
+    def _rule(self, topic: str) -> tuple[int, int, int, int]:
+        """``(size, history ttl ms, position ttl ms, max bytes)`` of a topic; 0 ms = no
+        expiry."""
         rule = self._history_rule(topic)
-        size, ttl = (rule.size, rule.ttl) if isinstance(rule, HistoryRule) else rule
+        if isinstance(rule, HistoryRule):
+            size, ttl, max_bytes = rule.size, rule.ttl, rule.max_bytes
+        else:
+            (size, ttl), max_bytes = rule, DEFAULT_HISTORY.max_bytes
         if ttl <= 0 or math.isinf(ttl):
-            return max(0, int(size)), 0, 0
+            return max(0, int(size)), 0, 0, max_bytes
         ttl_ms = max(1, int(ttl * 1000))
-        return max(0, int(size)), ttl_ms, max(ttl_ms, int(self._position_ttl * 1000))
+        meta_ttl_ms = max(ttl_ms, int(self._position_ttl * 1000))
+        return max(0, int(size)), ttl_ms, meta_ttl_ms, max_bytes
 
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
-        size, ttl_ms, meta_ttl_ms = self._rule(topic)
+        size, ttl_ms, meta_ttl_ms, max_bytes = self._rule(topic)
         offset, epoch = await self._script(
             "publish",
             [self._key(topic, "meta"), self._key(topic, "hist")],
@@ -926,6 +961,7 @@ class RedisBus(Bus):
                 self._publish_cmd,
                 self._wild_channel(topic) if self.cluster else "",
                 meta_ttl_ms,
+                max_bytes,
             ],
         )
         return Publication(topic, int(offset), _decode(epoch), sender, data)
@@ -933,7 +969,7 @@ class RedisBus(Bus):
     async def _read(
         self, topic: str, since: StreamPosition | None, limit: int | None
     ) -> HistoryResult:
-        _, ttl_ms, meta_ttl_ms = self._rule(topic)
+        _, ttl_ms, meta_ttl_ms, _ = self._rule(topic)
         offset, epoch_raw, first, entries = await self._script(
             "history",
             [self._key(topic, "meta"), self._key(topic, "hist")],

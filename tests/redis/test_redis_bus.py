@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from broker.bus.base import ConnKey, PresenceEvent, Publication, StreamPosition
-from broker.bus.redis import RedisBus, redis_glob
+from broker.bus.redis import REDIS_ENTRY_OVERHEAD, RedisBus, redis_glob
+from broker.config import HistoryRule
 from broker.errors import BusUnavailable
 from broker.topics import pattern_matches
 
@@ -131,6 +132,32 @@ async def test_history_size_limit_and_recovery(redis_server: RedisServer) -> Non
         fresh = await bus.history("t.b", StreamPosition(9, "gone"), None)
         assert not fresh.recovered and fresh.missed == (1, 0)
         assert len(fresh.publications) == 1
+
+
+async def test_history_byte_cap_evicts_oldest_and_recovery_reports_it(
+    redis_server: RedisServer,
+) -> None:
+    # Each entry counts its data, its sender, its time field and REDIS_ENTRY_OVERHEAD.
+    data = "x" * 1000
+    cap = 3 * (len(data) + 1 + 13 + REDIS_ENTRY_OVERHEAD) + 10
+    rule = HistoryRule(">", 100, 600.0, cap)
+    async with running_bus(redis_server.url, rule=lambda t: rule) as (bus, _):
+        pubs = [await bus.publish("t.bytes", data, "s") for _ in range(6)]
+        epoch = pubs[0].epoch
+        held = await bus.history("t.bytes", None, None)
+        assert [p.offset for p in held.publications] == [4, 5, 6]
+        lost = await bus.history("t.bytes", StreamPosition(1, epoch), None)
+        assert not lost.recovered and lost.missed == (2, 3)
+        # One publication alone over the cap is not kept; its offset is still handed out.
+        big = await bus.publish("t.bytes", "y" * cap, None)
+        assert big.offset == 7
+        after = await bus.history("t.bytes", StreamPosition(6, epoch), None)
+        assert after.publications == () and after.missed == (7, 7)
+        # The count of bytes held follows the evictions: small ones fit again.
+        for _ in range(3):
+            await bus.publish("t.bytes", data, "s")
+        again = await bus.history("t.bytes", StreamPosition(7, epoch), None)
+        assert again.recovered and [p.offset for p in again.publications] == [8, 9, 10]
 
 
 async def test_size_zero_keeps_offsets_but_no_history(redis_server: RedisServer) -> None:

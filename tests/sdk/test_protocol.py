@@ -16,7 +16,13 @@ from client_sdk._protocol import (
     reconnect_hint,
     topic_matches,
 )
-from client_sdk.errors import Forbidden, InternalError, RateLimited, error_from_reply
+from client_sdk.errors import (
+    Forbidden,
+    InternalError,
+    RateLimited,
+    TooManyTopics,
+    error_from_reply,
+)
 from client_sdk.models import Gap, Message, Position, PresenceEvent, Welcome
 
 
@@ -86,6 +92,7 @@ def test_reconnect_hint_is_read_from_a_1001_reason() -> None:
 def test_errors_are_typed_by_code() -> None:
     assert isinstance(error_from_reply("forbidden", "x"), Forbidden)
     assert isinstance(error_from_reply("rate_limited", "x"), RateLimited)
+    assert isinstance(error_from_reply("too_many_topics", "x"), TooManyTopics)
     unknown = error_from_reply("something_new", "x")
     assert isinstance(unknown, InternalError) and unknown.code == "something_new"
 

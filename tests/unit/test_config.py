@@ -76,6 +76,19 @@ def test_history_rules_first_match_wins() -> None:
     )
     assert cfg.history_rule("chat.x").size == 5
     assert cfg.history_rule("other").size == 0
+    assert cfg.history_rule("chat.x").max_bytes == 1024 * 1024  # the default
+
+
+def test_history_byte_budgets() -> None:
+    rule = {"pattern": ">", "size": 5, "ttl": 1, "max_bytes": 4096}
+    cfg = parse_config({**SECRET, "history": [rule]}, env={})
+    assert cfg.history_rule("a").max_bytes == 4096
+    assert cfg.limits.history_max_bytes == 256 * 1024 * 1024
+    assert cfg.limits.max_topics == 100_000
+    bad = {**rule, "max_bytes": 0}
+    assert error_key({**SECRET, "history": [bad]}) == "history[0].max_bytes"
+    assert error_key({**SECRET, "limits": {"history_max_bytes": 0}}) == "limits.history_max_bytes"
+    assert error_key({**SECRET, "limits": {"max_topics": -1}}) == "limits.max_topics"
 
 
 def test_overrides_win(tmp_path: Path) -> None:
@@ -92,7 +105,8 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "pubsub-broker: config error: limits.max_conections: unknown key (known keys of [limits]: "
-        "max_connections, max_data_size, max_message_size, max_subscriptions, max_violations, "
+        "history_max_bytes, max_connections, max_data_size, max_message_size, "
+        "max_subscriptions, max_topics, max_violations, "
         "publish_burst, publish_rate, send_queue_max_bytes)"
     ]
     path.write_text("not toml [")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from broker.bus.base import ConnKey, StreamPosition
+import sys
+
+import pytest
+import trio
+import trio.testing
+
+from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.config import HistoryRule
-from broker.history import TopicStore
+from broker.errors import FrameError
+from broker.history import ENTRY_OVERHEAD, TOPIC_OVERHEAD, TopicStore, entry_bytes
 
 
 class Clock:
@@ -117,3 +124,163 @@ def test_a_dead_workers_connections_leave_at_once() -> None:
     events = s.leave_worker("n", 1)
     assert [(e.kind, e.client) for e in events] == [("leave", "bob")]
     assert s.members("t") == ["alice"]
+
+
+# --- budgets: bytes per topic and overall, the topic cap, reads that create nothing ----------
+
+
+def capped(
+    *, size: int = 1000, ttl: float = 60.0, topic_bytes: int = 10**9, **kw: int
+) -> tuple[TopicStore, Clock]:
+    clock = Clock()
+    rule = HistoryRule(">", size, ttl, topic_bytes)
+    return TopicStore(lambda t: rule, clock, **kw), clock
+
+
+def one_entry() -> int:
+    """The bytes one publication of data "x" * 1000 without sender costs."""
+    return entry_bytes(Publication("t", 1, "e", None, "x" * 1000))
+
+
+def offsets(s: TopicStore, topic: str) -> list[int]:
+    return [p.offset for p in s.history(topic, None, None).publications]
+
+
+def test_bytes_count_data_sender_and_overhead() -> None:
+    s, _ = capped()
+    s.publish("t", "x" * 1000, None)
+    s.publish("t", "x" * 1000, "alice")
+    assert one_entry() >= 1000 + ENTRY_OVERHEAD
+    assert s.bytes == TOPIC_OVERHEAD + 2 * one_entry() + sys.getsizeof("alice")
+    # A character outside Latin-1 makes CPython hold 4 bytes for every character: counted.
+    s2, _ = capped()
+    s2.publish("t", "x" * 999 + "\U0001f600", None)
+    assert s2.bytes >= 4000
+
+
+def test_the_topic_cap_evicts_the_topics_oldest_and_recovery_reports_it() -> None:
+    s, _ = capped(topic_bytes=3 * one_entry())
+    for _ in range(5):
+        s.publish("t", "x" * 1000, None)
+    assert offsets(s, "t") == [3, 4, 5]
+    assert s.bytes == TOPIC_OVERHEAD + 3 * one_entry()
+    r = s.history("t", StreamPosition(1, s.position("t").epoch), None)
+    assert not r.recovered and r.missed == (2, 2)
+    stats = s.stats()
+    assert stats["history_evicted"]["topic_cap"] == 2
+    assert stats["history_evicted_bytes"]["topic_cap"] == 2 * one_entry()
+
+
+def test_a_publication_over_the_topic_cap_is_not_kept_but_has_its_offset() -> None:
+    s, _ = capped(topic_bytes=100)
+    pub = s.publish("t", "x" * 1000, None)
+    assert pub.offset == 1 and s.bytes == 0 and len(s) == 0
+    r = s.history("t", StreamPosition(0, pub.epoch), None)
+    assert r.position == StreamPosition(1, pub.epoch) and r.missed == (1, 1)
+    assert s.publish("t", "y", None).offset == 2  # the position lived on
+
+
+def test_the_global_budget_evicts_the_oldest_anywhere_first() -> None:
+    s, _ = capped(max_bytes=3 * TOPIC_OVERHEAD + 4 * one_entry())
+    for topic in ["a", "b", "a", "c", "b", "c"]:
+        s.publish(topic, "x" * 1000, None)
+    # Six entries published, four fit: the two oldest ones (a:1 and b:1) are gone.
+    assert s.bytes <= 3 * TOPIC_OVERHEAD + 4 * one_entry()
+    assert (offsets(s, "a"), offsets(s, "b"), offsets(s, "c")) == ([2], [2], [1, 2])
+    epoch = s.position("a").epoch
+    r = s.history("a", StreamPosition(0, epoch), None)
+    assert not r.recovered and r.missed == (1, 1) and [p.offset for p in r.publications] == [2]
+    assert s.stats()["history_evicted"]["budget"] == 2
+
+
+def test_a_topic_emptied_by_the_budget_keeps_its_position() -> None:
+    s, _ = capped(max_bytes=TOPIC_OVERHEAD + 2 * one_entry())
+    s.publish("a", "x" * 1000, None)
+    epoch = s.position("a").epoch
+    s.publish("b", "x" * 1000, None)
+    s.publish("b", "x" * 1000, None)  # pushes a:1 out, and with it topic a
+    assert len(s) == 1 and offsets(s, "a") == []
+    r = s.history("a", StreamPosition(0, epoch), None)
+    assert r.position == StreamPosition(1, epoch) and r.missed == (1, 1)
+    assert s.publish("a", "y", None) == Publication("a", 2, epoch, None, "y")
+
+
+def test_many_topics_stay_under_the_budget() -> None:
+    budget = 50 * (one_entry() + TOPIC_OVERHEAD)
+    s, _ = capped(max_bytes=budget, topic_bytes=5 * one_entry())
+    for i in range(2000):
+        s.publish(f"t{i % 300}", "x" * 1000, None)
+        assert s.bytes <= budget
+    stats = s.stats()
+    # Each topic holds one entry (300 topics in turn): 50 topics' worth fit.
+    assert stats["history_entries"] == stats["history_topics"] == 50
+    assert s.bytes == budget
+    evicted = sum(stats["history_evicted"].values())
+    assert evicted == 2000 - 50
+    # The stale marks of evicted entries do not pile up.
+    assert len(s._order) <= 2 * s.entries + 1024
+
+
+async def test_ttl_evictions_are_counted_and_idle_topics_go(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    s = TopicStore(lambda t: HistoryRule(">", 10, 5.0, 10**6), trio.current_time)
+    s.publish("t", "x", None)
+    await trio.sleep(3)
+    s.publish("t", "y", None)
+    await trio.sleep(3)
+    # The first entry aged out (seen by a read), the second not yet; the topic stays.
+    assert offsets(s, "t") == [2] and s.sweep() == 0
+    await trio.sleep(3)
+    assert s.sweep() == 1 and len(s) == 0 and s.bytes == 0 and s.entries == 0
+    assert s.stats()["history_evicted"]["ttl"] == 2
+
+
+def test_reads_create_no_state() -> None:
+    s, _ = capped()
+    before = (len(s), len(s._tombstones), len(s._presence))
+    pos = s.position("never.published")
+    s.history("never.published", StreamPosition(3, "old"), 10)
+    s.history("other", None, None)
+    assert s.members("other") == []
+    assert not s.leave("other", "alice", ConnKey("n", 0, 1))
+    assert (len(s), len(s._tombstones), len(s._presence)) == before
+    # The epoch a read announced is the one the first publication carries.
+    assert pos.offset == 0 and s.position("never.published") == pos
+    assert s.publish("never.published", "1", None).epoch == pos.epoch
+
+
+def test_the_topic_cap_refuses_new_topics_with_an_error() -> None:
+    s, clock = capped(ttl=10.0, max_topics=3)
+    for topic in "abc":
+        s.publish(topic, "1", None)
+    with pytest.raises(FrameError) as refused:
+        s.publish("d", "1", None)
+    assert refused.value.code == "too_many_topics"
+    assert s.stats()["topics_refused"] == 1 and len(s) == 3
+    assert s.publish("a", "2", None).offset == 2  # known topics go on
+    assert s.position("d").offset == 0  # nothing was published
+    # Once topics age out, new ones are admitted again.
+    clock.now = 11
+    assert s.publish("d", "1", None).offset == 1
+
+
+def test_size_zero_topics_hold_no_table_entry() -> None:
+    s, _ = capped(size=0, max_topics=1)
+    for topic in "abc":
+        assert s.publish(topic, "1", None).offset == 1
+    assert len(s) == 0
+    assert s.publish("a", "2", None).offset == 2
+
+
+def test_a_forgotten_topic_never_gets_an_old_epoch_again() -> None:
+    s, clock = capped(size=10, ttl=1.0, tombstone_limit=1)
+    seen = set()
+    for life in range(5):
+        pub = s.publish("t", "x", None)
+        assert pub.offset == 1 and pub.epoch not in seen
+        seen.add(pub.epoch)
+        clock.now += 2
+        s.publish(f"other{life}", "x", None)
+        clock.now += 2
+        s.sweep()  # t and other are dropped; only one tombstone fits: t's is forgotten

@@ -168,6 +168,8 @@ CONFIG_KEYS = {
         "publish_burst",
         "send_queue_max_bytes",
         "max_violations",
+        "history_max_bytes",
+        "max_topics",
     },
     "timeouts": {
         "handshake_timeout",
@@ -189,7 +191,7 @@ def test_example_config_shows_every_key_and_no_secret() -> None:
         section: set(config[section]) for section in CONFIG_KEYS if section in config
     } == CONFIG_KEYS
     for rule in config["history"]:
-        assert set(rule) == {"pattern", "size", "ttl"}
+        assert set(rule) == {"pattern", "size", "ttl", "max_bytes"}
     # The file is world-readable under DynamicUser=: secrets come from the environment file.
     assert config["auth"]["jwt_secret"] == ""
     assert config["api"]["keys"] == []
