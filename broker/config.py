@@ -50,6 +50,8 @@ class ServerConfig:
     node_id: str = ""
     shutdown_timeout: float = 10.0
     worker_hang_timeout: float = 10.0
+    http_max_connections: int = 512
+    http_ops_reserve: int = 32
 
 
 @attrs.frozen
@@ -241,6 +243,11 @@ def _validate(cfg: Config) -> None:
             )
     _positive("server.shutdown_timeout", cfg.server.shutdown_timeout)
     _positive("server.worker_hang_timeout", cfg.server.worker_hang_timeout)
+    _positive("server.http_max_connections", cfg.server.http_max_connections)
+    if not 0 <= cfg.server.http_ops_reserve < cfg.server.http_max_connections:
+        raise ConfigError(
+            "server.http_ops_reserve", "must be at least 0 and below server.http_max_connections"
+        )
     if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
         raise ConfigError(
             "auth.jwt_public_key_file", "set jwt_secret or jwt_public_key_file, not both"

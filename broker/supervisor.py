@@ -71,10 +71,10 @@ async def _serve_http(
     API keys a reload replaces)."""
     if not config.server.http_listen:
         return None, None
-    from broker.http import HttpServer, serve_http
+    from broker.http import HttpServer, http_limits, serve_http
 
     host, port = parse_hostport(config.server.http_listen, "server.http_listen")
-    server = HttpServer(backend, config.api_keys)
+    server = HttpServer(backend, config.api_keys, limits=http_limits(config))
     http_port: int = await nursery.start(
         functools.partial(serve_http, host, port, backend, (), server=server)
     )
