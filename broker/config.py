@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "ServerConfig",
     "TimeoutsConfig",
     "load_config",
+    "node_name",
     "parse_config",
     "parse_hostport",
 ]
@@ -132,6 +134,19 @@ class Config:
             return max(1, os.cpu_count() or 1)
         assert isinstance(self.server.workers, int)
         return self.server.workers
+
+
+#: This process's name for itself when ``[server] node_id`` is empty: random, so that nothing
+#: a client sees reveals the host name. A supervisor hands its own to its workers.
+_RANDOM_NODE_ID = secrets.token_hex(6)
+
+
+def node_name(config: Config) -> str:
+    """The name this broker gives itself wherever it can be seen (the ``welcome`` frame's
+    ``node``, ``/client/config``, presence keys, the Redis connection name): ``[server]
+    node_id`` when set, else 12 random hex digits chosen when the process starts (the host
+    name is never used)."""
+    return config.server.node_id or _RANDOM_NODE_ID
 
 
 def parse_hostport(value: str, key: str) -> tuple[str, int]:

@@ -32,7 +32,8 @@ def http(
 
 
 @contextmanager
-def ws_client(b: BrokerProcess, sub: str) -> Iterator[ClientConnection]:
+def ws_welcomed(b: BrokerProcess, sub: str) -> Iterator[tuple[ClientConnection, dict[str, Any]]]:
+    """A WebSocket connection as ``sub``, and the welcome frame it received."""
     with connect(
         b.url,
         subprotocols=["pubsub.v1"],  # type: ignore[list-item]
@@ -42,6 +43,12 @@ def ws_client(b: BrokerProcess, sub: str) -> Iterator[ClientConnection]:
         welcome = json.loads(conn.recv(timeout=10))
         assert welcome["op"] == "welcome"
         assert welcome["client"] == sub
+        yield conn, welcome
+
+
+@contextmanager
+def ws_client(b: BrokerProcess, sub: str) -> Iterator[ClientConnection]:
+    with ws_welcomed(b, sub) as (conn, _):
         yield conn
 
 
