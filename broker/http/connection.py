@@ -354,7 +354,9 @@ class HttpConnections:
         await self._linger_close(stream, slot)
 
     async def _linger_close(self, stream: trio.abc.Stream, slot: Slot) -> None:
-        # A lingering connection waits for nothing of ours: it may make room for another.
+        # A lingering connection is done with its request and waits for nothing of ours: it
+        # may make room for another.
+        self.slots.end_request(slot)
         with self.slots.waiting(slot, LINGER):
             await _linger(stream)
 

@@ -158,16 +158,42 @@ async def test_a_listener_busy_everywhere_answers_503() -> None:
     backend = MemoryBackend()
     backend.hold = trio.Event()
     limits = HttpLimits(max_connections=2, ops_reserve=0)
-    async with running_listener(backend, limits=limits) as lst, trio.open_nursery() as nursery:
-        for _ in range(2):
-            nursery.start_soon(lst.request, "POST", "/api/publish", {"topic": "a", "data": 1})
-        await backend.wait_holding(2)
-        data = await send_and_read(lst.port, HEALTHZ)
-        assert data.startswith(b"HTTP/1.1 503 "), data
-        assert b"too many HTTP connections" in data
-        backend.hold.set()
+    async with running_listener(backend, limits=limits) as lst:
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(lst.request, "POST", "/api/publish", {"topic": "a", "data": 1})
+            await backend.wait_holding(2)
+            data = await send_and_read(lst.port, HEALTHZ)
+            assert data.startswith(b"HTTP/1.1 503 "), data
+            assert b"too many HTTP connections" in data
+            backend.hold.set()
+        # the publishes answered, their connections no longer busy
         assert (await lst.request("GET", "/healthz")).status == 200
         assert (
             b'pubsub_http_refused_total{reason="full"} 1'
             in (await lst.request("GET", "/metrics")).body
         )
+
+
+async def test_refused_requests_do_not_hold_the_api_budget() -> None:
+    # Two requests refused for want of a key, their connections left open by the client (the
+    # listener lingers to close them), must not count as API requests in progress.
+    limits = HttpLimits(max_connections=4, ops_reserve=2)
+    async with running_listener(limits=limits) as lst:
+        refused = []
+        for _ in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", lst.port)
+            refused.append(stream)
+            await stream.send_all(
+                b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+            )
+            received = b""
+            while not received.endswith(b"}"):
+                received += await stream.receive_some(65536)
+            assert received.startswith(b"HTTP/1.1 401 ")
+        try:
+            reply = await lst.request("POST", "/api/publish", {"topic": "a", "data": 1})
+            assert reply.status == 200, reply.body
+        finally:
+            for s in refused:
+                await s.aclose()
