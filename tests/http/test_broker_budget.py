@@ -52,7 +52,8 @@ async def test_health_answers_while_idle_api_connections_fill_the_listener(
             held.append(slow)
             await slow.send_all(b"GET /api/presence?topic=a HTTP/1.1\r\nHost: x\r\n")
         for path in ("/healthz", "/readyz"):
-            data = await send_and_read(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            data = await send_and_read(port, request.encode())
             assert data.startswith(b"HTTP/1.1 200 "), (path, data[:200])
         snapshot = await trio.to_thread.run_sync(metrics, broker)
         evicted = snapshot["pubsub_http_evicted_total"][()]
