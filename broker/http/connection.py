@@ -18,10 +18,11 @@ closes gracefully (its write side first, then what the client still sends is rea
 for a moment) so that the client sees the response rather than a reset.
 
 The budget (:class:`Slots`) has ``max_connections`` slots, one per connection held. A
-connection waiting for its next request head, or lingering before its close, is *waiting*:
-when every slot is taken, a new connection takes the slot of the one that has waited longest,
-which is closed. So idle keep-alive connections and heads sent a byte at a time cannot lock
-anyone out; only when every connection is busy with a request is a new one refused (503,
+connection waiting for its next request head, for the client to read a response, or lingering
+before its close, is *waiting*: when every slot is taken, a new connection takes the slot of
+the one that has waited longest, which is closed. So idle keep-alive connections, heads sent a
+byte at a time and clients that do not read cannot lock anyone out; only when every connection
+is busy with a request (its body being read, its handler running) is a new one refused (503,
 ``pubsub_http_refused_total{reason="full"}``). Requests other than ``/healthz``, ``/readyz``
 and ``/metrics`` may be in progress on at most ``max_connections - ops_reserve`` connections
 at once (503 past it, ``reason="reserved"``), so those three always find a slot: whatever
@@ -29,12 +30,13 @@ the API and the pages are asked, health checks and scrapes keep answering.
 
 The listener is hand-written on h11 rather than run by a general server (hypercorn, say)
 because the budget works on connections in states such a server does not expose to its
-application: waiting for a head, lingering, busy by route class.
+application: waiting for a head or for the client to read, lingering, busy by route class.
 """
 
 from __future__ import annotations
 
 import http
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -268,7 +270,8 @@ class HttpConnections:
         if req.method == "HEAD":
             resp.headers.append(("content-length", str(len(resp.body))))
             resp.body = b""
-        await self._send_response(stream, conn, resp)
+        if not await self._send_response(stream, conn, slot, resp):
+            return False
         log.debug(
             "http_request",
             method=req.method,
@@ -320,8 +323,10 @@ class HttpConnections:
                 await stream.send_all(data)
 
     async def _send_response(
-        self, stream: trio.abc.Stream, conn: h11.Connection, resp: Response
-    ) -> None:
+        self, stream: trio.abc.Stream, conn: h11.Connection, slot: Slot, resp: Response
+    ) -> bool:
+        """Write ``resp``; False if the connection made room for another meanwhile (a client
+        that does not read its answers waits on us like an idle one)."""
         headers = [
             ("content-type", resp.content_type),
             ("x-content-type-options", "nosniff"),
@@ -334,12 +339,14 @@ class HttpConnections:
             # cannot be reused.
             headers.append(("connection", "close"))
         reason = _REASONS.get(resp.status, b"")
-        await self._send(
-            stream, conn, h11.Response(status_code=resp.status, headers=headers, reason=reason)
-        )
-        if resp.body:
-            await self._send(stream, conn, h11.Data(data=resp.body))
-        await self._send(stream, conn, h11.EndOfMessage())
+        with self.slots.waiting(slot, math.inf):
+            await self._send(
+                stream, conn, h11.Response(status_code=resp.status, headers=headers, reason=reason)
+            )
+            if resp.body:
+                await self._send(stream, conn, h11.Data(data=resp.body))
+            await self._send(stream, conn, h11.EndOfMessage())
+        return not slot.evicted
 
     async def _send_error_and_close(
         self, stream: trio.abc.Stream, conn: h11.Connection, slot: Slot, err: HttpError
@@ -348,7 +355,8 @@ class HttpConnections:
             resp = error_response(err)
             self._requests.inc(route="invalid", status=str(resp.status))
             try:
-                await self._send_response(stream, conn, resp)
+                if not await self._send_response(stream, conn, slot, resp):
+                    return
             except h11.LocalProtocolError:
                 return
         await self._linger_close(stream, slot)

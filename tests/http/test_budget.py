@@ -197,3 +197,23 @@ async def test_refused_requests_do_not_hold_the_api_budget() -> None:
         finally:
             for s in refused:
                 await s.aclose()
+
+
+async def test_clients_that_do_not_read_make_room_too() -> None:
+    # Each pipelines far more answers than the socket buffers hold and reads none of them.
+    limits = HttpLimits(max_connections=2, ops_reserve=0)
+    pipelined = b"GET /client.js HTTP/1.1\r\nHost: x\r\n\r\n" * 1000
+    async with running_listener(limits=limits) as lst:
+        stuck = []
+        for _ in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", lst.port)
+            stuck.append(stream)
+            await stream.send_all(pipelined)
+        try:
+            reply = await lst.request("GET", "/healthz", key=None)
+            assert reply.status == 200
+            assert await metric(lst, "pubsub_http_evicted_total") >= 1
+            assert await metric(lst, "pubsub_http_refused_total") == 0
+        finally:
+            for s in stuck:
+                await s.aclose()
