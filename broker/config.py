@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "ServerConfig",
     "TimeoutsConfig",
     "load_config",
+    "node_name",
     "parse_config",
     "parse_hostport",
 ]
@@ -51,6 +53,8 @@ class ServerConfig:
     node_id: str = ""
     shutdown_timeout: float = 10.0
     worker_hang_timeout: float = 10.0
+    http_max_connections: int = 512
+    http_ops_reserve: int = 32
 
 
 @attrs.frozen
@@ -169,6 +173,19 @@ class Config:
         return self.server.workers
 
 
+#: This process's name for itself when ``[server] node_id`` is empty: random, so that nothing
+#: a client sees reveals the host name. A supervisor hands its own to its workers.
+_RANDOM_NODE_ID = secrets.token_hex(6)
+
+
+def node_name(config: Config) -> str:
+    """The name this broker gives itself wherever it can be seen (the ``welcome`` frame's
+    ``node``, ``/client/config``, presence keys, the Redis connection name): ``[server]
+    node_id`` when set, else 12 random hex digits chosen when the process starts (the host
+    name is never used)."""
+    return config.server.node_id or _RANDOM_NODE_ID
+
+
 def parse_hostport(value: str, key: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6); raise ConfigError naming ``key``."""
     host, sep, port = value.rpartition(":")
@@ -278,6 +295,11 @@ def _validate(cfg: Config) -> None:
             )
     _positive("server.shutdown_timeout", cfg.server.shutdown_timeout)
     _positive("server.worker_hang_timeout", cfg.server.worker_hang_timeout)
+    _positive("server.http_max_connections", cfg.server.http_max_connections)
+    if not 0 <= cfg.server.http_ops_reserve < cfg.server.http_max_connections:
+        raise ConfigError(
+            "server.http_ops_reserve", "must be at least 0 and below server.http_max_connections"
+        )
     if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
         raise ConfigError(
             "auth.jwt_public_key_file", "set jwt_secret or jwt_public_key_file, not both"

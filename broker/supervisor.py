@@ -38,7 +38,7 @@ import trio
 
 from broker import gctune, systemd
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
-from broker.config import Config, load_config, parse_hostport
+from broker.config import Config, load_config, node_name, parse_hostport
 from broker.errors import ConfigError
 from broker.hub import Hub
 from broker.logs import configure_logging
@@ -77,10 +77,10 @@ async def _serve_http(
     API keys a reload replaces)."""
     if not config.server.http_listen:
         return None, None
-    from broker.http import HttpServer, serve_http
+    from broker.http import HttpServer, http_limits, serve_http
 
     host, port = parse_hostport(config.server.http_listen, "server.http_listen")
-    server = HttpServer(backend, config.api_keys)
+    server = HttpServer(backend, config.api_keys, limits=http_limits(config))
     http_port: int = await nursery.start(
         functools.partial(serve_http, host, port, backend, (), server=server)
     )
@@ -172,6 +172,8 @@ class Supervisor:
         self.stopping = False
         self.port = 0
         self.http: Any = None
+        # One name for the whole broker: the workers are handed the supervisor's.
+        self.node = node_name(config)
         # With Redis, the operations listener publishes and reads through a bus of its own;
         # the hub then only carries the workers' control traffic.
         self.ops_bus: Bus | None = None
@@ -274,7 +276,7 @@ class Supervisor:
                 "--fds",
                 ",".join(map(str, fds)),
                 "--overrides",
-                json.dumps(self.overrides),
+                json.dumps({**self.overrides, "server.node_id": self.node}),
             ]
             started = trio.current_time()
             proc = await trio.lowlevel.open_process(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
@@ -368,7 +370,7 @@ class SupervisorBackend:
         return {
             "ws_port": self.sup.port,
             "ws_scheme": "wss" if self.sup.config.server.tls_cert else "ws",
-            "node": self.sup.config.server.node_id or socket.gethostname(),
+            "node": self.sup.node,
             "workers": self.sup.count,
         }
 

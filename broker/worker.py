@@ -26,7 +26,7 @@ from broker import handshake
 from broker.auth import TokenVerifier
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.local import LocalBus
-from broker.config import Config, parse_hostport
+from broker.config import Config, node_name, parse_hostport
 from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
 from broker.router import Router
@@ -55,11 +55,6 @@ def make_listen_socket(
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
-
-
-def node_name(config: Config) -> str:
-    """This machine's name in presence keys and welcome frames."""
-    return config.server.node_id or socket.gethostname()
 
 
 def make_redis_bus(config: Config, handlers: BusHandlers) -> Bus:

@@ -22,11 +22,11 @@ import trio
 from broker import gctune
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.ipc import HubClient, IpcBus
-from broker.config import Config, load_config
+from broker.config import Config, load_config, node_name
 from broker.errors import ConfigError
 from broker.logs import configure_logging
 from broker.supervisor import reload_config
-from broker.worker import Worker, make_redis_bus, node_name
+from broker.worker import Worker, make_redis_bus
 
 log = structlog.get_logger()
 

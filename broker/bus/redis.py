@@ -67,7 +67,6 @@ import contextlib
 import math
 import random
 import secrets
-import socket
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -86,7 +85,7 @@ from broker.bus.base import (
     Publication,
     StreamPosition,
 )
-from broker.config import DEFAULT_HISTORY, Config, HistoryRule
+from broker.config import DEFAULT_HISTORY, Config, HistoryRule, node_name
 from broker.errors import BusUnavailable
 from broker.topics import SubscriptionIndex, is_wildcard, pattern_matches
 
@@ -504,10 +503,10 @@ class RedisBus(Bus):
         cls, config: Config, handlers: BusHandlers, *, node: str | None = None
     ) -> RedisBus:
         """The bus that ``[bus] url``, ``cluster`` and ``presence_ttl`` and the ``[[history]]``
-        rules describe; ``node`` defaults to ``[server] node_id``, else the host name."""
+        rules describe; ``node`` defaults to :func:`~broker.config.node_name`."""
         return cls(
             config.bus.url,
-            node=node or config.server.node_id or socket.gethostname(),
+            node=node or node_name(config),
             history_rule=config.history_rule,
             cluster=config.bus.cluster,
             presence_ttl=config.bus.presence_ttl,

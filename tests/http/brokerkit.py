@@ -32,8 +32,11 @@ def http(
 
 
 @contextmanager
-def ws_client(b: BrokerProcess, sub: str, token: str | None = None) -> Iterator[ClientConnection]:
-    """A connection as ``sub``, with ``token`` (default: one with the configured defaults)."""
+def ws_welcomed(
+    b: BrokerProcess, sub: str, token: str | None = None
+) -> Iterator[tuple[ClientConnection, dict[str, Any]]]:
+    """A WebSocket connection as ``sub`` with ``token`` (default: one with the configured
+    defaults), and the welcome frame it received."""
     with connect(
         b.url,
         subprotocols=["pubsub.v1"],  # type: ignore[list-item]
@@ -43,6 +46,13 @@ def ws_client(b: BrokerProcess, sub: str, token: str | None = None) -> Iterator[
         welcome = json.loads(conn.recv(timeout=10))
         assert welcome["op"] == "welcome"
         assert welcome["client"] == sub
+        yield conn, welcome
+
+
+@contextmanager
+def ws_client(b: BrokerProcess, sub: str, token: str | None = None) -> Iterator[ClientConnection]:
+    """A connection as ``sub``, with ``token`` (default: one with the configured defaults)."""
+    with ws_welcomed(b, sub, token) as (conn, _):
         yield conn
 
 

@@ -22,6 +22,7 @@ from broker.http import HttpLimits, serve_http
 from broker.metrics import broker_metrics, merge, render, stats_from_snapshot
 
 API_KEY = "test-api-key"
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 _SEGMENT = r"[A-Za-z0-9_-]+"
 _TOPIC = re.compile(rf"{_SEGMENT}(\.{_SEGMENT})*\Z")
 _PATTERN = re.compile(rf"({_SEGMENT}|\*)(\.({_SEGMENT}|\*))*(\.>)?\Z|>\Z")
@@ -43,6 +44,9 @@ class MemoryBackend:
         self.connections: dict[str, int] = {}
         self.fail_with: BaseException | None = None
         self.delay = 0.0
+        self.hold: trio.Event | None = None  # publishes wait for it while set
+        self.holding = 0  # publishes waiting for hold
+        self._holding_changed = trio.Event()
         self.metrics = [broker_metrics(0), broker_metrics(1)]
 
     def _check(self) -> None:
@@ -68,6 +72,10 @@ class MemoryBackend:
     async def publish(self, topic: str, data_json: str) -> Publication:
         self._check()
         await trio.sleep(self.delay)
+        if self.hold is not None:
+            self.holding += 1
+            self._holding_changed.set()
+            await self.hold.wait()
         if len(data_json.encode()) > self.max_data_size:
             raise FrameError("too_large", "data too large")
         offset = self.offsets[topic] = self.offsets.get(topic, 0) + 1
@@ -77,6 +85,12 @@ class MemoryBackend:
         del held[: -self.history_size]
         self.metrics[0].publications_in.inc()
         return pub
+
+    async def wait_holding(self, count: int) -> None:
+        """Return once ``count`` publishes wait for :attr:`hold`."""
+        while self.holding < count:
+            self._holding_changed = trio.Event()
+            await self._holding_changed.wait()
 
     async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
         self._check()
@@ -190,3 +204,32 @@ async def running_listener(
             yield Listener(port, backend)
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes; fails if it has not closed within 5 s
+    (every listener timeout that could close it otherwise is far longer)."""
+    received = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return received
+
+
+async def send_and_read(port: int, data: bytes) -> bytes:
+    """Send ``data`` (and nothing more, the connection stays open on our side) and return
+    what the server sends until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        return await read_until_closed(stream)
+
+
+async def open_idle(port: int, first: bytes = HEALTHZ) -> trio.SocketStream:
+    """A connection that made one request, read its answer and stays open (keep-alive)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(first)
+    received = b""
+    while not received.endswith(b"}"):
+        received += await stream.receive_some(65536)
+    return stream

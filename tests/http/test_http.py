@@ -365,7 +365,8 @@ async def test_slow_clients_are_timed_out() -> None:
         assert data.startswith(b"HTTP/1.1 408 "), data
         with trio.fail_after(5):
             data = await lst.raw(
-                b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"
+                b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                b"Authorization: Bearer " + API_KEY.encode() + b"\r\n\r\n{"
             )
         assert data.startswith(b"HTTP/1.1 408 "), data
         with trio.fail_after(5):
@@ -379,20 +380,6 @@ async def test_slow_backend_gives_503() -> None:
     async with running_listener(backend, limits=HttpLimits(handler_timeout=0.2)) as lst:
         reply = await lst.request("POST", "/api/publish", {"topic": "a", "data": 1})
         assert (reply.status, reply.error_code) == (503, "unavailable")
-
-
-async def test_connection_limit() -> None:
-    async with running_listener(limits=HttpLimits(max_connections=2)) as lst:
-        held = [await trio.open_tcp_stream("127.0.0.1", lst.port) for _ in range(2)]
-        try:
-            await trio.sleep(0.1)
-            data = await lst.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert data.startswith(b"HTTP/1.1 503 "), data
-        finally:
-            for s in held:
-                await s.aclose()
-        await trio.sleep(0.1)
-        assert (await lst.request("GET", "/healthz")).status == 200
 
 
 async def test_many_concurrent_clients(listener: Listener) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 import pytest
 
 from broker.cli import main
-from broker.config import load_config, parse_config
+from broker.config import load_config, node_name, parse_config
 from broker.errors import ConfigError
+from broker.http import http_limits
 
 SECRET = {"auth": {"jwt_secret": "k" * 40}}
 
@@ -124,3 +127,24 @@ def test_exit_codes_match_the_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_message_timeout_defaults_to_ten_seconds_and_must_be_positive() -> None:
     assert parse_config(SECRET, env={}).timeouts.message_timeout == 10.0
     assert error_key({**SECRET, "timeouts": {"message_timeout": 0}}) == "timeouts.message_timeout"
+
+
+def test_the_operations_listener_budget_is_checked() -> None:
+    cfg = parse_config(SECRET, env={})
+    assert (cfg.server.http_max_connections, cfg.server.http_ops_reserve) == (512, 32)
+    limits = http_limits(parse_config({**SECRET, "server": {"http_max_connections": 64}}, env={}))
+    assert (limits.max_connections, limits.ops_reserve) == (64, 32)
+    for bad in (
+        {"http_max_connections": 0},
+        {"http_max_connections": 32},
+        {"http_ops_reserve": -1},
+        {"http_ops_reserve": 512},
+    ):
+        assert error_key({**SECRET, "server": bad}).startswith("server.http_"), bad
+
+
+def test_the_node_name_is_the_configured_one_or_random() -> None:
+    cfg = parse_config(SECRET, env={})
+    assert re.fullmatch(r"[0-9a-f]{12}", node_name(cfg))
+    assert node_name(cfg) == node_name(parse_config(SECRET, env={})) != socket.gethostname()
+    assert node_name(parse_config({**SECRET, "server": {"node_id": "edge-1"}}, env={})) == "edge-1"

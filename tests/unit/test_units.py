@@ -147,6 +147,8 @@ CONFIG_KEYS = {
         "http_listen",
         "node_id",
         "shutdown_timeout",
+        "http_max_connections",
+        "http_ops_reserve",
     },
     "auth": {
         "jwt_secret",
