@@ -236,6 +236,28 @@ async def test_too_many_violations_close_with_4029(autojump_clock: trio.testing.
         assert await closed_with(ws) == 4029
 
 
+async def test_a_broken_socket_ends_the_session_without_a_close_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        assert (await call(ws, op="subscribe", topic="t", id=1))["ok"]
+        (session,) = worker.sessions.values()
+        with structlog.testing.capture_logs() as logs:
+            # What the send queue reports when a write fails (the socket reset, say).
+            session.queue.on_broken("Connection reset by peer")
+            assert await closed_with(ws) == 1006  # no close frame: the socket is released
+            await trio.testing.wait_all_tasks_blocked()
+        assert not worker.sessions and worker.closes == {1006: 1}
+        assert not worker.router.index.exact  # its subscription went with it
+        disconnects = [e for e in logs if e["event"] == "disconnect"]
+        assert [(e["code"], e["reason"]) for e in disconnects] == [
+            (1006, "Connection reset by peer")
+        ]
+
+
 async def test_a_crash_in_one_connection_reaches_no_other(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
