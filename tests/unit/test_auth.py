@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import time
 from pathlib import Path
 
 import jwt
+import jwt.api_jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -65,6 +67,34 @@ def test_refusals_have_precise_reasons() -> None:
     assert (
         reason_of(v, hs({"sub": "a", "exp": now + 60, "pubsub": {"publish": "a"}})) == "bad_claims"
     )
+
+
+@pytest.mark.parametrize(
+    ("exp", "expired"),
+    [(-1, True), (0, True), (0.5, True), (1, False), ("99999999999", None)],
+    ids=["before", "at", "within-the-second", "after", "a-string"],
+)
+def test_expiry_at_the_boundary(
+    monkeypatch: pytest.MonkeyPatch, exp: float | str, expired: bool | None
+) -> None:
+    """A token is expired from its ``exp`` second on (PyJWT's check, the only one), on a
+    clock frozen at a whole second; a numeric string, which PyJWT reads as a number, is
+    refused as a bad claim."""
+    frozen = 1_800_000_000
+
+    class FrozenDatetime(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> FrozenDatetime:
+            return cls.fromtimestamp(frozen, tz)
+
+    monkeypatch.setattr(jwt.api_jwt, "datetime", FrozenDatetime)
+    token = hs({"sub": "a", "exp": exp if isinstance(exp, str) else frozen + exp})
+    if expired is None:
+        assert reason_of(verifier(), token) == "bad_claims"
+    elif expired:
+        assert reason_of(verifier(), token) == "expired"
+    else:
+        assert verifier().verify(token).expires_at == frozen + 1
 
 
 def test_alg_none_is_refused() -> None:
