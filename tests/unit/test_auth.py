@@ -97,6 +97,36 @@ def test_expiry_at_the_boundary(
         assert verifier().verify(token).expires_at == frozen + 1
 
 
+def test_claims_at_their_limits() -> None:
+    v = verifier()
+    exp = time.time() + 60
+    assert v.verify(hs({"sub": "s" * 255, "exp": exp})).client == "s" * 255
+    assert reason_of(v, hs({"sub": "s" * 256, "exp": exp})) == "bad_claims"
+    assert reason_of(v, hs({"sub": "", "exp": exp})) == "bad_claims"
+    for patterns in ([5], [""], ["a.>", None], "a.>"):
+        claim = {"pubsub": {"subscribe": patterns}}
+        assert reason_of(v, hs({"sub": "a", "exp": exp, **claim})) == "bad_claims", patterns
+    assert reason_of(v, hs({"sub": "a", "exp": exp, "pubsub": ["a.>"]})) == "bad_claims"
+    # No audience configured: a token's aud claim is not checked (it names other services).
+    assert v.verify(hs({"sub": "a", "exp": exp, "aud": "elsewhere"})).client == "a"
+
+
+def test_the_anonymous_identity_has_the_default_permissions() -> None:
+    v = TokenVerifier(
+        AuthConfig(
+            jwt_secret=SECRET,
+            allow_anonymous=True,
+            default_publish=("pub.>",),
+            default_subscribe=("sub.>", "!sub.secret.>"),
+        )
+    )
+    anon = v.anonymous()
+    assert (anon.client, anon.expires_at) == ("anonymous", None)
+    assert anon.publish.allows_topic("pub.x") and not anon.publish.allows_topic("sub.x")
+    assert anon.subscribe.allows_pattern("sub.*") and not anon.subscribe.allows_topic("pub.x")
+    assert not anon.subscribe.allows_topic("sub.secret.x")
+
+
 def test_alg_none_is_refused() -> None:
     header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(
         b"="
