@@ -11,8 +11,10 @@ from client_sdk._protocol import (
     ProtocolViolation,
     Reply,
     Tracker,
+    UnknownPush,
     decode,
     encode,
+    parse_url,
     reconnect_hint,
     topic_matches,
 )
@@ -34,6 +36,19 @@ def test_decode_each_frame_kind() -> None:
     assert ok == Reply(7, True, {"id": 7, "ok": True, "offset": 1})
     err = decode('{"id":8,"ok":false,"error":{"code":"forbidden","message":"no"}}')
     assert isinstance(err, Reply) and err.error_code == "forbidden" and err.error_message == "no"
+
+
+def test_decode_leaves_and_keeps_unknown_pushes_whole() -> None:
+    assert decode('{"op":"leave","topic":"t","client":"b"}') == PresenceEvent("leave", "t", "b")
+    assert decode('{"op":"later","x":1}') == UnknownPush("later", {"op": "later", "x": 1})
+
+
+def test_parse_url_keeps_the_query_and_defaults_the_port_and_path() -> None:
+    assert parse_url("ws://h:1/ws") == ("h", 1, "/ws", False)
+    assert parse_url("wss://h/ws?token=x") == ("h", 443, "/ws?token=x", True)
+    assert parse_url("ws://h") == ("h", 80, "/", False)
+    with pytest.raises(ValueError):
+        parse_url("http://h/ws")
 
 
 @pytest.mark.parametrize(
@@ -123,6 +138,7 @@ def test_unrecovered_resubscribe_names_the_missed_offsets() -> None:
     [gap] = t.subscribed(fields, t.since())
     assert gap == Gap("chat.a", 4, 10, "e1", False, "not_recovered", Position(3, "e1"))
     assert gap.count == 7
+    assert t.since() == Position(10, "e1")  # what is lost is reported once, not again
     assert t.message(msg(11)) == [msg(11)]
 
 
@@ -145,6 +161,15 @@ def test_live_offset_jump_and_epoch_change_are_reported_before_the_message() -> 
     assert isinstance(out[0], Gap) and (out[0].from_offset, out[0].to_offset) == (2, 3)
     out = t.message(msg(3, "e2"))
     assert isinstance(out[0], Gap) and out[0].epoch_changed and out[0].to_offset == 2
+
+
+def test_a_live_epoch_change_to_offset_1_is_a_gap_of_unknown_size() -> None:
+    t = Tracker("chat.a")
+    t.subscribed({"offset": 5, "epoch": "e1"}, None)
+    assert t.since() == Position(5, "e1")  # a reconnect resumes from the moment of subscribing
+    gap, first = t.message(msg(1, "e2"))
+    assert gap == Gap("chat.a", None, None, "e2", True, "epoch_changed", Position(5, "e1"))
+    assert first == msg(1, "e2") and t.since() == Position(1, "e2")
 
 
 def test_wildcard_reconnect_is_reported_as_a_possible_gap() -> None:

@@ -221,7 +221,7 @@ def test_no_allowed_subscription_ever_delivers_a_denied_topic(pattern: str, topi
 def test_origin_matrix(origin: str) -> None:
     with pytest.raises(AuthError) as info:
         check_origin([origin], ("https://app.example.com",))
-    assert info.value.status == 403
+    assert (info.value.status, info.value.reason) == (403, "bad_origin")  # the metric's label
 
 
 def test_origin_exact_match_and_absence_are_allowed() -> None:
@@ -232,7 +232,7 @@ def test_origin_exact_match_and_absence_are_allowed() -> None:
         check_origin(
             ["https://app.example.com", "https://app.example.com"], ("https://app.example.com",)
         )
-    assert info.value.status == 400
+    assert (info.value.status, info.value.reason) == (400, "bad_origin")
 
 
 def decide(

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from broker.bus.base import PresenceEvent, Publication
+from broker.errors import BusUnavailable
 from broker.router import Router, Subscription
 
 
@@ -140,3 +141,18 @@ async def test_without_wildcards_a_pending_subscription_collects_and_is_not_coun
     assert [m["offset"] for m in live.texts()] == [1]
     assert settling.frames == [] and pending.pending == [pub("t.x", 1)]
     assert r.deliveries == 1
+
+
+async def test_a_subscription_the_bus_cannot_watch_is_not_left_in_the_index() -> None:
+    r, bus = router()
+
+    async def unavailable(pattern: str) -> None:
+        raise BusUnavailable("down")
+
+    bus.watch = unavailable  # type: ignore[method-assign]
+    sub = Subscription(Queue(), "t.x")  # type: ignore[arg-type]
+    with pytest.raises(BusUnavailable):
+        await r.add(sub)
+    assert len(r.index) == 0 and not r.index.has("t.x")
+    r.on_publication(pub("t.x", 1))
+    assert r.deliveries == 0

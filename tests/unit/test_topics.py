@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,3 +112,22 @@ def test_index_has_agrees_with_its_contents(entries: list[tuple[str, int]], prob
     for pattern, key in entries:
         index.add(pattern, key)
     assert index.has(probe) == any(pattern == probe for pattern, _ in entries)
+
+
+@pytest.mark.parametrize(
+    ("check", "text", "says"),
+    [
+        (validate_pattern, "*.a b", "bad segment 'a b'"),
+        (validate_pattern, "a.>.b", "'>' may stand only last"),
+        (validate_pattern, "", "must be 1 to 255 bytes, not 0"),
+        (validate_topic, "x" * 256, "must be 1 to 255 bytes, not 256"),
+        (validate_topic, "a.*", "wildcards are not allowed here"),
+        (validate_topic, 5, "topic must be a string"),
+    ],
+)
+def test_a_refusal_says_what_is_wrong(check: Any, text: object, says: str) -> None:
+    """The error reply's message is the client's only hint: each refusal names its reason."""
+    with pytest.raises(FrameError) as info:
+        check(text)
+    assert info.value.code == "bad_topic"
+    assert says in info.value.message
