@@ -3,6 +3,7 @@ verdicts, control frames in order, and at most one drainer per socket."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -255,4 +256,59 @@ async def test_a_stream_that_breaks_under_the_drainer_is_reported_broken(
             await broken.event.wait()
         assert verdicts == (["send_queue_max_bytes"] if overflowed else [])
         assert len(broken) == 1 and queue.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_queue_holds_exactly_max_bytes() -> None:
+    flusher = Flusher()  # not running: nothing is written
+    async with trio.open_nursery() as nursery:
+        queue, peer, verdicts = await pair(nursery, flusher, max_bytes=10)
+        assert queue.send(b"0123456789") and queue.queued == 10 and not verdicts
+        assert not queue.send(b"!")
+        assert verdicts == ["send_queue_max_bytes"]
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_partial_writes_across_many_frames_keep_the_stream_whole() -> None:
+    """Small frames behind a slow reader: each write ends inside some frame, after many whole
+    ones; the bytes must come out exactly once and in order."""
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, _ = await pair(nursery, flusher)
+        frames = [b"<%05d>" % i + b"." * (i % 37) for i in range(5000)]
+        expected = b"".join(frames)
+        for frame in frames:
+            queue.send(frame)
+        peer.setblocking(False)
+        got = bytearray()
+        with trio.fail_after(10):
+            while len(got) < len(expected):
+                await trio.lowlevel.wait_readable(peer)
+                got.extend(peer.recv(1500))  # less than a write: the writer keeps blocking
+        assert bytes(got) == expected
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_socket_already_full_at_flush_time_is_handed_to_the_drainer() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, verdicts = await pair(nursery, flusher)
+        sock = queue._socket
+        assert sock is not None
+        filler = 0
+        with pytest.raises(BlockingIOError):
+            while True:  # fill the socket behind the queue's back
+                filler += os.write(sock.fileno(), b"f" * 4096)
+        queue.send(b"FRAME")
+        await trio.sleep(0.05)  # the flusher finds the socket full: it must not spin
+        peer.setblocking(False)
+        got = bytearray()
+        with trio.fail_after(5):
+            while not got.endswith(b"FRAME"):
+                await trio.lowlevel.wait_readable(peer)
+                got.extend(peer.recv(65536))
+        assert len(got) == filler + 5 and not verdicts
         nursery.cancel_scope.cancel()

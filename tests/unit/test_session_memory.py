@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 
+import jwt
 import pytest
 import structlog
 import structlog.testing
@@ -93,7 +94,42 @@ async def test_inband_auth_failure_closes_with_4001(autojump_clock: trio.testing
         ws = await connect(worker, nursery)
         reply = await call(ws, op="auth", token="forged", id=1)
         assert reply["error"]["code"] == "unauthorized"
+        start = trio.current_time()
         assert await closed_with(ws) == 4001
+        assert trio.current_time() - start < 1  # at once, not at the auth deadline
+
+
+async def test_a_failed_refresh_leaves_an_authenticated_connection_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        good = token("bob", ttl=600)
+        ws = await connect(worker, nursery, f"/ws?token={good}")
+        welcome = await recv(ws)
+        assert welcome["expires_at"] == jwt.decode(good, options={"verify_signature": False})["exp"]
+        reply = await call(ws, op="auth", token="forged", id=1)
+        assert reply["error"]["code"] == "unauthorized"
+        assert (await call(ws, op="ping", id=2))["ok"]  # the token it has still holds
+
+
+async def test_history_and_subscribe_name_the_offsets_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(history=[{"pattern": ">", "size": 2, "ttl": 600}])  # type: ignore[arg-type]
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        for i in range(5):
+            published = await call(ws, op="publish", topic="t", data=i, id=f"p{i}")
+        since = {"offset": 1, "epoch": published["epoch"]}
+        hist = await call(ws, op="history", topic="t", since=since, id=1)
+        assert [m["offset"] for m in hist["messages"]] == [4, 5]
+        assert hist["recovered"] is False and hist["missed"] == {"from": 2, "to": 3}
+        sub = await call(ws, op="subscribe", topic="t", since=since, id=2)
+        assert sub["recovered"] is False and sub["missed"] == {"from": 2, "to": 3}
+        wild = await call(ws, op="subscribe", topic="t.*", presence=True, id=3)
+        assert wild["error"]["code"] == "bad_request"
 
 
 async def test_expired_token_closes_with_4003_unless_refreshed(
