@@ -1,6 +1,6 @@
 """Mutation testing: plant small bugs in the core modules and see whether the fast tests notice.
 
-    python -m bench.mutate [--sample 0.08] [--budget 840] [--seed 20] [--modules a.py,b.py]
+    python -m bench.mutate [--sample 0.06] [--budget 840] [--seed 20] [--modules a.py,b.py]
 
 Runs mutmut (the ``mutate`` extra; ``make mutate`` installs it) over the modules listed in
 ``[tool.mutmut]`` of pyproject.toml against the fast tests named there (the unit tests and the
@@ -183,7 +183,7 @@ def _row(module: str, generated: int, c: Counter[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sample", type=float, default=0.08, help="fraction of each module")
+    parser.add_argument("--sample", type=float, default=0.06, help="fraction of each module")
     parser.add_argument("--budget", type=float, default=840.0, help="seconds for the mutants")
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--modules", help="comma-separated subset of [tool.mutmut] only_mutate")
