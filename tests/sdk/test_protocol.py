@@ -14,6 +14,8 @@ from client_sdk._protocol import (
     UnknownPush,
     decode,
     encode,
+    is_pattern,
+    parse_missed,
     parse_url,
     reconnect_hint,
     topic_matches,
@@ -210,3 +212,57 @@ def test_tracker_output_is_ordered_unique_and_gaps_cover_exactly_the_missing(
         assert covered == expected_missing
     else:
         assert covered == []
+
+
+def test_decode_reads_every_welcome_field_and_defaults_a_bare_error() -> None:
+    w = decode(
+        '{"op":"welcome","client":"a","expires_at":1700000000,"node":"n","worker":true,'
+        '"ping_interval":20,"idle_timeout":60.5}'
+    )
+    assert w == Welcome("a", 1700000000.0, "n", None, 20.0, 60.5)  # a bool is not a worker
+    bare = decode('{"id":"x","ok":false,"error":{}}')
+    assert isinstance(bare, Reply) and bare.id == "x" and not bare.ok
+    assert (bare.error_code, bare.error_message) == ("internal", "")
+    for text in (
+        '{"ok":1}',
+        '{"op":"welcome","client":"a","expires_at":true}',
+        '{"op":"message","topic":"t","offset":1,"epoch":"e","from":7}',
+        '{"op":"join","topic":"t"}',
+        '{"op":7}',
+    ):
+        with pytest.raises(ProtocolViolation):
+            decode(text)
+
+
+def test_is_pattern_and_parse_missed() -> None:
+    assert is_pattern("a.*") and is_pattern(">") and is_pattern("a.>")
+    assert not is_pattern("a.b") and not is_pattern("a*b.c>")
+    assert parse_missed({"missed": {"from": 2, "to": 5}}) == (2, 5)
+    assert parse_missed({"missed": None}) is None and parse_missed({}) is None
+    with pytest.raises(ProtocolViolation):
+        parse_missed({"missed": {"from": "2", "to": 5}})
+
+
+def test_a_recovered_resubscribe_resumes_from_where_it_was() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    assert t.subscribed({"offset": 9, "epoch": "e1", "recovered": True}, t.since()) == []
+    assert t.since() == Position(3, "e1")  # the replay of 4..9 follows
+    assert t.message(msg(4)) == [msg(4)]
+
+
+def test_an_unrecovered_resubscribe_without_missed_assumes_the_worst() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    [gap] = t.subscribed({"offset": 9, "epoch": "e1", "recovered": False}, t.since())
+    assert gap == Gap("chat.a", 4, 9, "e1", False, "not_recovered", Position(3, "e1"))
+    assert t.since() == Position(9, "e1")
+    # ... and in a new epoch, everything of it up to its latest offset
+    t = Tracker("chat.a", since=Position(3, "old"))
+    [gap] = t.subscribed({"offset": 2, "epoch": "new", "recovered": False}, t.since())
+    assert (gap.from_offset, gap.to_offset, gap.epoch_changed) == (1, 2, True)
+
+
+def test_an_empty_missed_range_in_the_same_epoch_is_no_gap() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    fields = {"offset": 3, "epoch": "e1", "recovered": False, "missed": {"from": 4, "to": 3}}
+    assert t.subscribed(fields, t.since()) == []
+    assert t.since() == Position(3, "e1")
