@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+from typing import Any
 
 import jwt
 import pytest
@@ -14,6 +15,7 @@ import structlog.testing
 import trio
 import trio.testing
 
+from broker.errors import BusUnavailable
 from broker.frames import FrameReader
 from tests.support.inmemory import (
     call,
@@ -292,6 +294,54 @@ async def test_a_broken_socket_ends_the_session_without_a_close_frame(
         assert [(e["code"], e["reason"]) for e in disconnects] == [
             (1006, "Connection reset by peer")
         ]
+
+
+async def test_violations_are_counted_over_a_sliding_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(limits={"max_violations": 5})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        for i in range(5):  # exactly the limit: still served
+            assert (await call(ws, op="nope", id=i))["ok"] is False
+        await trio.sleep(11)  # the window has passed: those no longer count
+        for i in range(5):
+            assert (await call(ws, op="nope", id=10 + i))["ok"] is False
+        assert (await call(ws, op="ping", id=20))["ok"]
+        await ws.send_message(json.dumps({"op": "nope", "id": 21}))
+        assert await closed_with(ws) == 4029
+
+
+@pytest.mark.parametrize(
+    ("kind", "code"), [(BusUnavailable, "unavailable"), (RuntimeError, "internal")]
+)
+async def test_a_publication_the_bus_fails_is_answered_with_an_error(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: type[Exception],
+    code: str,
+) -> None:
+    # Made here, not in the parameters: a raised exception's traceback holds the session.
+    failure = kind("the bus failed")
+    worker = make_worker()
+
+    def publish_nowait(topic: str, data: str, sender: str | None, done: Any) -> bool:
+        done(failure)  # as a bus that lost the publication reports it
+        return True
+
+    async def publish(topic: str, data: str, sender: str | None) -> None:
+        raise failure
+
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        monkeypatch.setattr(worker.bus, "publish_nowait", publish_nowait)
+        assert (await call(ws, op="publish", topic="t", data=1, id=1))["error"]["code"] == code
+        monkeypatch.setattr(worker.bus, "publish_nowait", lambda *args: False)
+        monkeypatch.setattr(worker.bus, "publish", publish)
+        assert (await call(ws, op="publish", topic="t", data=1, id=2))["error"]["code"] == code
+        assert (await call(ws, op="ping", id=3))["ok"]  # not left waiting for an answer
 
 
 async def test_a_crash_in_one_connection_reaches_no_other(
