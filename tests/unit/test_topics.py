@@ -131,3 +131,29 @@ def test_a_refusal_says_what_is_wrong(check: Any, text: object, says: str) -> No
         check(text)
     assert info.value.code == "bad_topic"
     assert says in info.value.message
+
+
+@pytest.mark.parametrize("pattern", ["a.b", "a.*.c", "a.>", ">", "*"])
+def test_index_add_and_remove_report_the_first_and_the_last_key(pattern: str) -> None:
+    index: SubscriptionIndex[str] = SubscriptionIndex()
+    assert index.add(pattern, "k1") is True
+    assert index.add(pattern, "k1") is False  # the same key again: counted once
+    assert index.add(pattern, "k2") is False
+    assert len(index) == 2 and index.has(pattern)
+    assert index.remove(pattern, "unknown") is False and len(index) == 2
+    assert index.remove("x.y.z", "k1") is False and index.remove("x.*", "k1") is False
+    assert index.remove(pattern, "k1") is False and len(index) == 1
+    assert index.remove(pattern, "k2") is True
+    assert len(index) == 0 and not index.has(pattern) and not index.has_wildcards
+    # Pruned: a churn of patterns does not grow the trie.
+    assert not index.exact and not index._root.children
+    assert not index._root.here and not index._root.rest
+
+
+def test_index_yields_keys_in_subscription_order() -> None:
+    index: SubscriptionIndex[int] = SubscriptionIndex()
+    for key in (3, 1, 2):
+        index.add("a.b", key)
+    for key in (9, 7):
+        index.add("a.*", key)
+    assert list(index.match("a.b")) == [3, 1, 2, 9, 7]
