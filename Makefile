@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit bench soak system-packages clean
+.PHONY: run test lint typecheck unit bench soak mutate system-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+$(VENV)/.installed-mutate: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[test,mutate]'
 	touch $@
 
 ## run: create .venv if needed, install, start a development broker (prints a token)
@@ -43,5 +47,12 @@ bench: $(VENV)/.installed-test system-packages
 soak: $(VENV)/.installed-test
 	$(BIN)/python -m bench.soak
 
+## mutate: plant bugs in the core modules, a bounded sample (about 15 minutes, lowest CPU
+## priority); writes bench/results/mutate-latest.md (not part of make test)
+MUTATE_ARGS ?=
+mutate: $(VENV)/.installed-mutate
+	rm -rf mutants
+	$(BIN)/python -m bench.mutate $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .pubsub-dev
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .pubsub-dev mutants

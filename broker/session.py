@@ -398,10 +398,13 @@ class Session:
             )
         frame_id = cmd.id
 
-        def done(result: Publication | BaseException) -> None:
+        def settle() -> None:
             self.publishing -= 1
             if not self.publishing and self._published is not None:
                 self._published.set()
+
+        def done(result: Publication | BaseException) -> None:
+            settle()
             if isinstance(result, Publication):
                 self.reply(frame_id, offset=result.offset, epoch=result.epoch)
             elif isinstance(result, BusUnavailable):
@@ -418,7 +421,14 @@ class Session:
         # for them first (_execute), so replies still come in request order.
         self.publishing += 1
         if not self.worker.bus.publish_nowait(topic, cmd.data, self.identity.client, done):
-            done(await self.worker.bus.publish(topic, cmd.data, self.identity.client))
+            try:
+                pub = await self.worker.bus.publish(topic, cmd.data, self.identity.client)
+            except BaseException:
+                # Answered by _serve's error handling instead of done(); counted as settled,
+                # or every later op would wait for it in _settle_publishes forever.
+                settle()
+                raise
+            done(pub)
 
     async def _subscribe(self, cmd: p.Subscribe) -> None:
         assert self.identity is not None

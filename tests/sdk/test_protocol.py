@@ -11,8 +11,12 @@ from client_sdk._protocol import (
     ProtocolViolation,
     Reply,
     Tracker,
+    UnknownPush,
     decode,
     encode,
+    is_pattern,
+    parse_missed,
+    parse_url,
     reconnect_hint,
     topic_matches,
 )
@@ -40,6 +44,19 @@ def test_decode_each_frame_kind() -> None:
     assert ok == Reply(7, True, {"id": 7, "ok": True, "offset": 1})
     err = decode('{"id":8,"ok":false,"error":{"code":"forbidden","message":"no"}}')
     assert isinstance(err, Reply) and err.error_code == "forbidden" and err.error_message == "no"
+
+
+def test_decode_leaves_and_keeps_unknown_pushes_whole() -> None:
+    assert decode('{"op":"leave","topic":"t","client":"b"}') == PresenceEvent("leave", "t", "b")
+    assert decode('{"op":"later","x":1}') == UnknownPush("later", {"op": "later", "x": 1})
+
+
+def test_parse_url_keeps_the_query_and_defaults_the_port_and_path() -> None:
+    assert parse_url("ws://h:1/ws") == ("h", 1, "/ws", False)
+    assert parse_url("wss://h/ws?token=x") == ("h", 443, "/ws?token=x", True)
+    assert parse_url("ws://h") == ("h", 80, "/", False)
+    with pytest.raises(ValueError):
+        parse_url("http://h/ws")
 
 
 @pytest.mark.parametrize(
@@ -130,6 +147,7 @@ def test_unrecovered_resubscribe_names_the_missed_offsets() -> None:
     [gap] = t.subscribed(fields, t.since())
     assert gap == Gap("chat.a", 4, 10, "e1", False, "not_recovered", Position(3, "e1"))
     assert gap.count == 7
+    assert t.since() == Position(10, "e1")  # what is lost is reported once, not again
     assert t.message(msg(11)) == [msg(11)]
 
 
@@ -152,6 +170,15 @@ def test_live_offset_jump_and_epoch_change_are_reported_before_the_message() -> 
     assert isinstance(out[0], Gap) and (out[0].from_offset, out[0].to_offset) == (2, 3)
     out = t.message(msg(3, "e2"))
     assert isinstance(out[0], Gap) and out[0].epoch_changed and out[0].to_offset == 2
+
+
+def test_a_live_epoch_change_to_offset_1_is_a_gap_of_unknown_size() -> None:
+    t = Tracker("chat.a")
+    t.subscribed({"offset": 5, "epoch": "e1"}, None)
+    assert t.since() == Position(5, "e1")  # a reconnect resumes from the moment of subscribing
+    gap, first = t.message(msg(1, "e2"))
+    assert gap == Gap("chat.a", None, None, "e2", True, "epoch_changed", Position(5, "e1"))
+    assert first == msg(1, "e2") and t.since() == Position(1, "e2")
 
 
 def test_wildcard_reconnect_is_reported_as_a_possible_gap() -> None:
@@ -192,3 +219,57 @@ def test_tracker_output_is_ordered_unique_and_gaps_cover_exactly_the_missing(
         assert covered == expected_missing
     else:
         assert covered == []
+
+
+def test_decode_reads_every_welcome_field_and_defaults_a_bare_error() -> None:
+    w = decode(
+        '{"op":"welcome","client":"a","expires_at":1700000000,"node":"n","worker":true,'
+        '"ping_interval":20,"idle_timeout":60.5}'
+    )
+    assert w == Welcome("a", 1700000000.0, "n", None, 20.0, 60.5)  # a bool is not a worker
+    bare = decode('{"id":"x","ok":false,"error":{}}')
+    assert isinstance(bare, Reply) and bare.id == "x" and not bare.ok
+    assert (bare.error_code, bare.error_message) == ("internal", "")
+    for text in (
+        '{"ok":1}',
+        '{"op":"welcome","client":"a","expires_at":true}',
+        '{"op":"message","topic":"t","offset":1,"epoch":"e","from":7}',
+        '{"op":"join","topic":"t"}',
+        '{"op":7}',
+    ):
+        with pytest.raises(ProtocolViolation):
+            decode(text)
+
+
+def test_is_pattern_and_parse_missed() -> None:
+    assert is_pattern("a.*") and is_pattern(">") and is_pattern("a.>")
+    assert not is_pattern("a.b") and not is_pattern("a*b.c>")
+    assert parse_missed({"missed": {"from": 2, "to": 5}}) == (2, 5)
+    assert parse_missed({"missed": None}) is None and parse_missed({}) is None
+    with pytest.raises(ProtocolViolation):
+        parse_missed({"missed": {"from": "2", "to": 5}})
+
+
+def test_a_recovered_resubscribe_resumes_from_where_it_was() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    assert t.subscribed({"offset": 9, "epoch": "e1", "recovered": True}, t.since()) == []
+    assert t.since() == Position(3, "e1")  # the replay of 4..9 follows
+    assert t.message(msg(4)) == [msg(4)]
+
+
+def test_an_unrecovered_resubscribe_without_missed_assumes_the_worst() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    [gap] = t.subscribed({"offset": 9, "epoch": "e1", "recovered": False}, t.since())
+    assert gap == Gap("chat.a", 4, 9, "e1", False, "not_recovered", Position(3, "e1"))
+    assert t.since() == Position(9, "e1")
+    # ... and in a new epoch, everything of it up to its latest offset
+    t = Tracker("chat.a", since=Position(3, "old"))
+    [gap] = t.subscribed({"offset": 2, "epoch": "new", "recovered": False}, t.since())
+    assert (gap.from_offset, gap.to_offset, gap.epoch_changed) == (1, 2, True)
+
+
+def test_an_empty_missed_range_in_the_same_epoch_is_no_gap() -> None:
+    t = Tracker("chat.a", since=Position(3, "e1"))
+    fields = {"offset": 3, "epoch": "e1", "recovered": False, "missed": {"from": 4, "to": 3}}
+    assert t.subscribed(fields, t.since()) == []
+    assert t.since() == Position(3, "e1")

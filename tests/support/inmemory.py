@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,18 +15,23 @@ import trio
 import trio.testing
 import trio_websocket
 
-from broker.config import parse_config
+from broker.bus.base import Bus, BusHandlers
+from broker.config import Config, parse_config
 from broker.worker import Worker
 
 SECRET = "m" * 40
 
 
-def make_worker(**sections: dict[str, Any]) -> Worker:
+def make_worker(
+    bus_factory: Callable[[Config, BusHandlers], Bus] | None = None, **sections: dict[str, Any]
+) -> Worker:
+    """A worker with these config sections (and ``bus_factory``; the in-process bus when
+    None), accepting tokens made by :func:`token`."""
     raw: dict[str, Any] = {
         "auth": {"jwt_secret": SECRET, "default_publish": [">"], "default_subscribe": [">"]},
         **sections,
     }
-    return Worker(parse_config(raw, env={}), node="test")
+    return Worker(parse_config(raw, env={}), node="test", bus_factory=bus_factory)
 
 
 def token(sub: str = "alice", ttl: float = 3600, **claims: Any) -> str:

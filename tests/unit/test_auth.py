@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import time
 from pathlib import Path
 
 import jwt
+import jwt.api_jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -65,6 +67,64 @@ def test_refusals_have_precise_reasons() -> None:
     assert (
         reason_of(v, hs({"sub": "a", "exp": now + 60, "pubsub": {"publish": "a"}})) == "bad_claims"
     )
+
+
+@pytest.mark.parametrize(
+    ("exp", "expired"),
+    [(-1, True), (0, True), (0.5, True), (1, False), ("99999999999", None)],
+    ids=["before", "at", "within-the-second", "after", "a-string"],
+)
+def test_expiry_at_the_boundary(
+    monkeypatch: pytest.MonkeyPatch, exp: float | str, expired: bool | None
+) -> None:
+    """A token is expired from its ``exp`` second on (PyJWT's check, the only one), on a
+    clock frozen at a whole second; a numeric string, which PyJWT reads as a number, is
+    refused as a bad claim."""
+    frozen = 1_800_000_000
+
+    class FrozenDatetime(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> FrozenDatetime:
+            return cls.fromtimestamp(frozen, tz)
+
+    monkeypatch.setattr(jwt.api_jwt, "datetime", FrozenDatetime)
+    token = hs({"sub": "a", "exp": exp if isinstance(exp, str) else frozen + exp})
+    if expired is None:
+        assert reason_of(verifier(), token) == "bad_claims"
+    elif expired:
+        assert reason_of(verifier(), token) == "expired"
+    else:
+        assert verifier().verify(token).expires_at == frozen + 1
+
+
+def test_claims_at_their_limits() -> None:
+    v = verifier()
+    exp = time.time() + 60
+    assert v.verify(hs({"sub": "s" * 255, "exp": exp})).client == "s" * 255
+    assert reason_of(v, hs({"sub": "s" * 256, "exp": exp})) == "bad_claims"
+    assert reason_of(v, hs({"sub": "", "exp": exp})) == "bad_claims"
+    for patterns in ([5], [""], ["a.>", None], "a.>"):
+        claim = {"pubsub": {"subscribe": patterns}}
+        assert reason_of(v, hs({"sub": "a", "exp": exp, **claim})) == "bad_claims", patterns
+    assert reason_of(v, hs({"sub": "a", "exp": exp, "pubsub": ["a.>"]})) == "bad_claims"
+    # No audience configured: a token's aud claim is not checked (it names other services).
+    assert v.verify(hs({"sub": "a", "exp": exp, "aud": "elsewhere"})).client == "a"
+
+
+def test_the_anonymous_identity_has_the_default_permissions() -> None:
+    v = TokenVerifier(
+        AuthConfig(
+            jwt_secret=SECRET,
+            allow_anonymous=True,
+            default_publish=("pub.>",),
+            default_subscribe=("sub.>", "!sub.secret.>"),
+        )
+    )
+    anon = v.anonymous()
+    assert (anon.client, anon.expires_at) == ("anonymous", None)
+    assert anon.publish.allows_topic("pub.x") and not anon.publish.allows_topic("sub.x")
+    assert anon.subscribe.allows_pattern("sub.*") and not anon.subscribe.allows_topic("pub.x")
+    assert not anon.subscribe.allows_topic("sub.secret.x")
 
 
 def test_alg_none_is_refused() -> None:
@@ -161,7 +221,7 @@ def test_no_allowed_subscription_ever_delivers_a_denied_topic(pattern: str, topi
 def test_origin_matrix(origin: str) -> None:
     with pytest.raises(AuthError) as info:
         check_origin([origin], ("https://app.example.com",))
-    assert info.value.status == 403
+    assert (info.value.status, info.value.reason) == (403, "bad_origin")  # the metric's label
 
 
 def test_origin_exact_match_and_absence_are_allowed() -> None:
@@ -172,7 +232,7 @@ def test_origin_exact_match_and_absence_are_allowed() -> None:
         check_origin(
             ["https://app.example.com", "https://app.example.com"], ("https://app.example.com",)
         )
-    assert info.value.status == 400
+    assert (info.value.status, info.value.reason) == (400, "bad_origin")
 
 
 def decide(

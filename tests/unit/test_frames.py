@@ -217,3 +217,33 @@ def test_in_message_says_whether_part_of_a_message_is_held() -> None:
     assert reader.next() is None and reader.in_message  # the message is still open
     reader.feed(client_frame(b"llo", 0x0))
     assert reader.next() == "hello" and reader.next() is None and not reader.in_message
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1014, 3000, 4999])
+def test_every_sendable_close_code_is_read(code: int) -> None:
+    assert read_all(client_frame(struct.pack("!H", code), opcode=0x8)) == [Close(code, "")]
+
+
+@pytest.mark.parametrize("code", [1004, 1006, 1015, 2999, 5000])
+def test_a_reserved_close_code_is_refused(code: int) -> None:
+    assert refusal(client_frame(struct.pack("!H", code), opcode=0x8)) == (
+        1002,
+        f"close code {code} may not be sent",
+    )
+
+
+def test_lengths_at_the_header_boundaries_are_read() -> None:
+    sizes = [125, 126, 65535, 65536, 70_000]
+    stream = b"".join(client_frame(b"z" * size, opcode=0x2) for size in sizes)
+    stream += client_frame(b"p" * 125, opcode=0x9)  # a control frame at its limit
+    for step in (0, 7, 4096):
+        events = read_all(stream, step=step, limit=70_000)
+        assert [len(e) for e in events[:-1]] == sizes  # type: ignore[arg-type]
+        assert events[-1] == Ping(b"p" * 125)
+
+
+def test_a_close_reason_that_fits_is_kept_whole() -> None:
+    reason = "r" * 123
+    frame = close_frame(4000, reason)
+    assert frame[:2] == bytes([0x88, 125]) and frame[4:] == reason.encode()
+    assert close_frame(1005, "ignored") == bytes([0x88, 0])

@@ -284,3 +284,61 @@ def test_a_forgotten_topic_never_gets_an_old_epoch_again() -> None:
         s.publish(f"other{life}", "x", None)
         clock.now += 2
         s.sweep()  # t and other are dropped; only one tombstone fits: t's is forgotten
+
+
+# --- at the edges: a resume right at the oldest held offset, ttls to the second --------------
+
+
+def test_resuming_just_before_the_oldest_held_offset_is_recovered() -> None:
+    s, _ = store(size=3)
+    for i in range(5):
+        s.publish("t", str(i), "a")
+    epoch = s.position("t").epoch
+    edge = s.history("t", StreamPosition(2, epoch), None)  # 3 is the oldest held
+    assert edge.recovered and edge.missed is None
+    assert [p.offset for p in edge.publications] == [3, 4, 5]
+    caught_up = s.history("t", StreamPosition(5, epoch), None)
+    assert caught_up.recovered and caught_up.publications == ()
+
+
+def test_a_publication_expires_at_its_ttl_not_before() -> None:
+    s, clock = store(size=10, ttl=10)
+    s.publish("t", "1", "a")
+    clock.now = 9.5
+    assert [p.offset for p in s.history("t", None, None).publications] == [1]
+    clock.now = 10  # exactly ttl old: gone (the read at 9.5 kept the topic, not it)
+    assert s.history("t", None, None).publications == ()
+
+
+def test_a_topic_is_swept_only_once_idle_for_its_whole_ttl() -> None:
+    s, clock = store(size=10, ttl=10)
+    s.publish("t", "x", "a")
+    clock.now = 9.9
+    assert s.sweep() == 0 and len(s) == 1
+    clock.now = 10
+    assert s.sweep() == 1 and len(s) == 0
+
+
+def test_the_oldest_tombstone_is_forgotten_first() -> None:
+    s, clock = store(size=10, ttl=1, tombstones=2)
+    epochs = {}
+    for topic in ("a", "b", "c"):
+        s.publish(topic, "x", None)
+        epochs[topic] = s.position(topic).epoch
+        clock.now += 0.1
+    clock.now = 5
+    assert s.sweep() == 3
+    assert s.position("a").epoch != epochs["a"]  # forgotten: a new epoch
+    assert s.position("b") == StreamPosition(1, epochs["b"])
+    assert s.position("c") == StreamPosition(1, epochs["c"])
+
+
+def test_leaving_what_was_never_joined_changes_nothing() -> None:
+    s, _ = store()
+    k = ConnKey("n", 0, 1)
+    assert s.join("t", "alice", k)
+    assert not s.leave("t", "bob", k)
+    assert not s.leave("t", "alice", ConnKey("n", 0, 2))
+    assert not s.leave("elsewhere", "alice", k)
+    assert s.members("t") == ["alice"]
+    assert s.leave("t", "alice", k) and s.members("t") == []

@@ -3,10 +3,12 @@ verdicts, control frames in order, and at most one drainer per socket."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from broker.sendqueue import Flusher, SendQueue
@@ -133,4 +135,180 @@ async def test_flusher_passes_setting(passes: tuple[int, int]) -> None:
         await trio.sleep(0.05)
         peer.setblocking(False)
         assert peer.recv(100) == b"hello"
+        nursery.cancel_scope.cancel()
+
+
+# --- second-level failures: what happens once the connection is already in trouble ----------
+
+
+class Reports(list[str]):
+    """A queue callback that records its reasons; ``event`` is set by the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = trio.Event()
+
+    def __call__(self, reason: str) -> None:
+        self.append(reason)
+        self.event.set()
+
+
+async def test_a_write_timeout_after_the_slow_verdict_gives_the_socket_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, verdicts = await pair(nursery, flusher, max_bytes=100_000, write_timeout=5.0)
+        queue.on_broken = broken = Reports()
+        sent = 0
+        while queue.send(b"z" * 1000):  # nobody reads: the socket fills, then the queue
+            sent += 1
+            if sent % 20 == 0:
+                await trio.sleep(0.01)
+        assert verdicts == ["send_queue_max_bytes"] and not broken
+        queue.send_control(b"CLOSE")  # the close frame that would tell the client why
+        drained = trio.Event()
+
+        async def wait_drained() -> None:
+            await queue.wait_drained()
+            drained.set()
+
+        nursery.start_soon(wait_drained)
+        await trio.sleep(4.9)
+        assert not broken and not queue.closed  # still given its write_timeout
+        await trio.sleep(0.2)
+        # Even the close frame cannot go out: the socket is given up, nothing more is queued,
+        # and whoever waited for the queue to drain is let go.
+        assert verdicts == ["send_queue_max_bytes"] and broken == ["write_timeout"]
+        assert queue.closed and queue.queued == 0 and not queue.send(b"x")
+        await trio.lowlevel.checkpoint()
+        assert drained.is_set()
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_second_write_timeout_while_the_close_frame_waits_gives_the_socket_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, verdicts = await pair(nursery, flusher, write_timeout=5.0)
+        queue.on_broken = broken = Reports()
+        for _ in range(200):
+            queue.send(b"y" * 1000)
+        await trio.sleep(5.1)
+        assert verdicts == ["write_timeout"] and not broken and not queue.closed
+        queue.send_control(b"CLOSE")
+        await trio.sleep(5.1)
+        assert verdicts == ["write_timeout"] and broken == ["write_timeout"]
+        assert queue.closed
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_socket_is_reported_broken_once_and_the_queue_closes() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, verdicts = await pair(nursery, flusher)
+        queue.on_broken = broken = Reports()
+        peer.close()  # the client is gone: the next write fails (EPIPE / ECONNRESET)
+        queue.send(b"hello")
+        with trio.fail_after(5):
+            await broken.event.wait()
+        queue.send(b"more")
+        await trio.sleep(0.05)
+        assert len(broken) == 1 and broken[0] and not verdicts
+        assert queue.closed and queue.queued == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("overflowed", [False, True], ids=["blocked", "already-slow"])
+async def test_a_stream_that_breaks_under_the_drainer_is_reported_broken(
+    overflowed: bool,
+) -> None:
+    """Not a plain socket (TLS, here an in-memory stream): the drainer writes with send_all,
+    and a stream that breaks under it is reported broken, whatever state the queue was in."""
+    flusher = Flusher()
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        verdicts: list[str] = []
+        broken = Reports()
+        queue = SendQueue(
+            flusher,
+            nursery,
+            max_bytes=10,
+            write_timeout=10.0,
+            on_slow=verdicts.append,
+            on_broken=broken,
+        )
+        queue.attach(server)
+        await client.aclose()
+        if overflowed:
+            queue.send(b"x" * 11)
+            queue.send_control(b"CLOSE")
+        else:
+            queue.send(b"hello")
+        with trio.fail_after(5):
+            await broken.event.wait()
+        assert verdicts == (["send_queue_max_bytes"] if overflowed else [])
+        assert len(broken) == 1 and queue.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_queue_holds_exactly_max_bytes() -> None:
+    flusher = Flusher()  # not running: nothing is written
+    async with trio.open_nursery() as nursery:
+        queue, peer, verdicts = await pair(nursery, flusher, max_bytes=10)
+        assert queue.send(b"0123456789") and queue.queued == 10 and not verdicts
+        assert not queue.send(b"!")
+        assert verdicts == ["send_queue_max_bytes"]
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_partial_writes_across_many_frames_keep_the_stream_whole() -> None:
+    """Small frames behind a slow reader: each write ends inside some frame, after many whole
+    ones; the bytes must come out exactly once and in order."""
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, _ = await pair(nursery, flusher)
+        frames = [b"<%05d>" % i + b"." * (i % 37) for i in range(5000)]
+        expected = b"".join(frames)
+        for frame in frames:
+            queue.send(frame)
+        peer.setblocking(False)
+        got = bytearray()
+        with trio.fail_after(10):
+            while len(got) < len(expected):
+                await trio.lowlevel.wait_readable(peer)
+                got.extend(peer.recv(1500))  # less than a write: the writer keeps blocking
+        assert bytes(got) == expected
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_socket_already_full_at_flush_time_is_handed_to_the_drainer() -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, verdicts = await pair(nursery, flusher)
+        sock = queue._socket
+        assert sock is not None
+        filler = 0
+        with pytest.raises(BlockingIOError):
+            while True:  # fill the socket behind the queue's back
+                filler += os.write(sock.fileno(), b"f" * 4096)
+        queue.send(b"FRAME")
+        await trio.sleep(0.05)  # the flusher finds the socket full: it must not spin
+        peer.setblocking(False)
+        got = bytearray()
+        with trio.fail_after(5):
+            while not got.endswith(b"FRAME"):
+                await trio.lowlevel.wait_readable(peer)
+                got.extend(peer.recv(65536))
+        assert len(got) == filler + 5 and not verdicts
         nursery.cancel_scope.cancel()

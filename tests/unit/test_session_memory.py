@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import gc
 import json
+from typing import Any
 
+import jwt
 import pytest
 import structlog
 import structlog.testing
 import trio
 import trio.testing
 
+from broker.errors import BusUnavailable
 from broker.frames import FrameReader
 from tests.support.inmemory import (
     call,
@@ -93,7 +96,42 @@ async def test_inband_auth_failure_closes_with_4001(autojump_clock: trio.testing
         ws = await connect(worker, nursery)
         reply = await call(ws, op="auth", token="forged", id=1)
         assert reply["error"]["code"] == "unauthorized"
+        start = trio.current_time()
         assert await closed_with(ws) == 4001
+        assert trio.current_time() - start < 1  # at once, not at the auth deadline
+
+
+async def test_a_failed_refresh_leaves_an_authenticated_connection_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        good = token("bob", ttl=600)
+        ws = await connect(worker, nursery, f"/ws?token={good}")
+        welcome = await recv(ws)
+        assert welcome["expires_at"] == jwt.decode(good, options={"verify_signature": False})["exp"]
+        reply = await call(ws, op="auth", token="forged", id=1)
+        assert reply["error"]["code"] == "unauthorized"
+        assert (await call(ws, op="ping", id=2))["ok"]  # the token it has still holds
+
+
+async def test_history_and_subscribe_name_the_offsets_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(history=[{"pattern": ">", "size": 2, "ttl": 600}])  # type: ignore[arg-type]
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        for i in range(5):
+            published = await call(ws, op="publish", topic="t", data=i, id=f"p{i}")
+        since = {"offset": 1, "epoch": published["epoch"]}
+        hist = await call(ws, op="history", topic="t", since=since, id=1)
+        assert [m["offset"] for m in hist["messages"]] == [4, 5]
+        assert hist["recovered"] is False and hist["missed"] == {"from": 2, "to": 3}
+        sub = await call(ws, op="subscribe", topic="t", since=since, id=2)
+        assert sub["recovered"] is False and sub["missed"] == {"from": 2, "to": 3}
+        wild = await call(ws, op="subscribe", topic="t.*", presence=True, id=3)
+        assert wild["error"]["code"] == "bad_request"
 
 
 async def test_expired_token_closes_with_4003_unless_refreshed(
@@ -232,6 +270,76 @@ async def test_too_many_violations_close_with_4029(autojump_clock: trio.testing.
         for _ in range(6):
             await ws.send_message("nope")
         assert await closed_with(ws) == 4029
+
+
+async def test_a_broken_socket_ends_the_session_without_a_close_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        assert (await call(ws, op="subscribe", topic="t", id=1))["ok"]
+        (session,) = worker.sessions.values()
+        with structlog.testing.capture_logs() as logs:
+            # What the send queue reports when a write fails (the socket reset, say).
+            session.queue.on_broken("Connection reset by peer")
+            assert await closed_with(ws) == 1006  # no close frame: the socket is released
+            await trio.testing.wait_all_tasks_blocked()
+        assert not worker.sessions and worker.closes == {1006: 1}
+        assert not worker.router.index.exact  # its subscription went with it
+        disconnects = [e for e in logs if e["event"] == "disconnect"]
+        assert [(e["code"], e["reason"]) for e in disconnects] == [
+            (1006, "Connection reset by peer")
+        ]
+
+
+async def test_violations_are_counted_over_a_sliding_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker(limits={"max_violations": 5})
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        for i in range(5):  # exactly the limit: still served
+            assert (await call(ws, op="nope", id=i))["ok"] is False
+        await trio.sleep(11)  # the window has passed: those no longer count
+        for i in range(5):
+            assert (await call(ws, op="nope", id=10 + i))["ok"] is False
+        assert (await call(ws, op="ping", id=20))["ok"]
+        await ws.send_message(json.dumps({"op": "nope", "id": 21}))
+        assert await closed_with(ws) == 4029
+
+
+@pytest.mark.parametrize(
+    ("kind", "code"), [(BusUnavailable, "unavailable"), (RuntimeError, "internal")]
+)
+async def test_a_publication_the_bus_fails_is_answered_with_an_error(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: type[Exception],
+    code: str,
+) -> None:
+    # Made here, not in the parameters: a raised exception's traceback holds the session.
+    failure = kind("the bus failed")
+    worker = make_worker()
+
+    def publish_nowait(topic: str, data: str, sender: str | None, done: Any) -> bool:
+        done(failure)  # as a bus that lost the publication reports it
+        return True
+
+    async def publish(topic: str, data: str, sender: str | None) -> None:
+        raise failure
+
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        monkeypatch.setattr(worker.bus, "publish_nowait", publish_nowait)
+        assert (await call(ws, op="publish", topic="t", data=1, id=1))["error"]["code"] == code
+        monkeypatch.setattr(worker.bus, "publish_nowait", lambda *args: False)
+        monkeypatch.setattr(worker.bus, "publish", publish)
+        assert (await call(ws, op="publish", topic="t", data=1, id=2))["error"]["code"] == code
+        assert (await call(ws, op="ping", id=3))["ok"]  # not left waiting for an answer
 
 
 async def test_a_crash_in_one_connection_reaches_no_other(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,3 +112,48 @@ def test_index_has_agrees_with_its_contents(entries: list[tuple[str, int]], prob
     for pattern, key in entries:
         index.add(pattern, key)
     assert index.has(probe) == any(pattern == probe for pattern, _ in entries)
+
+
+@pytest.mark.parametrize(
+    ("check", "text", "says"),
+    [
+        (validate_pattern, "*.a b", "bad segment 'a b'"),
+        (validate_pattern, "a.>.b", "'>' may stand only last"),
+        (validate_pattern, "", "must be 1 to 255 bytes, not 0"),
+        (validate_topic, "x" * 256, "must be 1 to 255 bytes, not 256"),
+        (validate_topic, "a.*", "wildcards are not allowed here"),
+        (validate_topic, 5, "topic must be a string"),
+    ],
+)
+def test_a_refusal_says_what_is_wrong(check: Any, text: object, says: str) -> None:
+    """The error reply's message is the client's only hint: each refusal names its reason."""
+    with pytest.raises(FrameError) as info:
+        check(text)
+    assert info.value.code == "bad_topic"
+    assert says in info.value.message
+
+
+@pytest.mark.parametrize("pattern", ["a.b", "a.*.c", "a.>", ">", "*"])
+def test_index_add_and_remove_report_the_first_and_the_last_key(pattern: str) -> None:
+    index: SubscriptionIndex[str] = SubscriptionIndex()
+    assert index.add(pattern, "k1") is True
+    assert index.add(pattern, "k1") is False  # the same key again: counted once
+    assert index.add(pattern, "k2") is False
+    assert len(index) == 2 and index.has(pattern)
+    assert index.remove(pattern, "unknown") is False and len(index) == 2
+    assert index.remove("x.y.z", "k1") is False and index.remove("x.*", "k1") is False
+    assert index.remove(pattern, "k1") is False and len(index) == 1
+    assert index.remove(pattern, "k2") is True
+    assert len(index) == 0 and not index.has(pattern) and not index.has_wildcards
+    # Pruned: a churn of patterns does not grow the trie.
+    assert not index.exact and not index._root.children
+    assert not index._root.here and not index._root.rest
+
+
+def test_index_yields_keys_in_subscription_order() -> None:
+    index: SubscriptionIndex[int] = SubscriptionIndex()
+    for key in (3, 1, 2):
+        index.add("a.b", key)
+    for key in (9, 7):
+        index.add("a.*", key)
+    assert list(index.match("a.b")) == [3, 1, 2, 9, 7]
