@@ -117,6 +117,7 @@ class Worker:
         self.connections_total = 0
         self.bytes_in_closed = 0
         self.errors: Counter[str] = Counter()
+        self.read_refusals: Counter[str] = Counter()  # over the read budget, by op
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -133,6 +134,9 @@ class Worker:
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
+
+    def count_read_refusal(self, op: str) -> None:
+        self.read_refusals[op] += 1
 
     def _on_bus_state(self, up: bool) -> None:
         log.warning("bus_state", up=up)
@@ -152,6 +156,7 @@ class Worker:
             "closes": {str(k): v for k, v in self.closes.items()},
             "auth_failures": dict(self.auth_failures),
             "errors": dict(self.errors),
+            "read_refusals": dict(self.read_refusals),
             "bus_up": self.bus.is_up,
             "handshake": {
                 "counts": list(self.handshake_counts),
