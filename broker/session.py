@@ -152,7 +152,14 @@ class Session:
                     del message
                     served += 1
                     if served >= TURN_MESSAGES or queue.appended - turn_start >= TURN_BYTES:
-                        await trio.lowlevel.checkpoint()  # raises Cancelled once closed
+                        # Cancelled here once closed.
+                        if queue.queued >= TURN_BYTES:
+                            # Its replies are not out yet: serve it more only once they are.
+                            # A client that keeps asking and does not read what it asked for
+                            # is then held back by TCP, then a slow consumer (write_timeout).
+                            await queue.wait_drained()
+                        else:
+                            await trio.lowlevel.checkpoint()
                         served = 0
                         turn_start = queue.appended
         finally:
