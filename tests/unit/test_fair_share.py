@@ -191,3 +191,40 @@ async def client_position(client: RawClient) -> dict[str, Any]:
     reply = await client.json()
     assert (await client.json())["ok"]
     return reply
+
+
+async def test_a_read_full_of_pings_is_parsed_in_slices(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = make_worker()
+    async with running(worker) as nursery:
+        streamer = await RawClient.open(worker, nursery, "streamer")
+        bystander = await RawClient.open(worker, nursery, "bystander")
+        pings = 10_000  # 60 KB: one read, some 30 ms of parsing in one go
+        publish = {"op": "publish", "id": "s", "topic": "t", "data": "streamer"}
+        await streamer.stream.send_all(
+            encode_frame(b"", 0x9) * pings + encode_frame(json.dumps(publish).encode())
+        )
+        await bystander.send({"op": "publish", "id": "b", "topic": "t", "data": "bystander"})
+        # The bystander's publication got in while the streamer's pings were being parsed.
+        assert (await bystander.json())["offset"] == 1
+        replies = [await streamer.frame() for _ in range(pings + 1)]
+        assert replies[:pings] == [(0xA, b"")] * pings
+        assert json.loads(replies[-1][1])["offset"] == 2
+
+
+async def test_a_pipeline_of_large_replies_is_served_as_fast_as_the_client_reads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 50 replies of 100 KB: 5 MB asked in one write, five times the queue's limit. The
+    # reader waits for each turn's replies to be written before the next turn, so a client
+    # that reads is never taken for a slow consumer.
+    worker = make_worker()
+    async with running(worker) as nursery:
+        client = await RawClient.open(worker, nursery, "reader")
+        await fill(client, "t", 100, "x" * 1000)
+        await client.send(*history_requests(50))
+        replies = [await client.json() for _ in range(50)]
+        assert all(r["ok"] and len(r["messages"]) == 100 for r in replies)
+        await client.send({"op": "ping", "id": "p"})
+        assert await client.json() == {"id": "p", "ok": True}
