@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from tests.support.broker import BrokerProcess
+from tests.support.metrics import metric
 from tests.support.rawws import FrameReader, close_code, encode_frame, handshake
 
 
@@ -102,17 +102,6 @@ def test_a_bystander_is_served_before_a_pipelined_attacker_is_through(
         assert not b.events("internal_error")
 
 
-def read_refusals(b: BrokerProcess) -> float:
-    """``pubsub_read_refusals_total{op="history"}``, summed over the workers."""
-    with urllib.request.urlopen(f"{b.http_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("pubsub_read_refusals_total{") and 'op="history"' in line
-    )
-
-
 def test_an_attacker_is_refused_past_its_read_budget_and_then_served_nothing(
     tmp_path: Path, workers: int
 ) -> None:
@@ -132,7 +121,7 @@ def test_an_attacker_is_refused_past_its_read_budget_and_then_served_nothing(
         assert [f["error"]["code"] for f in refused] == ["rate_limited"] * 11
         assert frames == served + refused
         assert frame == 4029
-        assert read_refusals(b) == 11
+        assert metric(b, "pubsub_read_refusals_total", op="history") == 11
         # The bystander was never in the way, nor hurt.
         by.send({"op": "history", "id": "h", "topic": "t", "limit": 1})
         assert by.reply()["ok"]

@@ -3,7 +3,6 @@ re-subscription refused with rate_limited is asked again later, and nothing is l
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import trio
@@ -12,16 +11,7 @@ import client_sdk
 from client_sdk import ConnectionState, Message
 from tests.sdk.proxy import CuttableProxy
 from tests.support.broker import BrokerProcess
-
-
-def refusals(b: BrokerProcess) -> float:
-    with urllib.request.urlopen(f"{b.http_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("pubsub_read_refusals_total{") and 'op="subscribe"' in line
-    )
+from tests.support.metrics import metric
 
 
 async def test_a_resubscription_refused_by_the_read_budget_is_retried(tmp_path: Path) -> None:
@@ -54,5 +44,5 @@ async def test_a_resubscription_refused_by_the_read_budget_is_retried(tmp_path: 
                     events = [await sub.get(10) for _ in range(20)]
                     assert all(isinstance(e, Message) for e in events), events
                     assert [e.data["i"] for e in events] == list(range(20))  # type: ignore[union-attr]
-                assert refusals(broker) >= 1
+                assert metric(broker, "pubsub_read_refusals_total", op="subscribe") >= 1
             nursery.cancel_scope.cancel()
