@@ -539,24 +539,24 @@ class Session:
 
     async def _history(self, cmd: p.History) -> None:
         topic = self._readable_topic(cmd.topic)
+        if cmd.id is None:
+            return  # its one effect would be the reply, which nobody asked for
         reads = self._read_budget("history")
         since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
         result = await self.worker.bus.history(topic, since, cmd.limit)
-        if cmd.id is None:
-            return  # nobody would read the reply: build none
         extra: dict[str, Any] = {}
         if since is not None:
             extra["recovered"] = result.recovered
             if result.missed is not None:
                 extra["missed"] = {"from": result.missed[0], "to": result.missed[1]}
-        messages = [
-            p.message_dict(m.topic, m.offset, m.epoch, m.sender, m.data)
+        pushes = [
+            p.encode_message(m.topic, m.offset, m.epoch, m.sender, m.data)
             for m in result.publications
         ]
         frame = p.frame_text(
-            p.encode_reply(
+            p.encode_history_reply(
                 cmd.id,
-                messages=messages,
+                pushes,
                 offset=result.position.offset,
                 epoch=result.position.epoch,
                 **extra,
