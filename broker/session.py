@@ -10,6 +10,14 @@ authentication deadline and the token's expiry) are kept by the worker's one
 pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;
 nothing in a session ever waits for the client to read.
 
+No connection holds the worker: the reader serves its client in turns (``TURN_MESSAGES``
+requests, or ``TURN_BYTES`` of replies queued) and yields between them, and waits for a turn's
+replies to be written before the next when they are large, so a pipelining client is served as
+fast as it reads. A connection that is closing, or whose queue overflowed, is served nothing
+more of what it sent. ``history`` replies and ``since`` replays are charged, by the bytes they
+send, to the connection's read budget (a :class:`~broker.budget.TokenBucket`); past it they
+are refused with ``rate_limited``.
+
 A session ends for exactly one reason, recorded once by :meth:`Session.close`: the client
 closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
 its permissions were revoked (1008), or the worker is shutting down (1001). Whatever happens,

@@ -20,6 +20,8 @@ trio-websocket as it is.)
 
 Limits are enforced as bytes arrive: the frame reader refuses a frame whose header announces
 more than ``max_message`` (with the message's earlier fragments) before its payload comes.
+A read is parsed ``PARSE_SIZE`` bytes at a time, with a checkpoint between slices, so that a
+read full of tiny frames does not hold the worker's other connections.
 """
 
 from __future__ import annotations
