@@ -167,6 +167,8 @@ CONFIG_KEYS = {
         "publish_burst",
         "send_queue_max_bytes",
         "max_violations",
+        "read_rate_bytes",
+        "read_burst_bytes",
     },
     "timeouts": {
         "handshake_timeout",
