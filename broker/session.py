@@ -160,7 +160,7 @@ class Session:
                     del message
                     served += 1
                     if served >= TURN_MESSAGES or queue.appended - turn_start >= TURN_BYTES:
-                        # Cancelled here once closed.
+                        # The turn ends: others run (and a session closed meanwhile stops).
                         if queue.queued >= TURN_BYTES:
                             # Its replies are not out yet: serve it more only once they are.
                             # A client that keeps asking and does not read what it asked for
