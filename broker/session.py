@@ -143,17 +143,17 @@ class Session:
                 served = 0  # messages served in this turn
                 turn_start = queue.appended
                 while True:
+                    if self.close_code is not None or queue.overflowed:
+                        # Condemned: nothing more it sent (however much is buffered) is
+                        # parsed or served.
+                        await self._await_close()
+                        break
                     try:
                         message = await ws.next_message()
                     except WebSocketViolation as exc:
                         self.close(exc.code, exc.reason)
                         break
                     if message is None:  # the client closed, or went away
-                        break
-                    if self.close_code is not None or queue.overflowed:
-                        # Condemned: nothing more it sent (however much is buffered) is
-                        # served.
-                        await self._await_close()
                         break
                     await self._serve(message)
                     # Not kept while the connection waits, idle, for its next message.
