@@ -71,6 +71,19 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
         ("other_cpu_pct", "other CPU %", False),
     ],
+    "abuse": [
+        ("p50_ms", "bystander p50 ms", False),
+        ("p99_ms", "bystander p99 ms", False),
+        ("max_ms", "bystander max ms", False),
+        ("p99_ratio", "p99 attacked / alone", False),
+        ("baseline_p99_ms", "bystander p99 ms alone", False),
+        ("history_served", "history replies served", False),
+        ("history_rate_limited", "history refused (rate_limited)", False),
+        ("history_connections", "history attacker connections", False),
+        ("fragment_mib_sent", "fragments MiB sent", False),
+        ("server_cpu_pct", "server CPU %", False),
+        ("rss_growth_mib", "server memory growth MiB", False),
+    ],
 }
 # figures that describe the run rather than the server: no ratio
 NO_RATIO = {
@@ -97,6 +110,9 @@ TITLES = {
     "each a fresh token",
     "topics": "5. Many topics: 10,000 topics x 5 subscribers on 1,000 connections, "
     "publications spread round-robin",
+    "abuse": "6. Abuse: a bystander's ping round trips on a worker where one client pipelines "
+    "history requests (1,000 per write, 100 x 1 KiB held) and another streams 1-byte "
+    "fragments with pings in between; default limits",
 }
 
 # which figure of a workload is its headline (and the one the ratio table leads with)
@@ -108,6 +124,7 @@ PRIMARY = {
     "idle": "pss_kib_per_connection",
     "connect": "connects_per_s",
     "topics": "cpu_us_per_delivery",
+    "abuse": "p99_ms",
 }
 
 
@@ -201,6 +218,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             12.0001,
             True,
         )
+    for b in BROKERS:
+        add(
+            f"bystander p99 {b} beside a history pipeliner and a fragment streamer under 50 ms",
+            _get(results, "abuse", b, "p99_ms"),
+            50.0,
+            True,
+        )
     add(
         "at least 3,000 authenticated connects/s with 2 workers",
         _get(results, "connect", "broker-2w", "connects_per_s"),
@@ -232,6 +256,7 @@ SUMMARY = [
     ("connect", "connects_per_s", "connects/s with token check"),
     ("topics", "cpu_us_per_delivery", "many topics: server CPU µs per delivery"),
     ("topics", "deliveries_per_s", "many topics: deliveries/s"),
+    ("abuse", "p99_ms", "bystander p99 ms beside two abusive clients"),
 ]
 
 

@@ -18,6 +18,9 @@ Workloads (see :mod:`bench.workloads`):
                   descriptor limit allows): memory per connection, time for one broadcast
   4. connect      handshakes with token verification per second, 2 broker workers
   5. topics       10,000 topics x 5 subscribers, publications spread over all of them
+  6. abuse        a bystander's ping round trips on a worker where one client pipelines
+                  history requests and another streams 1-byte fragments; with 1 and 2 broker
+                  workers (the broker only: the peers have no history)
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report, workloads
+from bench import abuse, report, workloads
 from bench.loadgen import machine_busy_seconds
 from bench.servers import Server, start_broker, start_nats, start_socketio
 
@@ -232,6 +235,12 @@ class Suite:
                 ),
                 40,
             ),
+            (
+                "abuse",
+                ("broker-1w", "broker-2w"),
+                lambda s, a: abuse.abuse(s, a, baseline=2.0, duration=duration),
+                25,
+            ),
         ]
         for workload, names, run, needs in plan:
             if workload.split("_")[0] not in only:
@@ -240,7 +249,7 @@ class Suite:
                 self.step(workload, name, run, needs)
 
 
-WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics")
+WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse")
 
 
 def main(argv: list[str] | None = None) -> int:

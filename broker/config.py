@@ -82,6 +82,11 @@ class LimitsConfig:
     max_violations: int = 50
     history_max_bytes: int = 256 * 1024 * 1024
     max_topics: int = 100_000
+    # Bytes of history replies and `since` replays a connection may be sent: per second, and
+    # saved up for a burst. The burst holds a full default history window (100 messages of
+    # max_data_size, with their envelopes) recovered at once.
+    read_rate_bytes: int = 1024 * 1024
+    read_burst_bytes: int = 8 * 1024 * 1024
 
 
 @attrs.frozen
@@ -339,6 +344,8 @@ def _validate(cfg: Config) -> None:
         "max_violations",
         "history_max_bytes",
         "max_topics",
+        "read_rate_bytes",
+        "read_burst_bytes",
     ):
         _positive(f"limits.{key}", getattr(cfg.limits, key))
     _positive("limits.publish_rate", cfg.limits.publish_rate)

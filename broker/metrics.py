@@ -469,6 +469,12 @@ class BrokerMetrics:
             HANDSHAKE_BUCKETS,
         )
         self.bus_up = r.gauge("pubsub_bus_up", "1 when the bus is connected, else 0.")
+        self.read_refusals = r.counter(
+            "pubsub_read_refusals_total",
+            "history and subscribe-with-since requests refused with rate_limited: the "
+            "connection had spent its read budget (read_rate_bytes, read_burst_bytes), by op.",
+            ["op"],
+        )
         self.ws_violations = r.counter(
             "pubsub_ws_violations_total",
             "Connections the WebSocket layer closed or refused, by what they broke: protocol "
@@ -521,9 +527,10 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     """One worker's metrics snapshot built from the plain figures it keeps (its ``stats()``
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
-    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``ws_violations``
-    {kind: n}, ``presence_members``, ``presence_refused`` {code: n}, ``handshake`` (a
-    :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
+    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``read_refusals`` {op: n},
+    ``bus_up``, ``ws_violations`` {kind: n}, ``presence_members``, ``presence_refused``
+    {code: n}, ``handshake`` (a :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s
+    ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
     m.connections.set(stats.get("connections", 0))
@@ -541,6 +548,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
         m.auth_failures.inc(n, reason=str(reason))
     for code, n in dict(stats.get("errors", {})).items():
         m.errors.inc(n, code=str(code))
+    for op, n in dict(stats.get("read_refusals", {})).items():
+        m.read_refusals.inc(n, op=str(op))
     m.bus_up.set(1 if stats.get("bus_up", True) else 0)
     for kind, n in dict(stats.get("ws_violations", {})).items():
         m.ws_violations.inc(n, kind=str(kind))

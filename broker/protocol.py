@@ -39,6 +39,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "encode_error",
+    "encode_history_reply",
     "encode_message",
     "encode_presence_event",
     "encode_reply",
@@ -296,6 +297,14 @@ def encode_message(topic: str, offset: int, epoch: str, sender: str | None, data
         f'{{"op":"message","topic":{_dumps_str(topic)},"offset":{offset},'
         f'"epoch":{_dumps_str(epoch)},"from":{_dumps_optional_str(sender)},"data":{data}}}'
     )
+
+
+def encode_history_reply(frame_id: FrameId, pushes: list[str], **fields: Any) -> str:
+    """A ``history`` reply: ``{"id": ..., "ok": true, **fields, "messages": [...]}`` with
+    ``pushes`` (texts of :func:`encode_message`) spliced in as they are, so that no
+    publication's data is decoded and encoded again (a reply can hold a hundred of 64 KiB)."""
+    head = encode_reply(frame_id, **fields)
+    return f'{head[:-1]},"messages":[{",".join(pushes)}]}}'
 
 
 def message_dict(

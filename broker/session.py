@@ -10,6 +10,14 @@ authentication deadline and the token's expiry) are kept by the worker's one
 pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;
 nothing in a session ever waits for the client to read.
 
+No connection holds the worker: the reader serves its client in turns (``TURN_MESSAGES``
+requests, or ``TURN_BYTES`` of replies queued) and yields between them, and waits for a turn's
+replies to be written before the next when they are large, so a pipelining client is served as
+fast as it reads. A connection that is closing, or whose queue overflowed, is served nothing
+more of what it sent. ``history`` replies and ``since`` replays are charged, by the bytes they
+send, to the connection's read budget (a :class:`~broker.budget.TokenBucket`); past it they
+are refused with ``rate_limited``.
+
 A session ends for exactly one reason, recorded once by :meth:`Session.close`: the client
 closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
 its permissions were revoked (1008), or the worker is shutting down (1001). Whatever happens,
@@ -26,9 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
+import trio.lowlevel
 
 from broker import protocol as p
 from broker.auth import Identity
+from broker.budget import TokenBucket
 from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.errors import AuthError, BusUnavailable, FrameError, WebSocketViolation
 from broker.frames import ABNORMAL_CLOSURE
@@ -48,25 +58,14 @@ CLOSE_GRACE = 2.0  # how long a close frame may take to go out before the socket
 CLEANUP_TIMEOUT = 5.0  # how long a closing connection may wait on the bus to tidy up
 ABORTED = ABNORMAL_CLOSURE  # the socket failed: no close frame can be sent, only released
 
-
-class TokenBucket:
-    """Publish rate limiting: ``rate`` tokens per second, at most ``burst`` saved up."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+# A reader's turn: after this many messages, or once it has queued this many bytes for its
+# client, it yields so that the worker's other connections run. One read (RECEIVE_SIZE,
+# 64 KiB) can hold a thousand pipelined requests; served in one go, they would hold every
+# other connection of the worker for as long as they take. A publisher's burst still
+# coalesces into few writes: the flusher keeps waiting while publications arrive
+# (broker.sendqueue.Flusher), and a yield every TURN_MESSAGES costs about a microsecond.
+TURN_MESSAGES = 64
+TURN_BYTES = 256 * 1024
 
 
 class Session:
@@ -84,6 +83,7 @@ class Session:
         "next_ping",
         "publishing",
         "queue",
+        "reads",
         "started",
         "subs",
         "timer",
@@ -110,6 +110,9 @@ class Session:
         self.started = now
         self.subs: dict[str, Subscription] = {}
         self.bucket = TokenBucket(cfg.limits.publish_rate, cfg.limits.publish_burst, now)
+        # The budget of history replies and `since` replays, in bytes: made on first use,
+        # since most connections never ask for either.
+        self.reads: TokenBucket | None = None
         self.violations: deque[float] | None = None  # made on the first error
         self.close_code: int | None = None
         self.close_reason = ""
@@ -136,7 +139,15 @@ class Session:
                     self._welcome()
                 self._reschedule()
                 ws = self.ws
+                queue = self.queue
+                served = 0  # messages served in this turn
+                turn_start = queue.appended
                 while True:
+                    if self.close_code is not None or queue.overflowed:
+                        # Condemned: nothing more it sent (however much is buffered) is
+                        # parsed or served.
+                        await self._await_close()
+                        break
                     try:
                         message = await ws.next_message()
                     except WebSocketViolation as exc:
@@ -147,11 +158,32 @@ class Session:
                     await self._serve(message)
                     # Not kept while the connection waits, idle, for its next message.
                     del message
+                    served += 1
+                    if served >= TURN_MESSAGES or queue.appended - turn_start >= TURN_BYTES:
+                        # The turn ends: others run (and a session closed meanwhile stops).
+                        if queue.queued >= TURN_BYTES:
+                            # Its replies are not out yet: serve it more only once they are.
+                            # A client that keeps asking and does not read what it asked for
+                            # is then held back by TCP, then a slow consumer (write_timeout).
+                            await queue.wait_drained()
+                        else:
+                            await trio.lowlevel.checkpoint()
+                        served = 0
+                        turn_start = queue.appended
         finally:
             self.worker.deadlines.cancel(self)
             with trio.CancelScope(shield=True):
                 await self._cleanup()
                 await self._finish_close(cfg.timeouts.write_timeout)
+
+    async def _await_close(self) -> None:
+        """Serve nothing until the close decided for this connection takes effect.
+
+        A slow consumer is closed by the worker's closer, paced with the others
+        (:meth:`~broker.worker.Worker.slow_consumer`): its :meth:`close` cancels this wait.
+        Should that never come, the idle timer ends the connection, as nothing is read now."""
+        if self.close_code is None:
+            await trio.sleep_forever()
 
     # --- what the send queue reports (see Worker._connection) -----------------------------
 
@@ -449,6 +481,9 @@ class Session:
             raise FrameError(
                 "too_many_subscriptions", f"at most {limit} subscriptions per connection"
             )
+        # A replay is charged like a history reply; over the budget, nothing is subscribed
+        # (the client retries later, with the same `since`).
+        reads = None if cmd.since is None else self._read_budget("subscribe")
         bus = self.worker.bus
         tracked = not wildcard and self.worker.config.presence.tracks(pattern)
         sub = Subscription(
@@ -482,8 +517,13 @@ class Session:
         # covered by the position the reply announces. Nothing here awaits, so no publication
         # can slip between these steps.
         self.reply(cmd.id, topic=pattern, offset=position.offset, epoch=position.epoch, **extra)
+        replayed = 0
         for pub in replay:
-            self.queue.send(message_frame(pub))
+            frame = message_frame(pub)
+            replayed += len(frame)
+            self.queue.send(frame)
+        if reads is not None:
+            reads.charge(replayed)
         pending, sub.pending = sub.pending or [], None
         for pub in pending:
             if pub.epoch == position.epoch and pub.offset <= position.offset:
@@ -513,8 +553,28 @@ class Session:
             raise FrameError("forbidden", f"not allowed to read {topic}")
         return topic
 
+    def _read_budget(self, op: str) -> TokenBucket:
+        """The connection's budget for history replies and replays, which the caller charges
+        with what it sends. Raises :class:`FrameError` (``rate_limited``, counted per ``op``)
+        while the budget is spent."""
+        limits = self.worker.config.limits
+        now = trio.current_time()
+        reads = self.reads
+        if reads is None:
+            reads = self.reads = TokenBucket(limits.read_rate_bytes, limits.read_burst_bytes, now)
+        if not reads.has_credit(now):
+            self.worker.count_read_refusal(op)
+            raise FrameError(
+                "rate_limited",
+                f"history and replays are limited to {limits.read_rate_bytes} bytes/s; slow down",
+            )
+        return reads
+
     async def _history(self, cmd: p.History) -> None:
         topic = self._readable_topic(cmd.topic)
+        if cmd.id is None:
+            return  # its one effect would be the reply, which nobody asked for
+        reads = self._read_budget("history")
         since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
         result = await self.worker.bus.history(topic, since, cmd.limit)
         extra: dict[str, Any] = {}
@@ -522,17 +582,21 @@ class Session:
             extra["recovered"] = result.recovered
             if result.missed is not None:
                 extra["missed"] = {"from": result.missed[0], "to": result.missed[1]}
-        messages = [
-            p.message_dict(m.topic, m.offset, m.epoch, m.sender, m.data)
+        pushes = [
+            p.encode_message(m.topic, m.offset, m.epoch, m.sender, m.data)
             for m in result.publications
         ]
-        self.reply(
-            cmd.id,
-            messages=messages,
-            offset=result.position.offset,
-            epoch=result.position.epoch,
-            **extra,
+        frame = p.frame_text(
+            p.encode_history_reply(
+                cmd.id,
+                pushes,
+                offset=result.position.offset,
+                epoch=result.position.epoch,
+                **extra,
+            ).encode()
         )
+        reads.charge(len(frame))
+        self.queue.send(frame)
 
     def _check_presence(self, topic: str) -> None:
         """Raise ``forbidden`` unless this client may read the presence of ``topic``, then

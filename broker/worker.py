@@ -115,6 +115,7 @@ class Worker:
         # Shared by every connection: its refusals are this worker's pubsub_ws_violations_total.
         self.frame_limits = FrameLimits.from_config(config)
         self.presence_refused: Counter[str] = Counter()
+        self.read_refusals: Counter[str] = Counter()  # over the read budget, by op
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -135,6 +136,9 @@ class Worker:
     def count_presence_refused(self, code: str) -> None:
         self.presence_refused[code] += 1
 
+    def count_read_refusal(self, op: str) -> None:
+        self.read_refusals[op] += 1
+
     def _on_bus_state(self, up: bool) -> None:
         log.warning("bus_state", up=up)
 
@@ -154,6 +158,7 @@ class Worker:
             "auth_failures": dict(self.auth_failures),
             "errors": dict(self.errors),
             "ws_violations": dict(self.frame_limits.refused),
+            "read_refusals": dict(self.read_refusals),
             "bus_up": self.bus.is_up,
             "presence_members": self.bus.presence_members(),
             "presence_refused": dict(self.presence_refused),

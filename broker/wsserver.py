@@ -35,7 +35,9 @@ bytes into reads:
   is closed with 1008. Control frames do not extend that deadline, though they keep the idle
   timer (the session's) from firing. The deadline is a cancel scope around the reader's own
   wait for bytes, and only while part of a message is held: no task, and nothing at all for a
-  connection between messages.
+  connection between messages;
+- a read is parsed :data:`PARSE_SIZE` bytes at a time, with a checkpoint between slices, so that
+  a read full of tiny frames does not hold the worker's other connections.
 
 Closing after a violation (RFC 6455 7.1.1 wants the server to close TCP first): once the close
 frame is written, the write side is shut (the client reads the close frame, then end of file)
@@ -105,6 +107,10 @@ MAX_REQUEST_HEAD = 16384
 VIOLATION_DRAIN = 0.5
 # Where a request head ends, as h11 finds it: a blank line, with or without its CR.
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+# But parse a read in slices of this size, and let the worker's other connections run between
+# two slices: 64 KiB of 1-byte fragments or of pings is about 9,000 frames, some 30 ms of
+# parsing; a slice is an eighth of that.
+PARSE_SIZE = 8192
 
 # Connection states: plain ints, like broker.sendqueue's queue states.
 UPGRADING = 0  # the upgrade request is being read or answered
@@ -142,6 +148,7 @@ class ServerWebSocket:
         "_handshake",
         "_reader",
         "_state",
+        "_unparsed",
         "bytes_received",
         "last_receive",
         "limits",
@@ -170,6 +177,7 @@ class ServerWebSocket:
         self._handshake: WSConnection | None = WSConnection(ConnectionType.SERVER)
         # Made by accept(), or earlier when frames came right behind the upgrade request.
         self._reader: FrameReader | None = None
+        self._unparsed: memoryview | None = None  # the rest of a read, past PARSE_SIZE
         #: the client's close frame (code, reason), once it has sent one
         self.remote_close: tuple[int, str] | None = None
         #: set when the client broke the protocol: its further bytes are never parsed
@@ -308,16 +316,8 @@ class ServerWebSocket:
                     since = math.inf
                 elif since == math.inf:
                     since = trio.current_time()
-                if since == math.inf:
-                    data = await self._receive()
-                else:
-                    data = await self._receive_by(since + self.limits.message_timeout)
-                if not data:
+                if not await self._feed(reader, since + self.limits.message_timeout):
                     return None
-                reader.feed(data)
-                # A suspended coroutine keeps its locals: an idle connection must not hold on
-                # to the last bytes it read while it waits for the next.
-                del data
             elif isinstance(event, str | bytes):
                 return event
             elif isinstance(event, Ping):
@@ -340,6 +340,35 @@ class ServerWebSocket:
                 kind="message_timeout",
             )
         )
+
+    async def _feed(self, reader: FrameReader, deadline: float) -> bool:
+        """Give ``reader`` the next slice of the client's bytes: the rest of the last read
+        (after a checkpoint, so that others run first), else a new read, which must come by
+        ``deadline`` (``math.inf``: no deadline). False once the client has gone away.
+
+        Raises :class:`~broker.errors.WebSocketViolation` (1008) when the deadline passes."""
+        rest = self._unparsed
+        if rest is None:
+            if deadline == math.inf:
+                data = await self._receive()
+            else:
+                data = await self._receive_by(deadline)
+            if not data:
+                return False
+            if len(data) <= PARSE_SIZE:
+                reader.feed(data)
+                # A suspended coroutine keeps its locals: an idle connection must not hold
+                # on to the last bytes it read while it waits for the next.
+                del data
+                return True
+            rest = memoryview(data)
+            del data
+        else:
+            await trio.lowlevel.checkpoint()
+        reader.feed(bytes(rest[:PARSE_SIZE]))
+        self._unparsed = rest[PARSE_SIZE:] if len(rest) > PARSE_SIZE else None
+        del rest
+        return True
 
     def _parse(self, reader: FrameReader) -> str | bytes | Ping | Close | None:
         """The reader's next event; a violation is remembered (see :meth:`finish_close`)."""
@@ -413,10 +442,8 @@ class ServerWebSocket:
             except WebSocketViolation:
                 break
             if event is None:
-                data = await self._receive()
-                if not data:
+                if not await self._feed(reader, math.inf):
                     return
-                reader.feed(data)
             elif isinstance(event, Close):
                 self._closed_by_client(event)
                 return

@@ -69,10 +69,12 @@ from client_sdk.errors import (
     GapError,
     PermissionRevoked,
     PubSubError,
+    RateLimited,
     RequestTimeout,
     SubscriptionClosed,
     TokenError,
     TooLarge,
+    Unavailable,
     error_from_reply,
 )
 from client_sdk.models import (
@@ -133,6 +135,10 @@ _STABLE_AFTER = 5.0
 _FATAL_CLOSES = {4001: AuthenticationFailed, 1008: PermissionRevoked}
 # HTTP rejections of the upgrade worth retrying (the broker is full or shutting down).
 _RETRY_STATUSES = {500, 502, 503, 504}
+# Refusals of a re-subscription that mean "not now" (the broker's read budget for `since`
+# replays is spent, or its bus is down): asked again after a backoff, on the same connection,
+# instead of ending a subscription the application holds.
+_RETRY_LATER = (RateLimited, Unavailable)
 
 
 class _Retry(Exception):
@@ -613,9 +619,14 @@ class Client:
                 return  # undone below
             if not reply.ok:
                 error = error_from_reply(reply.error_code or "internal", reply.error_message or "")
+                if sub._confirmed and isinstance(error, _RETRY_LATER):
+                    log.info("resubscribing to %s refused (%s); retrying", sub.topic, error)
+                    self._resubscribe_later(ws, sub, gen)
+                    return
                 self._forget(sub)
                 sub._finish(error)
                 return
+            sub._retries = 0
             try:
                 events = tracker.subscribed(reply.fields, sent)
             except ProtocolViolation as exc:
@@ -635,6 +646,22 @@ class Client:
             undo = {"op": "unsubscribe", "topic": sub.topic}
             with trio.move_on_after(self._request_timeout):
                 await self._exchange(ws, undo, None)
+
+    def _resubscribe_later(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
+        """Subscribe ``sub`` again on connection ``gen`` after a backoff (with the same
+        ``since``); if the connection ends first, the next one subscribes it anyway."""
+        nursery = self._conn_nursery
+        if nursery is None or gen != self._gen:
+            return
+        delay = self._backoff(sub._retries)
+        sub._retries += 1
+
+        async def later() -> None:
+            await trio.sleep(delay)
+            if gen == self._gen and self._subs.get(sub.topic) is sub and not sub._closed:
+                self._start_subscribe(nursery, ws, sub, gen)
+
+        nursery.start_soon(later)
 
     def _start_subscribe(
         self, nursery: trio.Nursery, ws: WebSocketConnection, sub: Subscription, gen: int
@@ -1038,6 +1065,7 @@ class Subscription:
         self._sent_gen = -1
         self._active_gen = -1
         self._confirmed = False
+        self._retries = 0  # re-subscriptions refused in a row with rate_limited or unavailable
         self._inflight = 0  # subscribe requests of this subscription on the wire
         self._idle = trio.Event()
         self._closed = False

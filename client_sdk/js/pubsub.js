@@ -500,12 +500,16 @@ export class PubSubClient extends EventTarget {
     this._emit("disconnect", { code, reason, willReconnect: true, delayMs: delay });
   }
 
+  /** A delay before retry number `attempt`: full jitter under an exponential ceiling. */
+  _backoffMs(attempt) {
+    const o = this.options;
+    return Math.random() * Math.min(o.maxDelayMs, o.minDelayMs * 2 ** Math.min(attempt, 30));
+  }
+
   _scheduleReconnect(reason) {
     if (this.state === "closed") return null;
     this._setState(this._everConnected ? "reconnecting" : "connecting");
-    const o = this.options;
-    const ceiling = Math.min(o.maxDelayMs, o.minDelayMs * 2 ** Math.min(this._attempt, 30));
-    let delay = Math.random() * ceiling; // full jitter
+    let delay = this._backoffMs(this._attempt);
     // A server going away says when to come back (`reconnect_after_ms=N` in a 1001 reason);
     // the jitter on top spreads the returning clients.
     const hint = /reconnect_after_ms=(\d+)/.exec(reason || "");
@@ -608,6 +612,7 @@ export class PubSubClient extends EventTarget {
         }
         sub.state = "subscribed";
         sub._everSubscribed = true;
+        sub._retries = 0;
         if (sub.wildcard) {
           if (isResubscribe) {
             this._gap(sub, {
@@ -651,6 +656,23 @@ export class PubSubClient extends EventTarget {
         if (err.code === "timeout" && ws === this._ws && ws) {
           // the connection is not answering: drop it and resubscribe on the next one
           this._dropConnection(ws, "subscribe timed out");
+          return;
+        }
+        if (
+          isResubscribe &&
+          sub._everSubscribed &&
+          (err.code === "rate_limited" || err.code === "unavailable") &&
+          ws === this._ws &&
+          ws
+        ) {
+          // Not now (the server's read budget for `since` replays is spent, or its bus is
+          // down): ask again after a backoff, with the same position; the subscription stays.
+          sub._retries = (sub._retries || 0) + 1;
+          this._later(() => {
+            if (ws === this._ws && this.subscriptions.get(sub.topic) === sub) {
+              this._sendSubscribe(sub, true);
+            }
+          }, this._backoffMs(sub._retries));
           return;
         }
         this.subscriptions.delete(sub.topic);

@@ -109,8 +109,8 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert err == [
         "pubsub-broker: config error: limits.max_conections: unknown key (known keys of [limits]: "
         "history_max_bytes, max_connections, max_data_size, max_message_size, "
-        "max_subscriptions, max_topics, max_violations, "
-        "publish_burst, publish_rate, send_queue_max_bytes)"
+        "max_subscriptions, max_topics, max_violations, publish_burst, publish_rate, "
+        "read_burst_bytes, read_rate_bytes, send_queue_max_bytes)"
     ]
     path.write_text("not toml [")
     assert main(["check-config", "--config", str(path)]) == 2

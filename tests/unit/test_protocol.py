@@ -94,3 +94,18 @@ def test_frame_header_lengths(size: int) -> None:
     assert frame.endswith(payload)
     header = len(frame) - size
     assert header == (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+def test_history_reply_splices_the_pushes_as_they_are() -> None:
+    push = p.encode_message("chat.x", 7, "ep", "alice", '{"a":[1,2],"é":null}')
+    text = p.encode_history_reply(3, [push, push], offset=9, epoch="ep", recovered=True)
+    assert json.loads(text) == {
+        "id": 3,
+        "ok": True,
+        "offset": 9,
+        "epoch": "ep",
+        "recovered": True,
+        "messages": [json.loads(push)] * 2,
+    }
+    assert text.endswith(f',"messages":[{push},{push}]}}')
+    assert json.loads(p.encode_history_reply("h", [], offset=0, epoch="e"))["messages"] == []

@@ -172,6 +172,8 @@ CONFIG_KEYS = {
         "max_violations",
         "history_max_bytes",
         "max_topics",
+        "read_rate_bytes",
+        "read_burst_bytes",
     },
     "timeouts": {
         "handshake_timeout",
