@@ -506,7 +506,7 @@ class Session:
     async def _history(self, cmd: p.History) -> None:
         topic = self._readable_topic(cmd.topic)
         since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
-        result = await self.worker.bus.history(topic, since, cmd.limit)
+        result = await self.worker.bus.history(topic, since, cmd.limit, newest=cmd.newest)
         extra: dict[str, Any] = {}
         if since is not None:
             extra["recovered"] = result.recovered
