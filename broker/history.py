@@ -50,7 +50,14 @@ from typing import Any
 
 import attrs
 
-from broker.bus.base import ConnKey, HistoryResult, PresenceEvent, Publication, StreamPosition
+from broker.bus.base import (
+    ConnKey,
+    HistoryResult,
+    PresenceEvent,
+    Publication,
+    StreamPosition,
+    recovery,
+)
 from broker.config import HistoryRule, LimitsConfig
 from broker.errors import FrameError
 
@@ -113,24 +120,21 @@ def select_history(
     position: StreamPosition,
     since: StreamPosition | None,
     limit: int | None,
+    *,
+    newest: bool = False,
 ) -> HistoryResult:
     """Apply the recovery rules of :class:`~broker.bus.base.HistoryResult` to the publications
-    still held for a topic (oldest first, contiguous offsets). Shared by every bus."""
+    still held for a topic (oldest first, contiguous offsets): at most ``limit`` of those
+    after ``since``, the oldest ones, or the newest ones when ``newest``. Shared by every
+    bus."""
     first = publications[0].offset if publications else position.offset + 1
-    recovered = True
-    missed: tuple[int, int] | None = None
+    recovered, missed = recovery(position, first, since, limit if newest else None)
     selected = publications
-    if since is not None:
-        if since.epoch != position.epoch:
-            recovered = False
-            missed = (1, first - 1)
-        elif since.offset + 1 < first:
-            recovered = False
-            missed = (since.offset + 1, first - 1)
-        else:
-            selected = [p for p in publications if p.offset > since.offset]
+    if since is not None and since.epoch == position.epoch:
+        selected = [p for p in publications if p.offset > since.offset]
     if limit is not None:
-        selected = selected[:limit]
+        # Not selected[-limit:], which selects everything when the limit is 0.
+        selected = selected[max(0, len(selected) - limit) :] if newest else selected[:limit]
     return HistoryResult(tuple(selected), position, recovered, missed)
 
 
@@ -338,10 +342,12 @@ class TopicStore:
         epoch, offset = self._known(topic)
         return StreamPosition(offset, epoch)
 
-    def history(self, topic: str, since: StreamPosition | None, limit: int | None) -> HistoryResult:
+    def history(
+        self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
+    ) -> HistoryResult:
         """What ``topic`` still holds after ``since`` (see :func:`select_history`)."""
         pubs, position = self._read(topic)
-        return select_history(pubs, position, since, limit)
+        return select_history(pubs, position, since, limit, newest=newest)
 
     def sweep(self) -> int:
         """Drop topics not published to for longer than their ttl (everything they held has

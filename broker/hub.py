@@ -159,7 +159,7 @@ class Hub:
             link.reply(rid, True, [pos.offset, pos.epoch])
         elif method == "history":
             since = StreamPosition(args[1][0], args[1][1]) if args[1] is not None else None
-            items, rest = history_reply(self.store.history(args[0], since, args[2]))
+            items, rest = history_reply(self.store.history(args[0], since, args[2], newest=args[3]))
             link.reply_paged(rid, items, rest, _item_bytes)
         elif method == "watch":
             if args[0] not in wl.patterns:

@@ -126,10 +126,14 @@ class Publish:
 
 @attrs.frozen
 class History:
+    """At most ``limit`` publications after ``since``: the oldest ones, or with ``newest``
+    (the frame's ``last``) the newest ones."""
+
     id: FrameId
     topic: str
     since: Since | None = None
     limit: int = DEFAULT_HISTORY_LIMIT
+    newest: bool = False
 
 
 @attrs.frozen
@@ -197,6 +201,20 @@ def _since(frame: dict[str, Any], fid: FrameId) -> Since | None:
     return Since(offset, epoch)
 
 
+def _history(frame: dict[str, Any], fid: FrameId) -> History:
+    """A ``history`` frame: ``limit`` (the oldest N) or ``last`` (the newest N), not both."""
+    newest = "last" in frame
+    if newest and "limit" in frame:
+        raise FrameError("bad_request", "'last' and 'limit' exclude each other", fid)
+    name = "last" if newest else "limit"
+    count = frame.get(name, DEFAULT_HISTORY_LIMIT)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise FrameError("bad_request", f"field {name!r} must be an integer", fid)
+    if not 1 <= count <= MAX_HISTORY_LIMIT:
+        raise FrameError("bad_request", f"{name!r} must be 1 to {MAX_HISTORY_LIMIT}", fid)
+    return History(fid, _field(frame, "topic", str, fid), _since(frame, fid), count, newest)
+
+
 def parse_command(text: str | bytes) -> Command:
     """Parse one client frame.
 
@@ -238,12 +256,7 @@ def parse_command(text: str | bytes) -> Command:
         if op == "auth":
             return Auth(fid, _field(frame, "token", str, fid))
         if op == "history":
-            limit = frame.get("limit", DEFAULT_HISTORY_LIMIT)
-            if isinstance(limit, bool) or not isinstance(limit, int):
-                raise FrameError("bad_request", "field 'limit' must be an integer", fid)
-            if not 1 <= limit <= MAX_HISTORY_LIMIT:
-                raise FrameError("bad_request", f"'limit' must be 1 to {MAX_HISTORY_LIMIT}", fid)
-            return History(fid, _field(frame, "topic", str, fid), _since(frame, fid), limit)
+            return _history(frame, fid)
         if op == "presence":
             return Presence(fid, _field(frame, "topic", str, fid))
     except FrameError as exc:

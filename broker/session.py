@@ -576,7 +576,7 @@ class Session:
             return  # its one effect would be the reply, which nobody asked for
         reads = self._read_budget("history")
         since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
-        result = await self.worker.bus.history(topic, since, cmd.limit)
+        result = await self.worker.bus.history(topic, since, cmd.limit, newest=cmd.newest)
         extra: dict[str, Any] = {}
         if since is not None:
             extra["recovered"] = result.recovered

@@ -349,10 +349,12 @@ class SupervisorBackend:
             return await self.sup.ops_bus.publish(topic, data_json, None)
         return self.sup.hub.publish(topic, data_json, None)
 
-    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int, *, newest: bool = False
+    ) -> HistoryResult:
         if self.sup.ops_bus is not None:
-            return await self.sup.ops_bus.history(topic, since, limit)
-        return self.sup.hub.store.history(topic, since, limit)
+            return await self.sup.ops_bus.history(topic, since, limit, newest=newest)
+        return self.sup.hub.store.history(topic, since, limit, newest=newest)
 
     async def presence(self, topic: str) -> list[str]:
         self.sup.config.presence.check(topic)

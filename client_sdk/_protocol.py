@@ -67,6 +67,26 @@ def since_field(position: Position) -> dict[str, Any]:
     return {"offset": position.offset, "epoch": position.epoch}
 
 
+def history_frame(
+    topic: str, since: Position | None, limit: int | None, last: int | None
+) -> dict[str, Any]:
+    """The ``history`` request (without ``id``): at most ``limit`` publications after
+    ``since``, the oldest ones, or the newest ``last`` ones. ``since`` must name its epoch.
+
+    Raises ValueError when both ``limit`` and ``last`` are given (the broker would refuse it
+    with ``bad_request``)."""
+    if limit is not None and last is not None:
+        raise ValueError("history takes 'limit' (the oldest N) or 'last' (the newest N), not both")
+    frame: dict[str, Any] = {"op": "history", "topic": topic}
+    if since is not None:
+        frame["since"] = since_field(since)
+    if limit is not None:
+        frame["limit"] = limit
+    if last is not None:
+        frame["last"] = last
+    return frame
+
+
 def _int(obj: dict[str, Any], key: str) -> int:
     value = obj.get(key)
     # bool is an int subclass in Python; the protocol never means true/false as a number

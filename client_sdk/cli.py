@@ -53,6 +53,7 @@ examples:
   pubsub pub chat.room1 hello                # ...or else a plain string
   tail -f app.log | pubsub pub logs.app      # one publication per line of stdin
   pubsub history chat.room1 --limit 20 | jq .data
+  pubsub history chat.room1 --last 5         # the newest 5 messages, oldest first
   pubsub presence chat.room1                 # one client id per line
 
 output of sub and history (one line each):
@@ -166,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     hist.add_argument("topic", metavar="TOPIC")
-    hist.add_argument(
+    count = hist.add_mutually_exclusive_group()
+    count.add_argument(
         "--limit", type=int, metavar="N", help="the first N (oldest) messages (1..1000)"
+    )
+    count.add_argument(
+        "--last", type=int, metavar="N", help="the last N (newest) messages (1..1000)"
     )
     hist.add_argument("--since", metavar="OFFSET[:EPOCH]", help="only those after OFFSET")
     _common(hist, suppress=True)
@@ -366,7 +371,7 @@ async def _cmd_history(args: argparse.Namespace) -> int:
     since = parse_since(args.since)
     cm = _connect(args, reconnect=False)
     async with cm as client:
-        history = await client.history(args.topic, since=since, limit=args.limit)
+        history = await client.history(args.topic, since=since, limit=args.limit, last=args.last)
         if history.recovered is False:
             # Same shape as sub's gap lines: what after --since is gone for good.
             lost = (

@@ -52,6 +52,7 @@ from client_sdk._protocol import (
     Tracker,
     decode,
     encode,
+    history_frame,
     is_pattern,
     parse_message,
     parse_missed,
@@ -355,24 +356,25 @@ class Client:
         *,
         since: Position | None = None,
         limit: int | None = None,
+        last: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> History:
         """Fetch the publications the broker still holds for exact ``topic``, oldest first.
 
         ``since``: only those after this position (``epoch=None``: the current epoch); ``limit``:
         at most this many, counted from the oldest (the broker allows 1..1000, default 100), so
-        pages are read forward with ``since`` = the last message's position.
+        pages are read forward with ``since`` = the last message's position. ``last``: instead
+        of ``limit``, the newest this many (1..1000); with ``since``, ``recovered`` and
+        ``missed`` then concern only those newest ones.
 
-        Raises ``Forbidden``/``BadTopic``/``BadRequest`` (a ``ServerError``),
-        ``RequestTimeout``, ``ConnectionLost``, ``ClientClosed``.
+        Raises ValueError when both ``limit`` and ``last`` are given;
+        ``Forbidden``/``BadTopic``/``BadRequest`` (a ``ServerError``), ``RequestTimeout``,
+        ``ConnectionLost``, ``ClientClosed``.
         """
+        history_frame(topic, None, limit, last)  # refuse limit with last before any request
         with self._deadline(timeout):
             since = await self._resolve_since(topic, since)
-            frame: dict[str, Any] = {"op": "history", "topic": topic}
-            if since is not None:
-                frame["since"] = since_field(since)
-            if limit is not None:
-                frame["limit"] = limit
+            frame = history_frame(topic, since, limit, last)
             fields = await self._request(frame, math.inf)  # bounded by the deadline above
             raw = fields.get("messages")
             try:

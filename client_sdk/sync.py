@@ -176,11 +176,15 @@ class SyncClient:
         *,
         since: Position | None = None,
         limit: int | None = None,
+        last: int | None = None,
         timeout: float | None = None,
     ) -> History:
-        """Fetch the publications still held for ``topic``; see ``Client.history``."""
+        """Fetch the publications still held for ``topic``: the oldest ``limit`` or the newest
+        ``last``; see ``Client.history``."""
         client = self._require()
-        return self._call(lambda: client.history(topic, since=since, limit=limit, timeout=timeout))
+        return self._call(
+            lambda: client.history(topic, since=since, limit=limit, last=last, timeout=timeout)
+        )
 
     def presence(self, topic: str, *, timeout: float | None = None) -> tuple[str, ...]:
         """The client ids subscribed to ``topic``; see ``Client.presence``."""

@@ -44,6 +44,7 @@ __all__ = [
     "PresenceEvent",
     "Publication",
     "StreamPosition",
+    "recovery",
 ]
 
 
@@ -78,13 +79,38 @@ class HistoryResult:
     ``missed`` is ``(first, last)``, the inclusive range of offsets after ``since`` that are
     gone, or ``None`` when nothing after ``since`` was lost (``recovered``). When ``since``
     named another epoch, ``recovered`` is false and ``missed`` covers the offsets of the
-    current epoch that are gone (``(1, 0)`` when none are).
+    current epoch that are gone (``(1, 0)`` when none are). A read of the newest ``n`` asks
+    only for those: ``missed`` then counts only what is gone of them (see :func:`recovery`).
     """
 
     publications: tuple[Publication, ...]
     position: StreamPosition
     recovered: bool
     missed: tuple[int, int] | None
+
+
+def recovery(
+    position: StreamPosition, first: int, since: StreamPosition | None, newest: int | None
+) -> tuple[bool, tuple[int, int] | None]:
+    """``(recovered, missed)`` of a read after ``since`` of a topic at ``position`` whose
+    oldest held offset is ``first`` (``position.offset + 1`` when it holds nothing).
+
+    The read asks for the offsets after ``since`` (after 0 when ``since`` names another
+    epoch), or, when ``newest`` is given, only for the newest ``newest`` of those: what it
+    skips by choice is not missed. ``missed`` names what it asked for and is gone; in the
+    epoch case it is always given, as an empty range ``(start, start - 1)`` when nothing is.
+    Shared by every bus, so that they all answer alike."""
+    if since is None:
+        return True, None
+    same_epoch = since.epoch == position.epoch
+    start = since.offset + 1 if same_epoch else 1
+    if newest is not None:
+        start = max(start, position.offset - newest + 1)
+    if not same_epoch:
+        return False, (start, max(start, first) - 1)
+    if first > start:
+        return False, (start, first - 1)
+    return True, None
 
 
 @attrs.frozen
@@ -156,10 +182,12 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def history(
-        self, topic: str, since: StreamPosition | None, limit: int | None
+        self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
     ) -> HistoryResult:
         """The publications still held after ``since`` (all held ones when ``None``), oldest
-        first; at most ``limit`` of them (the oldest ones) when ``limit`` is given."""
+        first; at most ``limit`` of them when ``limit`` is given: the oldest ones, or the
+        newest ones when ``newest`` (then ``recovered`` and ``missed`` concern only those,
+        see :func:`recovery`)."""
 
     @abc.abstractmethod
     async def watch(self, pattern: str) -> None:

@@ -177,11 +177,11 @@ class IpcBus(Bus):
         return StreamPosition(offset, epoch)
 
     async def history(
-        self, topic: str, since: StreamPosition | None, limit: int | None
+        self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
     ) -> HistoryResult:
         raw_since = None if since is None else [since.offset, since.epoch]
         # A paged reply (broker.hub.history_reply): the items arrive in bounded messages.
-        pubs, pos, recovered, missed = await self._call("history", topic, raw_since, limit)
+        pubs, pos, recovered, missed = await self._call("history", topic, raw_since, limit, newest)
         return HistoryResult(
             tuple(Publication(topic, o, e, s, d) for o, e, s, d in pubs),
             StreamPosition(pos[0], pos[1]),

@@ -76,9 +76,9 @@ class LocalBus(Bus):
         return self.store.position(topic)
 
     async def history(
-        self, topic: str, since: StreamPosition | None, limit: int | None
+        self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
     ) -> HistoryResult:
-        return self.store.history(topic, since, limit)
+        return self.store.history(topic, since, limit, newest=newest)
 
     def reconfigure(self, history_rule: Callable[[str], HistoryRule]) -> None:
         self.store.rule_for = history_rule

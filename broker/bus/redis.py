@@ -84,6 +84,7 @@ from broker.bus.base import (
     PresenceEvent,
     Publication,
     StreamPosition,
+    recovery,
 )
 from broker.config import DEFAULT_HISTORY, Config, HistoryRule, node_name
 from broker.errors import BusUnavailable
@@ -199,7 +200,7 @@ HISTORY_LUA = (
     + """
 -- KEYS: meta, hist
 -- ARGV: since_epoch ('' = none), since_offset, limit (0 = all, -1 = none), new_epoch, ttl_ms,
---       position_ttl_ms
+--       position_ttl_ms, newest ('1': the newest limit entries after since, not the oldest)
 -- Returns {offset, epoch, first held offset (0 = none), entries}
 local meta, hist = KEYS[1], KEYS[2]
 local limit, ttl, meta_ttl = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -226,7 +227,11 @@ local entries = {}
 if limit >= 0 then
   local start = '-'
   if ARGV[1] == epoch then start = string.format('%d-0', tonumber(ARGV[2]) + 1) end
-  if limit > 0 then
+  if limit > 0 and ARGV[7] == '1' then
+    -- Newest first from the end, then back into offset order.
+    local rev = redis.call('XREVRANGE', hist, '+', start, 'COUNT', limit)
+    for i = #rev, 1, -1 do entries[#entries + 1] = rev[i] end
+  elseif limit > 0 then
     entries = redis.call('XRANGE', hist, start, '+', 'COUNT', limit)
   else
     entries = redis.call('XRANGE', hist, start, '+')
@@ -966,7 +971,7 @@ class RedisBus(Bus):
         return Publication(topic, int(offset), _decode(epoch), sender, data)
 
     async def _read(
-        self, topic: str, since: StreamPosition | None, limit: int | None
+        self, topic: str, since: StreamPosition | None, limit: int | None, newest: bool = False
     ) -> HistoryResult:
         _, ttl_ms, meta_ttl_ms, _ = self._rule(topic)
         offset, epoch_raw, first, entries = await self._script(
@@ -979,6 +984,7 @@ class RedisBus(Bus):
                 secrets.token_hex(6),
                 ttl_ms,
                 meta_ttl_ms,
+                "1" if newest else "0",
             ],
         )
         epoch = _decode(epoch_raw)
@@ -998,15 +1004,10 @@ class RedisBus(Bus):
             )
         position = StreamPosition(offset, epoch)
         # Offsets lost from the current epoch: those before the first one still held (all of
-        # them when none is held).
-        lost_to = (first - 1) if first else offset
-        if since is None:
-            return HistoryResult(tuple(pubs), position, True, None)
-        if since.epoch != epoch:
-            return HistoryResult(tuple(pubs), position, False, (1, max(0, lost_to)))
-        if lost_to > since.offset:
-            return HistoryResult(tuple(pubs), position, False, (since.offset + 1, lost_to))
-        return HistoryResult(tuple(pubs), position, True, None)
+        # them when none is held, first = 0); of those, missed names only the ones asked for.
+        asked = max(0, limit) if newest and limit is not None else None
+        recovered, missed = recovery(position, first or offset + 1, since, asked)
+        return HistoryResult(tuple(pubs), position, recovered, missed)
 
     async def _watch_settled(self, topic: str) -> None:
         """Wait for a watch of ``topic`` in progress (the worker asks the bus once per pattern,
@@ -1018,13 +1019,13 @@ class RedisBus(Bus):
                 await event.wait()
 
     async def history(
-        self, topic: str, since: StreamPosition | None, limit: int | None
+        self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
     ) -> HistoryResult:
         await self._watch_settled(topic)
         if limit is not None and limit <= 0:
-            result = attrs.evolve(await self._read(topic, since, -1), publications=())
+            result = attrs.evolve(await self._read(topic, since, -1, newest), publications=())
         else:
-            result = await self._read(topic, since, limit)
+            result = await self._read(topic, since, limit, newest)
         await self._delivered(topic, result.position)
         return result
 

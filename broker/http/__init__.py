@@ -28,7 +28,7 @@ Routes
 ``/readyz``                 GET     200 or 503 ``{"ready": bool, ...details}``
 ``/metrics``                GET     Prometheus text format 0.0.4, every worker
 ``/api/publish``            POST    ``{"topic", "data"}`` -> ``{"topic", "offset", "epoch"}``
-``/api/history``            GET     ``?topic=&since=&epoch=&limit=`` -> like the ``history`` op
+``/api/history``            GET     ``?topic=&since=&epoch=&limit=`` or ``&last=`` -> as ``history``
 ``/api/presence``           GET     ``?topic=`` -> ``{"topic", "clients"}`` (404 ``not_tracked``)
 ``/api/disconnect``         POST    ``{"client"}`` -> ``{"client", "closed"}``
 ``/client.js``              GET     the browser client (an ES module)

@@ -56,8 +56,10 @@ class WorkerBackend:
         check_data_size(data_json, worker.config.limits.max_data_size)
         return await worker.bus.publish(topic, data_json, None)
 
-    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
-        return await self.workers[0].bus.history(topic, since, limit)
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int, *, newest: bool = False
+    ) -> HistoryResult:
+        return await self.workers[0].bus.history(topic, since, limit, newest=newest)
 
     async def presence(self, topic: str) -> list[str]:
         self.workers[0].config.presence.check(topic)

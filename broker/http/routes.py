@@ -66,8 +66,11 @@ class OpsBackend(Protocol):
         """Publish the JSON text ``data_json`` on the exact topic ``topic`` with no sender.
         Raises :class:`BusUnavailable`, or :class:`FrameError` (``too_large``, ...)."""
 
-    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
-        """What the bus still holds of ``topic`` after ``since``; raises like :meth:`publish`."""
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int, *, newest: bool = False
+    ) -> HistoryResult:
+        """What the bus still holds of ``topic`` after ``since``: the oldest ``limit``, or the
+        newest when ``newest``; raises like :meth:`publish`."""
 
     async def presence(self, topic: str) -> list[str]:
         """The distinct client ids subscribed to ``topic``, sorted, on every worker. Raises
@@ -269,8 +272,13 @@ class OpsRoutes:
             raise HttpError("bad_request", "'since' and 'epoch' go together")
         if "since" in params:
             since = StreamPosition(_int_param(params, "since", 0, 2**62), params["epoch"])
-        limit = _int_param(params, "limit", 1, 1000) if "limit" in params else 100
-        result = await self.backend.history(topic, since, limit)
+        if "last" in params and "limit" in params:
+            raise HttpError("bad_request", "'last' and 'limit' exclude each other")
+        # ``last=N``: the newest N (after ``since``) instead of the oldest ``limit``.
+        newest = "last" in params
+        name = "last" if newest else "limit"
+        limit = _int_param(params, name, 1, 1000) if name in params else 100
+        result = await self.backend.history(topic, since, limit, newest=newest)
         head: dict[str, Any] = {
             "topic": topic,
             "offset": result.position.offset,

@@ -274,11 +274,13 @@ export class PubSubClient extends EventTarget {
   }
 
   /** What the server still holds of a topic: {messages, offset, epoch, recovered?, missed?}.
-   * Options: since {offset, epoch}, limit (1..1000). */
-  async history(topic, { since, limit } = {}) {
+   * Options: since {offset, epoch}; limit (1..1000): the oldest N after `since`, or instead
+   * last (1..1000): the newest N (both at once reject with `bad_request`). */
+  async history(topic, { since, limit, last } = {}) {
     const frame = { op: "history", topic };
     if (since) frame.since = { offset: since.offset, epoch: since.epoch };
     if (limit !== undefined) frame.limit = limit;
+    if (last !== undefined) frame.last = last;
     const { id: _id, ok: _ok, ...reply } = await this._request(frame);
     return reply;
   }

@@ -439,10 +439,13 @@ def test_history_and_presence_from_the_client(page: Any, web_broker: BrokerProce
           const all = await client.history("chat.room1");
           const some = await client.history("chat.room1", {
             since: { offset: 1, epoch: all.epoch }, limit: 1 });
+          const latest = await client.history("chat.room1", { last: 2 });
+          const both = await client.history("chat.room1", { last: 2, limit: 2 }).then(
+            () => "ok", (err) => err.code);
           await client.subscribe("chat.room1", { presence: true });
           const members = await client.presence("chat.room1");
           client.close();
-          return { all, some, members };
+          return { all, some, latest, both, members };
         }""",
         [web_broker.url, web_broker.token("ivy")],
     )
@@ -451,6 +454,8 @@ def test_history_and_presence_from_the_client(page: Any, web_broker: BrokerProce
     assert result["all"]["offset"] == 3
     assert [m["offset"] for m in result["some"]["messages"]] == [2]
     assert result["some"]["recovered"] is True
+    assert [m["data"] for m in result["latest"]["messages"]] == ["b", "c"]
+    assert result["both"] == "bad_request"
     assert result["members"] == ["ivy"]
 
 

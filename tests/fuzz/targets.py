@@ -184,6 +184,7 @@ SEEDS: list[bytes] = [
     + b'{"op": "subscribe", "topic": "a.*", "id": 1, "since": {"offset": 3, "epoch": "e"}}',
     bytes([0]) + b'{"op": "publish", "topic": "a.b", "data": {"x": [1, 2]}, "id": "p"}',
     bytes([0]) + b'{"op": "history", "topic": "a.b", "limit": 5, "since": {"offset": 1}}',
+    bytes([0]) + b'{"op": "history", "topic": "a.b", "last": 5, "since": {"offset": 1}}',
     bytes([0]) + b'{"op": "unsubscribe", "topic": "a.b", "id": 2}',
     bytes([0]) + b'{"op": "presence", "topic": "a.b", "id": 3}',
     bytes([0]) + b'{"op": "auth", "token": "t", "id": 4}',

@@ -18,6 +18,7 @@ import trio
 
 from broker.bus.base import HistoryResult, Publication, StreamPosition
 from broker.errors import BusUnavailable, FrameError
+from broker.history import select_history
 from broker.http import HttpLimits, serve_http
 from broker.metrics import broker_metrics, merge, render, stats_from_snapshot
 
@@ -92,21 +93,13 @@ class MemoryBackend:
             self._holding_changed = trio.Event()
             await self._holding_changed.wait()
 
-    async def history(self, topic: str, since: StreamPosition | None, limit: int) -> HistoryResult:
+    async def history(
+        self, topic: str, since: StreamPosition | None, limit: int, *, newest: bool = False
+    ) -> HistoryResult:
         self._check()
         held = self.topics.get(topic, [])
         latest = StreamPosition(self.offsets.get(topic, 0), self.epoch)
-        first_held = held[0].offset if held else latest.offset + 1
-        if since is None:
-            return HistoryResult(tuple(held[:limit]), latest, True, None)
-        if since.epoch != self.epoch:
-            missed = (1, first_held - 1)
-            return HistoryResult(tuple(held[:limit]), latest, False, missed)
-        after = [p for p in held if p.offset > since.offset]
-        if since.offset + 1 < first_held:
-            missed2 = (since.offset + 1, first_held - 1)
-            return HistoryResult(tuple(after[:limit]), latest, False, missed2)
-        return HistoryResult(tuple(after[:limit]), latest, True, None)
+        return select_history(held, latest, since, limit, newest=newest)
 
     async def presence(self, topic: str) -> list[str]:
         self._check()

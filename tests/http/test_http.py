@@ -190,6 +190,24 @@ async def test_history(listener: Listener) -> None:
     assert reply.json() == {"topic": "empty", "offset": 0, "epoch": epoch, "messages": []}
 
 
+async def test_history_last(listener: Listener) -> None:
+    for n in range(1, 8):
+        await listener.request("POST", "/api/publish", {"topic": "news", "data": {"n": n}})
+    epoch = listener.backend.epoch  # 3..7 held
+    body = (await listener.request("GET", "/api/history?topic=news&last=2")).json()
+    assert [m["offset"] for m in body["messages"]] == [6, 7]
+    assert (body["offset"], "recovered" in body) == (7, False)
+    body = (
+        await listener.request("GET", f"/api/history?topic=news&since=1&epoch={epoch}&last=5")
+    ).json()
+    assert [m["offset"] for m in body["messages"]] == [3, 4, 5, 6, 7]
+    assert (body["recovered"], body["missed"]) == (True, None)  # offset 2 skipped by choice
+    body = (
+        await listener.request("GET", f"/api/history?topic=news&since=1&epoch={epoch}&last=6")
+    ).json()
+    assert (body["recovered"], body["missed"]) == (False, {"from": 2, "to": 2})
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -203,6 +221,11 @@ async def test_history(listener: Listener) -> None:
         "topic=news&limit=0",
         "topic=news&limit=1001",
         "topic=news&limit=1e3",
+        "topic=news&last=0",
+        "topic=news&last=1001",
+        "topic=news&last=-1",
+        "topic=news&last=two",
+        "topic=news&last=2&limit=2",
         "topic=news&topic=other",
         "topic=%ff",
         "&".join(f"f{i}=1" for i in range(50)),

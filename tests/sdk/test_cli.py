@@ -119,6 +119,20 @@ def test_sub_since_history_and_presence(broker: BrokerProcess) -> None:
         assert lines(out)[0] == {"presence": "join", "topic": "log", "client": "watcher"}
 
 
+def test_history_last_prints_the_newest(broker: BrokerProcess) -> None:
+    env = env_for(broker)
+    assert run(["pub", "log"], env, stdin="1\n2\n3\n4\n5\n").returncode == 0
+    latest = run(["history", "log", "--last", "2"], env)
+    assert (latest.returncode, [m["data"] for m in lines(latest.stdout)]) == (0, [4, 5])
+    after = run(["history", "log", "--since", "1", "--last", "3"], env)
+    assert [m["offset"] for m in lines(after.stdout)] == [3, 4, 5]
+    assert after.stderr == ""  # offset 2 was skipped by choice, not lost
+    both = run(["history", "log", "--last", "2", "--limit", "2"], env)
+    assert both.returncode == 1 and "not allowed with" in both.stderr
+    zero = run(["history", "log", "--last", "0"], env)
+    assert zero.returncode == 3 and "'last' must be 1 to 1000" in zero.stderr
+
+
 def test_sub_follows_a_broker_restart_and_reports_the_gap(tmp_path: Path) -> None:
     config = {"server": {"shutdown_timeout": 1.0}, **PRESENCE_EVERYWHERE}
     with BrokerProcess.start(tmp_path, config) as b:

@@ -14,6 +14,7 @@ from client_sdk._protocol import (
     UnknownPush,
     decode,
     encode,
+    history_frame,
     is_pattern,
     parse_missed,
     parse_url,
@@ -104,6 +105,19 @@ def test_reconnect_hint_is_read_from_a_1001_reason() -> None:
     assert reconnect_hint("shutting down; reconnect_after_ms=1234") == 1.234
     assert reconnect_hint("bye") is None
     assert reconnect_hint(None) is None
+
+
+def test_history_frames_ask_for_the_oldest_or_the_newest_never_both() -> None:
+    assert history_frame("t", None, None, None) == {"op": "history", "topic": "t"}
+    assert history_frame("t", Position(4, "e"), 2, None) == {
+        "op": "history",
+        "topic": "t",
+        "since": {"offset": 4, "epoch": "e"},
+        "limit": 2,
+    }
+    assert history_frame("t", None, None, 3) == {"op": "history", "topic": "t", "last": 3}
+    with pytest.raises(ValueError, match="not both"):
+        history_frame("t", None, 2, 3)
 
 
 def test_errors_are_typed_by_code() -> None:

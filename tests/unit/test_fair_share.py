@@ -144,10 +144,10 @@ async def test_a_slow_consumer_s_buffered_requests_are_not_served(
     calls = 0
     history = worker.bus.history
 
-    async def counted(*args: Any) -> Any:
+    async def counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        return await history(*args)
+        return await history(*args, **kwargs)
 
     worker.bus.history = counted  # type: ignore[method-assign]
     async with running(worker) as nursery:

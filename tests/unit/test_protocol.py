@@ -27,6 +27,10 @@ def test_each_op_parses() -> None:
     )
     assert parse({"op": "publish", "topic": "a", "data": None}).data == "null"  # type: ignore[union-attr]
     assert parse({"op": "history", "topic": "a", "limit": 5}) == p.History(None, "a", None, 5)
+    assert parse({"op": "history", "topic": "a", "last": 5}) == p.History(None, "a", None, 5, True)
+    assert parse(
+        {"op": "history", "topic": "a", "since": {"offset": 3, "epoch": "e"}, "last": 1000}
+    ) == p.History(None, "a", p.Since(3, "e"), 1000, True)
     assert parse({"op": "presence", "topic": "a", "id": 2}) == p.Presence(2, "a")
 
 
@@ -49,6 +53,14 @@ def test_each_op_parses() -> None:
         ('{"op":"subscribe","topic":"a","since":5,"id":8}', 8, "since"),
         ('{"op":"history","topic":"a","limit":0,"id":9}', 9, "limit"),
         ('{"op":"history","topic":"a","limit":true,"id":10}', 10, "limit"),
+        ('{"op":"history","topic":"a","last":0,"id":12}', 12, "'last' must be 1 to 1000"),
+        ('{"op":"history","topic":"a","last":-3,"id":13}', 13, "'last' must be 1 to 1000"),
+        ('{"op":"history","topic":"a","last":1001,"id":14}', 14, "'last' must be 1 to 1000"),
+        ('{"op":"history","topic":"a","last":2.5,"id":15}', 15, "'last' must be an integer"),
+        ('{"op":"history","topic":"a","last":"5","id":16}', 16, "'last' must be an integer"),
+        ('{"op":"history","topic":"a","last":true,"id":17}', 17, "'last' must be an integer"),
+        ('{"op":"history","topic":"a","last":null,"id":18}', 18, "'last' must be an integer"),
+        ('{"op":"history","topic":"a","last":2,"limit":2,"id":19}', 19, "exclude each other"),
         ('{"op":"ping","id":true}', None, "'id'"),
         ('{"op":"ping","id":1.5}', None, "'id'"),
         ('{"op":"ping","id":"' + "x" * 65 + '"}', None, "64"),
