@@ -74,6 +74,11 @@ class LimitsConfig:
     publish_burst: int = 100
     send_queue_max_bytes: int = 1024 * 1024
     max_violations: int = 50
+    # Connections not authenticated yet (from accept: the upgrade still being read, or
+    # waiting for an in-band auth op), per worker; past it the oldest is dropped.
+    max_pending_connections: int = 1000
+    # Authenticated connections of one client id (``sub``) per worker; past it: close 4029.
+    max_connections_per_client: int = 100
 
 
 @attrs.frozen
@@ -259,6 +264,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "auth.jwt_public_key_file", f"file not found: {cfg.auth.jwt_public_key_file}"
         )
+    if cfg.auth.jwt_public_key_file:
+        from broker.auth import load_public_key  # auth imports this module
+
+        load_public_key(cfg.auth.jwt_public_key_file)  # an RSA or EC P-256 key, or ConfigError
     for key in ("default_publish", "default_subscribe"):
         for pattern in getattr(cfg.auth, key):
             try:
@@ -273,6 +282,8 @@ def _validate(cfg: Config) -> None:
         "publish_burst",
         "send_queue_max_bytes",
         "max_violations",
+        "max_pending_connections",
+        "max_connections_per_client",
     ):
         _positive(f"limits.{key}", getattr(cfg.limits, key))
     _positive("limits.publish_rate", cfg.limits.publish_rate)

@@ -90,11 +90,13 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     path.write_text('[auth]\njwt_secret = "' + "k" * 40 + '"\n[limits]\nmax_conections = 1\n')
     assert main(["check-config", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
+    # One line naming the key and listing the known ones (the list grows with new keys).
+    assert len(err) == 1
+    assert err[0].startswith(
         "pubsub-broker: config error: limits.max_conections: unknown key (known keys of [limits]: "
-        "max_connections, max_data_size, max_message_size, max_subscriptions, max_violations, "
-        "publish_burst, publish_rate, send_queue_max_bytes)"
-    ]
+        "max_connections, "
+    )
+    assert "max_subscriptions, " in err[0]
     path.write_text("not toml [")
     assert main(["check-config", "--config", str(path)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
