@@ -467,6 +467,17 @@ class BrokerMetrics:
             HANDSHAKE_BUCKETS,
         )
         self.bus_up = r.gauge("pubsub_bus_up", "1 when the bus is connected, else 0.")
+        self.connections_pending = r.gauge(
+            "pubsub_connections_pending",
+            "Connections not authenticated yet (upgrade being read, or waiting for an auth op).",
+        )
+        self.connections_refused = r.counter(
+            "pubsub_connections_refused_total",
+            "Connections refused or dropped for want of a slot, by reason: pending (the oldest "
+            "unauthenticated connection dropped to make room), capacity (max_connections), "
+            "per_client (max_connections_per_client).",
+            ["reason"],
+        )
 
 
 #: Reason labels of ``pubsub_closes_total`` for the close codes the server uses.
@@ -477,6 +488,7 @@ CLOSE_REASONS = {
     1008: "policy",
     1009: "too_big",
     1011: "internal",
+    1013: "try_again_later",
     4001: "auth_timeout",
     4003: "expired",
     4008: "slow_consumer",
@@ -489,7 +501,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     """One worker's metrics snapshot built from the plain figures it keeps (its ``stats()``
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
-    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``handshake`` (a
+    ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``bus_up``, ``pending``,
+    ``refused`` {reason: n}, ``handshake`` (a
     :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
@@ -509,6 +522,9 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     for code, n in dict(stats.get("errors", {})).items():
         m.errors.inc(n, code=str(code))
     m.bus_up.set(1 if stats.get("bus_up", True) else 0)
+    m.connections_pending.set(stats.get("pending", 0))
+    for reason, n in dict(stats.get("refused", {})).items():
+        m.connections_refused.inc(n, reason=str(reason))
     snap = m.registry.snapshot()
     handshake = stats.get("handshake")
     if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:
