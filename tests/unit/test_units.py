@@ -167,6 +167,8 @@ CONFIG_KEYS = {
         "publish_burst",
         "send_queue_max_bytes",
         "max_violations",
+        "max_pending_connections",
+        "max_connections_per_client",
     },
     "timeouts": {
         "handshake_timeout",
