@@ -114,6 +114,7 @@ def _verify(token: str) -> None:
     else:
         assert isinstance(identity, Identity)
         assert identity.client
+        identity.client.encode()  # it goes into a welcome frame: valid UTF-8
 
 
 def token(data: bytes) -> None:
