@@ -128,7 +128,7 @@ def log_listen_error(exc: ListenError) -> None:
         key=exc.key,
         address=exc.address,
         problem=exc.problem,
-        hint=f"another process may hold the port: change {exc.key} (or {flag})",
+        hint=f"change {exc.key} (or {flag}) to an address this process may listen on",
     )
 
 
