@@ -73,7 +73,9 @@ def test_unauthenticated_connections_cannot_lock_out_a_client_with_a_token(
 ) -> None:
     pending = 20
     config = {
-        "limits": {"max_pending_connections": pending},
+        # Far fewer authenticated slots than attackers: connections that never authenticate
+        # must not take them (they used to, and clients with tokens then got 503).
+        "limits": {"max_pending_connections": pending, "max_connections": 10},
         # Nothing expires by itself during the test: only the pending budget makes room.
         "timeouts": {"handshake_timeout": 60.0, "auth_timeout": 60.0},
     }
