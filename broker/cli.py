@@ -106,22 +106,22 @@ def _dev(overrides: dict[str, Any]) -> int:
     except ListenError as exc:
         log_listen_error(exc)
         return 3
-    if listeners.http is not None and overrides.get("server.http_listen"):
-        # The demo page is served from the operations listener: let it connect from there.
-        http_host = config.server.http_listen.rpartition(":")[0]
-        origin = f"http://{http_host}:{listeners.http.getsockname()[1]}"
-        if origin not in config.server.allowed_origins:
-            allowed = [*config.server.allowed_origins, origin]
-            overrides = {**overrides, "server.allowed_origins": allowed}
-            config = load_config(path, overrides=overrides)
-    token = make_token(config, "dev-user", ttl=24 * 3600)
     # The bound ports, not the configured ones: port 0 picks a free one.
     host = config.server.listen.rpartition(":")[0]
     url = f"ws://{host}:{listeners.ws[0][0].getsockname()[1]}/ws"
-    demo = "(disabled: server.http_listen is empty)"
+    http_origin = ""
     if listeners.http is not None:
         http_host = config.server.http_listen.rpartition(":")[0]
-        demo = f"http://{http_host}:{listeners.http.getsockname()[1]}/demo/?token={token}"
+        http_origin = f"http://{http_host}:{listeners.http.getsockname()[1]}"
+        if overrides.get("server.http_listen") and http_origin not in config.server.allowed_origins:
+            # The demo page is served from the operations listener: let it connect from there.
+            allowed = [*config.server.allowed_origins, http_origin]
+            overrides = {**overrides, "server.allowed_origins": allowed}
+            config = load_config(path, overrides=overrides)
+    token = make_token(config, "dev-user", ttl=24 * 3600)
+    demo = "(disabled: server.http_listen is empty)"
+    if http_origin:
+        demo = f"{http_origin}/demo/?token={token}"
     print(
         f"""
 trio-pubsub development broker (config: {path})

@@ -14,8 +14,8 @@ A session ends for exactly one reason, recorded once by :meth:`Session.close`: t
 closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
 its client id holds too many connections (4029), it had not authenticated when room was needed
 or the worker is full (1013), its permissions were revoked (1008), or the worker is shutting
-down (1001). Whatever happens,
-its subscriptions and presence are removed before the task returns.
+down (1001). Whatever happens, its subscriptions and presence are removed before the task
+returns.
 """
 
 from __future__ import annotations
