@@ -420,18 +420,18 @@ def run_broker(
     """Run until a terminating signal; return the process exit code (3: could not listen).
     ``listeners`` are the sockets :func:`bind_listeners` bound (default: bind them here)."""
     configure_logging()
+    if listeners is None:
+        try:
+            listeners = bind_listeners(config)
+        except ListenError as exc:
+            log_listen_error(exc)  # the only line: nothing else has started
+            return 3
     one_process = config.worker_count == 1
     rlimit.log_file_limit(
         rlimit.raise_file_limit(), needed=needed_files(config) if one_process else None
     )
     gctune.tune()
     overrides = overrides or {}
-    if listeners is None:
-        try:
-            listeners = bind_listeners(config)
-        except ListenError as exc:
-            log_listen_error(exc)
-            return 3
     try:
         if one_process:
             trio.run(_single, config, overrides, listeners)
