@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.support.broker import BrokerProcess
+from tests.support.broker import API_KEY, BrokerProcess
 from tests.support.rawws import FrameReader, encode_frame, handshake, http_request
 
 
@@ -214,4 +216,14 @@ def test_lone_surrogates_are_bad_requests(tmp_path: Path, workers: int) -> None:
             assert reply["id"] == n and reply["error"]["code"] == "bad_request", reply
         # The connection is still served.
         assert send('{"op":"ping","id":99}')["ok"]
+        # The HTTP publish API gives the same answer for the same data.
+        request = urllib.request.Request(
+            f"{b.http_url}/api/publish",
+            data=b'{"topic":"t","data":"\\ud800"}',
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == 400
+        assert json.loads(info.value.read())["error"]["code"] == "bad_request"
         assert not b.events("connection_failed") and not b.events("internal_error")
