@@ -1,8 +1,10 @@
 """Who a client is and what it may do: JWT verification, permissions, and the origin policy.
 
-Tokens are verified with PyJWT against exactly one algorithm family, fixed by the
-configuration (HS256 for a shared secret; RS256 or ES256 for a public key file), so a token
-cannot pick its own algorithm (``alg: none`` and key-confusion attacks are refused).
+Tokens are verified with PyJWT against exactly one algorithm, fixed by the configuration:
+HS256 for a shared secret, RS256 for an RSA public key file, ES256 for an EC (P-256) one. A
+token cannot pick its own algorithm (``alg: none`` and key-confusion attacks are refused), and
+a token whose algorithm does not match the key (an ES256 token against an RSA key) is refused
+like any other bad signature (401 / ``unauthorized``), never an internal error.
 
 Permissions are lists of patterns from the token's ``pubsub`` claim, or the configured
 defaults. A pattern prefixed with ``!`` denies, and a deny always wins:
@@ -25,9 +27,12 @@ from typing import Any
 import attrs
 import jwt
 import jwt.types
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.config import AuthConfig
-from broker.errors import AuthError, FrameError
+from broker.errors import AuthError, ConfigError, FrameError
+from broker.protocol import is_valid_unicode
 from broker.topics import pattern_covers, pattern_matches, patterns_overlap, validate_pattern
 
 __all__ = ["Identity", "Permissions", "TokenVerifier", "check_origin"]
@@ -108,15 +113,42 @@ def _permissions(patterns: tuple[str, ...], key: str) -> Permissions:
     return Permissions.from_list(patterns)
 
 
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def load_public_key(path: str) -> tuple[PublicKey, str]:
+    """The PEM public key in ``path`` and the one algorithm it verifies (RS256 or ES256).
+
+    Raises :class:`ConfigError` (naming ``auth.jwt_public_key_file``) when the file cannot be
+    read or holds anything but an RSA or an EC P-256 public key."""
+    key_name = "auth.jwt_public_key_file"
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(key_name, f"cannot read {path}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(key_name, f"{path} does not hold a PEM public key") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ConfigError(key_name, "must be an RSA (RS256) or EC P-256 (ES256) public key")
+
+
 class TokenVerifier:
-    """Verifies tokens against one configuration. Build a new one to reload keys."""
+    """Verifies tokens against one configuration. Build a new one to reload keys.
+
+    Raises :class:`ConfigError` if the public key file is not a usable key."""
 
     def __init__(self, cfg: AuthConfig) -> None:
         self._cfg = cfg
-        self._key: str | bytes
+        self._key: str | PublicKey
         if cfg.jwt_public_key_file:
-            self._key = Path(cfg.jwt_public_key_file).read_bytes()
-            self._algorithms = ["RS256", "ES256"]
+            # Only the key type's own algorithm: offering PyJWT both RS256 and ES256 with an
+            # RSA key made an ES256 token fail inside PyJWT's key preparation (InvalidKeyError)
+            # instead of being refused as a token.
+            self._key, algorithm = load_public_key(cfg.jwt_public_key_file)
+            self._algorithms = [algorithm]
         else:
             self._key = cfg.jwt_secret
             self._algorithms = ["HS256"]
@@ -182,8 +214,13 @@ class TokenVerifier:
             raise AuthError("token algorithm is not accepted", reason="bad_signature") from None
         except jwt.InvalidTokenError:
             raise AuthError("token is malformed", reason="malformed") from None
+        except (jwt.PyJWTError, ValueError):
+            # e.g. InvalidKeyError, or a token that is not even encodable: still the token's
+            # fault, and answered as such rather than as an internal error.
+            raise AuthError("token cannot be verified with this key", reason="malformed") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 255:
+        # A lone surrogate (JSON allows the escape) could never be written into a welcome.
+        if not isinstance(sub, str) or not sub or len(sub) > 255 or not is_valid_unicode(sub):
             raise AuthError("the sub claim must be a non-empty string", reason="bad_claims")
         exp = claims.get("exp")
         if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):

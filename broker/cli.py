@@ -15,7 +15,7 @@ import jwt
 
 from broker import __version__
 from broker.config import Config, load_config
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ListenError
 
 __all__ = ["main"]
 
@@ -29,6 +29,7 @@ examples:
   pubsub-broker token --config broker.toml --sub alice --ttl 3600 --publish 'chat.>' --subscribe 'chat.>'
   pubsub-broker token --config broker.toml --sub alice --subscribe 'chat.>' --presence 'chat.>'
   pubsub-broker dev            # development: make a config with a random secret, print a token, serve
+  pubsub-broker dev --listen 127.0.0.1:9000 --http-listen 127.0.0.1:9001   # other ports
 
 exit codes: 0 ok, 1 bad usage, 2 bad configuration, 3 could not start (e.g. port in use)
 """
@@ -81,7 +82,7 @@ def _serve(config: Config, overrides: dict[str, Any] | None = None) -> int:
     return run_broker(config, overrides)
 
 
-def _dev() -> int:
+def _dev(overrides: dict[str, Any]) -> int:
     DEV_DIR.mkdir(exist_ok=True)
     path = DEV_DIR / "broker.toml"
     if not path.exists():
@@ -105,10 +106,34 @@ def _dev() -> int:
             f'keys = ["{secrets.token_urlsafe(24)}"]\n'
         )
         os.chmod(path, 0o600)
-    config = load_config(path)
+    config = load_config(path, overrides=overrides)
+    from broker.logs import configure_logging
+    from broker.supervisor import bind_listeners, log_listen_error, run_broker
+
+    # Bound before the banner: a busy port is one log line and exit 3, with no token printed
+    # for a broker that never ran.
+    configure_logging()
+    try:
+        listeners = bind_listeners(config)
+    except ListenError as exc:
+        log_listen_error(exc)
+        return 3
+    # The bound ports, not the configured ones: port 0 picks a free one.
+    host = config.server.listen.rpartition(":")[0]
+    url = f"ws://{host}:{listeners.ws[0][0].getsockname()[1]}/ws"
+    http_origin = ""
+    if listeners.http is not None:
+        http_host = config.server.http_listen.rpartition(":")[0]
+        http_origin = f"http://{http_host}:{listeners.http.getsockname()[1]}"
+        if overrides.get("server.http_listen") and http_origin not in config.server.allowed_origins:
+            # The demo page is served from the operations listener: let it connect from there.
+            allowed = [*config.server.allowed_origins, http_origin]
+            overrides = {**overrides, "server.allowed_origins": allowed}
+            config = load_config(path, overrides=overrides)
     token = make_token(config, "dev-user", ttl=24 * 3600)
-    host, _, port = config.server.listen.rpartition(":")
-    url = f"ws://{host}:{port}/ws"
+    demo = "(disabled: server.http_listen is empty)"
+    if http_origin:
+        demo = f"{http_origin}/demo/?token={token}"
     print(
         f"""
 trio-pubsub development broker (config: {path})
@@ -119,7 +144,7 @@ trio-pubsub development broker (config: {path})
     export PUBSUB_URL={url} PUBSUB_TOKEN={token}
     .venv/bin/pubsub sub 'chat.>'
     .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
-  demo page:  http://{config.server.http_listen}/demo/?token={token}
+  demo page:  {demo}
   more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
 """,
         flush=True,
@@ -131,7 +156,7 @@ trio-pubsub development broker (config: {path})
             'topics = [">"] and [auth] default_presence = [">"]\n',
             flush=True,
         )
-    return _serve(config)
+    return run_broker(config, overrides, listeners)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,8 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="topics whose presence it may read (repeatable; '!P' denies)",
     )
 
-    sub.add_parser(
-        "dev", help="development: create .pubsub-dev/broker.toml if missing, print a token, serve"
+    dev = sub.add_parser(
+        "dev",
+        help="development: create .pubsub-dev/broker.toml if missing, print a token, serve",
+        description="Create .pubsub-dev/broker.toml (a random secret, everything allowed) if "
+        "it is missing, print a token and how to use it, and serve until SIGTERM or SIGINT.",
+    )
+    dev.add_argument(
+        "--listen",
+        help="HOST:PORT for WebSocket clients (overrides server.listen, 127.0.0.1:8765)",
+    )
+    dev.add_argument(
+        "--http-listen",
+        dest="http_listen",
+        help="HOST:PORT of the operations listener and demo page "
+        '(overrides server.http_listen, 127.0.0.1:8766; "" disables)',
     )
     return parser
 
@@ -209,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "dev":
-            return _dev()
         overrides = _overrides(args)
+        if args.command == "dev":
+            return _dev(overrides)
         config = load_config(args.config, overrides=overrides)
         if args.command == "check-config":
             print(json.dumps({"ok": True, "config": args.config, "workers": config.worker_count}))

@@ -87,6 +87,11 @@ class LimitsConfig:
     # max_data_size, with their envelopes) recovered at once.
     read_rate_bytes: int = 1024 * 1024
     read_burst_bytes: int = 8 * 1024 * 1024
+    # Connections not authenticated yet (from accept: the upgrade still being read, or
+    # waiting for an in-band auth op), per worker; past it the oldest is dropped.
+    max_pending_connections: int = 1000
+    # Authenticated connections of one client id (``sub``) per worker; past it: close 4029.
+    max_connections_per_client: int = 100
 
 
 @attrs.frozen
@@ -323,6 +328,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "auth.jwt_public_key_file", f"file not found: {cfg.auth.jwt_public_key_file}"
         )
+    if cfg.auth.jwt_public_key_file:
+        from broker.auth import load_public_key  # auth imports this module
+
+        load_public_key(cfg.auth.jwt_public_key_file)  # an RSA or EC P-256 key, or ConfigError
     for key, patterns in (
         ("auth.default_publish", cfg.auth.default_publish),
         ("auth.default_subscribe", cfg.auth.default_subscribe),
@@ -346,6 +355,8 @@ def _validate(cfg: Config) -> None:
         "max_topics",
         "read_rate_bytes",
         "read_burst_bytes",
+        "max_pending_connections",
+        "max_connections_per_client",
     ):
         _positive(f"limits.{key}", getattr(cfg.limits, key))
     _positive("limits.publish_rate", cfg.limits.publish_rate)

@@ -2,6 +2,7 @@
 
 BrokerError
 ├── ConfigError          a configuration file or option is wrong (names the key)
+├── ListenError          a listening address cannot be bound, e.g. a busy port (names the key)
 ├── AuthError            a token or origin was refused (carries the HTTP status and reason)
 ├── FrameError           a client frame is invalid (carries the protocol error code)
 ├── WebSocketViolation   a client broke the WebSocket protocol (carries the close code)
@@ -26,6 +27,19 @@ class ConfigError(BrokerError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"config error: {key}: {problem}")
         self.key = key
+        self.problem = problem
+
+
+class ListenError(BrokerError):
+    """A listening socket could not be bound (the port is in use, the address is not this
+    machine's, a privileged port). ``key`` is the setting to change (``"server.listen"`` or
+    ``"server.http_listen"``), ``address`` the ``HOST:PORT`` tried, ``problem`` the system's
+    words for it. The broker exits with code 3."""
+
+    def __init__(self, key: str, address: str, problem: str) -> None:
+        super().__init__(f"cannot listen on {address} ({key}): {problem}")
+        self.key = key
+        self.address = address
         self.problem = problem
 
 

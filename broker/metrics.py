@@ -469,6 +469,17 @@ class BrokerMetrics:
             HANDSHAKE_BUCKETS,
         )
         self.bus_up = r.gauge("pubsub_bus_up", "1 when the bus is connected, else 0.")
+        self.connections_pending = r.gauge(
+            "pubsub_connections_pending",
+            "Connections not authenticated yet (upgrade being read, or waiting for an auth op).",
+        )
+        self.connections_refused = r.counter(
+            "pubsub_connections_refused_total",
+            "Connections refused or dropped for want of a slot, by reason: pending (the oldest "
+            "unauthenticated connection dropped to make room), capacity (max_connections), "
+            "per_client (max_connections_per_client).",
+            ["reason"],
+        )
         self.read_refusals = r.counter(
             "pubsub_read_refusals_total",
             "history and subscribe-with-since requests refused with rate_limited: the "
@@ -515,6 +526,7 @@ CLOSE_REASONS = {
     1008: "policy",
     1009: "too_big",
     1011: "internal",
+    1013: "try_again_later",
     4001: "auth_timeout",
     4003: "expired",
     4008: "slow_consumer",
@@ -528,9 +540,9 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
     ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``read_refusals`` {op: n},
-    ``bus_up``, ``ws_violations`` {kind: n}, ``presence_members``, ``presence_refused``
-    {code: n}, ``handshake`` (a :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s
-    ``sample()``); missing ones count 0),
+    ``bus_up``, ``pending``, ``refused`` {reason: n}, ``ws_violations`` {kind: n},
+    ``presence_members``, ``presence_refused`` {code: n}, ``handshake`` (a
+    :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
     m.connections.set(stats.get("connections", 0))
@@ -556,6 +568,9 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     m.presence_members.set(stats.get("presence_members", 0))
     for code, n in dict(stats.get("presence_refused", {})).items():
         m.presence_refused.inc(n, code=str(code))
+    m.connections_pending.set(stats.get("pending", 0))
+    for reason, n in dict(stats.get("refused", {})).items():
+        m.connections_refused.inc(n, reason=str(reason))
     snap = m.registry.snapshot()
     handshake = stats.get("handshake")
     if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:

@@ -7,6 +7,11 @@ classes below, or raises :class:`~broker.errors.FrameError` carrying the error c
 with and the frame's ``id`` when it could be read. Nothing here touches a socket or a clock, so
 the whole layer is tested (and fuzzed) with plain function calls.
 
+JSON lets a string carry a lone surrogate (``"\\ud800"``), which Python decodes but which no
+UTF-8 frame can carry back: a frame holding one anywhere (its ``id``, a topic, publish
+``data``) is refused as a whole with ``bad_request``, so nothing later fails while encoding a
+reply or a publication. The check costs a scan only for frames with a ``\\u`` escape in them.
+
 On the way out, :func:`encode_reply`, :func:`encode_error` and the push encoders build the JSON
 text of a frame, and :func:`frame_text` wraps it in an unmasked WebSocket text frame. A
 publication is encoded and framed once (:func:`encode_message`) and the same bytes are written
@@ -45,6 +50,7 @@ __all__ = [
     "encode_reply",
     "encode_welcome",
     "frame_text",
+    "is_valid_unicode",
     "parse_command",
 ]
 
@@ -81,6 +87,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = frames.MESSAGE_TOO_BIG
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
     NOT_AUTHENTICATED = 4001
     TOKEN_EXPIRED = 4003
     SLOW_CONSUMER = 4008
@@ -162,6 +169,27 @@ def _dumps_optional_str(value: str | None) -> str:
     return "null" if value is None else _dumps_str(value)
 
 
+def is_valid_unicode(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _holds_lone_surrogate(frame: dict[str, Any]) -> bool:
+    """Whether any string in ``frame`` (keys too, at any depth) holds a lone surrogate."""
+    try:
+        # ensure_ascii=False keeps a surrogate as it is, so the UTF-8 encoding finds it.
+        text = _dumps(frame)
+    except (ValueError, RecursionError):
+        return False  # NaN and the like: refused by the field checks, with their own message
+    return not is_valid_unicode(text)
+
+
 def _read_id(frame: dict[str, Any]) -> FrameId:
     if "id" not in frame or frame["id"] is None:
         return None
@@ -231,6 +259,16 @@ def parse_command(text: str | bytes) -> Command:
     if not isinstance(frame, dict):
         raise FrameError("bad_request", "frame must be a JSON object")
     fid = _read_id(frame)
+    # A lone surrogate can only arrive as a \u escape: the frame's text itself is UTF-8.
+    if "\\u" in text and _holds_lone_surrogate(frame):
+        if isinstance(fid, str) and not is_valid_unicode(fid):
+            fid = None  # an id that cannot be echoed back
+        raise FrameError(
+            "bad_request",
+            "frame holds a lone surrogate (an unpaired \\ud800-\\udfff escape); "
+            "strings must be valid Unicode",
+            fid,
+        )
     op = frame.get("op")
     if not isinstance(op, str):
         raise FrameError("bad_request", "missing field 'op'", fid)
@@ -267,8 +305,14 @@ def parse_command(text: str | bytes) -> Command:
 
 def check_data_size(data: str, limit: int) -> None:
     """Raise :class:`FrameError` (``too_large``) if the JSON text ``data`` of a publication is
-    over ``limit`` UTF-8 bytes. Shared by the WebSocket and the HTTP publish paths."""
-    size = len(data) if data.isascii() else len(data.encode())
+    over ``limit`` UTF-8 bytes, or ``bad_request`` if it holds a lone surrogate (it could never
+    be sent). Shared by the WebSocket and the HTTP publish paths."""
+    try:
+        size = len(data) if data.isascii() else len(data.encode())
+    except UnicodeEncodeError:
+        raise FrameError(
+            "bad_request", "data holds a lone surrogate; strings must be valid Unicode"
+        ) from None
     if size > limit:
         raise FrameError("too_large", f"data is {size} bytes encoded; the limit is {limit}")
 

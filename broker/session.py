@@ -20,8 +20,10 @@ are refused with ``rate_limited``.
 
 A session ends for exactly one reason, recorded once by :meth:`Session.close`: the client
 closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
-its permissions were revoked (1008), or the worker is shutting down (1001). Whatever happens,
-its subscriptions and presence are removed before the task returns.
+its client id holds too many connections (4029), it had not authenticated when room was needed
+or the worker is full (1013), its permissions were revoked (1008), or the worker is shutting
+down (1001). Whatever happens, its subscriptions and presence are removed before the task
+returns.
 """
 
 from __future__ import annotations
@@ -192,6 +194,14 @@ class Session:
 
     def on_broken(self, reason: str) -> None:
         self.close(ABORTED, reason)
+
+    def make_room(self) -> None:
+        """Dropped, still unauthenticated, to make room for newer connections (see
+        :mod:`broker.slots`): 1013, try again later (not 4001, which clients take as fatal)."""
+        self.close(
+            p.CloseCode.TRY_AGAIN_LATER,
+            "too many connections waiting to authenticate; try again later",
+        )
 
     def close(self, code: int, reason: str) -> None:
         """Ask the session to close with ``code``; the first reason given wins."""
@@ -389,6 +399,13 @@ class Session:
                 self.close(p.CloseCode.NOT_AUTHENTICATED, "authentication failed")
             return
         if self.identity is None:
+            refused = worker.slots.admit(self.conn_id, identity.client)
+            if refused is not None:
+                code, error_code, message = worker.refusal(refused)
+                log.info("refused", reason=refused, client=identity.client, source="inband")
+                self.error(cmd.id, error_code, message)
+                self.close(code, message)
+                return
             self.identity = identity
             self._set_expiry(identity)
             self._reschedule()

@@ -33,13 +33,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import attrs
 import structlog
 import trio
 
-from broker import gctune, systemd
+from broker import gctune, rlimit, systemd
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
 from broker.config import Config, load_config, node_name, parse_hostport
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ListenError
 from broker.hub import Hub
 from broker.logs import configure_logging
 from broker.metrics import (
@@ -53,7 +54,7 @@ from broker.protocol import check_data_size
 from broker.topics import validate_pattern, validate_topic
 from broker.worker import Worker, make_listen_socket, make_redis_bus
 
-__all__ = ["run_broker"]
+__all__ = ["Listeners", "bind_listeners", "log_listen_error", "run_broker"]
 
 log = structlog.get_logger()
 
@@ -71,33 +72,82 @@ def reload_config(current: Config, overrides: dict[str, Any]) -> Config | None:
 
 
 async def _serve_http(
-    nursery: trio.Nursery, config: Config, backend: Any
+    nursery: trio.Nursery, config: Config, backend: Any, sock: socket.socket | None
 ) -> tuple[int | None, Any]:
-    """Start the operations listener if configured; its port and the server object (whose
-    API keys a reload replaces)."""
-    if not config.server.http_listen:
+    """Start the operations listener on ``sock`` (None: not configured); its port and the
+    server object (whose API keys a reload replaces)."""
+    if sock is None:
         return None, None
     from broker.http import HttpServer, http_limits, serve_http
 
     host, port = parse_hostport(config.server.http_listen, "server.http_listen")
     server = HttpServer(backend, config.api_keys, limits=http_limits(config))
     http_port: int = await nursery.start(
-        functools.partial(serve_http, host, port, backend, (), server=server)
+        functools.partial(serve_http, host, port, backend, (), server=server, sock=sock)
     )
     return http_port, server
+
+
+# --- listening sockets ------------------------------------------------------------------
+
+
+@attrs.define
+class Listeners:
+    """Every socket the broker listens on, bound before anything else starts (so a busy port
+    is one log line and exit 3, before a banner or a worker): per worker its WebSocket
+    sockets, and the operations listener's socket (None when ``server.http_listen`` is
+    empty)."""
+
+    ws: list[list[socket.socket]]
+    http: socket.socket | None
+
+
+def bind_listeners(config: Config) -> Listeners:
+    """Bind ``server.listen`` (one socket per worker, or the one systemd passed) and
+    ``server.http_listen``. Raises :class:`ListenError` naming the key whose address could
+    not be bound; nothing stays bound then."""
+    ws = _listen_sockets(config, config.worker_count)
+    http: socket.socket | None = None
+    if config.server.http_listen:
+        host, port = parse_hostport(config.server.http_listen, "server.http_listen")
+        try:
+            http = make_listen_socket(host, port)
+        except OSError as exc:
+            for socks in ws:
+                for s in socks:
+                    s.close()
+            raise ListenError(
+                "server.http_listen", config.server.http_listen, _strerror(exc)
+            ) from None
+    return Listeners(ws, http)
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def log_listen_error(exc: ListenError) -> None:
+    """The one log line a busy (or forbidden) listening address gets."""
+    flag = "--listen" if exc.key == "server.listen" else "--http-listen"
+    log.error(
+        "listen_failed",
+        key=exc.key,
+        address=exc.address,
+        problem=exc.problem,
+        hint=f"change {exc.key} (or {flag}) to an address this process may listen on",
+    )
 
 
 # --- one process ------------------------------------------------------------------------
 
 
-async def _single(config: Config, overrides: dict[str, Any]) -> None:
+async def _single(config: Config, overrides: dict[str, Any], listeners: Listeners) -> None:
     from broker.http import WorkerBackend
 
     worker = Worker(config)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*TERMINATING, signal.SIGHUP) as signals:
-            socks = _listen_sockets(config, 1)
-            ports = await nursery.start(worker.serve, socks[0])
+            ports = await nursery.start(worker.serve, listeners.ws[0])
             http_port, http = await _serve_http(
                 nursery,
                 config,
@@ -106,6 +156,7 @@ async def _single(config: Config, overrides: dict[str, Any]) -> None:
                     ws_port=ports[0],
                     extra_metrics=lambda: [history_snapshot(worker.bus.history_stats())],
                 ),
+                listeners.http,
             )
             log.info("ready", port=ports[0], http_port=http_port, workers=1)
             gctune.freeze_startup_objects()
@@ -133,7 +184,8 @@ async def _single(config: Config, overrides: dict[str, Any]) -> None:
 
 def _listen_sockets(config: Config, count: int) -> list[list[socket.socket]]:
     """Per worker, its listening sockets: the systemd-passed one shared by all, or one
-    SO_REUSEPORT socket each on the configured address (port 0: one free port for all)."""
+    SO_REUSEPORT socket each on the configured address (port 0: one free port for all).
+    Raises :class:`ListenError` (nothing stays bound)."""
     passed = systemd.listen_fds_with_names()
     if passed:
         chosen = [s for name, s in passed if name == "ws"] or [passed[0][1]]
@@ -153,14 +205,16 @@ def _listen_sockets(config: Config, count: int) -> list[list[socket.socket]]:
             port = s.getsockname()[1]
             socks.append([s])
     except OSError as exc:
-        log.error("listen_failed", listen=config.server.listen, error=exc.strerror)
-        raise SystemExit(3) from None
+        for bound in socks:
+            bound[0].close()
+        raise ListenError("server.listen", config.server.listen, _strerror(exc)) from None
     return socks
 
 
 class Supervisor:
-    def __init__(self, config: Config, overrides: dict[str, Any]) -> None:
+    def __init__(self, config: Config, overrides: dict[str, Any], listeners: Listeners) -> None:
         self.config = config
+        self.listeners = listeners
         self.overrides = overrides
         self.count = config.worker_count
         self.hub = Hub(config.history_rule, config.limits)
@@ -190,7 +244,7 @@ class Supervisor:
         )
 
     async def run(self) -> None:
-        socks = _listen_sockets(self.config, self.count)
+        socks = self.listeners.ws
         self.port = socks[0][0].getsockname()[1]
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(*TERMINATING, signal.SIGHUP) as signals:
@@ -209,7 +263,7 @@ class Supervisor:
                     log.error("workers_not_ready", ready=len(self.hub.workers), expected=self.count)
                     raise SystemExit(3)
                 http_port, self.http = await _serve_http(
-                    nursery, self.config, SupervisorBackend(self)
+                    nursery, self.config, SupervisorBackend(self), self.listeners.http
                 )
                 log.info(
                     "ready",
@@ -377,18 +431,47 @@ class SupervisorBackend:
         }
 
 
-def run_broker(config: Config, overrides: dict[str, Any] | None = None) -> int:
-    """Run until a terminating signal; return the process exit code."""
+def needed_files(config: Config) -> int:
+    """The client connections one worker's limits may hold (authenticated and pending)."""
+    return config.limits.max_connections + config.limits.max_pending_connections
+
+
+def run_broker(
+    config: Config, overrides: dict[str, Any] | None = None, listeners: Listeners | None = None
+) -> int:
+    """Run until a terminating signal; return the process exit code (3: could not listen).
+    ``listeners`` are the sockets :func:`bind_listeners` bound (default: bind them here)."""
     configure_logging()
+    if listeners is None:
+        try:
+            listeners = bind_listeners(config)
+        except ListenError as exc:
+            log_listen_error(exc)  # the only line: nothing else has started
+            return 3
+    one_process = config.worker_count == 1
+    rlimit.log_file_limit(
+        rlimit.raise_file_limit(), needed=needed_files(config) if one_process else None
+    )
     gctune.tune()
     overrides = overrides or {}
     try:
-        if config.worker_count == 1:
-            trio.run(_single, config, overrides)
+        if one_process:
+            trio.run(_single, config, overrides, listeners)
         else:
-            trio.run(Supervisor(config, overrides).run)
-    except SystemExit as exc:
+            trio.run(Supervisor(config, overrides, listeners).run)
+    except (SystemExit, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        return _exit_code(exc)
+    return 0
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit code a SystemExit or KeyboardInterrupt asks for, also when a nursery wrapped
+    it in an exception group; a group holding anything else is raised as it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split((SystemExit, KeyboardInterrupt))
+        if matched is None or rest is not None:
+            raise exc
+        return _exit_code(matched.exceptions[0])
+    if isinstance(exc, SystemExit):
         return int(exc.code or 0)
-    except KeyboardInterrupt:
-        return 0
     return 0

@@ -1,10 +1,11 @@
 """A worker: one trio loop that accepts WebSocket connections and runs their sessions.
 
 The worker owns what its connections share: the configuration in force, the token verifier,
-the router, the bus and the flusher. It applies the handshake verdict of
-:mod:`broker.handshake`, starts one :class:`~broker.session.Session` per accepted connection,
-and contains every failure of a connection to that connection: an exception escaping a
-connection handler would otherwise take the whole listener down.
+the router, the bus, the flusher and the connection slots (:mod:`broker.slots`: a pending
+budget from accept to authentication, an admitted one, and one per client id). It applies the
+handshake verdict of :mod:`broker.handshake`, starts one :class:`~broker.session.Session` per
+accepted connection, and contains every failure of a connection to that connection: an
+exception escaping a connection handler would otherwise take the whole listener down.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
 from broker.router import Router
 from broker.sendqueue import Flusher, SendQueue
-from broker.session import Session
+from broker.session import CLOSE_GRACE, Session
+from broker.slots import CAPACITY, PER_CLIENT, Slots
 from broker.timers import Deadlines
 from broker.wsserver import FrameLimits, ServerWebSocket
 
@@ -100,6 +102,7 @@ class Worker:
         self.sessions: dict[int, Session] = {}
         self._nursery: trio.Nursery  # set by services(): where the send queues' drainers run
         self.handshaking = 0
+        self.slots = Slots(config.limits)
         self._sessions_changed = trio.Event()
         self._to_close: deque[tuple[Session, str]] = deque()
         self._closer_wakeup = trio.Event()
@@ -159,6 +162,8 @@ class Worker:
             "errors": dict(self.errors),
             "ws_violations": dict(self.frame_limits.refused),
             "read_refusals": dict(self.read_refusals),
+            "pending": len(self.slots.pending),
+            "refused": dict(self.slots.refused),
             "bus_up": self.bus.is_up,
             "presence_members": self.bus.presence_members(),
             "presence_refused": dict(self.presence_refused),
@@ -186,6 +191,7 @@ class Worker:
         self.verifier = TokenVerifier(config.auth)
         self.config = config
         self.frame_limits = FrameLimits.from_config(config, self.frame_limits.refused)
+        self.slots.limits = config.limits
         self.bus.reconfigure(config.history_rule)
         log.info("reloaded", source=config.source)
 
@@ -280,14 +286,34 @@ class Worker:
         finally:
             await ws.aclose()
 
+    def refusal(self, reason: str) -> tuple[int, str, str]:
+        """The close code, error code and message a refused admission gets (see
+        :meth:`Slots.admit`)."""
+        if reason == PER_CLIENT:
+            limit = self.config.limits.max_connections_per_client
+            return (
+                CloseCode.TOO_MANY_VIOLATIONS,
+                "rate_limited",
+                f"too many connections for this client (at most {limit} per worker)",
+            )
+        return (
+            CloseCode.TRY_AGAIN_LATER,
+            "unavailable",
+            "this worker is at its connection limit; try again later",
+        )
+
     async def _connection(self, conn_id: int, ws: ServerWebSocket) -> None:
         cfg = self.config
         started = trio.current_time()
         self.handshaking += 1
         session: Session | None = None
+        # Ended by the handshake timeout, or to make room for newer connections (see
+        # broker.slots): pending from the accept on, however slowly the request comes.
+        handshake_scope = trio.CancelScope(deadline=started + cfg.timeouts.handshake_timeout)
+        self.slots.arrive(conn_id, handshake_scope.cancel)
         try:
             verdict: handshake.Accept | handshake.Reject | None = None
-            with trio.move_on_after(cfg.timeouts.handshake_timeout):
+            with handshake_scope:
                 request = await ws.receive_request()
                 if request is None:
                     return  # the client went away, or its request was invalid (answered)
@@ -297,33 +323,45 @@ class Worker:
                     tuple(request.subprotocols),
                     allowed_origins=cfg.server.allowed_origins,
                     verifier=self.verifier,
-                    at_capacity=not self.accepting
-                    or len(self.sessions) >= cfg.limits.max_connections,
+                    at_capacity=not self.accepting or self.slots.full(),
                 )
                 del request  # its headers hold the token: keep them no longer than needed
                 if isinstance(verdict, handshake.Reject):
                     if verdict.status == 401:
                         self.count_auth_failure(verdict.reason)
+                    elif verdict.status == 503:
+                        self.slots.refuse(CAPACITY)
                     log.info("rejected", status=verdict.status, reason=verdict.reason)
                     await ws.reject(
                         verdict.status, [(b"Content-Type", b"application/json")], verdict.body()
                     )
                     return
             if not isinstance(verdict, handshake.Accept):
-                # the timeout struck before the verdict, or while a refusal went out
-                log.info("handshake_timeout")
+                # the timeout struck (or room was made) before the verdict, or while a
+                # refusal went out
+                dropped = conn_id not in self.slots.pending
+                log.info("pending_dropped" if dropped else "handshake_timeout")
                 return
             ws.accept(verdict.subprotocol)
+            identity = verdict.identity
+            if identity is not None:
+                refused = self.slots.admit(
+                    conn_id, identity.client, limited=verdict.token_source != "anonymous"
+                )
+                if refused is not None:
+                    await self._refuse_upgraded(ws, refused, identity.client)
+                    return
             self.handshaking -= 1
             elapsed = trio.current_time() - started
             self.handshake_counts[bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)] += 1
             self.handshake_sum += elapsed
             self.connections_total += 1
-            identity = verdict.identity
             if identity is not None:
                 structlog.contextvars.bind_contextvars(client=identity.client)
             log.info("connect", token_source=verdict.token_source)
             session = Session(self, conn_id, ws, identity)
+            if identity is None:
+                self.slots.wait_for_auth(conn_id, session.make_room)
             # bound methods rather than closures: a few hundred bytes less per connection
             ws.queue.on_slow = session.on_slow
             ws.queue.on_broken = session.on_broken
@@ -333,6 +371,10 @@ class Worker:
             finally:
                 ws.queue.release_callbacks()
         finally:
+            if session is not None and session.identity is not None:
+                self.slots.release(session.identity.client)
+            else:
+                self.slots.leave(conn_id)
             if session is None:
                 self.handshaking -= 1
             else:
@@ -340,6 +382,15 @@ class Worker:
                 # A counter must never go down: keep what closed connections received.
                 self.bytes_in_closed += ws.bytes_received
                 self._sessions_changed.set()
+
+    async def _refuse_upgraded(self, ws: ServerWebSocket, reason: str, client: str) -> None:
+        """Close an upgraded connection whose client has no slot (no welcome is sent)."""
+        code, _, message = self.refusal(reason)
+        log.info("refused", reason=reason, client=client, code=code)
+        self.count_close(code)
+        ws.send_close(code, message)
+        with trio.move_on_after(CLOSE_GRACE):
+            await ws.finish_close()
 
     def slow_consumer(self, session: Session, reason: str) -> None:
         """``session``'s queue went over its limit (or its writes timed out): log it and

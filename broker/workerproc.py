@@ -19,13 +19,13 @@ from typing import Any
 import structlog
 import trio
 
-from broker import gctune
+from broker import gctune, rlimit
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.ipc import HubClient, IpcBus
 from broker.config import Config, load_config, node_name
 from broker.errors import ConfigError
 from broker.logs import configure_logging
-from broker.supervisor import reload_config
+from broker.supervisor import needed_files, reload_config
 from broker.worker import Worker, make_redis_bus
 
 log = structlog.get_logger()
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config_error", key=exc.key, problem=exc.problem)
         return 2
+    structlog.contextvars.bind_contextvars(worker=args.index)
+    rlimit.log_file_limit(rlimit.raise_file_limit(), needed=needed_files(config))
     fds = [int(f) for f in args.fds.split(",")]
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_worker, config, args.index, args.hub, fds, overrides)

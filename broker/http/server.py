@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 
 import structlog
@@ -63,20 +64,26 @@ async def serve_http(
     limits: HttpLimits | None = None,
     registry: Registry | None = None,
     server: HttpServer | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the operations listener on ``listen_host:listen_port`` until cancelled.
 
     Calls ``task_status.started(port)`` with the real port once listening (so port 0 picks a
     free one). Pass ``server`` to keep a handle on it (to change its API keys on reload);
-    ``backend``, ``api_keys``, ``limits`` and ``registry`` are then ignored.
+    ``backend``, ``api_keys``, ``limits`` and ``registry`` are then ignored. ``sock``, a socket
+    already bound and listening, is served instead of binding ``listen_host:listen_port`` (so
+    the caller can report a busy port before starting anything).
     """
     if server is None:
         server = HttpServer(backend, api_keys, limits=limits, registry=registry)
     host: str | None = listen_host or None
     if host is not None and host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    listeners = await trio.open_tcp_listeners(listen_port, host=host)
+    if sock is not None:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+    else:
+        listeners = await trio.open_tcp_listeners(listen_port, host=host)
     port = listeners[0].socket.getsockname()[1]
     log.info("http_listening", host=listen_host, port=port)
     task_status.started(port)

@@ -14,6 +14,7 @@ import time
 import tomllib
 from collections.abc import Callable
 
+import attrs
 import jwt
 
 from broker import protocol
@@ -46,10 +47,17 @@ def command(data: bytes) -> None:
     Text frames are what reach the JSON parser; one input in eight stays a binary frame."""
     frame: str | bytes = data if data[:1] == b"\x00" else data.decode("utf-8", "replace")
     try:
-        protocol.parse_command(frame)
+        cmd = protocol.parse_command(frame)
     except FrameError as exc:
         assert exc.code in FRAME_ERROR_CODES, exc.code
-        json.loads(protocol.encode_error(exc.frame_id, exc.code, exc.message))
+        # The reply can be sent: valid JSON, and UTF-8 (no lone surrogate from the frame).
+        json.loads(protocol.encode_error(exc.frame_id, exc.code, exc.message).encode())
+    else:
+        # Whatever the command carries can be echoed, published or answered in UTF-8.
+        for value in attrs.astuple(cmd):
+            if isinstance(value, str):
+                value.encode()
+        protocol.encode_reply(cmd.id).encode()
 
 
 def frame_reader(data: bytes) -> None:
@@ -106,6 +114,7 @@ def _verify(token: str) -> None:
     else:
         assert isinstance(identity, Identity)
         assert identity.client
+        identity.client.encode()  # it goes into a welcome frame: valid UTF-8
 
 
 def token(data: bytes) -> None:

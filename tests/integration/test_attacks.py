@@ -84,7 +84,13 @@ def test_slowloris_is_cut_off_and_legitimate_clients_still_connect(
 
 def test_a_thousand_subscribers_that_never_read(tmp_path: Path) -> None:
     limit = 64 * 1024
-    config = {"limits": {"send_queue_max_bytes": limit, "max_connections": 5000}}
+    config = {
+        "limits": {
+            "send_queue_max_bytes": limit,
+            "max_connections": 5000,
+            "max_connections_per_client": 5000,  # one client id, 1,000 connections
+        }
+    }
     with BrokerProcess.start(tmp_path, config) as b:
         proc = psutil.Process(b.pid)
         rss_baseline = proc.memory_info().rss

@@ -364,7 +364,7 @@ def test_a_second_broker_on_the_same_port_is_refused(tmp_path: Path) -> None:
             with pytest.raises(RuntimeError, match="exited with 3"):
                 second._spawn(port=first.port)
             [failed] = second.events("listen_failed")
-            assert "in use" in failed["error"]
+            assert "in use" in failed["problem"] and failed["key"] == "server.listen"
         finally:
             second.stop()
         assert first.proc is not None and first.proc.poll() is None

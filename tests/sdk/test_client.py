@@ -675,3 +675,36 @@ async def test_two_workers_and_a_restart(tmp_path: Path) -> None:
                 gap, after = await take(sub, 2)
                 assert isinstance(gap, Gap) and gap.epoch_changed
                 assert isinstance(after, Message) and after.data == "after"
+
+
+async def test_a_client_id_over_its_connection_limit_backs_off_then_gets_in(
+    tmp_path: Path,
+) -> None:
+    """Close 4029 before the welcome (too many connections for this client id) is retried
+    with the exponential backoff, not in a hot loop, and succeeds once a slot is free."""
+    config = {"limits": {"max_connections_per_client": 1}}
+    with BrokerProcess.start(tmp_path, config) as b:
+        token = b.token("alice")
+        release = trio.Event()
+
+        async def holder(task_status: trio.TaskStatus[None]) -> None:
+            async with client_sdk.connect(b.url, token=token):
+                task_status.started()
+                await release.wait()
+
+        async def second() -> None:
+            async with client_sdk.connect(
+                b.url, token=token, retry_first_connect=True, backoff_base=0.05, backoff_max=0.5
+            ) as client:
+                assert await client.publish("t", 1) == 1
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(holder)
+                nursery.start_soon(second)
+                await trio.sleep(3)
+                refused = len(b.events("refused"))
+                # A hot loop would be hundreds of attempts in 3 s; the backoff (up to 0.5 s,
+                # full jitter) allows a dozen or so.
+                assert 2 <= refused <= 40, refused
+                release.set()  # a slot frees: the second client gets in and publishes

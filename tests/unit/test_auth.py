@@ -290,3 +290,49 @@ def test_handshake_token_sources() -> None:
     )
     basic = decide("/ws", [(b"authorization", b"Basic abc")])
     assert isinstance(basic, Reject) and basic.status == 401
+
+
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, tmp_path: Path) -> Path:
+    path = tmp_path / "key.pem"
+    path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("key_kind", ["rsa", "ec"])
+def test_only_the_algorithm_of_the_key_type_is_accepted(tmp_path: Path, key_kind: str) -> None:
+    """An ES256 token against an RSA key (or RS256 against EC) is a 401 like any bad
+    signature; PyJWT's InvalidKeyError must not escape as an internal error."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    configured, other, other_alg = (
+        (rsa_key, ec_key, "ES256") if key_kind == "rsa" else (ec_key, rsa_key, "RS256")
+    )
+    v = TokenVerifier(AuthConfig(jwt_public_key_file=str(_pem(configured, tmp_path))))
+    claims = {"sub": "k", "exp": time.time() + 60}
+    assert reason_of(v, jwt.encode(claims, other, algorithm=other_alg)) == "bad_signature"
+    # The other family's algorithms with the right key type are refused too.
+    wrong = "RS384" if key_kind == "rsa" else "ES384"
+    if key_kind == "ec":
+        configured = ec.generate_private_key(ec.SECP384R1())
+    assert reason_of(v, jwt.encode(claims, configured, algorithm=wrong)) == "bad_signature"
+
+
+def test_an_unusable_public_key_file_names_the_key(tmp_path: Path) -> None:
+    from broker.errors import ConfigError
+
+    path = tmp_path / "key.pem"
+    path.write_text("not a key")
+    with pytest.raises(ConfigError) as info:
+        TokenVerifier(AuthConfig(jwt_public_key_file=str(path)))
+    assert info.value.key == "auth.jwt_public_key_file"
+    _pem(ec.generate_private_key(ec.SECP384R1()), tmp_path)  # ES384 is not offered
+    with pytest.raises(ConfigError, match="P-256"):
+        TokenVerifier(AuthConfig(jwt_public_key_file=str(path)))
+
+
+def test_a_sub_with_a_lone_surrogate_is_refused() -> None:
+    assert reason_of(verifier(), hs({"sub": "\ud800", "exp": time.time() + 60})) == "bad_claims"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 import trio
 import trio.testing
 
-from broker import cli
+from broker import logs, supervisor
 from broker.auth import TokenVerifier
 from broker.cli import main, make_token
 from broker.config import AuthConfig, Config, PresenceConfig, parse_config
@@ -143,8 +144,19 @@ def test_the_development_configuration_allows_presence_everywhere(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     served: list[Config] = []
-    monkeypatch.setattr(cli, "_serve", lambda config, overrides=None: served.append(config) or 0)
-    assert main(["dev"]) == 0
+
+    def run_broker(config: Config, overrides: Any, listeners: Any) -> int:
+        served.append(config)
+        for sock in [*(s for group in listeners.ws for s in group), listeners.http]:
+            if sock is not None:
+                sock.close()
+        return 0
+
+    monkeypatch.setattr(supervisor, "run_broker", run_broker)
+    # Logging stays as the test session set it up (dev would send it to the captured stderr).
+    monkeypatch.setattr(logs, "configure_logging", lambda *a, **k: None)
+    free = ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
+    assert main(["dev", *free]) == 0
     [config] = served
     assert config.presence.tracks("chat.room1") and config.presence.tracks("any.topic.at.all")
     token_line = capsys.readouterr().out.split("token (user")[1].splitlines()[1].strip()
@@ -152,7 +164,7 @@ def test_the_development_configuration_allows_presence_everywhere(
     assert identity.presence.allows_topic("chat.room1")
     # A development file from before presence was opt-in gets a hint how to turn it on.
     (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{SECRET}"\n')
-    assert main(["dev"]) == 0
+    assert main(["dev", *free]) == 0
     assert "presence is off: delete .pubsub-dev/broker.toml" in capsys.readouterr().out
 
 

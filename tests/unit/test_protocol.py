@@ -121,3 +121,38 @@ def test_history_reply_splices_the_pushes_as_they_are() -> None:
     }
     assert text.endswith(f',"messages":[{push},{push}]}}')
     assert json.loads(p.encode_history_reply("h", [], offset=0, epoch="e"))["messages"] == []
+
+
+@pytest.mark.parametrize(
+    ("frame", "fid"),
+    [
+        ('{"op":"ping","id":"\\ud800"}', None),  # the id itself cannot be echoed back
+        ('{"op":"auth","token":"\\udfff","id":"a"}', "a"),
+        ('{"op":"publish","topic":"t","data":"x\\ud800y","id":7}', 7),
+        ('{"op":"publish","topic":"t","data":{"\\udc00":1},"id":7}', 7),  # a key
+        ('{"op":"publish","topic":"t","data":[[["\\ud83d"]]],"id":7}', 7),  # deep, half a pair
+        ('{"op":"subscribe","topic":"a\\ud800","id":1}', 1),
+        ('{"op":"history","topic":"a","since":{"offset":1,"epoch":"\\ud800"},"id":1}', 1),
+        ('{"op":"ping","\\ud800":1,"id":1}', 1),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_a_bad_request(frame: str, fid: object) -> None:
+    with pytest.raises(FrameError) as info:
+        p.parse_command(frame)
+    assert info.value.code == "bad_request"
+    assert "surrogate" in info.value.message
+    assert info.value.frame_id == fid
+    # The error reply itself can be sent.
+    p.encode_error(info.value.frame_id, info.value.code, info.value.message).encode()
+
+
+def test_surrogate_pairs_are_characters_not_errors() -> None:
+    cmd = p.parse_command('{"op":"publish","topic":"t","data":"\\ud83d\\ude00","id":"\\u00e9"}')
+    assert cmd == p.Publish("é", "t", '"😀"')
+
+
+def test_publish_data_with_a_lone_surrogate_is_refused_by_the_size_check() -> None:
+    # The HTTP publish path builds the data text itself and relies on this check.
+    with pytest.raises(FrameError) as info:
+        p.check_data_size('"\ud800"', 100)
+    assert info.value.code == "bad_request"

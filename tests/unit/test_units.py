@@ -174,6 +174,8 @@ CONFIG_KEYS = {
         "max_topics",
         "read_rate_bytes",
         "read_burst_bytes",
+        "max_pending_connections",
+        "max_connections_per_client",
     },
     "timeouts": {
         "handshake_timeout",
