@@ -172,6 +172,15 @@ class Router:
             delivered += 1
         self.deliveries += delivered
 
+    def send_one(self, queue: SendQueue, pub: Publication) -> None:
+        """Queue ``pub`` for one connection under its topic's delivery policy (the live
+        publications a subscription collected while it was being set up)."""
+        latest = self.latest
+        if latest is not None and latest(pub.topic):
+            queue.send_latest(pub, message_frame(pub))
+        else:
+            queue.send(message_frame(pub))
+
     def on_presence(self, event: PresenceEvent) -> None:
         subs = self.index.exact.get(event.topic)
         if not subs:

@@ -263,3 +263,15 @@ def test_no_latest_rule_leaves_the_router_on_its_one_path() -> None:
         {"auth": {"jwt_secret": SECRET}, "delivery": [{"pattern": ">", "policy": "close"}]}
     )
     assert latest_topics(config) is None
+
+
+async def test_publications_stitched_after_a_subscribe_follow_the_policy_too() -> None:
+    config = parse_config(
+        {"auth": {"jwt_secret": SECRET}, "delivery": [{"pattern": "p.>", "policy": "latest"}]}
+    )
+    router = Router()
+    router.latest = latest_topics(config)
+    queue = Recorder()
+    router.send_one(queue, pub("p.a", 1))  # type: ignore[arg-type]
+    router.send_one(queue, pub("q.a", 2))  # type: ignore[arg-type]
+    assert queue.calls == [("latest", 1), ("send", 2)]
