@@ -1,12 +1,13 @@
 """The quick benchmark of the send path: 1 publisher -> 1,000 subscribers, 64-byte payloads.
 
-    python -m bench.fanout [--workers N] [--subscribers N] [--seconds S] [--peers]
+    python -m bench.fanout [--workers N] [--subscribers N] [--seconds S] [--peers] [--latest]
 
 Starts the broker on a free port of 127.0.0.1 with a throw-away configuration, connects the
 subscribers with the raw-socket load generator, runs closed-loop bursts of 20 publications and
 prints the broker's CPU per delivered message (utime + stime of all its processes over the
 measured window), the delivery rate and the generator's own CPU. ``--peers`` runs nats-server
-and Socket.IO through the same load for comparison. Exits 0; the figures are the output.
+and Socket.IO through the same load for comparison; ``--latest`` adds a row with the topic under
+the ``latest`` delivery policy (subscribers that keep up: the cost of the policy's fast path). Exits 0; the figures are the output.
 """
 
 from __future__ import annotations
@@ -32,11 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--peers", action="store_true", help="also nats-server and Socket.IO")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--latest", action="store_true", help="also the topic under the latest delivery policy"
+    )
     args = parser.parse_args(argv)
     raise_nofile()
     rows = {}
     with tempfile.TemporaryDirectory(prefix="pubsub-fanout-") as tmp:
         starters = [(f"broker-{args.workers}w", lambda d: start_broker(d, args.workers))]
+        if args.latest:
+            starters.append(
+                (
+                    f"broker-{args.workers}w-latest",
+                    lambda d: start_broker(d, args.workers, None, "latest"),
+                )
+            )
         if args.peers:
             starters += [("nats", start_nats), ("socketio", start_socketio)]
         for name, start in starters:

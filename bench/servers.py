@@ -203,7 +203,13 @@ def broker_command() -> list[str]:
     return [sys.executable, "-c", "from broker.cli import main; main()"]
 
 
-def start_broker(workdir: Path, workers: int = 1, limits: dict[str, Any] | None = None) -> Server:
+def start_broker(
+    workdir: Path,
+    workers: int = 1,
+    limits: dict[str, Any] | None = None,
+    delivery: str = "",
+) -> Server:
+    """Start the broker; ``delivery``, when given, is the policy of every topic."""
     secret = secrets.token_hex(32)
     lim = {
         "max_connections": 30000,
@@ -226,6 +232,8 @@ def start_broker(workdir: Path, workers: int = 1, limits: dict[str, Any] | None 
         "idle_timeout = 3600",
         "ping_interval = 600",
     ]
+    if delivery:
+        lines += ["[[delivery]]", 'pattern = ">"', f'policy = "{delivery}"']
     config = workdir / f"broker-{workers}w.toml"
     config.write_text("\n".join(lines) + "\n")
     log = workdir / f"broker-{workers}w.log"

@@ -27,6 +27,7 @@ __all__ = [
     "AuthConfig",
     "BusConfig",
     "Config",
+    "DeliveryRule",
     "HistoryRule",
     "LimitsConfig",
     "PresenceConfig",
@@ -128,6 +129,20 @@ class HistoryRule:
 
 DEFAULT_HISTORY = HistoryRule(">", 100, 600.0)
 
+#: What ``[[delivery]]`` ``policy`` may say: ``close`` cuts a subscriber whose send queue passes
+#: ``send_queue_max_bytes`` (4008); ``latest`` keeps only its newest pending publication per
+#: topic and tells it which offsets it skipped.
+DELIVERY_POLICIES = ("close", "latest")
+
+
+@attrs.frozen
+class DeliveryRule:
+    """What happens to a subscriber of a topic matching ``pattern`` once its send queue is full:
+    ``policy`` is one of :data:`DELIVERY_POLICIES`."""
+
+    pattern: str
+    policy: str
+
 
 @attrs.frozen
 class PresenceConfig:
@@ -166,6 +181,7 @@ class Config:
     api_keys: tuple[str, ...] = ()
     source: str = ""
     presence: PresenceConfig = PresenceConfig()
+    delivery: tuple[DeliveryRule, ...] = ()
 
     def history_rule(self, topic: str) -> HistoryRule:
         """The first ``[[history]]`` rule whose pattern matches ``topic``, else the default
@@ -174,6 +190,14 @@ class Config:
             if pattern_matches(rule.pattern, topic):
                 return rule
         return DEFAULT_HISTORY
+
+    def delivery_policy(self, topic: str) -> str:
+        """The policy of the first ``[[delivery]]`` rule whose pattern matches ``topic``, else
+        ``"close"`` (a full queue cuts the subscriber, 4008)."""
+        for rule in self.delivery:
+            if pattern_matches(rule.pattern, topic):
+                return rule.policy
+        return "close"
 
     @property
     def worker_count(self) -> int:
@@ -376,21 +400,26 @@ def _validate(cfg: Config) -> None:
     _positive("bus.presence_ttl", cfg.bus.presence_ttl)
 
 
-def _history(raw: Any) -> tuple[HistoryRule, ...]:
+def _rule_tables(
+    raw: Any, section: str, known: tuple[str, ...], required: tuple[str, ...]
+) -> list[tuple[str, dict[str, Any], str]]:
+    """The tables of a ``[[section]]`` array of rules, each as (its name in errors, the
+    table, its checked ``pattern``); raises :class:`ConfigError` for an unknown or missing key
+    or a bad pattern."""
     if not isinstance(raw, list):
-        raise ConfigError("history", "expected [[history]] tables")
-    rules = []
+        raise ConfigError(section, f"expected [[{section}]] tables")
+    tables = []
     for i, entry in enumerate(raw):
-        where = f"history[{i}]"
+        where = f"{section}[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(where, "expected a table")
-        unknown = set(entry) - {"pattern", "size", "ttl", "max_bytes"}
+        unknown = set(entry) - set(known)
         if unknown:
             raise ConfigError(
                 f"{where}.{_toml_key(sorted(unknown)[0])}",
-                "unknown key (known: pattern, size, ttl, max_bytes)",
+                f"unknown key (known: {', '.join(known)})",
             )
-        for key in ("pattern", "size", "ttl"):
+        for key in required:
             if key not in entry:
                 raise ConfigError(f"{where}.{key}", "missing")
         pattern = _coerce(f"{where}.pattern", entry["pattern"], str)
@@ -398,6 +427,15 @@ def _history(raw: Any) -> tuple[HistoryRule, ...]:
             validate_pattern(pattern)
         except BrokerError as exc:
             raise ConfigError(f"{where}.pattern", str(exc)) from None
+        tables.append((where, entry, pattern))
+    return tables
+
+
+def _history(raw: Any) -> tuple[HistoryRule, ...]:
+    rules = []
+    for where, entry, pattern in _rule_tables(
+        raw, "history", ("pattern", "size", "ttl", "max_bytes"), ("pattern", "size", "ttl")
+    ):
         size = _coerce(f"{where}.size", entry["size"], int)
         ttl = _coerce(f"{where}.ttl", entry["ttl"], float)
         if size < 0 or size > 1_000_000:
@@ -406,6 +444,18 @@ def _history(raw: Any) -> tuple[HistoryRule, ...]:
         max_bytes = _coerce(f"{where}.max_bytes", entry.get("max_bytes", 1024 * 1024), int)
         _positive(f"{where}.max_bytes", max_bytes)
         rules.append(HistoryRule(pattern, size, ttl, max_bytes))
+    return tuple(rules)
+
+
+def _delivery(raw: Any) -> tuple[DeliveryRule, ...]:
+    rules = []
+    for where, entry, pattern in _rule_tables(
+        raw, "delivery", ("pattern", "policy"), ("pattern", "policy")
+    ):
+        policy = _coerce(f"{where}.policy", entry["policy"], str)
+        if policy not in DELIVERY_POLICIES:
+            raise ConfigError(f"{where}.policy", f'expected "close" or "latest", got {policy!r}')
+        rules.append(DeliveryRule(pattern, policy))
     return tuple(rules)
 
 
@@ -442,6 +492,8 @@ def parse_config(
             kwargs[name] = _section(_SECTIONS[name], name, value)
         elif name == "history":
             kwargs["history"] = _history(value)
+        elif name == "delivery":
+            kwargs["delivery"] = _delivery(value)
         elif name == "api":
             if not isinstance(value, dict) or set(value) - {"keys"}:
                 raise ConfigError("api", "expected a table with the one key 'keys'")
@@ -450,7 +502,7 @@ def parse_config(
                 raise ConfigError("api.keys", "each API key must be at least 16 characters")
             kwargs["api_keys"] = keys
         else:
-            known = ", ".join([*sorted(_SECTIONS), "history", "api"])
+            known = ", ".join([*sorted(_SECTIONS), "history", "api", "delivery"])
             raise ConfigError(_toml_key(name), f"unknown section (known: {known})")
     cfg = Config(**kwargs)
     if not cfg.auth.jwt_secret and env.get(SECRET_ENV):

@@ -500,6 +500,16 @@ class BrokerMetrics:
             "(forbidden: no presence permission; not_tracked: the topic does not track it).",
             ["code"],
         )
+        self.skipped = r.counter(
+            "pubsub_skipped_total",
+            "Publications of latest topics ([[delivery]] policy) not sent to a subscriber that "
+            "was behind, because a newer one replaced them (it is told with a skipped push).",
+        )
+        self.send_queue_bytes = r.gauge(
+            "pubsub_send_queue_bytes",
+            "Bytes waiting to be written to open connections: queued frames and the newest "
+            "frames held for latest topics.",
+        )
 
 
 def _presence_members_gauge(r: Registry) -> Gauge:
@@ -541,8 +551,9 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
     ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``read_refusals`` {op: n},
     ``bus_up``, ``pending``, ``refused`` {reason: n}, ``ws_violations`` {kind: n},
-    ``presence_members``, ``presence_refused`` {code: n}, ``handshake`` (a
-    :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
+    ``presence_members``, ``presence_refused`` {code: n}, ``skipped``, ``send_queue_bytes``,
+    ``handshake`` (a :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``);
+    missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
     m.connections.set(stats.get("connections", 0))
@@ -571,6 +582,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     m.connections_pending.set(stats.get("pending", 0))
     for reason, n in dict(stats.get("refused", {})).items():
         m.connections_refused.inc(n, reason=str(reason))
+    m.skipped.inc(stats.get("skipped", 0))
+    m.send_queue_bytes.set(stats.get("send_queue_bytes", 0))
     snap = m.registry.snapshot()
     handshake = stats.get("handshake")
     if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:

@@ -48,6 +48,7 @@ __all__ = [
     "encode_message",
     "encode_presence_event",
     "encode_reply",
+    "encode_skipped",
     "encode_welcome",
     "frame_text",
     "is_valid_unicode",
@@ -376,6 +377,15 @@ def message_dict(
         "from": sender,
         "data": json.loads(data),
     }
+
+
+def encode_skipped(topic: str, first: int, last: int, epoch: str) -> str:
+    """The ``skipped`` push: offsets ``first``..``last`` of ``topic`` (inclusive, in ``epoch``)
+    were published but not sent to this connection, which is behind on a ``latest`` topic."""
+    return (
+        f'{{"op":"skipped","topic":{_dumps_str(topic)},"from":{first},"to":{last},'
+        f'"epoch":{_dumps_str(epoch)}}}'
+    )
 
 
 def encode_presence_event(kind: str, topic: str, client: str) -> str:

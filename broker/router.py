@@ -5,10 +5,16 @@ those same bytes to the send queue of every matching subscription, deduplicating
 subscribed through several patterns. A subscription that is being set up (its reply not sent
 yet) collects publications in ``pending`` instead, so that the session can stitch history and
 live publications together without a gap or a duplicate at the seam.
+
+A topic delivered ``latest`` (its ``[[delivery]]`` rule, looked up once per publication through
+``latest``, which is None while no rule says ``latest``) goes to each queue's
+:meth:`~broker.sendqueue.SendQueue.send_latest` instead of ``send``; every other topic takes
+the unchanged path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -18,9 +24,13 @@ from broker.protocol import encode_message, encode_presence_event, frame_text
 from broker.topics import SubscriptionIndex
 
 if TYPE_CHECKING:
+    from broker.config import Config
     from broker.sendqueue import SendQueue
 
-__all__ = ["Router", "Subscription", "message_frame"]
+__all__ = ["LatestTopics", "Router", "Subscription", "latest_topics", "message_frame"]
+
+# Topics whose policy LatestTopics remembers; past it, it forgets them all and starts over.
+POLICY_CACHE = 10_000
 
 
 @attrs.define(eq=False)
@@ -43,12 +53,37 @@ def message_frame(pub: Publication) -> bytes:
     )
 
 
+class LatestTopics:
+    """Whether a topic's delivery policy is ``latest``: the first matching ``[[delivery]]``
+    rule, remembered per topic (a publication asks once, not once per subscriber)."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, topic: str) -> bool:
+        known = self._known.get(topic)
+        if known is None:
+            if len(self._known) >= POLICY_CACHE:
+                self._known.clear()
+            known = self._known[topic] = self._config.delivery_policy(topic) == "latest"
+        return known
+
+
+def latest_topics(config: Config) -> LatestTopics | None:
+    """The router's ``latest`` for ``config``: None when no rule says ``latest``."""
+    if any(rule.policy == "latest" for rule in config.delivery):
+        return LatestTopics(config)
+    return None
+
+
 class Router:
     def __init__(self) -> None:
         self.index: SubscriptionIndex[Subscription] = SubscriptionIndex()
         self.bus: Bus | None = None
         self.publications_in = 0
         self.deliveries = 0
+        self.latest: LatestTopics | None = None
 
     async def add(self, sub: Subscription) -> None:
         """Index ``sub``; the first subscription to a pattern starts the bus watching it.
@@ -77,6 +112,10 @@ class Router:
 
     def on_publication(self, pub: Publication) -> None:
         self.publications_in += 1
+        latest = self.latest
+        if latest is not None and latest(pub.topic):
+            self._deliver_latest(pub)
+            return
         index = self.index
         frame: bytes | None = None
         delivered = 0
@@ -94,16 +133,7 @@ class Router:
                     waiting += 1
             self.deliveries += len(subs) - waiting
             return
-        # Each session once. A session whose exact subscription is being set up (pending)
-        # but which also matches through a live wildcard gets it live now: held back in
-        # pending, the seam would drop it as covered by the announced position.
-        targets: dict[int, Subscription] = {}
-        for sub in index.match(pub.topic):
-            qid = id(sub.queue)
-            held = targets.get(qid)
-            if held is None or (held.pending is not None and sub.pending is None):
-                targets[qid] = sub
-        for sub in targets.values():
+        for sub in self._targets(pub.topic):
             if sub.pending is not None:
                 sub.pending.append(pub)
                 continue
@@ -112,6 +142,44 @@ class Router:
             sub.queue.send(frame)
             delivered += 1
         self.deliveries += delivered
+
+    def _targets(self, topic: str) -> Iterable[Subscription]:
+        """The subscriptions ``topic`` reaches through the whole index, each session once."""
+        # A session whose exact subscription is being set up (pending) but which also
+        # matches through a live wildcard gets it live now: held back in pending, the seam
+        # would drop it as covered by the announced position.
+        targets: dict[int, Subscription] = {}
+        for sub in self.index.match(topic):
+            qid = id(sub.queue)
+            held = targets.get(qid)
+            if held is None or (held.pending is not None and sub.pending is None):
+                targets[qid] = sub
+        return targets.values()
+
+    def _deliver_latest(self, pub: Publication) -> None:
+        """Fan out a publication of a ``latest`` topic (the slower, rarer path)."""
+        index = self.index
+        subs = self._targets(pub.topic) if index.has_wildcards else index.exact.get(pub.topic)
+        if not subs:
+            return
+        frame = message_frame(pub)
+        delivered = 0
+        for sub in subs:
+            if sub.pending is not None:
+                sub.pending.append(pub)
+                continue
+            sub.queue.send_latest(pub, frame)
+            delivered += 1
+        self.deliveries += delivered
+
+    def send_one(self, queue: SendQueue, pub: Publication) -> None:
+        """Queue ``pub`` for one connection under its topic's delivery policy (the live
+        publications a subscription collected while it was being set up)."""
+        latest = self.latest
+        if latest is not None and latest(pub.topic):
+            queue.send_latest(pub, message_frame(pub))
+        else:
+            queue.send(message_frame(pub))
 
     def on_presence(self, event: PresenceEvent) -> None:
         subs = self.index.exact.get(event.topic)

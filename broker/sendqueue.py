@@ -23,16 +23,30 @@ nursery of its own); closing the queue cancels its drainer.
 
 Streams that are not plain sockets (TLS, in-memory test streams) have no file descriptor to
 write to without blocking; for them the drainer writes every batch with ``send_all``.
+
+Publications on a topic whose delivery policy is ``latest`` come through
+:meth:`SendQueue.send_latest`: the same append while the queue has room, and past the limit a
+slot per topic holding the newest frame instead of a 4008 (:mod:`broker.latest`). The held
+frames go out once everything queued before them is written. A connection that receives such
+topics is not closed by ``write_timeout`` either: its reader is allowed to be slow, and its
+memory is bounded by the limit all the same.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 import trio.lowlevel
+
+from broker.latest import LatestSlots
+
+if TYPE_CHECKING:
+    from broker.bus.base import Publication
 
 __all__ = ["Flusher", "SendQueue"]
 
@@ -80,6 +94,7 @@ class Flusher:
         self._wakeup = trio.Event()
         self.writes = 0  # statistics: writev calls
         self.bytes_written = 0
+        self.skipped = 0  # publications replaced by a newer one under the latest policy
 
     def mark(self, queue: SendQueue) -> None:
         self._dirty.append(queue)
@@ -119,6 +134,7 @@ class SendQueue:
         "_drain_scope",
         "_flusher",
         "_head",
+        "_latest",
         "_nursery",
         "_socket",
         "_state",
@@ -161,6 +177,8 @@ class SendQueue:
         self._stream: trio.abc.Stream | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
         self._drain_scope: trio.CancelScope | None = None  # the drainer's, while one runs
+        # Made by the first send_latest: the frames held for topics delivered `latest`.
+        self._latest: LatestSlots | None = None
 
     def attach(self, stream: trio.abc.Stream) -> None:
         """Write to ``stream``: directly to its socket when it is a plain
@@ -199,6 +217,58 @@ class SendQueue:
             self._flusher.mark(self)
         return True
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of frames held for ``latest`` topics, besides the ``queued`` ones."""
+        return 0 if self._latest is None else self._latest.bytes
+
+    def send_latest(self, pub: Publication, frame: bytes) -> bool:
+        """Queue ``frame``, the publication ``pub`` of a topic delivered ``latest``: appended
+        like :meth:`send` while the queue has room and the topic holds nothing, else held as
+        the topic's newest frame, replacing an older one. Returns False if it was dropped: the
+        connection is closing, or its held frames would pass ``max_bytes`` (it becomes a slow
+        consumer)."""
+        # Once per delivery on latest topics: send()'s fast path inlined, as it is there.
+        latest = self._latest
+        if latest is None:
+            latest = self._latest = LatestSlots()
+        state = self._state
+        if state is CLOSED or state is OVERFLOWED:
+            return False
+        held = latest.held
+        topic = pub.topic
+        if not held or topic not in held:
+            n = len(frame)
+            queued = self.queued + n
+            if queued <= self.max_bytes or not self.queued:
+                if queued > self.max_bytes:  # one frame larger than the whole queue
+                    self._overflow("send_queue_max_bytes")
+                    return False
+                self._chunks.append(frame)
+                self.queued = queued
+                self.appended += n
+                if state is IDLE:
+                    self._state = DIRTY
+                    self._flusher.mark(self)
+                return True
+        # queued > 0 here (or the topic holds a frame, which needs queued bytes in front of
+        # it), so the queue is already dirty or draining: the held frame goes out after them.
+        replaced = latest.hold(topic, frame, pub.offset, pub.epoch, self.max_bytes)
+        if replaced is None:
+            self._overflow("send_queue_max_bytes")
+            return False
+        self._flusher.skipped += replaced
+        return True
+
+    def _release_held(self) -> None:
+        """Queue the held frames (with their ``skipped`` pushes): what came before them is out."""
+        assert self._latest is not None
+        frames = self._latest.release()
+        n = sum(map(len, frames))
+        self._chunks.extend(frames)
+        self.queued += n
+        self.appended += n
+
     def send_control(self, data: bytes) -> None:
         """Queue ``data`` (a control frame or an HTTP response) even past the limit, and even
         for a slow consumer whose other frames were dropped: control frames are tiny, and the
@@ -231,6 +301,8 @@ class SendQueue:
         # corrupt for the close frame that follows); drop everything else now.
         keep = self._chunks[0] if self._chunks and self._head else None
         self._chunks.clear()
+        if self._latest is not None:
+            self._latest.clear()
         self.settled += self.queued
         self.queued = 0
         if keep is not None:
@@ -259,6 +331,8 @@ class SendQueue:
         if self._drain_scope is not None:
             self._drain_scope.cancel()
         self._chunks.clear()
+        if self._latest is not None:
+            self._latest.clear()
         self.queued = 0
         waiters, self._waiters = self._waiters, []
         for _, event in waiters:
@@ -271,6 +345,8 @@ class SendQueue:
         if not self.queued:  # the common case: everything went out
             chunks.clear()
             self._head = 0
+            if self._latest is not None and self._latest.held:
+                self._release_held()
             return
         n += self._head
         done = 0
@@ -364,7 +440,10 @@ class SendQueue:
     async def _drain_loop(self) -> None:
         try:
             while self._chunks and self._state is not CLOSED:
-                with trio.move_on_after(self.write_timeout) as scope:
+                # A connection receiving `latest` topics may read as slowly as it likes.
+                tolerant = self._latest is not None and self._state is not OVERFLOWED
+                timeout = math.inf if tolerant else self.write_timeout
+                with trio.move_on_after(timeout) as scope:
                     if self._socket is not None:
                         await trio.lowlevel.wait_writable(self._socket)
                         progressed = self._write_nonblocking()

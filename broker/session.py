@@ -545,7 +545,7 @@ class Session:
         for pub in pending:
             if pub.epoch == position.epoch and pub.offset <= position.offset:
                 continue
-            self.queue.send(message_frame(pub))
+            self.worker.router.send_one(self.queue, pub)
         # Join after the reply, so that the client's own join event (and everyone else's from
         # now on) reaches it after it knows it is subscribed.
         if not tracked:

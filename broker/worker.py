@@ -30,7 +30,7 @@ from broker.bus.local import LocalBus
 from broker.config import Config, node_name, parse_hostport
 from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
-from broker.router import Router
+from broker.router import Router, latest_topics
 from broker.sendqueue import Flusher, SendQueue
 from broker.session import CLOSE_GRACE, Session
 from broker.slots import CAPACITY, PER_CLIENT, Slots
@@ -92,6 +92,7 @@ class Worker:
         self.node = node or node_name(config)
         self.verifier = TokenVerifier(config.auth)
         self.router = Router()
+        self.router.latest = latest_topics(config)
         self.flusher = Flusher(lambda: self.router.publications_in)
         self.deadlines = Deadlines()
         handlers = BusHandlers(
@@ -172,6 +173,10 @@ class Worker:
                 "sum": self.handshake_sum,
                 "count": sum(self.handshake_counts),
             },
+            "skipped": self.flusher.skipped,
+            "send_queue_bytes": sum(
+                s.queue.queued + s.queue.held_bytes for s in self.sessions.values()
+            ),
         }
 
     def disconnect(self, client: str) -> int:
@@ -187,12 +192,14 @@ class Worker:
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration to new connections and to limits read per operation.
-        Keys, secrets, origins, limits and history rules change; listening addresses do not."""
+        Keys, secrets, origins, limits, history and delivery rules change; listening addresses do
+        not."""
         self.verifier = TokenVerifier(config.auth)
         self.config = config
         self.frame_limits = FrameLimits.from_config(config, self.frame_limits.refused)
         self.slots.limits = config.limits
         self.bus.reconfigure(config.history_rule)
+        self.router.latest = latest_topics(config)
         log.info("reloaded", source=config.source)
 
     # --- serving --------------------------------------------------------------------------

@@ -10,6 +10,12 @@ exact topic sends that position as ``since``; the broker either replays what cam
 :class:`~client_sdk.models.Gap`. Every incoming publication is compared with the position too:
 an offset already delivered is a duplicate and is dropped (defence in depth: the broker promises
 none), a skipped offset or a new epoch is reported as a gap before the publication.
+
+On a topic the broker delivers ``latest``, a client that falls behind is sent only the newest
+publication, after a ``skipped`` push naming the offsets it will not be sent. The tracker
+reports that range as a gap with reason ``"skipped"`` and moves its position past it: the
+subscriber asked for the newest value, so nothing is replayed (the range may still be in the
+topic's history, for an application that wants it: ``history`` with ``since``).
 """
 
 from __future__ import annotations
@@ -51,7 +57,18 @@ class UnknownPush:
     fields: dict[str, Any]
 
 
-Incoming = Reply | Welcome | Message | PresenceEvent | UnknownPush
+@attrs.frozen
+class Skipped:
+    """The ``skipped`` push: offsets ``from_offset``..``to_offset`` of ``topic`` (inclusive, in
+    ``epoch``) will not be sent; the next message on the topic is newer."""
+
+    topic: str
+    from_offset: int
+    to_offset: int
+    epoch: str
+
+
+Incoming = Reply | Welcome | Message | PresenceEvent | Skipped | UnknownPush
 
 
 def encode(frame: dict[str, Any]) -> str:
@@ -166,6 +183,8 @@ def decode(text: str | bytes) -> Incoming:
         )
     if op == "message":
         return parse_message(obj)
+    if op == "skipped":
+        return Skipped(_str(obj, "topic"), _int(obj, "from"), _int(obj, "to"), _str(obj, "epoch"))
     if op in ("join", "leave"):
         return PresenceEvent(kind=op, topic=_str(obj, "topic"), client=_str(obj, "client"))
     if op == "welcome":
@@ -299,6 +318,17 @@ class Tracker:
         reason: GapReason = "epoch_changed" if epoch_changed else "not_recovered"
         prev = sent if sent.epoch is not None else None
         return [Gap(self.topic, lost_from, lost_to, epoch, epoch_changed, reason, prev)]
+
+    def skipped(self, push: Skipped) -> list[Event]:
+        """Digest a ``skipped`` push: the gap (reason ``"skipped"``), or ``[]`` when the range
+        is already behind the position. The position moves to its end, so the next message
+        follows on and a reconnect resumes after the range rather than replaying it."""
+        pos = self.positions.get(push.topic)
+        if pos is not None and pos.epoch == push.epoch and push.to_offset <= pos.offset:
+            return []
+        self.positions[push.topic] = Position(push.to_offset, push.epoch)
+        gap = Gap(push.topic, push.from_offset, push.to_offset, push.epoch, False, "skipped", pos)
+        return [gap]
 
     def message(self, msg: Message) -> list[Event]:
         """Digest one publication: ``[]`` for a duplicate, else the message, after a gap if one

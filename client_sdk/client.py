@@ -49,6 +49,7 @@ from client_sdk._protocol import (
     SUBPROTOCOL,
     ProtocolViolation,
     Reply,
+    Skipped,
     Tracker,
     decode,
     encode,
@@ -687,14 +688,16 @@ class Client:
         with trio.CancelScope(shield=True), trio.move_on_after(2.0), suppress(PubSubError):
             await self._exchange(ws, {"op": "unsubscribe", "topic": sub.topic}, None)
 
-    def _route(self, msg: Message) -> None:
+    def _route(self, msg: Message | Skipped) -> None:
         for sub in list(self._subs.values()):
             if sub._active_gen != self._gen or sub._tracker is None:
                 continue
             if sub.topic == msg.topic or (
                 sub._tracker.wildcard and topic_matches(sub.topic, msg.topic)
             ):
-                for event in sub._tracker.message(msg):
+                tracker = sub._tracker
+                events = tracker.message(msg) if isinstance(msg, Message) else tracker.skipped(msg)
+                for event in events:
                     if isinstance(event, Gap):
                         log.warning("gap on %s: %s", sub.topic, event.describe())
                     sub._push(event)
@@ -978,6 +981,8 @@ class Client:
                 sub._push(frame)
         elif isinstance(frame, Welcome):
             self._welcome = frame
+        elif isinstance(frame, Skipped):
+            self._route(frame)
         # Unknown pushes are ignored: a newer broker may send more than this SDK knows.
 
     async def _refresher(self, ws: WebSocketConnection) -> None:

@@ -85,6 +85,7 @@ GapReason: TypeAlias = Literal[
     "wildcard_reconnect",  # a wildcard subscription reconnected: offsets cannot be recovered
     "overflow",  # the application did not keep up and the subscription's buffer was full
     "offset_jump",  # the stream skipped offsets (defensive; a correct broker never does)
+    "skipped",  # a `latest` topic: the broker sent only the newest while this client was behind
 ]
 
 

@@ -30,7 +30,8 @@
 //
 // A gap report: {topic, from, to (the lost offsets, inclusive, in `epoch`; null when none are
 // known), epochChanged, possible, reason ("not_recovered", "epoch_changed",
-// "wildcard_reconnect", "offset_jump", as the Python SDK's Gap.reason), previous ({offset,
+// "wildcard_reconnect", "offset_jump", "skipped" (a `latest` topic sent only the newest while
+// this client was behind), as the Python SDK's Gap.reason), previous ({offset,
 // epoch} last delivered), epoch}.
 //
 // Browsers cannot set headers on a WebSocket, so the token travels as `?token=` in the URL
@@ -547,6 +548,9 @@ export class PubSubClient extends EventTarget {
       case "message":
         this._onMessage(frame);
         break;
+      case "skipped":
+        this._onSkipped(frame);
+        break;
       case "join":
       case "leave": {
         const sub = this.subscriptions.get(frame.topic);
@@ -713,6 +717,39 @@ export class PubSubClient extends EventTarget {
     for (const sub of this.subscriptions.values()) {
       if (sub.wildcard && sub.state !== "unsubscribed" && topicMatches(sub.topic, msg.topic)) {
         this._deliverWildcard(sub, msg);
+      }
+    }
+  }
+
+  // A `latest` topic (a [[delivery]] rule of the broker) sends a client that fell behind only
+  // the newest publication, after {op: "skipped", topic, from, to, epoch}. It is reported to
+  // onGap with reason "skipped", and the subscription's position moves past the range: the
+  // next message follows on, and a reconnect resumes after it instead of replaying it (the
+  // range may still be in the topic's history, for `history` with `since`).
+  _onSkipped(frame) {
+    const gap = {
+      topic: frame.topic,
+      from: frame.from,
+      to: frame.to,
+      epochChanged: false,
+      possible: false,
+      reason: "skipped",
+      previous: null,
+      epoch: frame.epoch,
+    };
+    const exact = this.subscriptions.get(frame.topic);
+    if (exact && !exact.wildcard && exact.state === "subscribed") {
+      const behind = exact.epoch === frame.epoch && exact.offset !== null;
+      if (!(behind && frame.to <= exact.offset)) {
+        if (exact.offset !== null) gap.previous = { offset: exact.offset, epoch: exact.epoch };
+        exact.epoch = frame.epoch;
+        exact.offset = frame.to;
+        this._gap(exact, { ...gap });
+      }
+    }
+    for (const sub of this.subscriptions.values()) {
+      if (sub.wildcard && sub.state !== "unsubscribed" && topicMatches(sub.topic, frame.topic)) {
+        this._gap(sub, { ...gap });
       }
     }
   }

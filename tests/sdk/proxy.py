@@ -10,13 +10,17 @@ import trio
 
 class CuttableProxy:
     """Forwards 127.0.0.1:``port`` to the broker; :meth:`cut` drops every connection, and
-    connections are refused (closed at once) while :attr:`blocked`."""
+    connections are refused (closed at once) while :attr:`blocked`. Between :meth:`pause` and
+    :meth:`resume` nothing from the broker is forwarded (nor read): a client that stopped
+    reading, as the broker sees it."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
         self.port = 0
         self.blocked = False
         self._scopes: list[trio.CancelScope] = []
+        self._flowing = trio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -27,6 +31,12 @@ class CuttableProxy:
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)
+
+    def pause(self) -> None:
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def cut(self) -> None:
         for scope in self._scopes:
@@ -42,17 +52,25 @@ class CuttableProxy:
             upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
             async with client, upstream, trio.open_nursery() as nursery:
                 nursery.start_soon(self._pipe, client, upstream, nursery.cancel_scope)
-                nursery.start_soon(self._pipe, upstream, client, nursery.cancel_scope)
+                nursery.start_soon(self._pipe, upstream, client, nursery.cancel_scope, True)
         # Abort rather than close: the client sees the TCP connection die (1006), as when a
         # network path fails.
         with suppress(OSError):
             client.socket.close()
 
-    @staticmethod
     async def _pipe(
-        src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
+        self,
+        src: trio.SocketStream,
+        dst: trio.SocketStream,
+        scope: trio.CancelScope,
+        pausable: bool = False,
     ) -> None:
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while data := await src.receive_some(65536):
+            while True:
+                if pausable:
+                    await self._flowing.wait()
+                data = await src.receive_some(65536)
+                if not data:
+                    break
                 await dst.send_all(data)
         scope.cancel()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from client_sdk._protocol import (
     ProtocolViolation,
     Reply,
+    Skipped,
     Tracker,
     UnknownPush,
     decode,
@@ -287,3 +288,16 @@ def test_an_empty_missed_range_in_the_same_epoch_is_no_gap() -> None:
     fields = {"offset": 3, "epoch": "e1", "recovered": False, "missed": {"from": 4, "to": 3}}
     assert t.subscribed(fields, t.since()) == []
     assert t.since() == Position(3, "e1")
+
+
+def test_a_skipped_push_is_a_gap_with_its_reason_and_the_next_message_follows_on() -> None:
+    push = decode('{"op":"skipped","topic":"chat.a","from":3,"to":9,"epoch":"e1"}')
+    assert isinstance(push, Skipped)
+    t = Tracker("chat.a")
+    t.subscribed({"offset": 0, "epoch": "e1"}, None)
+    assert t.message(msg(1)) == [msg(1)]
+    assert t.message(msg(2)) == [msg(2)]
+    assert t.skipped(push) == [Gap("chat.a", 3, 9, "e1", False, "skipped", Position(2, "e1"))]
+    assert t.since() == Position(9, "e1")  # a reconnect resumes after it, no replay
+    assert t.message(msg(10)) == [msg(10)]  # no offset_jump on top of it
+    assert t.skipped(push) == []  # a range already behind us says nothing

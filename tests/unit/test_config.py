@@ -150,3 +150,31 @@ def test_the_node_name_is_the_configured_one_or_random() -> None:
     assert re.fullmatch(r"[0-9a-f]{12}", node_name(cfg))
     assert node_name(cfg) == node_name(parse_config(SECRET, env={})) != socket.gethostname()
     assert node_name(parse_config({**SECRET, "server": {"node_id": "edge-1"}}, env={})) == "edge-1"
+
+
+def test_delivery_rules_first_match_wins_and_close_is_the_default() -> None:
+    rules = [
+        {"pattern": "prices.slow", "policy": "close"},
+        {"pattern": "prices.>", "policy": "latest"},
+    ]
+    cfg = parse_config({**SECRET, "delivery": rules}, env={})
+    assert cfg.delivery_policy("prices.eur") == "latest"
+    assert cfg.delivery_policy("prices.slow") == "close"
+    assert cfg.delivery_policy("chat.x") == "close"
+    assert parse_config(SECRET, env={}).delivery_policy("prices.eur") == "close"
+
+
+@pytest.mark.parametrize(
+    ("delivery", "key"),
+    [
+        ({"pattern": ">", "policy": "newest"}, "delivery[0].policy"),
+        ({"pattern": ">", "policy": 1}, "delivery[0].policy"),
+        ({"pattern": "a..b", "policy": "latest"}, "delivery[0].pattern"),
+        ({"policy": "latest"}, "delivery[0].pattern"),
+        ({"pattern": ">"}, "delivery[0].policy"),
+        ({"pattern": ">", "policy": "latest", "size": 1}, "delivery[0].size"),
+    ],
+)
+def test_bad_delivery_rules_are_named(delivery: dict[str, object], key: str) -> None:
+    assert error_key({**SECRET, "delivery": [delivery]}) == key
+    assert error_key({**SECRET, "delivery": {"pattern": ">"}}) == "delivery"
