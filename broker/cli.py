@@ -131,24 +131,7 @@ def _dev(overrides: dict[str, Any]) -> int:
             overrides = {**overrides, "server.allowed_origins": allowed}
             config = load_config(path, overrides=overrides)
     token = make_token(config, "dev-user", ttl=24 * 3600)
-    demo = "(disabled: server.http_listen is empty)"
-    if http_origin:
-        demo = f"{http_origin}/demo/?token={token}"
-    print(
-        f"""
-trio-pubsub development broker (config: {path})
-  WebSocket:  {url}
-  token (user "dev-user", 24 h, may publish, subscribe and read presence everywhere):
-    {token}
-  try it, in two more terminals:
-    export PUBSUB_URL={url} PUBSUB_TOKEN={token}
-    .venv/bin/pubsub sub 'chat.>'
-    .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
-  demo page:  {demo}
-  more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
-""",
-        flush=True,
-    )
+    print(_banner(config, path, url, http_origin, token), flush=True)
     if not config.presence.topics:
         # A file written before presence became opt-in: the demo's presence would be refused.
         print(
@@ -157,6 +140,40 @@ trio-pubsub development broker (config: {path})
             flush=True,
         )
     return run_broker(config, overrides, listeners)
+
+
+def _banner(config: Config, path: Path, url: str, http_origin: str, token: str) -> str:
+    """What ``dev`` prints before serving: every address in it is one the broker is bound to
+    (``url`` and ``http_origin`` come from the bound sockets), so each line can be pasted as
+    it is. ``http_origin`` is empty when the operations listener is disabled."""
+    if http_origin:
+        ops = f"""  demo page:  {http_origin}/demo/?token={token}
+  status:     {http_origin}/status/    metrics: {http_origin}/metrics
+"""
+        if config.api_keys:
+            ops += f"""  HTTP API (key from [api] keys), publish from a shell or a backend:
+    curl -s -H "Authorization: Bearer {config.api_keys[0]}" \\
+         -d '{{"topic":"chat.room1","data":{{"text":"hi"}}}}' {http_origin}/api/publish
+"""
+        else:
+            ops += f'  HTTP API:   no key: add [api] keys = ["..."] to {path}\n'
+    else:
+        ops = "  demo page, status, metrics and HTTP API: disabled (server.http_listen is empty)\n"
+    return f"""
+trio-pubsub development broker (config: {path})
+  WebSocket:  {url}
+  token (user "dev-user", 24 h, may publish, subscribe and read presence everywhere):
+    {token}
+  try it, in two more terminals:
+    export PUBSUB_URL={url} PUBSUB_TOKEN={token}
+    .venv/bin/pubsub sub 'chat.>'
+    .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
+{ops}  the Python examples, from this directory with PUBSUB_URL and PUBSUB_TOKEN exported:
+    .venv/bin/python examples/subscribe.py chat.room1
+    .venv/bin/python examples/publish.py chat.room1 hello
+    .venv/bin/python examples/token_refresh.py    # signs its own tokens with {path}'s secret
+  more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
+"""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,6 +1,8 @@
 """Publish a few messages and print the offset the broker gave each.
 
-    python examples/publish.py chat.room1 "hello" "how are you?"
+    .venv/bin/python examples/publish.py chat.room1 "hello" "how are you?"
+
+with ``PUBSUB_URL`` and ``PUBSUB_TOKEN`` exported as ``make run`` prints them.
 
 ``publish`` returns once the broker acknowledged the publication (its offset), or raises:
 ``Forbidden``/``BadTopic``/``TooLarge``/``RateLimited`` when the broker refuses it, and

@@ -1,6 +1,8 @@
 """A consumer that accounts for every message, even across its own restarts.
 
-    python examples/resume.py orders        # stop it, publish more, start it again
+    .venv/bin/python examples/resume.py orders   # stop it, publish more, start it again
+
+with ``PUBSUB_URL`` and ``PUBSUB_TOKEN`` exported as ``make run`` prints them.
 
 It saves the position of the last message it handled (offset and epoch) in a file and passes
 it back as ``since`` when it starts: the broker replays what came after it, and any message it

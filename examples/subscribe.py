@@ -1,7 +1,7 @@
 """Print every event of one or more topics, across broker restarts, until Ctrl-C.
 
-    export PUBSUB_URL=ws://127.0.0.1:8765/ws PUBSUB_TOKEN=...   # see `pubsub-broker token`
-    python examples/subscribe.py chat.room1 'news.>'
+    export PUBSUB_URL=ws://127.0.0.1:8765/ws PUBSUB_TOKEN=...   # as `make run` prints them
+    .venv/bin/python examples/subscribe.py chat.room1 'news.>'
 
 Each subscription yields messages in offset order, presence events when asked for (exact
 topics only, and only where the broker tracks presence and the token may read it), and a Gap

@@ -1,6 +1,8 @@
 """The blocking client, for scripts and non-async code (Flask, Django, threads).
 
-    python examples/sync_usage.py
+    .venv/bin/python examples/sync_usage.py
+
+with ``PUBSUB_URL`` and ``PUBSUB_TOKEN`` exported as ``make run`` prints them.
 
 It runs the same trio client on one background thread; any thread may call it. ``close()``
 (or leaving the ``with`` block) ends that thread.

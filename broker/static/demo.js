@@ -100,14 +100,31 @@ function connect() {
   client.connect().catch((err) => note(`connect failed: ${err.message}`));
 }
 
+// A publication that matches several of the page's subscriptions (chat.room1 and chat.*)
+// reaches each one's onMessage (the client's rule): the page shows it in one row, whose "via"
+// cell lists the subscriptions it came through.
+const shown = new Map(); // "epoch topic offset" -> its row, for the rows still in the log
+
+function showMessage(m, sub) {
+  const key = `${m.epoch} ${m.topic} ${m.offset}`;
+  let row = shown.get(key);
+  if (!row) {
+    demo.messages.push(m);
+    logRow("msg", [now(), m.topic, String(m.offset), m.epoch.slice(0, 8), m.from ?? "(http)",
+      JSON.stringify(m.data), ""], { "data-topic": m.topic, "data-offset": String(m.offset) });
+    row = $("log").rows[0];
+    shown.set(key, row);
+    if (shown.size > 500) for (const [k, r] of shown) if (!r.isConnected) shown.delete(k);
+  }
+  const via = row.dataset.via ? row.dataset.via.split(" ") : [];
+  if (!via.includes(sub.topic)) via.push(sub.topic);
+  row.dataset.via = via.join(" ");
+  row.cells[row.cells.length - 1].textContent = via.join(", ");
+}
+
 async function subscribe(topic, presence) {
   const client = demo.client;
   if (!client) return note("connect first");
-  const onMessage = (m) => {
-    demo.messages.push(m);
-    logRow("msg", [now(), m.topic, String(m.offset), m.epoch.slice(0, 8), m.from ?? "(http)",
-      JSON.stringify(m.data)], { "data-topic": m.topic, "data-offset": String(m.offset) });
-  };
   const onGap = (g) => {
     demo.gaps.push(g);
     let what;
@@ -128,7 +145,9 @@ async function subscribe(topic, presence) {
     renderPresence(t);
   };
   try {
-    const sub = await client.subscribe(topic, { presence, onMessage, onGap, onJoin, onLeave });
+    const sub = await client.subscribe(topic, {
+      presence, onMessage: showMessage, onGap, onJoin, onLeave,
+    });
     const li = el("li", { "data-topic": topic },
       el("code", {}, topic),
       el("span", { class: "muted" }, isPattern(topic) ? " wildcard" : ` at offset ${sub.offset}`));
@@ -168,8 +187,15 @@ async function publish(topic, text) {
 }
 
 async function main() {
+  const token = params.get("token");
+  if (token !== null) {
+    // A credential: out of the address bar, the history and anything copied from there.
+    const url = new URL(location.href);
+    url.searchParams.delete("token");
+    history.replaceState(history.state, "", url);
+  }
   $("ws-url").value = await defaultWsUrl();
-  $("token").value = params.get("token") || "";
+  $("token").value = token || "";
   setState("disconnected");
   $("connect-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -189,9 +215,12 @@ async function main() {
     if (!demo.client) return note("connect first");
     publish($("pub-topic").value.trim(), $("pub-data").value);
   });
-  $("clear-log").addEventListener("click", () => $("log").replaceChildren());
+  $("clear-log").addEventListener("click", () => {
+    $("log").replaceChildren();
+    shown.clear();
+  });
   document.body.dataset.ready = "true";
-  if (params.get("connect") === "1" && $("token").value) connect();
+  if ($("token").value) connect(); // opened with ?token=, as `make run` prints the link
 }
 
 main();

@@ -6,7 +6,13 @@ const POINTS = 120; // two minutes at one poll a second
 const SERIES = [
   { key: "connections", title: "connections" },
   { key: "subscriptions", title: "subscriptions" },
-  { key: "topics", title: "topics" },
+  {
+    key: "topics",
+    title: "subscribed topics",
+    // The worker's count of its subscription index: patterns are subscriptions, not topics.
+    hint: "exact topics with at least one subscriber; patterns (chat.*) not counted",
+    allHint: "summed over workers: a topic subscribed on two counts twice",
+  },
   { key: "publications_in", title: "publications in /s", rate: true },
   { key: "deliveries_out", title: "deliveries out /s", rate: true },
 ];
@@ -21,7 +27,7 @@ function fmt(v) {
   return Number.isInteger(v) ? String(v) : v.toFixed(1);
 }
 
-function chart(card, key, title) {
+function chart(card, key, title, hint) {
   let box = card.querySelector(`.chart[data-key="${key}"]`);
   if (!box) {
     box = document.createElement("div");
@@ -37,6 +43,12 @@ function chart(card, key, title) {
     svg.setAttribute("preserveAspectRatio", "none");
     svg.append(document.createElementNS(SVG, "polygon"), document.createElementNS(SVG, "polyline"));
     box.append(head, value, svg);
+    if (hint) {
+      const note = document.createElement("div");
+      note.className = "hint";
+      note.textContent = hint;
+      box.append(note);
+    }
     card.querySelector(".charts").append(box);
   }
   return box;
@@ -97,7 +109,8 @@ function update(data) {
         const before = previous?.rows.get(worker)?.[s.key];
         value = dt && before !== undefined ? Math.max(0, (value - before) / dt) : 0;
       }
-      draw(chart(card, s.key, s.title), push(worker, s.key, value));
+      const hint = worker === "all" && s.allHint ? `${s.hint}; ${s.allHint}` : s.hint;
+      draw(chart(card, s.key, s.title, hint), push(worker, s.key, value));
     }
   }
   previous = { time: data.time, rows };

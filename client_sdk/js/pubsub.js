@@ -126,7 +126,9 @@ export class Subscription {
 /**
  * A connection to the broker that survives drops. Events (an EventTarget; `detail` holds the
  * payload): `state` {state, previous}, `welcome` {client, expires_at, node, worker, ...},
- * `disconnect` {code, reason, willReconnect, delayMs}, `message` (every message),
+ * `disconnect` {code, reason, willReconnect, delayMs}, `message` (every message frame, once
+ * as it arrives, before the subscriptions' onMessage; a replay after a reconnect may bring an
+ * offset again, which the subscriptions skip),
  * `gap` (every gap report), `error` {error} (errors not tied to a request).
  */
 export class PubSubClient extends EventTarget {
@@ -226,7 +228,9 @@ export class PubSubClient extends EventTarget {
 
   /**
    * Subscribe to a topic or a wildcard pattern. Options: presence (join/leave events; exact
-   * topics only), since {offset, epoch} (resume from there; exact topics only), onMessage(msg),
+   * topics only), since {offset, epoch} (resume from there; exact topics only),
+   * onMessage(msg, subscription) (a publication matching several subscriptions reaches each
+   * one's onMessage once),
    * onGap({topic, from, to, epochChanged, possible}), onJoin({topic, client}),
    * onLeave({topic, client}), onError(PubSubError) (a later resubscription was refused).
    * Resolves with the Subscription once the server accepted it (waiting for a connection if
@@ -381,10 +385,10 @@ export class PubSubClient extends EventTarget {
     }
   }
 
-  _call(fn, arg) {
+  _call(fn, ...args) {
     if (!fn) return;
     try {
-      fn(arg);
+      fn(...args);
     } catch (err) {
       console.error("pubsub: a callback failed", err);
       this._emit("error", { error: err });
@@ -708,15 +712,20 @@ export class PubSubClient extends EventTarget {
       data: frame.data,
     };
     this._emit("message", msg);
-    const exact = this.subscriptions.get(msg.topic);
-    // Only once the server has answered the (re)subscription: what came before the answer
-    // through a wildcard subscription is replayed after it.
-    if (exact && !exact.wildcard && exact.state === "subscribed") {
-      this._deliverExact(exact, msg);
-    }
+    // The broker sends a publication once per connection, however many of its subscriptions
+    // match it. Every matching subscription is a listener of its own: each one's onMessage is
+    // called once, in the order the subscriptions were made, with the same message object
+    // and the subscription it came through. One that has already delivered the offset (a
+    // replay overlapping live traffic) skips it.
     for (const sub of this.subscriptions.values()) {
-      if (sub.wildcard && sub.state !== "unsubscribed" && topicMatches(sub.topic, msg.topic)) {
-        this._deliverWildcard(sub, msg);
+      if (sub.wildcard) {
+        if (sub.state !== "unsubscribed" && topicMatches(sub.topic, msg.topic)) {
+          this._deliverWildcard(sub, msg);
+        }
+      } else if (sub.topic === msg.topic && sub.state === "subscribed") {
+        // Only once the server has answered the (re)subscription: what came before the
+        // answer through a wildcard subscription is replayed after it.
+        this._deliverExact(sub, msg);
       }
     }
   }
@@ -760,7 +769,7 @@ export class PubSubClient extends EventTarget {
     if (last && last.epoch === msg.epoch && msg.offset <= last.offset) return;
     if (sub._seen.size >= 10000) sub._seen.clear(); // bounded; at worst a rare duplicate
     sub._seen.set(msg.topic, { epoch: msg.epoch, offset: msg.offset });
-    this._call(sub.onMessage, msg);
+    this._call(sub.onMessage, msg, sub);
   }
 
   _deliverExact(sub, msg) {
@@ -794,7 +803,7 @@ export class PubSubClient extends EventTarget {
     }
     sub.epoch = msg.epoch;
     sub.offset = msg.offset;
-    this._call(sub.onMessage, msg);
+    this._call(sub.onMessage, msg, sub);
   }
 
   // -- keeping the connection alive and authenticated -----------------------------------------

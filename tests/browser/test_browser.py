@@ -19,8 +19,7 @@ def open_demo(page: Any, b: BrokerProcess, sub: str = "alice", **claims: Any) ->
     page.goto(f"{b.http_url}/demo/?token={b.token(sub, **claims)}")
     page.wait_for_selector("body[data-ready=true]")
     assert page.input_value("#ws-url") == b.url
-    page.click("#connect")
-    page.wait_for_selector("#state[data-state=connected]")
+    page.wait_for_selector("#state[data-state=connected]")  # it connects by itself
 
 
 def subscribe(page: Any, topic: str, presence: bool = False) -> None:

@@ -95,9 +95,7 @@ def test_a_killed_worker_costs_the_page_nothing(page: Any, tmp_path: Path) -> No
     # dies reconnects (to another worker, or the restarted one) and recovers exactly.
     with start_web_broker(tmp_path, workers=2) as b:
         page.goto(f"{b.http_url}/demo/?token={b.token('alice')}")
-        page.wait_for_selector("body[data-ready=true]")
-        page.click("#connect")
-        page.wait_for_selector("#state[data-state=connected]")
+        page.wait_for_selector("#state[data-state=connected]")  # it connects by itself
         page.fill("#sub-topic", "chat.room1")
         page.click("#subscribe")
         page.wait_for_selector('#subs li[data-topic="chat.room1"]')

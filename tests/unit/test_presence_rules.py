@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
 import trio
 import trio.testing
 
-from broker import logs, supervisor
 from broker.auth import TokenVerifier
 from broker.cli import main, make_token
-from broker.config import AuthConfig, Config, PresenceConfig, parse_config
+from broker.config import AuthConfig, PresenceConfig, parse_config
 from broker.errors import ConfigError, FrameError
 from broker.metrics import hub_presence_snapshot, merge, render, snapshot_from_stats
 from tests.support.inmemory import call, closed_with, connect, make_worker, recv, running, token
+from tests.unit.test_dev_banner import run_dev
 
 SECRET = "s" * 40
 
@@ -142,30 +141,16 @@ def test_the_token_command_has_a_presence_option(
 def test_the_development_configuration_allows_presence_everywhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    served: list[Config] = []
-
-    def run_broker(config: Config, overrides: Any, listeners: Any) -> int:
-        served.append(config)
-        for sock in [*(s for group in listeners.ws for s in group), listeners.http]:
-            if sock is not None:
-                sock.close()
-        return 0
-
-    monkeypatch.setattr(supervisor, "run_broker", run_broker)
-    # Logging stays as the test session set it up (dev would send it to the captured stderr).
-    monkeypatch.setattr(logs, "configure_logging", lambda *a, **k: None)
-    free = ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
-    assert main(["dev", *free]) == 0
-    [config] = served
+    free = ["--http-listen", "127.0.0.1:0"]
+    out, config, _ = run_dev(tmp_path, monkeypatch, capsys, *free)
     assert config.presence.tracks("chat.room1") and config.presence.tracks("any.topic.at.all")
-    token_line = capsys.readouterr().out.split("token (user")[1].splitlines()[1].strip()
+    token_line = out.split("token (user")[1].splitlines()[1].strip()
     identity = TokenVerifier(config.auth).verify(token_line)
     assert identity.presence.allows_topic("chat.room1")
     # A development file from before presence was opt-in gets a hint how to turn it on.
     (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{SECRET}"\n')
-    assert main(["dev", *free]) == 0
-    assert "presence is off: delete .pubsub-dev/broker.toml" in capsys.readouterr().out
+    out, _, _ = run_dev(tmp_path, monkeypatch, capsys, *free)
+    assert "presence is off: delete .pubsub-dev/broker.toml" in out
 
 
 # --- the metrics -----------------------------------------------------------------------------
