@@ -1,0 +1,471 @@
+"""History on disk: the offsets, epochs and history of a :class:`~broker.history.TopicStore`
+kept in an SQLite file, so that a restart keeps every topic's epoch and history.
+
+Theory of operation
+-------------------
+The event loop never waits for the disk. :class:`DiskJournal` is told which topics changed
+(:meth:`touched`); every ``flush_interval`` its flusher task reads those topics' state from the
+store (their position, gap, oldest held offset, and the held entries newer than what was
+written last time) into a :class:`Batch` of plain tuples, and a worker thread commits the batch
+in one transaction (:class:`Database`; WAL mode). Nothing is queued besides the names of the
+changed topics: the entries to write are read from history itself when the batch is built, so
+what waits for the disk is bounded by the history budgets, and an entry evicted before its
+batch is never written. Rows of evicted entries and forgotten topics are deleted in the same
+transaction, so the file holds what memory holds (and is vacuumed incrementally).
+
+Crash safety rests on two things written with every batch:
+
+- **An offset reservation per topic.** A topic's row carries ``reserved``, a mark past its
+  offset (:data:`RESERVE_MIN` or four batches' worth of its publications, whichever is more).
+  An offset past the mark the disk holds is refused (``unavailable``) until a batch moves it:
+  so every offset the broker ever used is at most its topic's reserved mark on disk. A topic
+  without a row yet gets a new epoch after a crash (epochs of unsaved topics come from a
+  per-process secret), so its offsets need no reservation.
+- **A clean-stop marker.** A graceful stop writes everything and marks the file clean; the
+  first batch of every start marks it not clean. After an unclean stop each topic resumes at
+  its reserved mark, and the offsets between its last saved one and the mark become its
+  *gap*, reported as ``missed`` to any client recovering across it: the publications of the
+  last flush interval that were lost are named exactly (with offsets that were reserved but
+  never used), and no offset is ever used twice with different content.
+
+With ``ack = "disk"`` a publish is answered once the batch holding it is committed
+(:meth:`DiskJournal.when_durable`), and commits are synchronous (``synchronous=FULL``: they
+survive a power loss). With ``ack = "memory"`` (the default) a commit survives the process,
+not the machine (``synchronous=NORMAL``).
+
+A file that is not an SQLite database or fails its integrity check at start is moved aside
+(``<name>.corrupt-<time>``) and a new one started: every topic gets a new epoch, which clients
+are told, and one error is logged. A file that cannot be opened or is held by another broker
+is :class:`StoreError`, a start-up error that names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from broker.config import StoreConfig
+from broker.errors import BrokerError, FrameError
+from broker.history import TopicStore
+
+__all__ = ["RESERVE_MIN", "Batch", "Database", "DiskJournal", "StoreError", "make_journal"]
+
+log = structlog.get_logger()
+
+#: The fewest offsets reserved ahead of a topic's latest one (see the module docstring).
+RESERVE_MIN = 10_000
+FORMAT = 1
+MAINTAIN_EVERY = 10.0  # seconds between checkpoints and incremental vacuums
+VACUUM_PAGES = 2048  # pages given back per incremental vacuum (8 MiB of 4 KiB pages)
+
+#: SQLite's result codes for a file that is not a (sound) database.
+_CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS topics (
+    topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, offset INTEGER NOT NULL,
+    reserved INTEGER NOT NULL, gap_from INTEGER, gap_to INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    topic TEXT NOT NULL, offset INTEGER NOT NULL, at REAL NOT NULL, sender TEXT,
+    data TEXT NOT NULL, PRIMARY KEY (topic, offset)
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(BrokerError):
+    """The store file cannot be used (unreadable, not writable, held by another broker)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"history store {path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@attrs.frozen
+class Row:
+    """A topic's row as saved: position, reservation, gap."""
+
+    topic: str
+    epoch: str
+    offset: int
+    reserved: int
+    gap: tuple[int, int] | None
+
+
+@attrs.frozen
+class Batch:
+    """One transaction: topics to forget, then topic rows ``(topic, epoch, offset, reserved,
+    gap_from, gap_to)`` with the oldest offset each holds, then new entries ``(topic, offset,
+    wall time, sender, data)``; ``clean`` sets the clean-stop marker when not None."""
+
+    forget: list[str]
+    rows: list[tuple[str, str, int, int, int | None, int | None]]
+    firsts: list[tuple[str, int]]
+    entries: list[tuple[str, int, float, str | None, str]]
+    clean: bool | None = None
+
+
+class Database:
+    """The SQLite file. Used by one thread at a time (the flusher hands it to a worker
+    thread per commit and waits); raises :class:`StoreError` or :class:`sqlite3.Error`."""
+
+    def __init__(self, path: str, *, durable: bool) -> None:
+        self.path = path
+        try:
+            self.conn = sqlite3.connect(
+                path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(path, f"cannot open: {exc}") from None
+        c = self.conn
+        # Exclusive locking: a second broker on the same file fails at start, and WAL needs
+        # no shared-memory file. auto_vacuum must be set before the tables exist.
+        c.execute("PRAGMA locking_mode=EXCLUSIVE")
+        c.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        c.execute("PRAGMA journal_size_limit=67108864")
+        ok = c.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
+        c.executescript(_SCHEMA)
+        fmt = c.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        if fmt is None:
+            c.execute("INSERT INTO meta VALUES ('format', ?), ('clean', 1)", (FORMAT,))
+        elif fmt[0] != FORMAT:
+            raise StoreError(path, f"format {fmt[0]} is not {FORMAT}, the one this broker reads")
+
+    def load(self) -> tuple[bool, list[Row], dict[str, list[tuple[float, int, str | None, str]]]]:
+        """Whether the last stop was clean, every topic row, and every topic's entries
+        ``(wall time, offset, sender, data)`` oldest first."""
+        c = self.conn
+        clean = bool(c.execute("SELECT value FROM meta WHERE key='clean'").fetchone()[0])
+        rows = [
+            Row(t, e, o, r, None if gf is None else (gf, gt))
+            for t, e, o, r, gf, gt in c.execute("SELECT * FROM topics")
+        ]
+        entries: dict[str, list[tuple[float, int, str | None, str]]] = {}
+        for topic, offset, at, sender, data in c.execute(
+            "SELECT topic, offset, at, sender, data FROM entries ORDER BY topic, offset"
+        ):
+            entries.setdefault(topic, []).append((at, offset, sender, data))
+        return clean, rows, entries
+
+    def commit(self, batch: Batch) -> None:
+        """Write ``batch`` in one transaction."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            forget = [(t,) for t in batch.forget]
+            c.executemany("DELETE FROM topics WHERE topic=?", forget)
+            c.executemany("DELETE FROM entries WHERE topic=?", forget)
+            c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
+            c.executemany("DELETE FROM entries WHERE topic=? AND offset<?", batch.firsts)
+            c.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)", batch.entries)
+            if batch.clean is not None:
+                c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
+            c.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            raise
+
+    def maintain(self) -> None:
+        """Give freed pages back to the file system and keep the WAL short."""
+        self.conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def size(self) -> int:
+        """Bytes the store takes on disk (the file and its WAL)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(self.path + suffix).st_size
+        return total
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_database(path: str, *, durable: bool) -> Database:
+    """Open (or create) the store at ``path``. A corrupt file is moved aside and a new one
+    started (logged once); raises :class:`StoreError` for anything else."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(path, f"cannot create its directory: {exc.strerror}") from None
+    try:
+        return Database(path, durable=durable)
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _CORRUPT_CODES and "integrity" not in str(
+            exc
+        ):
+            if "locked" in str(exc):
+                raise StoreError(path, "held by another broker process; stop it first") from None
+            raise StoreError(path, str(exc)) from None
+    aside = f"{path}.corrupt-{int(time.time())}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, aside + suffix)
+    log.error(
+        "store_corrupt",
+        path=path,
+        moved_to=aside,
+        action="started a new store: every topic gets a new epoch, which clients are told; "
+        "the old file is kept for inspection and may be deleted",
+    )
+    return Database(path, durable=durable)
+
+
+def make_journal(config: StoreConfig | None) -> DiskJournal | None:
+    """The journal of ``[store]``, or None when history stays in memory (no ``path``)."""
+    return DiskJournal(config) if config is not None and config.path else None
+
+
+#: The error a publish gets when its commit failed (it was delivered; it may not be saved).
+COMMIT_FAILED = FrameError("unavailable", "the history store could not save it; try again")
+
+
+class DiskJournal:
+    """Keeps a :class:`TopicStore` on disk (see the module docstring). Implements
+    :class:`broker.history.Journal`; :meth:`run` is the flusher task."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.db: Database | None = None
+        self._dirty: set[str] = set()
+        self._forgotten: set[str] = set()
+        self._written: dict[str, int] = {}  # the newest offset of each topic on disk
+        self._reserved: dict[str, int] = {}  # each topic's reserved mark on disk
+        self._waiting: list[Callable[[BaseException | None], None]] = []
+        self._failing = False
+        self._last_maintain = 0.0
+        self.stats_counts = {
+            "batches": 0,
+            "rows": 0,
+            "failures": 0,
+            "refused": 0,
+            "commit_seconds": 0.0,
+            "loaded_topics": 0,
+            "loaded_entries": 0,
+        }
+
+    # --- the Journal protocol (on the event loop, never blocking) ---------------------------
+
+    def check(self, topic: str, offset: int) -> None:
+        reserved = self._reserved.get(topic)
+        if reserved is not None and offset > reserved:
+            self.stats_counts["refused"] += 1
+            raise FrameError("unavailable", "the history store is behind; try again in a moment")
+
+    def touched(self, topic: str) -> None:
+        self._dirty.add(topic)
+
+    def forget(self, topic: str) -> None:
+        self._forgotten.add(topic)
+        self._dirty.discard(topic)
+        self._written.pop(topic, None)
+
+    def when_durable(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback`` (with None, or the error) once everything published so far is
+        committed."""
+        self._waiting.append(callback)
+
+    async def durable(self) -> None:
+        """Return once everything published so far is committed; raises :class:`FrameError`
+        (``unavailable``) if the commit fails."""
+        done = trio.Event()
+        failure: list[BaseException] = []
+
+        def wake(error: BaseException | None) -> None:
+            if error is not None:
+                failure.append(error)
+            done.set()
+
+        self.when_durable(wake)
+        await done.wait()
+        if failure:
+            raise COMMIT_FAILED
+
+    def acknowledge(self, answer: Callable[[BaseException | None], None]) -> None:
+        """Call ``answer`` when a publication just made may be acknowledged: at once with
+        ``ack = "memory"``, once it is committed with ``ack = "disk"``."""
+        if self.config.ack == "disk":
+            self.when_durable(answer)
+        else:
+            answer(None)
+
+    async def acknowledged(self) -> None:
+        """:meth:`acknowledge` for a task that can wait; raises :class:`FrameError`
+        (``unavailable``) if the commit fails."""
+        if self.config.ack == "disk":
+            await self.durable()
+
+    # --- start, flush, stop -----------------------------------------------------------------
+
+    def start(self, store: TopicStore) -> None:
+        """Open the file, bring its topics back into ``store`` and commit the first batch
+        (marking the file not clean, renewing reservations). Blocks: call before serving.
+        Raises :class:`StoreError`."""
+        self.db = open_database(self.config.path, durable=self.config.ack == "disk")
+        try:
+            clean, rows, entries = self.db.load()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(self.config.path, f"cannot be read: {exc}") from None
+        store.journal = self
+        to_local = store.now() - time.time()  # wall time -> the store's clock
+        for row in rows:
+            held = entries.get(row.topic, [])
+            offset, gap = row.offset, row.gap
+            if not clean and row.reserved > row.offset:
+                # Offsets up to the reservation may have been used and lost: resume past it.
+                if gap is not None:  # one gap at a time: what is older than the first goes
+                    held = [e for e in held if e[1] > gap[1]]
+                offset, gap = row.reserved, (row.offset + 1, row.reserved) if held else None
+            self._written[row.topic] = held[-1][1] if held else 0
+            self._reserved[row.topic] = offset
+            local = [(at + to_local, o, s, d) for at, o, s, d in held]
+            store.restore(row.topic, row.epoch, offset, gap, local)
+            self._dirty.add(row.topic)
+            self.stats_counts["loaded_entries"] += len(held)
+        store.restored()
+        self.stats_counts["loaded_topics"] = len(rows)
+        log.info(
+            "store_loaded",
+            path=self.config.path,
+            clean=clean,
+            topics=len(rows),
+            entries=self.stats_counts["loaded_entries"],
+        )
+        self._commit_now(store, clean=False)
+
+    def build(self, store: TopicStore, *, clean: bool | None = None) -> Batch:
+        """The batch of everything changed since the last one (on the event loop)."""
+        dirty, self._dirty = self._dirty, set()
+        forget, self._forgotten = list(self._forgotten), set()
+        wall = time.time() - store.now()
+        rows, firsts, entries = [], [], []
+        for topic in dirty:
+            state = store.persisted_state(topic, self._written.get(topic, 0))
+            if state is None:
+                continue
+            reserve = max(RESERVE_MIN, 4 * len(state.new))
+            reserved = max(self._reserved.get(topic, 0), state.offset + reserve)
+            gap = state.gap or (None, None)
+            rows.append((topic, state.epoch, state.offset, reserved, gap[0], gap[1]))
+            firsts.append((topic, state.first))
+            for when, pub in state.new:
+                entries.append((topic, pub.offset, when + wall, pub.sender, pub.data))
+        return Batch(forget, rows, firsts, entries, clean)
+
+    def _committed(self, batch: Batch) -> None:
+        """Record what ``batch`` put on disk (on the event loop, after the commit)."""
+        for topic in batch.forget:
+            self._reserved.pop(topic, None)
+        for topic, _epoch, _offset, reserved, _gf, _gt in batch.rows:
+            self._reserved[topic] = reserved
+        for topic, offset, _at, _s, _d in batch.entries:
+            self._written[topic] = max(self._written.get(topic, 0), offset)
+        self.stats_counts["batches"] += 1
+        self.stats_counts["rows"] += len(batch.entries)
+        if self._failing:
+            self._failing = False
+            log.info("store_recovered", path=self.config.path)
+
+    def _failed(self, batch: Batch, exc: BaseException) -> None:
+        """Keep ``batch``'s topics for the next one; log the first failure of a run."""
+        self._dirty.update(r[0] for r in batch.rows)
+        self._forgotten.update(batch.forget)
+        self.stats_counts["failures"] += 1
+        if not self._failing:
+            self._failing = True
+            log.error("store_commit_failed", path=self.config.path, error=str(exc))
+
+    def _timed_commit(self, batch: Batch) -> float:
+        assert self.db is not None
+        began = time.perf_counter()
+        self.db.commit(batch)
+        return time.perf_counter() - began
+
+    def _commit_now(self, store: TopicStore, *, clean: bool) -> None:
+        """Build and commit a batch on this thread (start and stop only)."""
+        batch = self.build(store, clean=clean)
+        waiting, self._waiting = self._waiting, []
+        try:
+            self.stats_counts["commit_seconds"] += self._timed_commit(batch)
+        except sqlite3.Error as exc:
+            self._failed(batch, exc)
+            for cb in waiting:
+                cb(exc)
+            raise StoreError(self.config.path, f"cannot be written: {exc}") from None
+        self._committed(batch)
+        for cb in waiting:
+            cb(None)
+
+    async def flush(self, store: TopicStore) -> None:
+        """Commit what changed, in a worker thread; answer whoever waits for it."""
+        if not self._dirty and not self._forgotten and not self._waiting:
+            return
+        batch = self.build(store)
+        waiting, self._waiting = self._waiting, []
+        try:
+            seconds = await trio.to_thread.run_sync(self._timed_commit, batch)
+        except sqlite3.Error as exc:
+            self._failed(batch, exc)
+            self._waiting[:0] = waiting  # they wait for the retry
+            return
+        self.stats_counts["commit_seconds"] += seconds
+        self._committed(batch)
+        for cb in waiting:
+            cb(None)
+        if trio.current_time() - self._last_maintain > MAINTAIN_EVERY:
+            self._last_maintain = trio.current_time()
+            assert self.db is not None
+            with contextlib.suppress(sqlite3.Error):
+                await trio.to_thread.run_sync(self.db.maintain)
+
+    async def run(self, store: TopicStore) -> None:
+        """Flush every ``flush_interval`` until cancelled; then write everything, mark the
+        file clean and close it."""
+        self._last_maintain = trio.current_time()
+        try:
+            while True:
+                await trio.sleep(self.config.flush_interval)
+                await self.flush(store)
+        finally:
+            # Blocking, on purpose: the loop is stopping and nothing else waits for it.
+            self.close(store)
+
+    def close(self, store: TopicStore) -> None:
+        """Write everything, mark the file clean, close it (a graceful stop)."""
+        if self.db is None:
+            return
+        try:
+            self._commit_now(store, clean=True)
+            log.info("store_closed", path=self.config.path)
+        except StoreError as exc:
+            log.error("store_close_failed", path=self.config.path, error=exc.problem)
+        finally:
+            self.db.close()
+            self.db = None
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for the metrics: the queue (topics changed since the last batch, publishes
+        waiting for a commit), batches, rows, commit seconds, failures, refusals, bytes."""
+        return {
+            **self.stats_counts,
+            "queued_topics": len(self._dirty),
+            "waiting": len(self._waiting),
+            "bytes": self.db.size() if self.db is not None else 0,
+        }
