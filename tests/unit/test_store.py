@@ -69,7 +69,11 @@ def test_a_graceful_stop_keeps_epochs_offsets_and_history(tmp_path: Path) -> Non
     assert {t: s2.position(t) for t in ("a", "b")} == before
     r = s2.history("a", StreamPosition(2, before["a"].epoch), None)
     assert r.recovered and offsets(r) == [3, 4, 5]
-    assert [(p.sender, p.data) for p in r.publications] == [("alice", '"2"'), ("alice", '"3"'), ("alice", '"4"')]
+    assert [(p.sender, p.data) for p in r.publications] == [
+        ("alice", '"2"'),
+        ("alice", '"3"'),
+        ("alice", '"4"'),
+    ]
     assert s2.publish("a", "6", None).offset == 6
     j2.close(s2)
 
@@ -214,5 +218,5 @@ def test_a_store_held_by_another_broker_is_a_clear_error(tmp_path: Path) -> None
 def test_an_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(StoreError, match="h.db"):
+    with pytest.raises(StoreError, match=r"h\.db"):
         open_store(blocker / "h.db")
