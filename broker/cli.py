@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import jwt
 
 from broker import __version__
@@ -20,6 +21,8 @@ from broker.errors import ConfigError
 __all__ = ["main"]
 
 DEV_DIR = Path(".pubsub-dev")
+#: Where `pubsub-broker dev` keeps history, so that it survives a restart of the broker.
+DEV_STORE = DEV_DIR / "history.db"
 
 EPILOG = """\
 examples:
@@ -102,10 +105,16 @@ def _dev() -> int:
             "[presence]\n"
             'topics = [">"]\n\n'
             "[api]\n"
-            f'keys = ["{secrets.token_urlsafe(24)}"]\n'
+            f'keys = ["{secrets.token_urlsafe(24)}"]\n\n'
+            '# history on disk: kept across restarts (path = "" keeps it in memory only)\n'
+            "[store]\n"
+            f'path = "{DEV_STORE}"\n'
         )
         os.chmod(path, 0o600)
     config = load_config(path)
+    if "[store]" not in path.read_text(encoding="utf-8"):
+        # A file written before history went to disk: keep it there too.
+        config = attrs.evolve(config, store=attrs.evolve(config.store, path=str(DEV_STORE)))
     token = make_token(config, "dev-user", ttl=24 * 3600)
     host, _, port = config.server.listen.rpartition(":")
     url = f"ws://{host}:{port}/ws"
@@ -120,6 +129,7 @@ trio-pubsub development broker (config: {path})
     .venv/bin/pubsub sub 'chat.>'
     .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
   demo page:  http://{config.server.http_listen}/demo/?token={token}
+  history:    {config.store.path or "in memory only"}
   more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
 """,
         flush=True,

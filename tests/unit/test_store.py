@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from broker import cli
 from broker import store as store_module
 from broker.bus.base import StreamPosition
-from broker.config import HistoryRule, StoreConfig
+from broker.config import Config, HistoryRule, StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
 from broker.store import DiskJournal, StoreError
@@ -220,3 +221,16 @@ def test_an_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError, match=r"h\.db"):
         open_store(blocker / "h.db")
+
+
+def test_the_development_broker_keeps_history_under_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    served: list[Config] = []
+    monkeypatch.setattr(cli, "_serve", lambda config, overrides=None: served.append(config) or 0)
+    assert cli.main(["dev"]) == 0
+    # A development file from before history went to disk keeps it there too.
+    (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{"s" * 40}"\n')
+    assert cli.main(["dev"]) == 0
+    assert [c.store.path for c in served] == [".pubsub-dev/history.db"] * 2
