@@ -42,6 +42,7 @@ is :class:`StoreError`, a start-up error that names the file.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import time
@@ -65,6 +66,7 @@ log = structlog.get_logger()
 RESERVE_MIN = 10_000
 FORMAT = 1
 MAINTAIN_EVERY = 10.0  # seconds between checkpoints and incremental vacuums
+CACHE_KIB = 32768  # SQLite's page cache, per store
 VACUUM_PAGES = 2048  # pages given back per incremental vacuum (8 MiB of 4 KiB pages)
 
 #: SQLite's result codes for a file that is not a (sound) database.
@@ -116,6 +118,28 @@ class Batch:
     clean: bool | None = None
 
 
+#: Entries inserted per statement: one step of SQLite per chunk rather than per row, so the
+#: writer thread takes the interpreter lock back from the event loop once per chunk (measured:
+#: 20 % faster alone, and far less slowed down by a busy event loop).
+INSERT_CHUNK = 500
+_INSERT_ONE = "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)"
+_INSERT_CHUNK = "INSERT OR REPLACE INTO entries VALUES " + ",".join(["(?,?,?,?,?)"] * INSERT_CHUNK)
+
+
+def _insert_entries(
+    c: sqlite3.Connection, entries: list[tuple[str, int, float, str | None, str]]
+) -> None:
+    whole = len(entries) - len(entries) % INSERT_CHUNK
+    c.executemany(
+        _INSERT_CHUNK,
+        (
+            list(itertools.chain.from_iterable(entries[i : i + INSERT_CHUNK]))
+            for i in range(0, whole, INSERT_CHUNK)
+        ),
+    )
+    c.executemany(_INSERT_ONE, entries[whole:])
+
+
 class Database:
     """The SQLite file. Used by one thread at a time (the flusher hands it to a worker
     thread per commit and waits); raises :class:`StoreError` or :class:`sqlite3.Error`."""
@@ -136,6 +160,9 @@ class Database:
         c.execute("PRAGMA journal_mode=WAL")
         c.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         c.execute("PRAGMA journal_size_limit=67108864")
+        # A page cache large enough for a batch's inserts into a few thousand topics' ranges
+        # (measured: 2x the rows per second of the 2 MiB default).
+        c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         ok = c.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
@@ -172,7 +199,7 @@ class Database:
             c.executemany("DELETE FROM entries WHERE topic=?", forget)
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
             c.executemany("DELETE FROM entries WHERE topic=? AND offset<?", batch.firsts)
-            c.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)", batch.entries)
+            _insert_entries(c, batch.entries)
             if batch.clean is not None:
                 c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
             c.execute("COMMIT")
@@ -250,6 +277,7 @@ class DiskJournal:
         self._reserved: dict[str, int] = {}  # each topic's reserved mark on disk
         self._waiting: list[Callable[[BaseException | None], None]] = []
         self._failing = False
+        self._flushing = trio.Lock()
         self._last_maintain = 0.0
         self.stats_counts = {
             "batches": 0,
@@ -414,7 +442,12 @@ class DiskJournal:
             cb(None)
 
     async def flush(self, store: TopicStore) -> None:
-        """Commit what changed, in a worker thread; answer whoever waits for it."""
+        """Commit what changed, in a worker thread; answer whoever waits for it. Flushes
+        run one at a time."""
+        async with self._flushing:
+            await self._flush(store)
+
+    async def _flush(self, store: TopicStore) -> None:
         if not self._dirty and not self._forgotten and not self._waiting:
             return
         batch = self.build(store)
