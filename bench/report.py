@@ -71,6 +71,13 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("loadgen_cpu_us_per_delivery", "loadgen CPU µs/delivery", False),
         ("other_cpu_pct", "other CPU %", False),
     ],
+    "store": [
+        ("committed_per_s", "publications/s committed", True),
+        ("commit_ms_per_batch", "ms per commit", False),
+        ("rows_per_batch", "publications per commit", True),
+        ("process_cpu_pct", "CPU % (loop and writer)", False),
+        ("file_mib", "file MiB", False),
+    ],
 }
 # figures that describe the run rather than the server: no ratio
 NO_RATIO = {
@@ -97,6 +104,8 @@ TITLES = {
     "each a fresh token",
     "topics": "5. Many topics: 10,000 topics x 5 subscribers on 1,000 connections, "
     "publications spread round-robin",
+    "store": "6. History on disk: publications per second the store commits, 1,000 topics, "
+    "64-byte payloads, one event loop publishing as fast as it can (bench.store)",
 }
 
 # which figure of a workload is its headline (and the one the ratio table leads with)
@@ -207,6 +216,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         3000.0,
         False,
     )
+    add(
+        "history on disk: at least 100,000 publications/s committed (batched)",
+        _get(results, "store", "store-ack-memory", "committed_per_s"),
+        100_000.0,
+        False,
+    )
+    for workload in ("fanout", "topics"):
+        for b in BROKERS:
+            off = _get(results, workload, b, "cpu_us_per_delivery")
+            add(
+                f"{workload}: CPU/delivery {b} with history on disk within 10 % of memory-only",
+                _get(results, workload, f"{b}-store", "cpu_us_per_delivery"),
+                1.1 * off if off else None,
+                True,
+            )
     return out
 
 
