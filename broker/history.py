@@ -38,8 +38,8 @@ it before assigning an offset whether that offset is covered by what is reserved
 (:meth:`Journal.check`); :meth:`TopicStore.persisted_state` and :meth:`TopicStore.restore` are
 how the journal reads a topic's state and brings it back at start. After a crash a topic may
 resume past offsets that were never saved: its *gap* ``(first, last)`` names them, and
-:func:`select_history` reports it as ``missed`` to whoever recovers across it, until every
-entry older than the gap has left history.
+:func:`select_history` reports it as ``missed`` to whoever recovers from before its end
+(recovery resumes after it), until every entry older than the gap has left history.
 
 Presence counts connections per client id: :meth:`TopicStore.join` reports a new *member*
 only for the first connection of a client id, :meth:`TopicStore.leave` only for the last.
@@ -168,20 +168,13 @@ def select_history(
         and since is not None
         and (since.epoch != position.epoch or since.offset < gap[1])
     ):
-        # The client's position is before the gap's end: it gets what is held before the gap
-        # after its position when it can, then the gap as ``missed``, then what follows it.
-        after = [p for p in publications if p.offset > gap[1]]
-        before = publications[: len(publications) - len(after)]
-        if since.epoch == position.epoch and since.offset + 1 >= (
-            before[0].offset if before else gap[0]
-        ):
-            selected = [p for p in before if p.offset > since.offset] + after
-            missed = (max(since.offset + 1, gap[0]), gap[1])
-        else:
-            selected = after
-            missed = (since.offset + 1 if since.epoch == position.epoch else 1, gap[1])
-        recovered = False
-    elif since is not None:
+        # Recovery never crosses the gap: a client from before its end resumes after it, told
+        # that everything from its position to the gap's end is gone (as after an eviction;
+        # clients take ``missed`` to end where the replay begins).
+        publications = [p for p in publications if p.offset > gap[1]]
+        first = publications[0].offset if publications else position.offset + 1
+        selected = publications
+    if since is not None:
         if since.epoch != position.epoch:
             recovered = False
             missed = (1, first - 1)

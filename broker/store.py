@@ -66,6 +66,9 @@ log = structlog.get_logger()
 RESERVE_MIN = 10_000
 FORMAT = 1
 MAINTAIN_EVERY = 10.0  # seconds between checkpoints and incremental vacuums
+#: Seconds between deletions of evicted entries: one per topic then, not one per batch (what a
+#: topic evicts meanwhile stays on disk, at most this long).
+TRIM_EVERY = 5.0
 CACHE_KIB = 32768  # SQLite's page cache, per store
 VACUUM_PAGES = 2048  # pages given back per incremental vacuum (8 MiB of 4 KiB pages)
 
@@ -108,14 +111,16 @@ class Row:
 @attrs.frozen
 class Batch:
     """One transaction: topics to forget, then topic rows ``(topic, epoch, offset, reserved,
-    gap_from, gap_to)`` with the oldest offset each holds, then new entries ``(topic, offset,
-    wall time, sender, data)``; ``clean`` sets the clean-stop marker when not None."""
+    gap_from, gap_to)``, then trims ``(topic, oldest offset held)`` (older rows go), then new
+    entries ``(topic, offset, wall time, sender, data)``; ``clean`` sets the clean-stop marker
+    when not None. ``topics`` are the changed topics it was built from (for a retry)."""
 
     forget: list[str]
     rows: list[tuple[str, str, int, int, int | None, int | None]]
-    firsts: list[tuple[str, int]]
+    trims: list[tuple[str, int]]
     entries: list[tuple[str, int, float, str | None, str]]
     clean: bool | None = None
+    topics: tuple[str, ...] = ()
 
 
 #: Entries inserted per statement: one step of SQLite per chunk rather than per row, so the
@@ -198,7 +203,7 @@ class Database:
             c.executemany("DELETE FROM topics WHERE topic=?", forget)
             c.executemany("DELETE FROM entries WHERE topic=?", forget)
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
-            c.executemany("DELETE FROM entries WHERE topic=? AND offset<?", batch.firsts)
+            c.executemany("DELETE FROM entries WHERE topic=? AND offset<?", batch.trims)
             _insert_entries(c, batch.entries)
             if batch.clean is not None:
                 c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
@@ -274,7 +279,13 @@ class DiskJournal:
         self._dirty: set[str] = set()
         self._forgotten: set[str] = set()
         self._written: dict[str, int] = {}  # the newest offset of each topic on disk
-        self._reserved: dict[str, int] = {}  # each topic's reserved mark on disk
+        # Each topic's row on disk: (epoch, reserved mark, gap).
+        self._rows: dict[str, tuple[str, int, tuple[int, int] | None]] = {}
+        # Topics whose row on disk has an older offset (it is rewritten only when its
+        # reservation runs low, and at a graceful stop), and trims not done yet.
+        self._stale: set[str] = set()
+        self._trims: dict[str, int] = {}
+        self._last_trim = 0.0
         self._waiting: list[Callable[[BaseException | None], None]] = []
         self._failing = False
         self._flushing = trio.Lock()
@@ -292,8 +303,8 @@ class DiskJournal:
     # --- the Journal protocol (on the event loop, never blocking) ---------------------------
 
     def check(self, topic: str, offset: int) -> None:
-        reserved = self._reserved.get(topic)
-        if reserved is not None and offset > reserved:
+        row = self._rows.get(topic)
+        if row is not None and offset > row[1]:
             self.stats_counts["refused"] += 1
             raise FrameError("unavailable", "the history store is behind; try again in a moment")
 
@@ -356,13 +367,14 @@ class DiskJournal:
         for row in rows:
             held = entries.get(row.topic, [])
             offset, gap = row.offset, row.gap
-            if not clean and row.reserved > row.offset:
+            saved = held[-1][1] if held else row.offset
+            if not clean and row.reserved > saved:
                 # Offsets up to the reservation may have been used and lost: resume past it.
                 if gap is not None:  # one gap at a time: what is older than the first goes
                     held = [e for e in held if e[1] > gap[1]]
-                offset, gap = row.reserved, (row.offset + 1, row.reserved) if held else None
+                offset, gap = row.reserved, (saved + 1, row.reserved) if held else None
             self._written[row.topic] = held[-1][1] if held else 0
-            self._reserved[row.topic] = offset
+            self._rows[row.topic] = (row.epoch, offset, gap)
             local = [(at + to_local, o, s, d) for at, o, s, d in held]
             store.restore(row.topic, row.epoch, offset, gap, local)
             self._dirty.add(row.topic)
@@ -378,31 +390,55 @@ class DiskJournal:
         )
         self._commit_now(store, clean=False)
 
-    def build(self, store: TopicStore, *, clean: bool | None = None) -> Batch:
-        """The batch of everything changed since the last one (on the event loop)."""
+    def build(self, store: TopicStore, *, clean: bool | None = None, trim: bool = False) -> Batch:
+        """The batch of everything changed since the last one (on the event loop). A topic's
+        row is written only when it is new, its epoch or gap changed, or its reservation runs
+        low (else it is stale until a stop, ``clean``); trims are done with ``trim`` or
+        ``clean`` (between them the file holds some evicted entries, which are real
+        publications, contiguous with what is held: a load applies the rules to them again)."""
         dirty, self._dirty = self._dirty, set()
         forget, self._forgotten = list(self._forgotten), set()
         wall = time.time() - store.now()
-        rows, firsts, entries = [], [], []
-        for topic in dirty:
+        rows, entries = [], []
+        final = clean is not None
+        for topic in dirty | self._stale if final else dirty:
             state = store.persisted_state(topic, self._written.get(topic, 0))
             if state is None:
                 continue
-            reserve = max(RESERVE_MIN, 4 * len(state.new))
-            reserved = max(self._reserved.get(topic, 0), state.offset + reserve)
-            gap = state.gap or (None, None)
-            rows.append((topic, state.epoch, state.offset, reserved, gap[0], gap[1]))
-            firsts.append((topic, state.first))
+            if state.first > 1:  # it evicted something (maybe long ago: a cheap no-op then)
+                self._trims[topic] = state.first
             for when, pub in state.new:
                 entries.append((topic, pub.offset, when + wall, pub.sender, pub.data))
-        return Batch(forget, rows, firsts, entries, clean)
+            row = self._rows.get(topic)
+            pace = len(state.new)
+            if (
+                final
+                or row is None
+                or row[0] != state.epoch
+                or row[2] != state.gap
+                or row[1] - state.offset < max(RESERVE_MIN // 2, 2 * pace)
+            ):
+                old = row[1] if row is not None else 0
+                reserved = max(old, state.offset + max(RESERVE_MIN, 4 * pace))
+                gap = state.gap or (None, None)
+                rows.append((topic, state.epoch, state.offset, reserved, gap[0], gap[1]))
+                self._stale.discard(topic)
+            else:
+                self._stale.add(topic)
+        trims: list[tuple[str, int]] = []
+        if trim or final:
+            trims, self._trims = list(self._trims.items()), {}
+        return Batch(forget, rows, trims, entries, clean, tuple(dirty))
 
     def _committed(self, batch: Batch) -> None:
         """Record what ``batch`` put on disk (on the event loop, after the commit)."""
         for topic in batch.forget:
-            self._reserved.pop(topic, None)
-        for topic, _epoch, _offset, reserved, _gf, _gt in batch.rows:
-            self._reserved[topic] = reserved
+            self._rows.pop(topic, None)
+            self._stale.discard(topic)
+            self._trims.pop(topic, None)
+        for topic, epoch, _offset, reserved, gap_from, gap_to in batch.rows:
+            gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
+            self._rows[topic] = (epoch, reserved, gap)
         for topic, offset, _at, _s, _d in batch.entries:
             self._written[topic] = max(self._written.get(topic, 0), offset)
         self.stats_counts["batches"] += 1
@@ -413,8 +449,11 @@ class DiskJournal:
 
     def _failed(self, batch: Batch, exc: BaseException) -> None:
         """Keep ``batch``'s topics for the next one; log the first failure of a run."""
-        self._dirty.update(r[0] for r in batch.rows)
+        self._dirty.update(batch.topics)
+        self._stale.update(r[0] for r in batch.rows)
         self._forgotten.update(batch.forget)
+        for topic, first in batch.trims:
+            self._trims.setdefault(topic, first)
         self.stats_counts["failures"] += 1
         if not self._failing:
             self._failing = True
@@ -450,7 +489,11 @@ class DiskJournal:
     async def _flush(self, store: TopicStore) -> None:
         if not self._dirty and not self._forgotten and not self._waiting:
             return
-        batch = self.build(store)
+        now = trio.current_time()
+        trim = now - self._last_trim > TRIM_EVERY
+        if trim:
+            self._last_trim = now
+        batch = self.build(store, trim=trim)
         waiting, self._waiting = self._waiting, []
         try:
             seconds = await trio.to_thread.run_sync(self._timed_commit, batch)

@@ -93,21 +93,30 @@ async def test_a_crash_loses_at_most_the_unflushed_and_names_it(tmp_path: Path) 
     s2, j2 = open_store(path)
     pos = s2.position("t")
     assert pos.epoch == epoch and pos.offset >= 7  # resumes past every offset it may have used
-    # A client that saw 7 is told exactly what is gone; one that saw 1 gets 2..3 first.
+    # A client that saw 7 is told exactly what is gone, up to where the topic resumes;
+    # recovery never crosses the hole, so one that saw 1 is told the same from 2.
     late = s2.history("t", StreamPosition(7, epoch), None)
     assert not late.recovered and late.missed == (8, pos.offset) and offsets(late) == []
     early = s2.history("t", StreamPosition(1, epoch), None)
-    assert not early.recovered and early.missed == (4, pos.offset) and offsets(early) == [2, 3]
+    assert not early.recovered and early.missed == (2, pos.offset) and offsets(early) == []
+    assert offsets(s2.history("t", None, None)) == [1, 2, 3]  # still held, for reading
     nxt = s2.publish("t", "3", None)
     assert nxt.offset == pos.offset + 1  # no offset used twice
     again = s2.history("t", StreamPosition(5, epoch), None)
     assert again.missed == (6, pos.offset) and offsets(again) == [nxt.offset]
+    other = s2.history("t", StreamPosition(5, "another"), None)
+    assert other.missed == (1, pos.offset) and offsets(other) == [nxt.offset]
+    assert s2.history("t", StreamPosition(nxt.offset, epoch), None).recovered
     j2.close(s2)
 
     # The gap survives a graceful restart until what precedes it is gone.
     s3, j3 = open_store(path, size=100)
-    assert s3.history("t", StreamPosition(1, epoch), None).missed == (4, pos.offset)
+    assert s3.history("t", StreamPosition(1, epoch), None).missed == (2, pos.offset)
     j3.close(s3)
+    s4, j4 = open_store(path, size=1)  # only the newest is kept: the hole is behind it
+    assert s4.history("t", StreamPosition(pos.offset, epoch), None).recovered
+    assert s4.history("t", StreamPosition(1, epoch), None).missed == (2, pos.offset)
+    j4.close(s4)
 
 
 def test_a_topic_never_written_gets_a_new_epoch_after_a_crash(tmp_path: Path) -> None:
