@@ -55,6 +55,7 @@ import sys
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any, Protocol
 
 import attrs
@@ -122,17 +123,13 @@ class Journal(Protocol):
         """``topic`` is forgotten (its tombstone went): its next epoch is a new one."""
 
 
-@attrs.frozen
-class PersistedState:
-    """A topic as the journal writes it: its position, its gap, the oldest offset it holds
-    (``offset + 1`` when none) and its held entries newer than the journal asked for, as
-    ``(time kept, publication)``."""
-
-    epoch: str
-    offset: int
-    gap: tuple[int, int] | None
-    first: int
-    new: list[tuple[float, Publication]]
+#: A topic as the journal writes it (:meth:`TopicStore.persisted_state`): its epoch, offset and
+#: gap, the oldest offset it holds (``offset + 1`` when none), and its held entries newer than
+#: the journal asked for, oldest first, as ``(offset, time kept + shift, sender, data)``. A plain
+#: tuple: the journal reads one per changed topic per batch.
+PersistedState = tuple[
+    str, int, tuple[int, int] | None, int, list[tuple[int, float, str | None, str]]
+]
 
 
 @attrs.define
@@ -431,23 +428,25 @@ class TopicStore:
 
     # --- persistence (see the module docstring) ---------------------------------------------
 
-    def persisted_state(self, topic: str, after: int) -> PersistedState | None:
-        """``topic`` as the journal saves it, with the held entries past offset ``after``; None
-        when the store no longer knows the topic (forgotten)."""
+    def persisted_state(self, topic: str, after: int, shift: float) -> PersistedState | None:
+        """``topic`` as the journal saves it, with the held entries past offset ``after``
+        (their times moved by ``shift``); None when the store no longer knows the topic."""
         t = self._topics.get(topic)
         if t is None:
             tomb = self._tombstones.get(topic)
             if tomb is None:
                 return None
-            return PersistedState(tomb[0], tomb[1], None, tomb[1] + 1, [])
-        new = []
-        for when, pub, _ in reversed(t.buffer):
-            if pub.offset <= after:
-                break
-            new.append((when, pub))
+            return tomb[0], tomb[1], None, tomb[1] + 1, []
+        buf = t.buffer
+        # The newest entries are contiguous (a gap only ever precedes them): count them.
+        since = after if t.gap is None else max(after, t.gap[1])
+        new = [
+            (p.offset, when + shift, p.sender, p.data)
+            for when, p, _ in islice(reversed(buf), min(len(buf), t.offset - since))
+        ]
         new.reverse()
-        first = t.buffer[0][1].offset if t.buffer else t.offset + 1
-        return PersistedState(t.epoch, t.offset, t.gap, first, new)
+        first = buf[0][1].offset if buf else t.offset + 1
+        return t.epoch, t.offset, t.gap, first, new
 
     def restore(
         self,

@@ -10,8 +10,14 @@ written last time) into a :class:`Batch` of plain tuples, and a worker thread co
 in one transaction (:class:`Database`; WAL mode). Nothing is queued besides the names of the
 changed topics: the entries to write are read from history itself when the batch is built, so
 what waits for the disk is bounded by the history budgets, and an entry evicted before its
-batch is never written. Rows of evicted entries and forgotten topics are deleted in the same
-transaction, so the file holds what memory holds (and is vacuumed incrementally).
+batch is never written. A batch appends one *chunk* per changed topic (its new entries,
+marshalled), so SQLite writes new pages in order however many topics a batch touches; a
+topic's row (position, reservation, gap) is rewritten only when its reservation runs low or
+its epoch or gap changes, and at a graceful stop. Every :data:`TRIM_EVERY` seconds, chunks
+whose entries have all left history are deleted, and forgotten topics' at once, so the file
+holds what memory holds plus at most a few seconds of evictions and a partly evicted chunk
+per topic (it is vacuumed incrementally). What the file holds beyond memory are real
+publications contiguous with the held ones; a start applies the rules to them again.
 
 Crash safety rests on two things written with every batch:
 
@@ -42,10 +48,11 @@ is :class:`StoreError`, a start-up error that names the file.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import marshal
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,11 +88,13 @@ CREATE TABLE IF NOT EXISTS topics (
     topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, offset INTEGER NOT NULL,
     reserved INTEGER NOT NULL, gap_from INTEGER, gap_to INTEGER
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS entries (
-    topic TEXT NOT NULL, offset INTEGER NOT NULL, at REAL NOT NULL, sender TEXT,
-    data TEXT NOT NULL, PRIMARY KEY (topic, offset)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY, topic TEXT NOT NULL, last INTEGER NOT NULL, entries BLOB NOT NULL
+);
 """
+
+#: An entry as a chunk holds it: (offset, wall time, sender, data).
+Entry = tuple[int, float, str | None, str]
 
 
 class StoreError(BrokerError):
@@ -110,39 +119,18 @@ class Row:
 
 @attrs.frozen
 class Batch:
-    """One transaction: topics to forget, then topic rows ``(topic, epoch, offset, reserved,
-    gap_from, gap_to)``, then trims ``(topic, oldest offset held)`` (older rows go), then new
-    entries ``(topic, offset, wall time, sender, data)``; ``clean`` sets the clean-stop marker
-    when not None. ``topics`` are the changed topics it was built from (for a retry)."""
+    """One transaction: topics to forget, topic rows ``(topic, epoch, offset, reserved,
+    gap_from, gap_to)``, chunks to delete ``(id, topic, last offset)``, new chunks ``(id,
+    topic, last offset, marshalled entries)``; ``clean`` sets the clean-stop marker when not
+    None. ``topics`` are the changed topics it was built from, ``count`` its new entries."""
 
     forget: list[str]
     rows: list[tuple[str, str, int, int, int | None, int | None]]
-    trims: list[tuple[str, int]]
-    entries: list[tuple[str, int, float, str | None, str]]
+    deletes: list[tuple[int, str, int]]
+    chunks: list[tuple[int, str, int, bytes]]
     clean: bool | None = None
     topics: tuple[str, ...] = ()
-
-
-#: Entries inserted per statement: one step of SQLite per chunk rather than per row, so the
-#: writer thread takes the interpreter lock back from the event loop once per chunk (measured:
-#: 20 % faster alone, and far less slowed down by a busy event loop).
-INSERT_CHUNK = 500
-_INSERT_ONE = "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)"
-_INSERT_CHUNK = "INSERT OR REPLACE INTO entries VALUES " + ",".join(["(?,?,?,?,?)"] * INSERT_CHUNK)
-
-
-def _insert_entries(
-    c: sqlite3.Connection, entries: list[tuple[str, int, float, str | None, str]]
-) -> None:
-    whole = len(entries) - len(entries) % INSERT_CHUNK
-    c.executemany(
-        _INSERT_CHUNK,
-        (
-            list(itertools.chain.from_iterable(entries[i : i + INSERT_CHUNK]))
-            for i in range(0, whole, INSERT_CHUNK)
-        ),
-    )
-    c.executemany(_INSERT_ONE, entries[whole:])
+    count: int = 0
 
 
 class Database:
@@ -165,8 +153,6 @@ class Database:
         c.execute("PRAGMA journal_mode=WAL")
         c.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         c.execute("PRAGMA journal_size_limit=67108864")
-        # A page cache large enough for a batch's inserts into a few thousand topics' ranges
-        # (measured: 2x the rows per second of the 2 MiB default).
         c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         ok = c.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
@@ -178,33 +164,30 @@ class Database:
         elif fmt[0] != FORMAT:
             raise StoreError(path, f"format {fmt[0]} is not {FORMAT}, the one this broker reads")
 
-    def load(self) -> tuple[bool, list[Row], dict[str, list[tuple[float, int, str | None, str]]]]:
-        """Whether the last stop was clean, every topic row, and every topic's entries
-        ``(wall time, offset, sender, data)`` oldest first."""
+    def load(self) -> tuple[bool, list[Row], dict[str, list[tuple[int, int, list[Entry]]]]]:
+        """Whether the last stop was clean, every topic row, and every topic's chunks ``(id,
+        last offset, entries)`` oldest first. Raises :class:`sqlite3.DatabaseError` (or
+        :class:`ValueError` for a chunk that does not decode)."""
         c = self.conn
         clean = bool(c.execute("SELECT value FROM meta WHERE key='clean'").fetchone()[0])
         rows = [
             Row(t, e, o, r, None if gf is None else (gf, gt))
             for t, e, o, r, gf, gt in c.execute("SELECT * FROM topics")
         ]
-        entries: dict[str, list[tuple[float, int, str | None, str]]] = {}
-        for topic, offset, at, sender, data in c.execute(
-            "SELECT topic, offset, at, sender, data FROM entries ORDER BY topic, offset"
-        ):
-            entries.setdefault(topic, []).append((at, offset, sender, data))
-        return clean, rows, entries
+        chunks: dict[str, list[tuple[int, int, list[Entry]]]] = {}
+        for cid, topic, last, blob in c.execute("SELECT * FROM chunks ORDER BY id"):
+            chunks.setdefault(topic, []).append((cid, last, marshal.loads(blob)))
+        return clean, rows, chunks
 
     def commit(self, batch: Batch) -> None:
         """Write ``batch`` in one transaction."""
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            forget = [(t,) for t in batch.forget]
-            c.executemany("DELETE FROM topics WHERE topic=?", forget)
-            c.executemany("DELETE FROM entries WHERE topic=?", forget)
+            c.executemany("DELETE FROM topics WHERE topic=?", [(t,) for t in batch.forget])
+            c.executemany("DELETE FROM chunks WHERE id=?", [(d[0],) for d in batch.deletes])
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
-            c.executemany("DELETE FROM entries WHERE topic=? AND offset<?", batch.trims)
-            _insert_entries(c, batch.entries)
+            c.executemany("INSERT INTO chunks VALUES (?,?,?,?)", batch.chunks)
             if batch.clean is not None:
                 c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
             c.execute("COMMIT")
@@ -286,6 +269,13 @@ class DiskJournal:
         self._stale: set[str] = set()
         self._trims: dict[str, int] = {}
         self._last_trim = 0.0
+        # Each topic's chunks on disk, oldest first, as (id, last offset); the chunks to
+        # delete with the next batch (of forgotten topics, or wholly evicted) as (id, topic,
+        # last offset); topics forgotten while a batch was being committed.
+        self._chunks: dict[str, deque[tuple[int, int]]] = {}
+        self._doomed: list[tuple[int, str, int]] = []
+        self._forgot_meanwhile: set[str] = set()
+        self._next_chunk = 1
         self._waiting: list[Callable[[BaseException | None], None]] = []
         self._failing = False
         self._flushing = trio.Lock()
@@ -313,8 +303,11 @@ class DiskJournal:
 
     def forget(self, topic: str) -> None:
         self._forgotten.add(topic)
+        self._forgot_meanwhile.add(topic)
         self._dirty.discard(topic)
         self._written.pop(topic, None)
+        self._trims.pop(topic, None)
+        self._doomed.extend((cid, topic, last) for cid, last in self._chunks.pop(topic, ()))
 
     def when_durable(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback`` (with None, or the error) once everything published so far is
@@ -359,23 +352,31 @@ class DiskJournal:
         Raises :class:`StoreError`."""
         self.db = open_database(self.config.path, durable=self.config.ack == "disk")
         try:
-            clean, rows, entries = self.db.load()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(self.config.path, f"cannot be read: {exc}") from None
+            clean, rows, chunks = self.db.load()
+        except (sqlite3.DatabaseError, ValueError, EOFError, TypeError) as exc:
+            raise StoreError(
+                self.config.path, f"cannot be read ({exc}); move it away to start afresh"
+            ) from None
         store.journal = self
         to_local = store.now() - time.time()  # wall time -> the store's clock
+        self._next_chunk = 1 + max((c[0] for cs in chunks.values() for c in cs), default=0)
+        known = {row.topic for row in rows}
+        for topic in set(chunks) - known:  # left by a forget that did not commit
+            self._doomed.extend((cid, topic, last) for cid, last, _ in chunks.pop(topic))
         for row in rows:
-            held = entries.get(row.topic, [])
+            mine = chunks.get(row.topic, [])
+            self._chunks[row.topic] = deque((cid, last) for cid, last, _ in mine)
+            held = [e for _, _, es in mine for e in es]
             offset, gap = row.offset, row.gap
-            saved = held[-1][1] if held else row.offset
+            saved = held[-1][0] if held else row.offset
             if not clean and row.reserved > saved:
                 # Offsets up to the reservation may have been used and lost: resume past it.
                 if gap is not None:  # one gap at a time: what is older than the first goes
-                    held = [e for e in held if e[1] > gap[1]]
+                    held = [e for e in held if e[0] > gap[1]]
                 offset, gap = row.reserved, (saved + 1, row.reserved) if held else None
-            self._written[row.topic] = held[-1][1] if held else 0
+            self._written[row.topic] = saved
             self._rows[row.topic] = (row.epoch, offset, gap)
-            local = [(at + to_local, o, s, d) for at, o, s, d in held]
+            local = [(at + to_local, o, s, d) for o, at, s, d in held]
             store.restore(row.topic, row.epoch, offset, gap, local)
             self._dirty.add(row.topic)
             self.stats_counts["loaded_entries"] += len(held)
@@ -398,37 +399,50 @@ class DiskJournal:
         publications, contiguous with what is held: a load applies the rules to them again)."""
         dirty, self._dirty = self._dirty, set()
         forget, self._forgotten = list(self._forgotten), set()
+        self._forgot_meanwhile = set()
         wall = time.time() - store.now()
-        rows, entries = [], []
+        rows, chunks = [], []
+        count = 0
         final = clean is not None
-        for topic in dirty | self._stale if final else dirty:
-            state = store.persisted_state(topic, self._written.get(topic, 0))
+        written, trims, stale = self._written, self._trims, self._stale
+        for topic in dirty | stale if final else dirty:
+            state = store.persisted_state(topic, written.get(topic, 0), wall)
             if state is None:
                 continue
-            if state.first > 1:  # it evicted something (maybe long ago: a cheap no-op then)
-                self._trims[topic] = state.first
-            for when, pub in state.new:
-                entries.append((topic, pub.offset, when + wall, pub.sender, pub.data))
+            epoch, offset, gap, first, new = state
+            if first > 1:  # it evicted something (maybe long ago: a cheap no-op then)
+                trims[topic] = first
+            pace = len(new)
+            if pace:
+                # One chunk per topic and batch, appended: SQLite writes new pages in order,
+                # however many topics a batch touches.
+                chunks.append((self._next_chunk, topic, new[-1][0], marshal.dumps(new)))
+                self._next_chunk += 1
+                count += pace
             row = self._rows.get(topic)
-            pace = len(state.new)
             if (
                 final
                 or row is None
-                or row[0] != state.epoch
-                or row[2] != state.gap
-                or row[1] - state.offset < max(RESERVE_MIN // 2, 2 * pace)
+                or row[0] != epoch
+                or row[2] != gap
+                or row[1] - offset < max(RESERVE_MIN // 2, 2 * pace)
             ):
                 old = row[1] if row is not None else 0
-                reserved = max(old, state.offset + max(RESERVE_MIN, 4 * pace))
-                gap = state.gap or (None, None)
-                rows.append((topic, state.epoch, state.offset, reserved, gap[0], gap[1]))
-                self._stale.discard(topic)
+                reserved = max(old, offset + max(RESERVE_MIN, 4 * pace))
+                gap_from, gap_to = gap or (None, None)
+                rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
+                stale.discard(topic)
             else:
-                self._stale.add(topic)
-        trims: list[tuple[str, int]] = []
+                stale.add(topic)
         if trim or final:
-            trims, self._trims = list(self._trims.items()), {}
-        return Batch(forget, rows, trims, entries, clean, tuple(dirty))
+            for topic, first in self._trims.items():
+                held = self._chunks.get(topic)
+                while held and held[0][1] < first:
+                    cid, last = held.popleft()
+                    self._doomed.append((cid, topic, last))
+            self._trims = {}
+        deletes, self._doomed = self._doomed, []
+        return Batch(forget, rows, deletes, chunks, clean, tuple(dirty), count)
 
     def _committed(self, batch: Batch) -> None:
         """Record what ``batch`` put on disk (on the event loop, after the commit)."""
@@ -439,10 +453,14 @@ class DiskJournal:
         for topic, epoch, _offset, reserved, gap_from, gap_to in batch.rows:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
             self._rows[topic] = (epoch, reserved, gap)
-        for topic, offset, _at, _s, _d in batch.entries:
-            self._written[topic] = max(self._written.get(topic, 0), offset)
+        for cid, topic, last, _blob in batch.chunks:
+            if topic in self._forgot_meanwhile:  # of the epoch that was forgotten: it goes
+                self._doomed.append((cid, topic, last))
+                continue
+            self._chunks.setdefault(topic, deque()).append((cid, last))
+            self._written[topic] = last
         self.stats_counts["batches"] += 1
-        self.stats_counts["rows"] += len(batch.entries)
+        self.stats_counts["rows"] += batch.count
         if self._failing:
             self._failing = False
             log.info("store_recovered", path=self.config.path)
@@ -452,8 +470,7 @@ class DiskJournal:
         self._dirty.update(batch.topics)
         self._stale.update(r[0] for r in batch.rows)
         self._forgotten.update(batch.forget)
-        for topic, first in batch.trims:
-            self._trims.setdefault(topic, first)
+        self._doomed.extend(batch.deletes)
         self.stats_counts["failures"] += 1
         if not self._failing:
             self._failing = True
