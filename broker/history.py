@@ -440,11 +440,16 @@ class TopicStore:
         buf = t.buffer
         # The newest entries are contiguous (a gap only ever precedes them): count them.
         since = after if t.gap is None else max(after, t.gap[1])
-        new = [
-            (p.offset, when + shift, p.sender, p.data)
-            for when, p, _ in islice(reversed(buf), min(len(buf), t.offset - since))
-        ]
-        new.reverse()
+        count = min(len(buf), t.offset - since)
+        if count == 1:  # the common case with many topics: one publication a batch
+            when, p, _ = buf[-1]
+            new = [(p.offset, when + shift, p.sender, p.data)]
+        else:
+            new = [
+                (p.offset, when + shift, p.sender, p.data)
+                for when, p, _ in islice(reversed(buf), count)
+            ]
+            new.reverse()
         first = buf[0][1].offset if buf else t.offset + 1
         return t.epoch, t.offset, t.gap, first, new
 
