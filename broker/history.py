@@ -453,6 +453,14 @@ class TopicStore:
         first = buf[0][1].offset if buf else t.offset + 1
         return t.epoch, t.offset, t.gap, first, new
 
+    def first_held(self, topic: str) -> int:
+        """The oldest offset ``topic`` holds (its offset + 1 when none; 0 when unknown)."""
+        t = self._topics.get(topic)
+        if t is not None:
+            return t.buffer[0][1].offset if t.buffer else t.offset + 1
+        tomb = self._tombstones.get(topic)
+        return 0 if tomb is None else tomb[1] + 1
+
     def restore(
         self,
         topic: str,

@@ -133,6 +133,26 @@ class Batch:
     count: int = 0
 
 
+#: Chunks inserted per statement: SQLite steps once per statement, and each step lets the
+#: event loop's thread take the interpreter lock; one step per row (a thousand topics changed)
+#: made the writer and the loop trade the lock a thousand times a batch.
+INSERT_ROWS = 200
+_INSERT_ONE = "INSERT INTO chunks VALUES (?,?,?,?)"
+_INSERT_MANY = "INSERT INTO chunks VALUES " + ",".join(["(?,?,?,?)"] * INSERT_ROWS)
+
+
+def _insert_chunks(c: sqlite3.Connection, chunks: list[tuple[int, str, int, bytes]]) -> None:
+    whole = len(chunks) - len(chunks) % INSERT_ROWS
+    c.executemany(
+        _INSERT_MANY,
+        (
+            [v for chunk in chunks[i : i + INSERT_ROWS] for v in chunk]
+            for i in range(0, whole, INSERT_ROWS)
+        ),
+    )
+    c.executemany(_INSERT_ONE, chunks[whole:])
+
+
 class Database:
     """The SQLite file. Used by one thread at a time (the flusher hands it to a worker
     thread per commit and waits); raises :class:`StoreError` or :class:`sqlite3.Error`."""
@@ -187,7 +207,7 @@ class Database:
             c.executemany("DELETE FROM topics WHERE topic=?", [(t,) for t in batch.forget])
             c.executemany("DELETE FROM chunks WHERE id=?", [(d[0],) for d in batch.deletes])
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
-            c.executemany("INSERT INTO chunks VALUES (?,?,?,?)", batch.chunks)
+            _insert_chunks(c, batch.chunks)
             if batch.clean is not None:
                 c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
             c.execute("COMMIT")
@@ -264,10 +284,6 @@ class DiskJournal:
         self._written: dict[str, int] = {}  # the newest offset of each topic on disk
         # Each topic's row on disk: (epoch, reserved mark, gap).
         self._rows: dict[str, tuple[str, int, tuple[int, int] | None]] = {}
-        # Topics whose row on disk has an older offset (it is rewritten only when its
-        # reservation runs low, and at a graceful stop), and trims not done yet.
-        self._stale: set[str] = set()
-        self._trims: dict[str, int] = {}
         self._last_trim = 0.0
         # Each topic's chunks on disk, oldest first, as (id, last offset); the chunks to
         # delete with the next batch (of forgotten topics, or wholly evicted) as (id, topic,
@@ -306,7 +322,6 @@ class DiskJournal:
         self._forgot_meanwhile.add(topic)
         self._dirty.discard(topic)
         self._written.pop(topic, None)
-        self._trims.pop(topic, None)
         self._doomed.extend((cid, topic, last) for cid, last in self._chunks.pop(topic, ()))
 
     def when_durable(self, callback: Callable[[BaseException | None], None]) -> None:
@@ -404,14 +419,13 @@ class DiskJournal:
         rows, chunks = [], []
         count = 0
         final = clean is not None
-        written, trims, stale = self._written, self._trims, self._stale
-        for topic in dirty | stale if final else dirty:
+        written, rows_on_disk = self._written, self._rows
+        # At a stop every row is rewritten: between stops a row's offset may lag.
+        for topic in dirty | set(rows_on_disk) if final else dirty:
             state = store.persisted_state(topic, written.get(topic, 0), wall)
             if state is None:
                 continue
-            epoch, offset, gap, first, new = state
-            if first > 1:  # it evicted something (maybe long ago: a cheap no-op then)
-                trims[topic] = first
+            epoch, offset, gap, _first, new = state
             pace = len(new)
             if pace:
                 # One chunk per topic and batch, appended: SQLite writes new pages in order,
@@ -419,7 +433,7 @@ class DiskJournal:
                 chunks.append((self._next_chunk, topic, new[-1][0], marshal.dumps(new)))
                 self._next_chunk += 1
                 count += pace
-            row = self._rows.get(topic)
+            row = rows_on_disk.get(topic)
             if (
                 final
                 or row is None
@@ -431,25 +445,25 @@ class DiskJournal:
                 reserved = max(old, offset + max(RESERVE_MIN, 4 * pace))
                 gap_from, gap_to = gap or (None, None)
                 rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
-                stale.discard(topic)
-            else:
-                stale.add(topic)
         if trim or final:
-            for topic, first in self._trims.items():
-                held = self._chunks.get(topic)
+            self._trim(store)
+        deletes, self._doomed = self._doomed, []
+        return Batch(forget, rows, deletes, chunks, clean, tuple(dirty), count)
+
+    def _trim(self, store: TopicStore) -> None:
+        """Doom the chunks whose entries have all left history (a pass over the topics on
+        disk: every :data:`TRIM_EVERY` seconds and at a stop, not every batch)."""
+        for topic, held in self._chunks.items():
+            if held:
+                first = store.first_held(topic)
                 while held and held[0][1] < first:
                     cid, last = held.popleft()
                     self._doomed.append((cid, topic, last))
-            self._trims = {}
-        deletes, self._doomed = self._doomed, []
-        return Batch(forget, rows, deletes, chunks, clean, tuple(dirty), count)
 
     def _committed(self, batch: Batch) -> None:
         """Record what ``batch`` put on disk (on the event loop, after the commit)."""
         for topic in batch.forget:
             self._rows.pop(topic, None)
-            self._stale.discard(topic)
-            self._trims.pop(topic, None)
         for topic, epoch, _offset, reserved, gap_from, gap_to in batch.rows:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
             self._rows[topic] = (epoch, reserved, gap)
@@ -468,7 +482,7 @@ class DiskJournal:
     def _failed(self, batch: Batch, exc: BaseException) -> None:
         """Keep ``batch``'s topics for the next one; log the first failure of a run."""
         self._dirty.update(batch.topics)
-        self._stale.update(r[0] for r in batch.rows)
+        self._dirty.update(r[0] for r in batch.rows)  # rewritten with the next batch
         self._forgotten.update(batch.forget)
         self._doomed.extend(batch.deletes)
         self.stats_counts["failures"] += 1

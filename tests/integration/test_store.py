@@ -216,3 +216,38 @@ def test_a_store_another_broker_holds_is_a_start_error(tmp_path: Path) -> None:
         )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "store_unusable" in proc.stderr and "history.db" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_with_ack_on_disk_what_was_acknowledged_survives_a_kill(
+    tmp_path: Path, workers: int
+) -> None:
+    # A long flush interval: acknowledged in memory, these would all be lost to the kill.
+    config = merge(store_config(tmp_path), {"store": {"ack": "disk", "flush_interval": 0.5}})
+    with BrokerProcess.start(tmp_path, config, workers=workers) as b:
+
+        async def publish() -> list[tuple[str, int]]:
+            ws, _ = await open_client(b, "p")
+            for k in range(30):
+                await ws.send(json.dumps({"op": "publish", "topic": TOPIC, "data": k, "id": k}))
+            acked = []
+            while len(acked) < 30:
+                reply = json.loads(await ws.recv())
+                assert reply.get("ok"), reply
+                acked.append((reply["epoch"], reply["offset"]))
+            b.kill()  # at once: nothing more is written
+            return acked
+
+        async def read() -> dict[str, Any]:
+            ws, _ = await open_client(b, "r")
+            reply = await call(ws, op="history", topic=TOPIC, id="h")
+            await ws.close()
+            return reply
+
+        acked = asyncio.run(publish())
+        b.restart(kill=True)
+        held = asyncio.run(read())
+    assert held["epoch"] == acked[0][0]
+    assert [(m["offset"], m["data"]) for m in held["messages"]] == [
+        (o, k) for k, (_, o) in enumerate(acked)
+    ]
