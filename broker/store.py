@@ -48,6 +48,7 @@ is :class:`StoreError`, a start-up error that names the file.
 from __future__ import annotations
 
 import contextlib
+import json
 import marshal
 import os
 import sqlite3
@@ -205,7 +206,10 @@ class Database:
         c.execute("BEGIN IMMEDIATE")
         try:
             c.executemany("DELETE FROM topics WHERE topic=?", [(t,) for t in batch.forget])
-            c.executemany("DELETE FROM chunks WHERE id=?", [(d[0],) for d in batch.deletes])
+            # One statement for every deleted chunk: SQLite walks the list without the
+            # interpreter lock (a statement per id traded it with the event loop per row).
+            ids = json.dumps([d[0] for d in batch.deletes])
+            c.execute("DELETE FROM chunks WHERE id IN (SELECT value FROM json_each(?))", (ids,))
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
             _insert_chunks(c, batch.chunks)
             if batch.clean is not None:
@@ -261,6 +265,17 @@ def open_database(path: str, *, durable: bool) -> Database:
         "the old file is kept for inspection and may be deleted",
     )
     return Database(path, durable=durable)
+
+
+def _contiguous_tail(entries: list[Entry]) -> list[Entry]:
+    """The newest run of consecutive offsets of a topic's entries on disk. Older chunks may
+    outlive evictions for a while (trims are periodic), and a chunk may end where the next
+    begins much later (what was evicted before being written): only the newest run is
+    history without a hole."""
+    start = len(entries) - 1
+    while start > 0 and entries[start - 1][0] == entries[start][0] - 1:
+        start -= 1
+    return entries[max(start, 0) :]
 
 
 def make_journal(config: StoreConfig | None) -> DiskJournal | None:
@@ -381,13 +396,12 @@ class DiskJournal:
         for row in rows:
             mine = chunks.get(row.topic, [])
             self._chunks[row.topic] = deque((cid, last) for cid, last, _ in mine)
-            held = [e for _, _, es in mine for e in es]
-            offset, gap = row.offset, row.gap
+            held = _contiguous_tail([e for _, _, es in mine for e in es])
+            # What is held is now one run of offsets: a gap recorded before it is behind it.
+            offset, gap = row.offset, None
             saved = held[-1][0] if held else row.offset
             if not clean and row.reserved > saved:
                 # Offsets up to the reservation may have been used and lost: resume past it.
-                if gap is not None:  # one gap at a time: what is older than the first goes
-                    held = [e for e in held if e[0] > gap[1]]
                 offset, gap = row.reserved, (saved + 1, row.reserved) if held else None
             self._written[row.topic] = saved
             self._rows[row.topic] = (row.epoch, offset, gap)

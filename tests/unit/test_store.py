@@ -248,3 +248,41 @@ def test_the_development_broker_keeps_history_under_its_folder(
     (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{"s" * 40}"\n')
     assert cli.main(["dev"]) == 0
     assert [c.store.path for c in served] == [".pubsub-dev/history.db"] * 2
+
+
+async def test_entries_evicted_before_they_were_written_leave_no_silent_hole(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=1)
+    s.publish("t", "1", None)
+    await j.flush(s)  # offset 1 on disk
+    for _ in range(5):
+        s.publish("t", "2", None)  # 2..5 evicted before any batch: only 6 is written
+    await j.flush(s)
+    epoch = s.position("t").epoch
+    crash(j)
+    s2, j2 = open_store(path, size=100)
+    # The file holds 1 and 6 (1's chunk is not trimmed yet): only 6 is history again, and
+    # a client at 1 is told that 2 up to where the topic resumes are gone.
+    end = s2.position("t").offset
+    r = s2.history("t", StreamPosition(1, epoch), None)
+    assert not r.recovered and r.missed == (2, end) and offsets(r) == []
+    assert offsets(s2.history("t", None, None)) == [6]
+    j2.close(s2)
+
+
+def test_the_store_has_metrics_beside_history() -> None:
+    from broker.metrics import history_snapshot, render
+
+    stats = {"history_bytes": 1, "store": {"batches": 3, "rows": 40, "failures": 1, "bytes": 9}}
+    text = render(history_snapshot(stats))
+    for line in (
+        "pubsub_store_batches_total 3",
+        "pubsub_store_rows_total 40",
+        "pubsub_store_failures_total 1",
+        "pubsub_store_bytes 9",
+        "pubsub_store_refused_total 0",
+    ):
+        assert line in text
+    assert "pubsub_store" not in render(history_snapshot({"history_bytes": 1}))
