@@ -242,8 +242,9 @@ def open_database(path: str, *, durable: bool) -> Database:
     started (logged once); raises :class:`StoreError` for anything else."""
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
     except OSError as exc:
-        raise StoreError(path, f"cannot create its directory: {exc.strerror}") from None
+        raise StoreError(path, f"cannot be created: {exc.strerror}") from None
     try:
         return Database(path, durable=durable)
     except sqlite3.DatabaseError as exc:
@@ -264,7 +265,14 @@ def open_database(path: str, *, durable: bool) -> Database:
         action="started a new store: every topic gets a new epoch, which clients are told; "
         "the old file is kept for inspection and may be deleted",
     )
+    _create_private(path)
     return Database(path, durable=durable)
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` if missing, readable by the broker's user only: history is what
+    clients published."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
 
 
 def _contiguous_tail(entries: list[Entry]) -> list[Entry]:
