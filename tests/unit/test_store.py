@@ -286,3 +286,22 @@ def test_the_store_has_metrics_beside_history() -> None:
     ):
         assert line in text
     assert "pubsub_store" not in render(history_snapshot({"history_bytes": 1}))
+
+
+@pytest.mark.parametrize(
+    ("store", "key"),
+    [
+        ({"ack": "sometimes"}, "store.ack"),
+        ({"flush_interval": 0}, "store.flush_interval"),
+        ({"flush_interval": 60}, "store.flush_interval"),
+        ({"path": "."}, "store.path"),
+        ({"paht": "x"}, "store.paht"),
+    ],
+)
+def test_bad_store_settings_name_the_key(store: dict[str, object], key: str) -> None:
+    from broker.config import parse_config
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"auth": {"jwt_secret": "s" * 40}, "store": store})
+    assert refused.value.key == key
