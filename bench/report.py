@@ -84,6 +84,13 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("server_cpu_pct", "server CPU %", False),
         ("rss_growth_mib", "server memory growth MiB", False),
     ],
+    "store": [
+        ("committed_per_s", "publications/s committed", True),
+        ("commit_ms_per_batch", "ms per commit", False),
+        ("rows_per_batch", "publications per commit", True),
+        ("process_cpu_pct", "CPU % (loop and writer)", False),
+        ("file_mib", "file MiB", False),
+    ],
 }
 # figures that describe the run rather than the server: no ratio
 NO_RATIO = {
@@ -113,6 +120,8 @@ TITLES = {
     "abuse": "6. Abuse: a bystander's ping round trips on a worker where one client pipelines "
     "history requests (1,000 per write, 100 x 1 KiB held) and another streams 1-byte "
     "fragments with pings in between; default limits",
+    "store": "7. History on disk: publications per second the store commits, 1,000 topics, "
+    "64-byte payloads, one event loop publishing as fast as it can (bench.store)",
 }
 
 # which figure of a workload is its headline (and the one the ratio table leads with)
@@ -231,6 +240,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         3000.0,
         False,
     )
+    add(
+        "history on disk: at least 100,000 publications/s committed (batched)",
+        _get(results, "store", "store-ack-memory", "committed_per_s"),
+        100_000.0,
+        False,
+    )
+    for workload in ("fanout", "topics"):
+        for b in BROKERS:
+            off = _get(results, workload, b, "cpu_us_per_delivery")
+            add(
+                f"{workload}: CPU/delivery {b} with history on disk within 10 % of memory-only",
+                _get(results, workload, f"{b}-store", "cpu_us_per_delivery"),
+                1.1 * off if off else None,
+                True,
+            )
     return out
 
 

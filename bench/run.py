@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--only fanout,latency,...] [--skip-peers]
 
 Runs every workload against a freshly started server each time (all on 127.0.0.1), bounded by
-a time budget (default 540 s; a step that would not fit is recorded as skipped), and writes
+a time budget (default 680 s; a step that would not fit is recorded as skipped), and writes
 ``bench/results/latest.json``, ``latest.md`` (tables, with every figure also as a ratio to the
 peers) and ``fanout.png``.
 
@@ -21,6 +21,9 @@ Workloads (see :mod:`bench.workloads`):
   6. abuse        a bystander's ping round trips on a worker where one client pipelines
                   history requests and another streams 1-byte fragments; with 1 and 2 broker
                   workers (the broker only: the peers have no history)
+  7. store        publications per second the history store sustains (bench.store), and
+                  fan-out / many topics with history on disk (servers broker-1w-store and
+                  broker-2w-store beside broker-1w and broker-2w)
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ class Suite:
             return start_nats(self.workdir)
         if name == "socketio":
             return start_socketio(self.workdir)
-        workers = int(name.removeprefix("broker-").removesuffix("w"))
-        return start_broker(self.workdir, workers=workers)
+        store = name.endswith("-store")
+        workers = int(name.removeprefix("broker-").removesuffix("-store").removesuffix("w"))
+        return start_broker(self.workdir, workers=workers, store=store)
 
     def step(
         self,
@@ -189,11 +193,19 @@ class Suite:
             return workloads.idle_connections(s, a, connections=n)
 
         brokers_first = ("broker-1w", "broker-2w", *PEERS)
+        # With "store" asked for: each broker with history on disk right after it without, so
+        # that the two runs of a pair see the same machine.
+        with_store = "store" in only
+        store_first = (
+            ("broker-1w", "broker-1w-store", "broker-2w", "broker-2w-store", *PEERS)
+            if with_store
+            else brokers_first
+        )
         plan: list[tuple[str, tuple[str, ...], Callable[[Server, str], dict[str, Any]], float]]
         plan = [
             (
                 "fanout",
-                brokers_first,
+                store_first,
                 lambda s, a: workloads.fanout(s, a, duration=duration),
                 25,
             ),
@@ -229,7 +241,7 @@ class Suite:
             ),
             (
                 "topics",
-                brokers_first,
+                store_first,
                 lambda s, a: workloads.many_topics(
                     s, a, topics=2000 if q else 10000, duration=duration
                 ),
@@ -244,12 +256,32 @@ class Suite:
         ]
         for workload, names, run, needs in plan:
             if workload.split("_")[0] not in only:
-                continue
+                if not (with_store and workload in ("fanout", "topics")):
+                    continue
+                names = tuple(n for n in names if n.startswith("broker"))  # the store's pairs
             for name in names:
                 self.step(workload, name, run, needs)
+        if "store" in only:
+            self.store(duration)
+
+    def store(self, duration: float) -> None:
+        """The store's own rate, in this process (no server): ack memory, then ack disk."""
+        from bench.store import store_throughput
+
+        runs = self.results.setdefault("store", {})
+        for ack in ("memory", "disk"):
+            name = f"store-ack-{ack}"
+            if self.remaining() < duration + 10:
+                runs[name] = {"not_run": "time budget"}
+                continue
+            runs[name] = {
+                **store_throughput(duration=min(duration, 3.0), ack=ack),
+                "background_cpu_pct_before": self.wait_until_quiet(),
+            }
+            print(f"{'store':10} {name:16} {report.headline('store', runs[name])}", flush=True)
 
 
-WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse")
+WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse", "store")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
     parser.add_argument("--quick", action="store_true", help="smaller and shorter (a smoke run)")
     parser.add_argument("--skip-peers", action="store_true", help="only this broker")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all workloads")
+    parser.add_argument("--budget", type=float, default=680.0, help="seconds for all workloads")
     parser.add_argument(
         "--wait-quiet",
         type=float,

@@ -208,8 +208,10 @@ def start_broker(
     workers: int = 1,
     limits: dict[str, Any] | None = None,
     delivery: str = "",
+    store: bool = False,
 ) -> Server:
-    """Start the broker; ``delivery``, when given, is the policy of every topic."""
+    """Start the broker with ``workers`` workers; ``delivery``, when given, is the policy of
+    every topic; with ``store``, history on disk (``[store] path``)."""
     secret = secrets.token_hex(32)
     lim = {
         "max_connections": 30000,
@@ -234,16 +236,22 @@ def start_broker(
     ]
     if delivery:
         lines += ["[[delivery]]", 'pattern = ">"', f'policy = "{delivery}"']
-    config = workdir / f"broker-{workers}w.toml"
+    name = f"broker-{workers}w" + ("-store" if store else "")
+    if store:
+        db = workdir / f"{name}.db"
+        for old in workdir.glob(f"{name}.db*"):
+            old.unlink()
+        lines += ["[store]", f'path = "{db}"']
+    config = workdir / f"{name}.toml"
     config.write_text("\n".join(lines) + "\n")
-    log = workdir / f"broker-{workers}w.log"
+    log = workdir / f"{name}.log"
     cmd = [*broker_command(), "serve", "--config", str(config), "--listen", "127.0.0.1:0"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     assert proc.stderr is not None
     ready = _wait_ready_line(proc, proc.stderr, log, timeout=30)
-    server = Server(f"broker-{workers}w", proc, int(ready["port"]), log)
+    server = Server(name, proc, int(ready["port"]), log)
     server.secret = secret
     # a broker without multi-worker support says so in its ready line
     server.extra = {"workers": int(ready.get("workers", workers)), "requested_workers": workers}

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import jwt
 
 from broker import __version__
@@ -20,6 +21,8 @@ from broker.errors import ConfigError, ListenError
 __all__ = ["main"]
 
 DEV_DIR = Path(".pubsub-dev")
+#: Where `pubsub-broker dev` keeps history, so that it survives a restart of the broker.
+DEV_STORE = DEV_DIR / "history.db"
 
 EPILOG = """\
 examples:
@@ -103,7 +106,10 @@ def _dev(overrides: dict[str, Any]) -> int:
             "[presence]\n"
             'topics = [">"]\n\n'
             "[api]\n"
-            f'keys = ["{secrets.token_urlsafe(24)}"]\n'
+            f'keys = ["{secrets.token_urlsafe(24)}"]\n\n'
+            '# history on disk: kept across restarts (path = "" keeps it in memory only)\n'
+            "[store]\n"
+            f'path = "{DEV_STORE}"\n'
         )
         os.chmod(path, 0o600)
     config = load_config(path, overrides=overrides)
@@ -130,6 +136,9 @@ def _dev(overrides: dict[str, Any]) -> int:
             allowed = [*config.server.allowed_origins, http_origin]
             overrides = {**overrides, "server.allowed_origins": allowed}
             config = load_config(path, overrides=overrides)
+    if "[store]" not in path.read_text(encoding="utf-8"):
+        # A file written before history went to disk: keep it there too.
+        config = attrs.evolve(config, store=attrs.evolve(config.store, path=str(DEV_STORE)))
     token = make_token(config, "dev-user", ttl=24 * 3600)
     print(_banner(config, path, url, http_origin, token), flush=True)
     if not config.presence.topics:
@@ -172,6 +181,7 @@ trio-pubsub development broker (config: {path})
     .venv/bin/python examples/subscribe.py chat.room1
     .venv/bin/python examples/publish.py chat.room1 hello
     .venv/bin/python examples/token_refresh.py    # signs its own tokens with {path}'s secret
+  history:    {config.store.path or "in memory only"}
   more tokens: .venv/bin/pubsub-broker token --config {path} --sub alice
 """
 

@@ -32,6 +32,7 @@ __all__ = [
     "LimitsConfig",
     "PresenceConfig",
     "ServerConfig",
+    "StoreConfig",
     "TimeoutsConfig",
     "load_config",
     "node_name",
@@ -171,6 +172,18 @@ class PresenceConfig:
 
 
 @attrs.frozen
+class StoreConfig:
+    """History on disk (:mod:`broker.store`): ``path`` of the SQLite file (empty, the default:
+    history in memory only); ``flush_interval`` seconds between commits, the most a crash
+    loses; ``ack``: ``"memory"`` answers a publish at once, ``"disk"`` once it is committed.
+    Not used with a Redis bus (Redis holds history). Not reloadable."""
+
+    path: str = ""
+    flush_interval: float = 0.1
+    ack: str = "memory"
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -182,6 +195,7 @@ class Config:
     source: str = ""
     presence: PresenceConfig = PresenceConfig()
     delivery: tuple[DeliveryRule, ...] = ()
+    store: StoreConfig = StoreConfig()
 
     def history_rule(self, topic: str) -> HistoryRule:
         """The first ``[[history]]`` rule whose pattern matches ``topic``, else the default
@@ -398,6 +412,12 @@ def _validate(cfg: Config) -> None:
             "bus.url", f"expected redis://HOST:PORT/DB or rediss://..., got {cfg.bus.url!r}"
         )
     _positive("bus.presence_ttl", cfg.bus.presence_ttl)
+    if not 0.001 <= cfg.store.flush_interval <= 10:
+        raise ConfigError("store.flush_interval", "must be 0.001 to 10 seconds")
+    if cfg.store.ack not in ("memory", "disk"):
+        raise ConfigError("store.ack", f'expected "memory" or "disk", got {cfg.store.ack!r}')
+    if cfg.store.path and Path(cfg.store.path).is_dir():
+        raise ConfigError("store.path", f"{cfg.store.path} is a directory; name a file in it")
 
 
 def _rule_tables(
@@ -466,6 +486,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "timeouts": TimeoutsConfig,
     "bus": BusConfig,
     "presence": PresenceConfig,
+    "store": StoreConfig,
 }
 
 

@@ -32,6 +32,15 @@ is held stays contiguous and a recovering client is told exactly which offsets a
 number of topics holding history is capped too (``max_topics``): a publication that would add
 one more fails with ``too_many_topics``.
 
+With a journal attached (:class:`Journal`, implemented by :mod:`broker.store`), the store tells
+it which topics changed (a publication, an eviction, a drop) and which were forgotten, and asks
+it before assigning an offset whether that offset is covered by what is reserved on disk
+(:meth:`Journal.check`); :meth:`TopicStore.persisted_state` and :meth:`TopicStore.restore` are
+how the journal reads a topic's state and brings it back at start. After a crash a topic may
+resume past offsets that were never saved: its *gap* ``(first, last)`` names them, and
+:func:`select_history` reports it as ``missed`` to whoever recovers from before its end
+(recovery resumes after it), until every entry older than the gap has left history.
+
 Presence counts connections per client id: :meth:`TopicStore.join` reports a new *member*
 only for the first connection of a client id, :meth:`TopicStore.leave` only for the last.
 Only topics that track presence are ever joined (the worker decides, see
@@ -46,7 +55,8 @@ import sys
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from itertools import islice
+from typing import Any, Protocol
 
 import attrs
 
@@ -65,6 +75,8 @@ __all__ = [
     "ENTRY_OVERHEAD",
     "EVICTION_REASONS",
     "TOPIC_OVERHEAD",
+    "Journal",
+    "PersistedState",
     "TopicStore",
     "entry_bytes",
     "new_epoch",
@@ -103,6 +115,30 @@ def entry_bytes(pub: Publication) -> int:
     return sys.getsizeof(pub.data) + sender + ENTRY_OVERHEAD
 
 
+class Journal(Protocol):
+    """What the store tells the keeper of its copy on disk (:class:`broker.store.DiskJournal`).
+    Every method is called on the event loop and must not block."""
+
+    def check(self, topic: str, offset: int) -> None:
+        """Raise :class:`FrameError` (``unavailable``) when ``offset`` of ``topic`` may not be
+        used yet (it is past what the disk has reserved for the topic)."""
+
+    def touched(self, topic: str) -> None:
+        """``topic``'s position or held entries changed."""
+
+    def forget(self, topic: str) -> None:
+        """``topic`` is forgotten (its tombstone went): its next epoch is a new one."""
+
+
+#: A topic as the journal writes it (:meth:`TopicStore.persisted_state`): its epoch, offset and
+#: gap, the oldest offset it holds (``offset + 1`` when none), and its held entries newer than
+#: the journal asked for, oldest first, as ``(offset, time kept + shift, sender, data)``. A plain
+#: tuple: the journal reads one per changed topic per batch.
+PersistedState = tuple[
+    str, int, tuple[int, int] | None, int, list[tuple[int, float, str | None, str]]
+]
+
+
 @attrs.define
 class _Topic:
     name: str
@@ -113,6 +149,8 @@ class _Topic:
     bytes: int = 0
     # (time kept, publication, its bytes as entry_bytes counts them)
     buffer: deque[tuple[float, Publication, int]] = attrs.field(factory=deque)
+    # Offsets lost in a crash between held entries (see the module docstring); None when none.
+    gap: tuple[int, int] | None = None
 
 
 def select_history(
@@ -122,11 +160,21 @@ def select_history(
     limit: int | None,
     *,
     newest: bool = False,
+    gap: tuple[int, int] | None = None,
 ) -> HistoryResult:
     """Apply the recovery rules of :class:`~broker.bus.base.HistoryResult` to the publications
-    still held for a topic (oldest first, contiguous offsets): at most ``limit`` of those
-    after ``since``, the oldest ones, or the newest ones when ``newest``. Shared by every
-    bus."""
+    still held for a topic (oldest first, contiguous offsets but for ``gap``, the offsets a
+    crash lost between them): at most ``limit`` of those after ``since``, the oldest ones, or
+    the newest ones when ``newest``. Shared by every bus."""
+    if (
+        gap is not None
+        and since is not None
+        and (since.epoch != position.epoch or since.offset < gap[1])
+    ):
+        # Recovery never crosses the gap: a client from before its end resumes after it, told
+        # that everything from its position to the gap's end is gone (as after an eviction;
+        # clients take ``missed`` to end where the replay begins).
+        publications = [p for p in publications if p.offset > gap[1]]
     first = publications[0].offset if publications else position.offset + 1
     recovered, missed = recovery(position, first, since, limit if newest else None)
     selected = publications
@@ -176,6 +224,7 @@ class TopicStore:
         self.topics_refused = 0
         self._presence: dict[str, dict[str, set[ConnKey]]] = {}
         self.presence_members = 0  # (topic, client id) pairs held, for the metrics
+        self.journal: Journal | None = None
 
     @classmethod
     def bounded(
@@ -191,6 +240,10 @@ class TopicStore:
 
     def __len__(self) -> int:
         return len(self._topics)
+
+    def now(self) -> float:
+        """The store's clock (the times :meth:`restore` and :meth:`persisted_state` use)."""
+        return self._clock()
 
     def stats(self) -> dict[str, Any]:
         """Plain figures for the metrics: bytes held (entries and topics), entries, topics
@@ -224,6 +277,8 @@ class TopicStore:
         if len(self._tombstones) > self._tombstone_limit:
             forgotten, _ = self._tombstones.popitem(last=False)
             self._generations[hash(forgotten) % EPOCH_BUCKETS] += 1
+            if self.journal is not None:
+                self.journal.forget(forgotten)
 
     def _drop(self, t: _Topic, reason: str) -> None:
         """Move a topic out of the table (evicting what it still holds) into a tombstone."""
@@ -242,6 +297,10 @@ class TopicStore:
         self.entries -= 1
         self.evicted[reason] += 1
         self.evicted_bytes[reason] += n
+        if t.gap is not None and (not t.buffer or t.buffer[0][1].offset > t.gap[1]):
+            t.gap = None  # nothing older than the gap is held: recovery is contiguous again
+        if self.journal is not None:
+            self.journal.touched(t.name)
 
     def _expire(self, t: _Topic, now: float) -> None:
         horizon = now - t.rule.ttl
@@ -284,6 +343,10 @@ class TopicStore:
         ``max_topics``; nothing is published then."""
         now = self._clock()
         t = self._topics.get(topic)
+        journal = self.journal
+        if journal is not None:
+            journal.check(topic, (t.offset if t is not None else self._known(topic)[1]) + 1)
+            journal.touched(topic)
         if t is None:
             rule = self.rule_for(topic)
             if not rule.size:
@@ -321,18 +384,19 @@ class TopicStore:
             )
         return pub
 
-    def _read(self, topic: str) -> tuple[list[Publication], StreamPosition]:
-        """What ``topic`` holds and its position, without creating anything."""
+    def _read(self, topic: str) -> tuple[list[Publication], StreamPosition, tuple[int, int] | None]:
+        """What ``topic`` holds, its position and gap, without creating anything."""
         t = self._topics.get(topic)
         if t is not None:
             self._expire(t, self._clock())
             pubs = [p for _, p, _ in t.buffer]
             position = StreamPosition(t.offset, t.epoch)
+            gap = t.gap
             if not t.buffer:
                 self._drop(t, "ttl")
-            return pubs, position
+            return pubs, position, gap
         epoch, offset = self._known(topic)
-        return [], StreamPosition(offset, epoch)
+        return [], StreamPosition(offset, epoch), None
 
     def position(self, topic: str) -> StreamPosition:
         """The topic's latest position; creates no state for an unknown topic."""
@@ -346,8 +410,8 @@ class TopicStore:
         self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
     ) -> HistoryResult:
         """What ``topic`` still holds after ``since`` (see :func:`select_history`)."""
-        pubs, position = self._read(topic)
-        return select_history(pubs, position, since, limit, newest=newest)
+        pubs, position, gap = self._read(topic)
+        return select_history(pubs, position, since, limit, newest=newest, gap=gap)
 
     def sweep(self) -> int:
         """Drop topics not published to for longer than their ttl (everything they held has
@@ -364,6 +428,95 @@ class TopicStore:
             self._drop(t, "ttl")
             dropped += 1
         return dropped
+
+    # --- persistence (see the module docstring) ---------------------------------------------
+
+    def persisted_state(self, topic: str, after: int, shift: float) -> PersistedState | None:
+        """``topic`` as the journal saves it, with the held entries past offset ``after``
+        (their times moved by ``shift``); None when the store no longer knows the topic."""
+        t = self._topics.get(topic)
+        if t is None:
+            tomb = self._tombstones.get(topic)
+            if tomb is None:
+                return None
+            return tomb[0], tomb[1], None, tomb[1] + 1, []
+        buf = t.buffer
+        # The newest entries are contiguous (a gap only ever precedes them): count them.
+        since = after if t.gap is None else max(after, t.gap[1])
+        count = min(len(buf), t.offset - since)
+        if count == 1:  # the common case with many topics: one publication a batch
+            when, p, _ = buf[-1]
+            new = [(p.offset, when + shift, p.sender, p.data)]
+        else:
+            new = [
+                (p.offset, when + shift, p.sender, p.data)
+                for when, p, _ in islice(reversed(buf), count)
+            ]
+            new.reverse()
+        first = buf[0][1].offset if buf else t.offset + 1
+        return t.epoch, t.offset, t.gap, first, new
+
+    def first_held(self, topic: str) -> int:
+        """The oldest offset ``topic`` holds (its offset + 1 when none; 0 when unknown)."""
+        t = self._topics.get(topic)
+        if t is not None:
+            return t.buffer[0][1].offset if t.buffer else t.offset + 1
+        tomb = self._tombstones.get(topic)
+        return 0 if tomb is None else tomb[1] + 1
+
+    def restore(
+        self,
+        topic: str,
+        epoch: str,
+        offset: int,
+        gap: tuple[int, int] | None,
+        entries: list[tuple[float, int, str | None, str]],
+    ) -> None:
+        """Bring back a topic saved on disk: its position, its gap and its entries
+        ``(time kept, offset, sender, data)``, oldest first, times on this store's clock.
+        What its rule no longer keeps (ttl, size, max_bytes) is left out; call
+        :meth:`restored` once every topic is back."""
+        rule = self.rule_for(topic)
+        horizon = self._clock() - rule.ttl
+        entries = [e for e in entries if e[0] > horizon] if rule.size else []
+        if not entries:
+            self._bury(topic, epoch, offset)
+            return
+        self._tombstones.pop(topic, None)
+        t = _Topic(topic, offset, epoch, rule, entries[-1][0], gap=gap)
+        self._topics[topic] = t
+        self.bytes += TOPIC_OVERHEAD
+        for when, off, sender, data in entries:
+            pub = Publication(topic, off, epoch, sender, data)
+            n = entry_bytes(pub)
+            t.buffer.append((when, pub, n))
+            t.bytes += n
+            self.bytes += n
+            self.entries += 1
+        while len(t.buffer) > rule.size:
+            self._evict_first(t, "size")
+        while t.buffer and t.bytes > rule.max_bytes:
+            self._evict_first(t, "topic_cap")
+        if not t.buffer:
+            self._drop(t, "topic_cap")
+
+    def restored(self) -> None:
+        """After :meth:`restore`: order topics and entries by time, as if published in that
+        order, and apply the global byte budget and ``max_topics`` (oldest first)."""
+        self._topics = OrderedDict(sorted(self._topics.items(), key=lambda kv: kv[1].touched))
+        order = sorted(
+            (
+                (when, t.name, pub.offset, t)
+                for t in self._topics.values()
+                for when, pub, _ in t.buffer
+            ),
+            key=lambda e: e[:3],
+        )
+        self._order = deque((t, off) for _, _, off, t in order)
+        while len(self._topics) > self.max_topics:
+            self._drop(next(iter(self._topics.values())), "budget")
+        while self.bytes > self.max_bytes and self._order:
+            self._evict_oldest()
 
     # --- presence -------------------------------------------------------------------------
 

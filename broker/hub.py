@@ -13,6 +13,10 @@ The store is bounded as in the one-process broker (``[limits] history_max_bytes`
 ``max_topics``), so the supervisor never holds more history than that budget, and history
 replies travel in pages (:meth:`broker.ipc.Link.reply_paged`) so none passes the link's
 message size, whatever the ``[[history]]`` rules allow.
+
+With ``[store] path`` set, the hub keeps that history on disk (:mod:`broker.store`): it is read
+before the hub serves, written by a flusher task beside the sweeper, and flushed and marked
+clean when the hub stops. A worker's crash loses nothing, since no worker holds history.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import structlog
 import trio
 
 from broker.bus.base import ConnKey, HistoryResult, PresenceEvent, Publication, StreamPosition
-from broker.config import HistoryRule, LimitsConfig
+from broker.config import HistoryRule, LimitsConfig, StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
 from broker.ipc import Link, encode
+from broker.store import COMMIT_FAILED, make_journal
 from broker.topics import SubscriptionIndex
 
 __all__ = ["Hub"]
@@ -76,9 +81,13 @@ class WorkerLink:
 
 class Hub:
     def __init__(
-        self, rule_for: Callable[[str], HistoryRule], limits: LimitsConfig | None = None
+        self,
+        rule_for: Callable[[str], HistoryRule],
+        limits: LimitsConfig | None = None,
+        store: StoreConfig | None = None,
     ) -> None:
         self.store = TopicStore.bounded(rule_for, trio.current_time, limits or LimitsConfig())
+        self.journal = make_journal(store)
         self.watchers: SubscriptionIndex[WorkerLink] = SubscriptionIndex()
         self.workers: dict[int, WorkerLink] = {}
         self.publications = 0
@@ -96,6 +105,9 @@ class Hub:
         sock.listen(128)
         listener = trio.SocketListener(sock)
         async with trio.open_nursery() as nursery:
+            if self.journal is not None:
+                self.journal.start(self.store)
+                nursery.start_soon(self.journal.run, self.store)
             nursery.start_soon(self._sweeper)
             task_status.started()
             await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
@@ -153,7 +165,17 @@ class Hub:
         link = wl.link
         if method == "publish":
             pub = self.publish(args[0], args[1], args[2])
-            link.reply(rid, True, [pub.offset, pub.epoch])
+            if self.journal is None:
+                link.reply(rid, True, [pub.offset, pub.epoch])
+            else:
+
+                def answer(error: BaseException | None) -> None:
+                    if error is None:
+                        link.reply(rid, True, [pub.offset, pub.epoch])
+                    else:
+                        link.reply(rid, False, [COMMIT_FAILED.code, COMMIT_FAILED.message])
+
+                self.journal.acknowledge(answer)
         elif method == "position":
             pos = self.store.position(args[0])
             link.reply(rid, True, [pos.offset, pos.epoch])
@@ -202,7 +224,10 @@ class Hub:
     # --- used by the hub's own requests and by the operations listener --------------------
 
     def history_stats(self) -> dict[str, Any]:
-        return self.store.stats()
+        stats = self.store.stats()
+        if self.journal is not None:
+            stats["store"] = self.journal.stats()
+        return stats
 
     def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         pub = self.store.publish(topic, data, sender)

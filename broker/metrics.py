@@ -638,4 +638,33 @@ def history_snapshot(stats: Mapping[str, Any]) -> Snapshot:
         "pubsub_topics_refused_total",
         "Publications refused with too_many_topics (the topic table was at max_topics).",
     ).inc(stats.get("topics_refused", 0))
+    _store_metrics(r, stats.get("store"))
     return r.snapshot()
+
+
+def _store_metrics(r: Registry, store: Mapping[str, Any] | None) -> None:
+    """The history store's figures (:meth:`broker.store.DiskJournal.stats`), when it is on."""
+    if not store:
+        return
+    for name, help_text, key in (
+        ("pubsub_store_queued_topics", "Topics changed since the last commit.", "queued_topics"),
+        ("pubsub_store_waiting", "Publishes waiting for a commit (ack = disk).", "waiting"),
+        ("pubsub_store_bytes", "Bytes the history store takes on disk (file and WAL).", "bytes"),
+    ):
+        r.gauge(name, help_text).set(store.get(key, 0))
+    for name, help_text, key in (
+        ("pubsub_store_batches_total", "Batches committed to the history store.", "batches"),
+        ("pubsub_store_rows_total", "Publications written to the history store.", "rows"),
+        (
+            "pubsub_store_commit_seconds_total",
+            "Seconds spent committing batches (in a worker thread, off the event loop).",
+            "commit_seconds",
+        ),
+        ("pubsub_store_failures_total", "Commits that failed (retried next batch).", "failures"),
+        (
+            "pubsub_store_refused_total",
+            "Publications refused with unavailable: past the offsets reserved on disk.",
+            "refused",
+        ),
+    ):
+        r.counter(name, help_text).inc(store.get(key, 0))

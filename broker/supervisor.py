@@ -51,6 +51,7 @@ from broker.metrics import (
     snapshot_from_stats,
 )
 from broker.protocol import check_data_size
+from broker.store import StoreError
 from broker.topics import validate_pattern, validate_topic
 from broker.worker import Worker, make_listen_socket, make_redis_bus
 
@@ -217,7 +218,8 @@ class Supervisor:
         self.listeners = listeners
         self.overrides = overrides
         self.count = config.worker_count
-        self.hub = Hub(config.history_rule, config.limits)
+        # With Redis, Redis holds history: the hub keeps none on disk.
+        self.hub = Hub(config.history_rule, config.limits, None if config.bus.url else config.store)
         runtime = os.environ.get("RUNTIME_DIRECTORY")
         self._tmp = None if runtime else tempfile.TemporaryDirectory(prefix="pubsub-broker-")
         base = Path(runtime.split(":")[0]) if runtime else Path(self._tmp.name)  # type: ignore[union-attr]
@@ -401,7 +403,10 @@ class SupervisorBackend:
         check_data_size(data_json, self.sup.config.limits.max_data_size)
         if self.sup.ops_bus is not None:
             return await self.sup.ops_bus.publish(topic, data_json, None)
-        return self.sup.hub.publish(topic, data_json, None)
+        pub = self.sup.hub.publish(topic, data_json, None)
+        if self.sup.hub.journal is not None:
+            await self.sup.hub.journal.acknowledged()
+        return pub
 
     async def history(
         self, topic: str, since: StreamPosition | None, limit: int, *, newest: bool = False
@@ -459,8 +464,18 @@ def run_broker(
             trio.run(_single, config, overrides, listeners)
         else:
             trio.run(Supervisor(config, overrides, listeners).run)
-    except (SystemExit, KeyboardInterrupt, BaseExceptionGroup) as exc:
-        return _exit_code(exc)
+    except (SystemExit, KeyboardInterrupt, StoreError, BaseExceptionGroup) as exc:
+        store_error = _store_error(exc)
+        if store_error is None:
+            return _exit_code(exc)
+        log.error(
+            "store_unusable",
+            path=store_error.path,
+            problem=store_error.problem,
+            hint="fix the file's permissions, stop the other broker using it, "
+            "or set [store] path to another file",
+        )
+        return 2
     return 0
 
 
@@ -475,3 +490,11 @@ def _exit_code(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         return int(exc.code or 0)
     return 0
+
+
+def _store_error(exc: BaseException) -> StoreError | None:
+    """The :class:`StoreError` that ended the broker, unwrapped from trio's groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        found = (_store_error(e) for e in exc.exceptions)
+        return next((e for e in found if e is not None), None)
+    return exc if isinstance(exc, StoreError) else None

@@ -70,7 +70,7 @@ def default_bus(config: Config, handlers: BusHandlers) -> Bus:
     """Redis when ``[bus] url`` is set, else the in-process bus (one worker)."""
     if config.bus.url:
         return make_redis_bus(config, handlers)
-    return LocalBus(config.history_rule, handlers, config.limits)
+    return LocalBus(config.history_rule, handlers, config.limits, config.store)
 
 
 class Worker:

@@ -1,7 +1,8 @@
 """The in-process bus: one worker, no other process. Publications are delivered by a direct
 call, in the publishing task, before :meth:`LocalBus.publish` returns. History lives in a
 :class:`~broker.history.TopicStore` bounded by ``[limits] history_max_bytes`` and
-``max_topics``."""
+``max_topics``, kept on disk when ``[store] path`` is set (:mod:`broker.store`): the file is
+read before the bus serves, and written by a flusher task beside the sweeper."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from broker.bus.base import (
     Publication,
     StreamPosition,
 )
-from broker.config import HistoryRule, LimitsConfig
+from broker.config import HistoryRule, LimitsConfig, StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
+from broker.store import COMMIT_FAILED, make_journal
 
 __all__ = ["LocalBus"]
 
@@ -34,15 +36,21 @@ class LocalBus(Bus):
         rule_for: Callable[[str], HistoryRule],
         handlers: BusHandlers,
         limits: LimitsConfig | None = None,
+        store: StoreConfig | None = None,
     ) -> None:
         self.handlers = handlers
         self.store = TopicStore.bounded(rule_for, trio.current_time, limits or LimitsConfig())
+        self.journal = make_journal(store)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await trio.sleep(SWEEP_INTERVAL)
-            self.store.sweep()
+        async with trio.open_nursery() as nursery:
+            if self.journal is not None:
+                self.journal.start(self.store)
+                nursery.start_soon(self.journal.run, self.store)
+            task_status.started()
+            while True:
+                await trio.sleep(SWEEP_INTERVAL)
+                self.store.sweep()
 
     @property
     def is_up(self) -> bool:
@@ -51,6 +59,8 @@ class LocalBus(Bus):
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         pub = self.store.publish(topic, data, sender)
         self.handlers.on_publication(pub)
+        if self.journal is not None:
+            await self.journal.acknowledged()
         return pub
 
     def publish_nowait(
@@ -66,11 +76,17 @@ class LocalBus(Bus):
             done(exc)
             return True
         self.handlers.on_publication(pub)
-        done(pub)
+        if self.journal is None:
+            done(pub)
+        else:
+            self.journal.acknowledge(lambda error: done(pub if error is None else COMMIT_FAILED))
         return True
 
     def history_stats(self) -> dict[str, Any]:
-        return self.store.stats()
+        stats = self.store.stats()
+        if self.journal is not None:
+            stats["store"] = self.journal.stats()
+        return stats
 
     async def position(self, topic: str) -> StreamPosition:
         return self.store.position(topic)

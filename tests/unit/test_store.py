@@ -1,0 +1,305 @@
+"""History on disk (broker.store) with a real SQLite file: what a graceful stop keeps, what a
+crash loses and how it is reported, budgets on load, batching, damaged files."""
+
+from __future__ import annotations
+
+import contextlib
+import marshal
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from broker import store as store_module
+from broker.bus.base import StreamPosition
+from broker.config import HistoryRule, StoreConfig
+from broker.errors import FrameError
+from broker.history import TopicStore
+from broker.store import DiskJournal, StoreError
+from tests.unit.test_dev_banner import run_dev
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_store(
+    path: Path, *, size: int = 100, ttl: float = 600.0, tombstones: int = 100, ack: str = "memory"
+) -> tuple[TopicStore, DiskJournal]:
+    """A topic store brought back from ``path`` (as a broker does at start)."""
+    topics = TopicStore(lambda t: HistoryRule(">", size, ttl), Clock(), tombstone_limit=tombstones)
+    journal = DiskJournal(StoreConfig(path=str(path), ack=ack))
+    journal.start(topics)
+    return topics, journal
+
+
+def crash(journal: DiskJournal) -> None:
+    """Lose the process: nothing more is written, the file is not marked clean."""
+    assert journal.db is not None
+    journal.db.close()
+    journal.db = None
+
+
+def sql(path: Path, statement: str) -> list[tuple[object, ...]]:
+    """Run one statement on the file (closed again, so the broker can lock it)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        return c.execute(statement).fetchall()
+
+
+def rows(path: Path, table: str) -> int:
+    return int(sql(path, f"SELECT count(*) FROM {table}")[0][0])  # type: ignore[call-overload]
+
+
+def offsets(result: object) -> list[int]:
+    return [p.offset for p in result.publications]  # type: ignore[attr-defined]
+
+
+def test_a_graceful_stop_keeps_epochs_offsets_and_history(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    for i in range(5):
+        s.publish("a", f'"{i}"', "alice")
+    s.publish("b", "1", None)
+    before = {t: s.position(t) for t in ("a", "b")}
+    j.close(s)
+
+    s2, j2 = open_store(path)
+    assert {t: s2.position(t) for t in ("a", "b")} == before
+    r = s2.history("a", StreamPosition(2, before["a"].epoch), None)
+    assert r.recovered and offsets(r) == [3, 4, 5]
+    assert [(p.sender, p.data) for p in r.publications] == [
+        ("alice", '"2"'),
+        ("alice", '"3"'),
+        ("alice", '"4"'),
+    ]
+    assert s2.publish("a", "6", None).offset == 6
+    j2.close(s2)
+
+
+async def test_a_crash_loses_at_most_the_unflushed_and_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    for _ in range(3):
+        s.publish("t", "1", None)
+    await j.flush(s)  # offsets 1..3 are on disk
+    for _ in range(4):
+        s.publish("t", "2", None)  # 4..7 were delivered, never written
+    epoch = s.position("t").epoch
+    crash(j)
+
+    s2, j2 = open_store(path)
+    pos = s2.position("t")
+    assert pos.epoch == epoch and pos.offset >= 7  # resumes past every offset it may have used
+    # A client that saw 7 is told exactly what is gone, up to where the topic resumes;
+    # recovery never crosses the hole, so one that saw 1 is told the same from 2.
+    late = s2.history("t", StreamPosition(7, epoch), None)
+    assert not late.recovered and late.missed == (8, pos.offset) and offsets(late) == []
+    early = s2.history("t", StreamPosition(1, epoch), None)
+    assert not early.recovered and early.missed == (2, pos.offset) and offsets(early) == []
+    assert offsets(s2.history("t", None, None)) == [1, 2, 3]  # still held, for reading
+    nxt = s2.publish("t", "3", None)
+    assert nxt.offset == pos.offset + 1  # no offset used twice
+    again = s2.history("t", StreamPosition(5, epoch), None)
+    assert again.missed == (6, pos.offset) and offsets(again) == [nxt.offset]
+    other = s2.history("t", StreamPosition(5, "another"), None)
+    assert other.missed == (1, pos.offset) and offsets(other) == [nxt.offset]
+    assert s2.history("t", StreamPosition(nxt.offset, epoch), None).recovered
+    j2.close(s2)
+
+    # The gap survives a graceful restart until what precedes it is gone.
+    s3, j3 = open_store(path, size=100)
+    assert s3.history("t", StreamPosition(1, epoch), None).missed == (2, pos.offset)
+    j3.close(s3)
+    s4, j4 = open_store(path, size=1)  # only the newest is kept: the hole is behind it
+    assert s4.history("t", StreamPosition(pos.offset, epoch), None).recovered
+    assert s4.history("t", StreamPosition(1, epoch), None).missed == (2, pos.offset)
+    j4.close(s4)
+
+
+def test_a_topic_never_written_gets_a_new_epoch_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    s.publish("new", "1", None)
+    epoch = s.position("new").epoch
+    crash(j)
+    s2, j2 = open_store(path)
+    r = s2.history("new", StreamPosition(1, epoch), None)
+    assert not r.recovered and s2.position("new").epoch != epoch
+    j2.close(s2)
+
+
+async def test_offsets_past_the_reservation_wait_for_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "RESERVE_MIN", 5)
+    s, j = open_store(tmp_path / "h.db")
+    s.publish("t", "1", None)
+    await j.flush(s)  # reserved on disk: up to 1 + 5
+    for _ in range(5):
+        s.publish("t", "1", None)
+    with pytest.raises(FrameError) as refused:
+        s.publish("t", "1", None)
+    assert refused.value.code == "unavailable" and j.stats()["refused"] == 1
+    await j.flush(s)
+    assert s.publish("t", "1", None).offset == 7
+    j.close(s)
+
+
+def test_ttl_and_budgets_apply_to_what_is_loaded_and_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    for _ in range(10):
+        s.publish("kept", "1", None)
+        s.publish("old", "1", None)
+    j.close(s)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        ((cid, blob),) = c.execute("SELECT id, entries FROM chunks WHERE topic = 'old'")
+        aged = [(o, at - 1000, s, d) for o, at, s, d in marshal.loads(blob)]
+        c.execute("UPDATE chunks SET entries = ? WHERE id = ?", (marshal.dumps(aged), cid))
+    s2, j2 = open_store(path, size=4, ttl=600)
+    assert offsets(s2.history("kept", None, None)) == [7, 8, 9, 10]
+    old = s2.history("old", StreamPosition(10, s2.position("old").epoch), None)
+    assert old.recovered and offsets(old) == [] and s2.position("old").offset == 10
+    j2.close(s2)
+    # What memory no longer holds leaves the file too (in whole chunks: "old"'s is gone).
+    assert sql(path, "SELECT topic FROM chunks") == [("kept",)]
+
+
+def test_forgotten_topics_leave_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=0, tombstones=2)
+    for topic in ("a", "b", "c", "d"):
+        s.publish(topic, "1", None)
+    j.close(s)
+    assert rows(path, "topics") == 2
+
+
+async def test_many_publications_make_few_commits(tmp_path: Path) -> None:
+    s, j = open_store(tmp_path / "h.db", size=100_000)
+    base = j.stats()["batches"]
+    for i in range(20_000):
+        s.publish(f"t{i % 50}", "1", None)
+    await j.flush(s)
+    stats = j.stats()
+    assert stats["batches"] - base == 1 and stats["rows"] == 20_000
+    j.close(s)
+
+
+async def test_ack_on_disk_waits_for_the_commit(tmp_path: Path) -> None:
+    s, j = open_store(tmp_path / "h.db", ack="disk")
+    answers: list[object] = []
+    s.publish("t", "1", None)
+    j.acknowledge(answers.append)
+    assert answers == []
+    await j.flush(s)
+    assert answers == [None]
+    j.close(s)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_file_is_moved_aside_and_a_new_epoch_starts(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    for i in range(2000):
+        s.publish(f"t{i % 20}", '"' + "x" * 200 + '"', None)
+    epoch = s.position("t1").epoch
+    j.close(s)
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    else:
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 3)
+    s2, j2 = open_store(path)
+    assert s2.position("t1").epoch != epoch  # clients learn that history was lost
+    assert list(tmp_path.glob("h.db.corrupt-*"))
+    assert "store_corrupt" in capsys.readouterr().out
+    j2.close(s2)
+
+
+def test_a_store_held_by_another_broker_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    with pytest.raises(StoreError, match="another broker"):
+        open_store(path)
+    j.close(s)
+
+
+def test_an_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match=r"h\.db"):
+        open_store(blocker / "h.db")
+
+
+def test_the_development_broker_keeps_history_under_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, config, _ = run_dev(tmp_path, monkeypatch, capsys, "--http-listen", "127.0.0.1:0")
+    assert config.store.path == ".pubsub-dev/history.db"
+    # A development file from before history went to disk keeps it there too.
+    (tmp_path / ".pubsub-dev" / "broker.toml").write_text(f'[auth]\njwt_secret = "{"s" * 40}"\n')
+    _, config, _ = run_dev(tmp_path, monkeypatch, capsys, "--http-listen", "127.0.0.1:0")
+    assert config.store.path == ".pubsub-dev/history.db"
+
+
+async def test_entries_evicted_before_they_were_written_leave_no_silent_hole(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=1)
+    s.publish("t", "1", None)
+    await j.flush(s)  # offset 1 on disk
+    for _ in range(5):
+        s.publish("t", "2", None)  # 2..5 evicted before any batch: only 6 is written
+    await j.flush(s)
+    epoch = s.position("t").epoch
+    crash(j)
+    s2, j2 = open_store(path, size=100)
+    # The file holds 1 and 6 (1's chunk is not trimmed yet): only 6 is history again, and
+    # a client at 1 is told that 2 up to where the topic resumes are gone.
+    end = s2.position("t").offset
+    r = s2.history("t", StreamPosition(1, epoch), None)
+    assert not r.recovered and r.missed == (2, end) and offsets(r) == []
+    assert offsets(s2.history("t", None, None)) == [6]
+    j2.close(s2)
+
+
+def test_the_store_has_metrics_beside_history() -> None:
+    from broker.metrics import history_snapshot, render
+
+    stats = {"history_bytes": 1, "store": {"batches": 3, "rows": 40, "failures": 1, "bytes": 9}}
+    text = render(history_snapshot(stats))
+    for line in (
+        "pubsub_store_batches_total 3",
+        "pubsub_store_rows_total 40",
+        "pubsub_store_failures_total 1",
+        "pubsub_store_bytes 9",
+        "pubsub_store_refused_total 0",
+    ):
+        assert line in text
+    assert "pubsub_store" not in render(history_snapshot({"history_bytes": 1}))
+
+
+@pytest.mark.parametrize(
+    ("store", "key"),
+    [
+        ({"ack": "sometimes"}, "store.ack"),
+        ({"flush_interval": 0}, "store.flush_interval"),
+        ({"flush_interval": 60}, "store.flush_interval"),
+        ({"path": "."}, "store.path"),
+        ({"paht": "x"}, "store.paht"),
+    ],
+)
+def test_bad_store_settings_name_the_key(store: dict[str, object], key: str) -> None:
+    from broker.config import parse_config
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"auth": {"jwt_secret": "s" * 40}, "store": store})
+    assert refused.value.key == key
