@@ -4,7 +4,10 @@ The router is the bus's handler. For each publication it builds the frame once a
 those same bytes to the send queue of every matching subscription, deduplicating sessions
 subscribed through several patterns. A subscription that is being set up (its reply not sent
 yet) collects publications in ``pending`` instead, so that the session can stitch history and
-live publications together without a gap or a duplicate at the seam.
+live publications together without a gap or a duplicate at the seam. A replay is paced by
+what its client reads (:mod:`broker.replay`), so ``pending`` may fill for a while: it holds at
+most the connection's ``send_queue_max_bytes`` (counted as the frames would be), and past that
+the connection is a slow consumer (4008), exactly as if those frames had overflowed its queue.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from broker.topics import SubscriptionIndex
 if TYPE_CHECKING:
     from broker.sendqueue import SendQueue
 
-__all__ = ["Router", "Subscription", "message_frame"]
+__all__ = ["FRAME_OVERHEAD", "Router", "Subscription", "message_frame"]
+
+#: Bytes a held publication counts for besides its data and topic: the rest of its frame
+#: (op, offset, epoch, sender, the WebSocket header), generously.
+FRAME_OVERHEAD = 128
 
 
 @attrs.define(eq=False)
@@ -34,6 +41,23 @@ class Subscription:
     presence: bool = False
     pending: list[Publication] | None = None
     tracked: bool = False
+    held: int = 0  # bytes ever put in pending (see hold)
+
+    def hold(self, pub: Publication) -> None:
+        """Keep ``pub`` in ``pending`` until the subscription's replay is sent. Past the
+        queue's ``max_bytes`` held, the connection is a slow consumer: what is held is dropped
+        (memory stays bounded) and nothing more is kept."""
+        queue = self.queue
+        if queue.overflowed or queue.closed:
+            return
+        self.held += len(pub.data) + len(pub.topic) + FRAME_OVERHEAD
+        if self.held > queue.max_bytes:
+            assert self.pending is not None
+            self.pending.clear()
+            queue.overflow("send_queue_max_bytes")
+            return
+        assert self.pending is not None
+        self.pending.append(pub)
 
 
 def message_frame(pub: Publication) -> bytes:
@@ -90,7 +114,7 @@ class Router:
                 if sub.pending is None:
                     sub.queue.send(frame)
                 else:
-                    sub.pending.append(pub)
+                    sub.hold(pub)
                     waiting += 1
             self.deliveries += len(subs) - waiting
             return
@@ -105,7 +129,7 @@ class Router:
                 targets[qid] = sub
         for sub in targets.values():
             if sub.pending is not None:
-                sub.pending.append(pub)
+                sub.hold(pub)
                 continue
             if frame is None:
                 frame = message_frame(pub)
