@@ -16,8 +16,12 @@ consumer). So nothing of a replay is read or queued whole:
   reads gets the whole replay at the speed it reads; one that does not stops being written to,
   and its ``write_timeout`` makes it a slow consumer (4008) as for any other frame.
 - A replay ends at the position its first read reported, the one the ``subscribe`` reply
-  announces. What is published meanwhile is held by the router (``Subscription.pending``,
-  bounded by the same ``send_queue_max_bytes``) and sent after the replay, paced the same way.
+  announces. What is published meanwhile is held by the router (``Subscription.pending``)
+  and sent after the replay, paced the same way (:func:`stitch`). The holding is bounded by
+  ``send_queue_max_bytes``: past it the router drops what it holds and holds nothing more,
+  and once the replay is sent the session holds anew and reads the rest from history, up to
+  the topic's position then, exactly as a subscription starts. A client that reads keeps up
+  however busy the topic, as long as history still holds what it has not read.
 - When a later page finds that what follows the last replayed offset is gone (evicted, aged
   out, or the topic has a new epoch: the client read slower than the window moves), the
   replay cannot go on exactly: :attr:`HistoryPager.lost` is set and the caller makes the
@@ -51,6 +55,7 @@ __all__ = [
     "position_fields",
     "release_pending",
     "reply_budget",
+    "stitch",
 ]
 
 #: What one bus read of a replay aims to bring, in bytes of publication data.
@@ -196,17 +201,59 @@ async def paced_replay(
         on_page(sent)
 
 
-async def release_pending(queue: SendQueue, sub: Subscription, position: StreamPosition) -> None:
-    """After a subscription's replay, send what the router held for it meanwhile and is not
-    covered by ``position``, in order and paced, then let it receive live."""
+async def release_pending(
+    queue: SendQueue, sub: Subscription, position: StreamPosition
+) -> StreamPosition:
+    """Send what the router held for ``sub`` and is not covered by ``position``, in order and
+    paced; then, unless the router dropped what it held, let the subscription receive live.
+    Returns the position of the last publication sent (``position`` when none was)."""
     pending = sub.pending or []
     done = 0
-    while done < len(pending):  # the router may append while a frame waits for room
+    while done < len(pending):  # the router may append (or drop) while a frame waits for room
         pub = pending[done]
         done += 1
         if pub.epoch == position.epoch and pub.offset <= position.offset:
             continue
         if not await paced_send(queue, message_frame(pub)):
             break
-    # No await since the loop's last check: nothing can arrive between it and this.
-    sub.pending = None
+        position = StreamPosition(pub.offset, pub.epoch)
+    if not sub.dropped:
+        # No await since the loop's last check: nothing can arrive between it and this.
+        sub.pending = None
+    return position
+
+
+async def stitch(
+    queue: SendQueue,
+    sub: Subscription,
+    bus: Bus,
+    first: HistoryResult,
+    pager: HistoryPager | None,
+    on_page: Callable[[int], None],
+) -> bool:
+    """Send a new subscription's replay (``first``'s page, then ``pager``'s; none without a
+    pager), then what the router held meanwhile, so that live delivery follows with no gap
+    and no duplicate. When the router had to drop what it held (more arrived than the send
+    queue's bound while the client read), read on from history where the client is, holding
+    anew, until nothing was dropped. Returns False when history moved on past what the client
+    got (the caller makes it a slow consumer; it resumes exactly from what it has)."""
+    position = first.position
+    page = first.publications
+    while True:
+        if pager is not None:
+            await paced_replay(queue, page, pager, on_page)
+            if pager.lost:
+                return False
+        position = await release_pending(queue, sub, position)
+        if not sub.dropped or queue.overflowed or queue.closed:
+            sub.pending = None
+            return True
+        # What was dropped is in history: hold anew first (what is published from now on
+        # arrives there), then read up to the topic's position, as the subscription did.
+        sub.restart_pending()
+        pager = HistoryPager(bus, sub.pattern, position)
+        result = await pager.first()
+        if not result.recovered or result.position.epoch != position.epoch:
+            return False
+        position = result.position
+        page = result.publications

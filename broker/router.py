@@ -6,8 +6,9 @@ subscribed through several patterns. A subscription that is being set up (its re
 yet) collects publications in ``pending`` instead, so that the session can stitch history and
 live publications together without a gap or a duplicate at the seam. A replay is paced by
 what its client reads (:mod:`broker.replay`), so ``pending`` may fill for a while: it holds at
-most the connection's ``send_queue_max_bytes`` (counted as the frames would be), and past that
-the connection is a slow consumer (4008), exactly as if those frames had overflowed its queue.
+most the connection's ``send_queue_max_bytes`` (counted as the frames would be). Past that it
+drops what it holds and holds nothing more (``dropped``): those publications are in history,
+and the session reads them from there once the replay is sent.
 """
 
 from __future__ import annotations
@@ -41,23 +42,29 @@ class Subscription:
     presence: bool = False
     pending: list[Publication] | None = None
     tracked: bool = False
-    held: int = 0  # bytes ever put in pending (see hold)
+    held: int = 0  # bytes put in pending since it was (re)started
+    dropped: bool = False  # pending went over its bound: what it held was dropped
 
     def hold(self, pub: Publication) -> None:
         """Keep ``pub`` in ``pending`` until the subscription's replay is sent. Past the
-        queue's ``max_bytes`` held, the connection is a slow consumer: what is held is dropped
-        (memory stays bounded) and nothing more is kept."""
-        queue = self.queue
-        if queue.overflowed or queue.closed:
+        queue's ``max_bytes`` held, drop what is held and hold nothing more: memory stays
+        bounded, and the session reads what was dropped from history."""
+        if self.dropped:
             return
+        pending = self.pending
+        assert pending is not None
         self.held += len(pub.data) + len(pub.topic) + FRAME_OVERHEAD
-        if self.held > queue.max_bytes:
-            assert self.pending is not None
-            self.pending.clear()
-            queue.overflow("send_queue_max_bytes")
+        if self.held > self.queue.max_bytes:
+            pending.clear()
+            self.dropped = True
             return
-        assert self.pending is not None
-        self.pending.append(pub)
+        pending.append(pub)
+
+    def restart_pending(self) -> None:
+        """Hold publications again, from none (after :meth:`hold` dropped them)."""
+        self.pending = []
+        self.held = 0
+        self.dropped = False
 
 
 def message_frame(pub: Publication) -> bytes:

@@ -48,10 +48,9 @@ from broker.frames import ABNORMAL_CLOSURE
 from broker.replay import (
     HistoryPager,
     history_reply,
-    paced_replay,
     position_fields,
-    release_pending,
     reply_budget,
+    stitch,
 )
 from broker.router import Subscription
 from broker.timers import Timer
@@ -523,25 +522,27 @@ class Session:
         # what arrived live meanwhile (held in pending) and is not covered by that position.
         # The replay is paced by what the client reads (broker.replay), so it may take a while;
         # live publications wait in pending, bounded, and go out in order after it.
-        position = result.position
         self.reply(cmd.id, topic=pattern, **position_fields(result, since))
-        if pager is not None:
 
-            def on_page(sent: int) -> None:
-                # Charged as it goes; a replay under way is never refused halfway. A client
-                # reading it is alive, whatever the time since its last frame.
-                assert reads is not None
+        def on_page(sent: int) -> None:
+            # Charged as it goes; a replay under way is never refused halfway. A client
+            # reading it is alive, whatever the time since its last frame.
+            if reads is not None:
                 reads.charge(sent)
-                self.ws.last_receive = trio.current_time()
+            self.ws.last_receive = trio.current_time()
 
-            await paced_replay(self.queue, result.publications, pager, on_page)
-            if pager.lost:
-                # The history moved on past the replay (the client read slower than the window
-                # moves): it cannot go on exactly. What was queued goes out first, so that the
-                # client resumes after it (and learns exactly what is gone).
-                await self.queue.wait_drained()
-                self.queue.overflow("history_overtaken")
-        await release_pending(self.queue, sub, position)
+        try:
+            complete = await stitch(self.queue, sub, bus, result, pager, on_page)
+        except Exception:  # the bus failed (or worse) mid-replay, after the reply went out
+            log.exception("replay_failed", topic=pattern)
+            self.close(p.CloseCode.INTERNAL_ERROR, "the replay failed; resubscribe with since")
+            return
+        if not complete:
+            # The history moved on past the replay (the client read slower than the window
+            # moves): it cannot go on exactly. What was queued goes out first, so that the
+            # client resumes after it (and learns exactly what is gone).
+            await self.queue.wait_drained()
+            self.queue.overflow("history_overtaken")
         # Join after the reply, so that the client's own join event (and everyone else's from
         # now on) reaches it after it knows it is subscribed.
         if not tracked:
