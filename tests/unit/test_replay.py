@@ -111,6 +111,27 @@ async def subscribe_from_start(
     return ws, json.loads(await ws.get_message())
 
 
+def small_queue_worker() -> Worker:
+    """A worker whose send queue is 64 KiB and whose history window holds a lot."""
+    return make_worker(
+        limits={"send_queue_max_bytes": 64 * 1024},
+        history=[{"pattern": ">", "size": 5000, "ttl": 600, "max_bytes": 1 << 30}],
+    )
+
+
+async def replayed(worker: Worker, nursery: trio.Nursery) -> list[int]:
+    """Subscribe from the start of the 100 publications :data:`TOPIC` holds; the offsets
+    received until the subscription is done (a later request's reply)."""
+    ws, reply = await subscribe_from_start(worker, nursery)
+    assert reply["ok"] and reply["offset"] == 100
+    await ws.send_message(json.dumps({"op": "ping", "id": "end"}))
+    offsets = []
+    while (frame := json.loads(await ws.get_message())).get("id") != "end":
+        offsets.append(frame["offset"])
+    await ws.aclose()
+    return offsets
+
+
 async def overtaking(worker: Worker, extra: int, size: int = 1, rounds: int = 1000) -> None:
     """Around each of the next ``rounds`` reads of history but the first, publish ``extra``
     more of ``size`` before the read and as many after it (pushing the oldest out of a small
@@ -169,33 +190,21 @@ async def test_a_client_that_reads_gets_a_replay_many_times_its_send_queue() -> 
 async def test_live_traffic_past_what_is_held_is_read_from_history_not_lost() -> None:
     # 96 kB published around page reads, more than the 64 KiB a subscription holds while its
     # replay goes out: what is held is dropped, and read from history after the replay.
-    worker = make_worker(
-        limits={"send_queue_max_bytes": 64 * 1024},
-        history=[{"pattern": ">", "size": 5000, "ttl": 600, "max_bytes": 1 << 30}],
-    )
+    worker = small_queue_worker()
     await overtaking(worker, 12, 8000, rounds=6)
     async with running(worker) as nursery:
         await fill(worker.bus, 100, 8000)
-        ws, reply = await subscribe_from_start(worker, nursery)
-        assert reply["ok"] and reply["offset"] == 100
-        await ws.send_message(json.dumps({"op": "ping", "id": "end"}))
-        offsets = []
-        while (frame := json.loads(await ws.get_message())).get("id") != "end":
-            offsets.append(frame["offset"])
+        offsets = await replayed(worker, nursery)
         latest = (await worker.bus.position(TOPIC)).offset
         assert latest == 100 + 6 * 2 * 12
         assert offsets == list(range(1, latest + 1))
-        await ws.aclose()
     assert worker.closes[4008] == 0
 
 
 async def test_what_arrives_while_reading_on_from_history_is_held() -> None:
     # Dropped once (96 kB between two pages), the subscription holds anew before it reads on
     # from history: two publications made right after that read arrive, after it.
-    worker = make_worker(
-        limits={"send_queue_max_bytes": 64 * 1024},
-        history=[{"pattern": ">", "size": 5000, "ttl": 600, "max_bytes": 1 << 30}],
-    )
+    worker = small_queue_worker()
     inner = worker.bus.history
     reads: list[StreamPosition | None] = []
 
@@ -211,11 +220,5 @@ async def test_what_arrives_while_reading_on_from_history_is_held() -> None:
     worker.bus.history = history  # type: ignore[method-assign]
     async with running(worker) as nursery:
         await fill(worker.bus, 100, 8000)
-        ws, reply = await subscribe_from_start(worker, nursery)
-        assert reply["ok"] and reply["offset"] == 100
-        await ws.send_message(json.dumps({"op": "ping", "id": "end"}))
-        offsets = []
-        while (frame := json.loads(await ws.get_message())).get("id") != "end":
-            offsets.append(frame["offset"])
+        offsets = await replayed(worker, nursery)
         assert offsets == list(range(1, 115))
-        await ws.aclose()
