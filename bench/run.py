@@ -21,6 +21,8 @@ Workloads (see :mod:`bench.workloads`):
   6. abuse        a bystander's ping round trips on a worker where one client pipelines
                   history requests and another streams 1-byte fragments; with 1 and 2 broker
                   workers (the broker only: the peers have no history)
+  7. replay       the latency workload's p99 with and without one reader replaying 50 MB of
+                  history over and over; with 1 and 2 broker workers (the broker only)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import abuse, report, workloads
+from bench import abuse, replay, report, workloads
 from bench.loadgen import machine_busy_seconds
 from bench.servers import Server, start_broker, start_nats, start_socketio
 
@@ -116,13 +118,13 @@ class Suite:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def start(self, name: str) -> Server:
+    def start(self, name: str, workload: str = "") -> Server:
         if name == "nats":
             return start_nats(self.workdir)
         if name == "socketio":
             return start_socketio(self.workdir)
         workers = int(name.removeprefix("broker-").removesuffix("w"))
-        return start_broker(self.workdir, workers=workers)
+        return start_broker(self.workdir, workers=workers, **BROKER_OPTIONS.get(workload, {}))
 
     def step(
         self,
@@ -146,7 +148,7 @@ class Suite:
         background = self.wait_until_quiet()
         t0 = time.monotonic()
         try:
-            server = self.start(name)
+            server = self.start(name, workload)
         except Exception as exc:
             runs[name] = {"not_run": f"could not start: {exc}"[:500]}
             print(f"{workload:10} {name:12} not run: {exc}", flush=True)
@@ -241,6 +243,12 @@ class Suite:
                 lambda s, a: abuse.abuse(s, a, baseline=2.0, duration=duration),
                 25,
             ),
+            (
+                "replay",
+                ("broker-1w", "broker-2w"),
+                lambda s, a: replay.replay(s, a, history_mb=10 if q else 50, duration=duration),
+                60,
+            ),
         ]
         for workload, names, run, needs in plan:
             if workload.split("_")[0] not in only:
@@ -249,7 +257,9 @@ class Suite:
                 self.step(workload, name, run, needs)
 
 
-WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse")
+WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse", "replay")
+#: How a workload's broker is started, when not with the suite's defaults.
+BROKER_OPTIONS: dict[str, dict[str, Any]] = {"replay": replay.BROKER_OPTIONS}
 
 
 def main(argv: list[str] | None = None) -> int:

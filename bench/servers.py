@@ -203,7 +203,14 @@ def broker_command() -> list[str]:
     return [sys.executable, "-c", "from broker.cli import main; main()"]
 
 
-def start_broker(workdir: Path, workers: int = 1, limits: dict[str, Any] | None = None) -> Server:
+def start_broker(
+    workdir: Path,
+    workers: int = 1,
+    limits: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> Server:
+    """A broker with the suite's limits (and ``limits``), and ``history`` as its
+    ``[[history]]`` rules (default: the broker's)."""
     secret = secrets.token_hex(32)
     lim = {
         "max_connections": 30000,
@@ -226,6 +233,8 @@ def start_broker(workdir: Path, workers: int = 1, limits: dict[str, Any] | None 
         "idle_timeout = 3600",
         "ping_interval = 600",
     ]
+    for rule in history or []:
+        lines += ["[[history]]", *(f"{k} = {json.dumps(v)}" for k, v in rule.items())]
     config = workdir / f"broker-{workers}w.toml"
     config.write_text("\n".join(lines) + "\n")
     log = workdir / f"broker-{workers}w.log"
