@@ -230,12 +230,13 @@ async def stitch(
     first: HistoryResult,
     pager: HistoryPager | None,
     on_page: Callable[[int], None],
+    on_refill: Callable[[], None],
 ) -> bool:
     """Send a new subscription's replay (``first``'s page, then ``pager``'s; none without a
     pager), then what the router held meanwhile, so that live delivery follows with no gap
     and no duplicate. When the router had to drop what it held (more arrived than the send
     queue's bound while the client read), read on from history where the client is, holding
-    anew, until nothing was dropped. Returns False when history moved on past what the client
+    anew, until nothing was dropped (calling ``on_refill`` each time). Returns False when history moved on past what the client
     got (the caller makes it a slow consumer; it resumes exactly from what it has)."""
     position = first.position
     page = first.publications
@@ -250,6 +251,7 @@ async def stitch(
             return True
         # What was dropped is in history: hold anew first (what is published from now on
         # arrives there), then read up to the topic's position, as the subscription did.
+        on_refill()
         sub.restart_pending()
         pager = HistoryPager(bus, sub.pattern, position)
         result = await pager.first()

@@ -531,18 +531,26 @@ class Session:
                 reads.charge(sent)
             self.ws.last_receive = trio.current_time()
 
+        worker = self.worker
+        queue = self.queue
         try:
-            complete = await stitch(self.queue, sub, bus, result, pager, on_page)
+            complete = await stitch(
+                queue, sub, bus, result, pager, on_page, worker.count_replay_refill
+            )
         except Exception:  # the bus failed (or worse) mid-replay, after the reply went out
             log.exception("replay_failed", topic=pattern)
+            worker.count_replay("failed")
             self.close(p.CloseCode.INTERNAL_ERROR, "the replay failed; resubscribe with since")
             return
         if not complete:
             # The history moved on past the replay (the client read slower than the window
             # moves): it cannot go on exactly. What was queued goes out first, so that the
             # client resumes after it (and learns exactly what is gone).
-            await self.queue.wait_drained()
-            self.queue.overflow("history_overtaken")
+            worker.count_replay("overtaken")
+            await queue.wait_drained()
+            queue.overflow("history_overtaken")
+        elif since is not None:
+            worker.count_replay("cut_off" if queue.overflowed or queue.closed else "complete")
         # Join after the reply, so that the client's own join event (and everyone else's from
         # now on) reaches it after it knows it is subscribed.
         if not tracked:

@@ -11,6 +11,7 @@ import trio
 import trio_websocket
 
 from broker.bus.base import Bus, StreamPosition
+from broker.metrics import snapshot_from_stats
 from broker.replay import FIRST_PAGE, MAX_PAGE, PAGE_BYTES, HistoryPager, reply_budget
 from broker.worker import Worker
 from tests.support.inmemory import call, connect, make_worker, running, token
@@ -172,6 +173,7 @@ async def test_a_replay_the_window_overtakes_ends_as_a_slow_consumer_without_a_g
         # What it got is contiguous: it resumes after the last one and is told what is gone.
         assert offsets == list(range(1, FIRST_PAGE + 1))
     assert worker.closes[4008] == 1
+    assert worker.replays == {"overtaken": 1}
 
 
 async def test_a_client_that_reads_gets_a_replay_many_times_its_send_queue() -> None:
@@ -199,6 +201,12 @@ async def test_live_traffic_past_what_is_held_is_read_from_history_not_lost() ->
         assert latest == 100 + 6 * 2 * 12
         assert offsets == list(range(1, latest + 1))
     assert worker.closes[4008] == 0
+    assert worker.replays == {"complete": 1} and worker.replay_refills >= 1
+    families = snapshot_from_stats(worker.stats())
+    assert families["pubsub_replays_total"]["samples"] == [
+        [{"worker": "0", "outcome": "complete"}, 1.0]
+    ]
+    assert families["pubsub_replay_refills_total"]["samples"][0][1] == worker.replay_refills
 
 
 async def test_what_arrives_while_reading_on_from_history_is_held() -> None:
