@@ -168,7 +168,7 @@ async def history_reply(pager: HistoryPager, frame_id: p.FrameId, budget: int) -
     while page:
         for m in page:
             push = p.encode_message(m.topic, m.offset, m.epoch, m.sender, m.data)
-            size += len(push)
+            size += len(push) if push.isascii() else len(push.encode())  # bytes, as sent
             if pushes and size > budget:
                 page = ()
                 break
