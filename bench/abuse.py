@@ -274,13 +274,13 @@ def bystander(port: int, token: str, until: float, pipe: Connection) -> None:
     pipe.send(samples)
 
 
-def seed(port: int, token: str, count: int = 100, size: int = 1024) -> None:
-    """Fill the topic's history: ``count`` publications of ``size`` bytes."""
+def seed(port: int, token: str, count: int = 100, size: int = 1024, topic: str = TOPIC) -> None:
+    """Fill ``topic``'s history: ``count`` publications of ``size`` bytes."""
     link = Link(port, token)
     data = json.dumps("x" * (size - 2))
     link.sock.sendall(
         b"".join(
-            client_frame(f'{{"op":"publish","topic":"{TOPIC}","id":{i},"data":{data}}}'.encode())
+            client_frame(f'{{"op":"publish","topic":"{topic}","id":{i},"data":{data}}}'.encode())
             for i in range(count)
         )
     )

@@ -91,6 +91,19 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("process_cpu_pct", "CPU % (loop and writer)", False),
         ("file_mib", "file MiB", False),
     ],
+    "replay": [
+        ("p50_ms", "p50 ms beside the replays", False),
+        ("p99_ms", "p99 ms beside the replays", False),
+        ("baseline_p99_ms", "p99 ms alone", False),
+        ("p99_ratio", "p99 with replays / alone", False),
+        ("max_ms", "max ms beside the replays", False),
+        ("history_mb", "history replayed MB", False),
+        ("replays", "replays completed", True),
+        ("replay_mb_per_s", "replay MB/s", True),
+        ("seconds_per_replay", "s per replay", False),
+        ("delivered_ratio", "live delivered / expected", True),
+        ("rss_growth_mib", "server memory growth MiB", False),
+    ],
 }
 # figures that describe the run rather than the server: no ratio
 NO_RATIO = {
@@ -122,6 +135,9 @@ TITLES = {
     "fragments with pings in between; default limits",
     "store": "7. History on disk: publications per second the store commits, 1,000 topics, "
     "64-byte payloads, one event loop publishing as fast as it can (bench.store)",
+    "replay": "8. Replay: the latency workload (2,000 publications/s, 20 topics x 50 "
+    "subscribers) while one more client replays 50 MB of history (60 kB publications, "
+    "`subscribe` with `since`) again and again, against the same run without it",
 }
 
 # which figure of a workload is its headline (and the one the ratio table leads with)
@@ -134,6 +150,7 @@ PRIMARY = {
     "connect": "connects_per_s",
     "topics": "cpu_us_per_delivery",
     "abuse": "p99_ms",
+    "replay": "p99_ratio",
 }
 
 
@@ -281,6 +298,7 @@ SUMMARY = [
     ("topics", "cpu_us_per_delivery", "many topics: server CPU µs per delivery"),
     ("topics", "deliveries_per_s", "many topics: deliveries/s"),
     ("abuse", "p99_ms", "bystander p99 ms beside two abusive clients"),
+    ("replay", "p99_ratio", "live p99 beside 50 MB replays / alone"),
 ]
 
 

@@ -24,6 +24,8 @@ Workloads (see :mod:`bench.workloads`):
   7. store        publications per second the history store sustains (bench.store), and
                   fan-out / many topics with history on disk (servers broker-1w-store and
                   broker-2w-store beside broker-1w and broker-2w)
+  8. replay       the latency workload's p99 with and without one reader replaying 50 MB of
+                  history over and over; with 1 and 2 broker workers (the broker only)
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import abuse, report, workloads
+from bench import abuse, replay, report, workloads
 from bench.loadgen import machine_busy_seconds
 from bench.servers import Server, start_broker, start_nats, start_socketio
 
@@ -119,14 +121,15 @@ class Suite:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def start(self, name: str) -> Server:
+    def start(self, name: str, workload: str = "") -> Server:
         if name == "nats":
             return start_nats(self.workdir)
         if name == "socketio":
             return start_socketio(self.workdir)
         store = name.endswith("-store")
         workers = int(name.removeprefix("broker-").removesuffix("-store").removesuffix("w"))
-        return start_broker(self.workdir, workers=workers, store=store)
+        options = BROKER_OPTIONS.get(workload, {})
+        return start_broker(self.workdir, workers=workers, store=store, **options)
 
     def step(
         self,
@@ -150,7 +153,7 @@ class Suite:
         background = self.wait_until_quiet()
         t0 = time.monotonic()
         try:
-            server = self.start(name)
+            server = self.start(name, workload)
         except Exception as exc:
             runs[name] = {"not_run": f"could not start: {exc}"[:500]}
             print(f"{workload:10} {name:12} not run: {exc}", flush=True)
@@ -253,6 +256,12 @@ class Suite:
                 lambda s, a: abuse.abuse(s, a, baseline=2.0, duration=duration),
                 25,
             ),
+            (
+                "replay",
+                ("broker-1w", "broker-2w"),
+                lambda s, a: replay.replay(s, a, history_mb=10 if q else 50, duration=duration),
+                60,
+            ),
         ]
         for workload, names, run, needs in plan:
             if workload.split("_")[0] not in only:
@@ -281,7 +290,9 @@ class Suite:
             print(f"{'store':10} {name:16} {report.headline('store', runs[name])}", flush=True)
 
 
-WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse", "store")
+WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse", "store", "replay")
+#: How a workload's broker is started, when not with the suite's defaults.
+BROKER_OPTIONS: dict[str, dict[str, Any]] = {"replay": replay.BROKER_OPTIONS}
 
 
 def main(argv: list[str] | None = None) -> int:

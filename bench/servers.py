@@ -209,9 +209,11 @@ def start_broker(
     limits: dict[str, Any] | None = None,
     delivery: str = "",
     store: bool = False,
+    history: list[dict[str, Any]] | None = None,
 ) -> Server:
-    """Start the broker with ``workers`` workers; ``delivery``, when given, is the policy of
-    every topic; with ``store``, history on disk (``[store] path``)."""
+    """Start the broker with ``workers`` workers, the suite's limits (and ``limits``);
+    ``delivery``, when given, is the policy of every topic; with ``store``, history on disk
+    (``[store] path``); ``history`` as its ``[[history]]`` rules (default: the broker's)."""
     secret = secrets.token_hex(32)
     lim = {
         "max_connections": 30000,
@@ -236,6 +238,8 @@ def start_broker(
     ]
     if delivery:
         lines += ["[[delivery]]", 'pattern = ">"', f'policy = "{delivery}"']
+    for rule in history or []:
+        lines += ["[[history]]", *(f"{k} = {json.dumps(v)}" for k, v in rule.items())]
     name = f"broker-{workers}w" + ("-store" if store else "")
     if store:
         db = workdir / f"{name}.db"

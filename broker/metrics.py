@@ -486,6 +486,18 @@ class BrokerMetrics:
             "connection had spent its read budget (read_rate_bytes, read_burst_bytes), by op.",
             ["op"],
         )
+        self.replays = r.counter(
+            "pubsub_replays_total",
+            "Replays of subscribe with since, by outcome: complete; overtaken (history moved "
+            "on past a client reading too slowly: 4008); cut_off (the connection became a slow "
+            "consumer or closed meanwhile); failed (the bus failed: 1011).",
+            ["outcome"],
+        )
+        self.replay_refills = r.counter(
+            "pubsub_replay_refills_total",
+            "Times the live publications held for a subscription while its replay went out "
+            "passed send_queue_max_bytes: dropped, then read from history instead.",
+        )
         self.ws_violations = r.counter(
             "pubsub_ws_violations_total",
             "Connections the WebSocket layer closed or refused, by what they broke: protocol "
@@ -550,10 +562,10 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     dict: ``worker``, ``connections``, ``subscriptions``, ``topics``, ``publications_in``,
     ``deliveries_out``, ``bytes_in``, ``bytes_out``, ``closes`` {code: n},
     ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``read_refusals`` {op: n},
-    ``bus_up``, ``pending``, ``refused`` {reason: n}, ``ws_violations`` {kind: n},
-    ``presence_members``, ``presence_refused`` {code: n}, ``skipped``, ``send_queue_bytes``,
-    ``handshake`` (a :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``);
-    missing ones count 0),
+    ``replays`` {outcome: n}, ``replay_refills``, ``bus_up``, ``pending``, ``refused``
+    {reason: n}, ``ws_violations`` {kind: n}, ``presence_members``, ``presence_refused``
+    {code: n}, ``skipped``, ``send_queue_bytes``, ``handshake`` (a :class:`Histogram` over
+    :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
     m.connections.set(stats.get("connections", 0))
@@ -573,6 +585,9 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
         m.errors.inc(n, code=str(code))
     for op, n in dict(stats.get("read_refusals", {})).items():
         m.read_refusals.inc(n, op=str(op))
+    for outcome, n in dict(stats.get("replays", {})).items():
+        m.replays.inc(n, outcome=str(outcome))
+    m.replay_refills.inc(stats.get("replay_refills", 0))
     m.bus_up.set(1 if stats.get("bus_up", True) else 0)
     for kind, n in dict(stats.get("ws_violations", {})).items():
         m.ws_violations.inc(n, kind=str(kind))

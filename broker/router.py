@@ -4,7 +4,11 @@ The router is the bus's handler. For each publication it builds the frame once a
 those same bytes to the send queue of every matching subscription, deduplicating sessions
 subscribed through several patterns. A subscription that is being set up (its reply not sent
 yet) collects publications in ``pending`` instead, so that the session can stitch history and
-live publications together without a gap or a duplicate at the seam.
+live publications together without a gap or a duplicate at the seam. A replay is paced by
+what its client reads (:mod:`broker.replay`), so ``pending`` may fill for a while: it holds at
+most the connection's ``send_queue_max_bytes`` (counted as the frames would be). Past that it
+drops what it holds and holds nothing more (``dropped``): those publications are in history,
+and the session reads them from there once the replay is sent.
 
 A topic delivered ``latest`` (its ``[[delivery]]`` rule, looked up once per publication through
 ``latest``, which is None while no rule says ``latest``) goes to each queue's
@@ -27,10 +31,21 @@ if TYPE_CHECKING:
     from broker.config import Config
     from broker.sendqueue import SendQueue
 
-__all__ = ["LatestTopics", "Router", "Subscription", "latest_topics", "message_frame"]
+__all__ = [
+    "FRAME_OVERHEAD",
+    "LatestTopics",
+    "Router",
+    "Subscription",
+    "latest_topics",
+    "message_frame",
+]
 
 # Topics whose policy LatestTopics remembers; past it, it forgets them all and starts over.
 POLICY_CACHE = 10_000
+
+#: Bytes a held publication counts for besides its data and topic: the rest of its frame
+#: (op, offset, epoch, sender, the WebSocket header), generously.
+FRAME_OVERHEAD = 128
 
 
 @attrs.define(eq=False)
@@ -44,6 +59,29 @@ class Subscription:
     presence: bool = False
     pending: list[Publication] | None = None
     tracked: bool = False
+    held: int = 0  # bytes put in pending since it was (re)started
+    dropped: bool = False  # pending went over its bound: what it held was dropped
+
+    def hold(self, pub: Publication) -> None:
+        """Keep ``pub`` in ``pending`` until the subscription's replay is sent. Past the
+        queue's ``max_bytes`` held, drop what is held and hold nothing more: memory stays
+        bounded, and the session reads what was dropped from history."""
+        if self.dropped:
+            return
+        pending = self.pending
+        assert pending is not None
+        self.held += len(pub.data) + len(pub.topic) + FRAME_OVERHEAD
+        if self.held > self.queue.max_bytes:
+            pending.clear()
+            self.dropped = True
+            return
+        pending.append(pub)
+
+    def restart_pending(self) -> None:
+        """Hold publications again, from none (after :meth:`hold` dropped them)."""
+        self.pending = []
+        self.held = 0
+        self.dropped = False
 
 
 def message_frame(pub: Publication) -> bytes:
@@ -129,13 +167,13 @@ class Router:
                 if sub.pending is None:
                     sub.queue.send(frame)
                 else:
-                    sub.pending.append(pub)
+                    sub.hold(pub)
                     waiting += 1
             self.deliveries += len(subs) - waiting
             return
         for sub in self._targets(pub.topic):
             if sub.pending is not None:
-                sub.pending.append(pub)
+                sub.hold(pub)
                 continue
             if frame is None:
                 frame = message_frame(pub)
@@ -166,17 +204,21 @@ class Router:
         delivered = 0
         for sub in subs:
             if sub.pending is not None:
-                sub.pending.append(pub)
+                sub.hold(pub)
                 continue
             sub.queue.send_latest(pub, frame)
             delivered += 1
         self.deliveries += delivered
 
+    def is_latest(self, topic: str) -> bool:
+        """Whether ``topic`` is delivered under the ``latest`` policy."""
+        latest = self.latest
+        return latest is not None and latest(topic)
+
     def send_one(self, queue: SendQueue, pub: Publication) -> None:
         """Queue ``pub`` for one connection under its topic's delivery policy (the live
         publications a subscription collected while it was being set up)."""
-        latest = self.latest
-        if latest is not None and latest(pub.topic):
+        if self.is_latest(pub.topic):
             queue.send_latest(pub, message_frame(pub))
         else:
             queue.send(message_frame(pub))

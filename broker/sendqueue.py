@@ -34,6 +34,7 @@ memory is bounded by the limit all the same.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Callable
@@ -53,6 +54,10 @@ __all__ = ["Flusher", "SendQueue"]
 log = structlog.get_logger()
 
 IOV_MAX = 1024
+
+
+def _mark(waiter: tuple[int, trio.Event]) -> int:
+    return waiter[0]
 
 
 def _ignore(_: object) -> None:
@@ -286,13 +291,22 @@ class SendQueue:
         elif state is OVERFLOWED:
             self._start_drainer()
 
-    async def wait_drained(self) -> None:
-        """Wait until everything queued so far is written (or dropped, or the queue closed)."""
-        if self._state is CLOSED or self.settled >= self.appended:
+    async def wait_drained(self, below: int = 0) -> None:
+        """Wait until at most ``below`` bytes of what is queued now are still unwritten
+        (everything, by default), or the queue dropped them or closed. A replay waits for a
+        low-water mark this way between its frames (:mod:`broker.replay`)."""
+        mark = self.appended - below
+        if self._state is CLOSED or self.settled >= mark:
             return
         event = trio.Event()
-        self._waiters.append((self.appended, event))
+        # Kept in order of their marks, which _settle wakes from the front.
+        bisect.insort(self._waiters, (mark, event), key=_mark)
         await event.wait()
+
+    def overflow(self, reason: str) -> None:
+        """Make the connection a slow consumer now, as if its queue had overflowed: drop what
+        is queued, refuse further frames and report ``reason`` to ``on_slow`` (once)."""
+        self._overflow(reason)
 
     def _overflow(self, reason: str) -> None:
         if self._state in (CLOSED, OVERFLOWED):

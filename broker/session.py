@@ -8,7 +8,9 @@ executes them. Its deadlines (the idle timeout, the next server ping, the in-ban
 authentication deadline and the token's expiry) are kept by the worker's one
 :class:`~broker.timers.Deadlines` task, which calls :meth:`Session.on_deadline`. Replies and
 pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;
-nothing in a session ever waits for the client to read.
+nothing in a session waits for the client to read, except a replay (a ``since`` or a
+``history`` reply larger than the queue may hold), which :mod:`broker.replay` paces by what
+the client reads.
 
 No connection holds the worker: the reader serves its client in turns (``TURN_MESSAGES``
 requests, or ``TURN_BYTES`` of replies queued) and yields between them, and waits for a turn's
@@ -16,7 +18,8 @@ replies to be written before the next when they are large, so a pipelining clien
 fast as it reads. A connection that is closing, or whose queue overflowed, is served nothing
 more of what it sent. ``history`` replies and ``since`` replays are charged, by the bytes they
 send, to the connection's read budget (a :class:`~broker.budget.TokenBucket`); past it they
-are refused with ``rate_limited``.
+are refused with ``rate_limited``. A replay is charged page by page as it goes out, and one
+under way is never refused halfway.
 
 A session ends for exactly one reason, recorded once by :meth:`Session.close`: the client
 closed, the timer fired (4009, 4001, 4003), the client was too slow (4008), too abusive (4029),
@@ -41,10 +44,17 @@ import trio.lowlevel
 from broker import protocol as p
 from broker.auth import Identity
 from broker.budget import TokenBucket
-from broker.bus.base import ConnKey, Publication, StreamPosition
+from broker.bus.base import ConnKey, HistoryResult, Publication, StreamPosition
 from broker.errors import AuthError, BusUnavailable, FrameError, WebSocketViolation
 from broker.frames import ABNORMAL_CLOSURE
-from broker.router import Subscription, message_frame
+from broker.replay import (
+    HistoryPager,
+    history_reply,
+    position_fields,
+    reply_budget,
+    stitch,
+)
+from broker.router import Subscription
 from broker.timers import Timer
 from broker.topics import is_wildcard, validate_pattern, validate_topic
 from broker.wsserver import ServerWebSocket
@@ -513,39 +523,51 @@ class Session:
                 self.reply(cmd.id, topic=pattern, offset=None, epoch=None)
                 return
             since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
+            pager: HistoryPager | None = None
             if since is None:
-                position = await bus.position(pattern)
-                replay: tuple[Any, ...] = ()
-                extra: dict[str, Any] = {}
+                result = HistoryResult((), await bus.position(pattern), True, None)
             else:
-                result = await bus.history(pattern, since, None)
-                position = result.position
-                replay = result.publications
-                extra = {"recovered": result.recovered}
-                if result.missed is not None:
-                    extra["missed"] = {"from": result.missed[0], "to": result.missed[1]}
+                pager = HistoryPager(bus, pattern, since)
+                result = await pager.first()
         except BaseException:
             self.subs.pop(pattern, None)
             if sub in self.worker.router.index.exact.get(pattern, {}):
                 with trio.CancelScope(shield=True), contextlib.suppress(BusUnavailable):
                     await self.worker.router.remove(sub)
             raise
-        # Stitch: the reply, the replayed history, then what arrived live meanwhile and is not
-        # covered by the position the reply announces. Nothing here awaits, so no publication
-        # can slip between these steps.
-        self.reply(cmd.id, topic=pattern, offset=position.offset, epoch=position.epoch, **extra)
-        replayed = 0
-        for pub in replay:
-            frame = message_frame(pub)
-            replayed += len(frame)
-            self.queue.send(frame)
-        if reads is not None:
-            reads.charge(replayed)
-        pending, sub.pending = sub.pending or [], None
-        for pub in pending:
-            if pub.epoch == position.epoch and pub.offset <= position.offset:
-                continue
-            self.worker.router.send_one(self.queue, pub)
+        # Stitch: the reply, the replayed history up to the position the reply announces, then
+        # what arrived live meanwhile (held in pending) and is not covered by that position.
+        # The replay is paced by what the client reads (broker.replay), so it may take a while;
+        # live publications wait in pending, bounded, and go out in order after it.
+        self.reply(cmd.id, topic=pattern, **position_fields(result, since))
+
+        def on_page(sent: int) -> None:
+            # Charged as it goes; a replay under way is never refused halfway. A client
+            # reading it is alive, whatever the time since its last frame.
+            if reads is not None:
+                reads.charge(sent)
+            self.ws.last_receive = trio.current_time()
+
+        worker = self.worker
+        queue = self.queue
+        try:
+            complete = await stitch(
+                queue, sub, bus, result, pager, on_page, worker.count_replay_refill, worker.router
+            )
+        except Exception:  # the bus failed (or worse) mid-replay, after the reply went out
+            log.exception("replay_failed", topic=pattern)
+            worker.count_replay("failed")
+            self.close(p.CloseCode.INTERNAL_ERROR, "the replay failed; resubscribe with since")
+            return
+        if not complete:
+            # The history moved on past the replay (the client read slower than the window
+            # moves): it cannot go on exactly. What was queued goes out first, so that the
+            # client resumes after it (and learns exactly what is gone).
+            worker.count_replay("overtaken")
+            await queue.wait_drained()
+            queue.overflow("history_overtaken")
+        elif since is not None:
+            worker.count_replay("cut_off" if queue.overflowed or queue.closed else "complete")
         # Join after the reply, so that the client's own join event (and everyone else's from
         # now on) reaches it after it knows it is subscribed.
         if not tracked:
@@ -593,27 +615,14 @@ class Session:
             return  # its one effect would be the reply, which nobody asked for
         reads = self._read_budget("history")
         since = None if cmd.since is None else StreamPosition(cmd.since.offset, cmd.since.epoch)
-        result = await self.worker.bus.history(topic, since, cmd.limit, newest=cmd.newest)
-        extra: dict[str, Any] = {}
-        if since is not None:
-            extra["recovered"] = result.recovered
-            if result.missed is not None:
-                extra["missed"] = {"from": result.missed[0], "to": result.missed[1]}
-        pushes = [
-            p.encode_message(m.topic, m.offset, m.epoch, m.sender, m.data)
-            for m in result.publications
-        ]
-        frame = p.frame_text(
-            p.encode_history_reply(
-                cmd.id,
-                pushes,
-                offset=result.position.offset,
-                epoch=result.position.epoch,
-                **extra,
-            ).encode()
-        )
+        # One reply frame, at most half the queue's bound, so that a client that reads its
+        # replies is never a slow consumer for asking; it reads on with `since`. Pipelined
+        # requests are paced by the turns (run), which wait for a large reply to be written.
+        queue = self.queue
+        pager = HistoryPager(self.worker.bus, topic, since, cmd.limit, newest=cmd.newest)
+        frame = await history_reply(pager, cmd.id, reply_budget(queue.max_bytes))
         reads.charge(len(frame))
-        self.queue.send(frame)
+        queue.send(frame)
 
     def _check_presence(self, topic: str) -> None:
         """Raise ``forbidden`` unless this client may read the presence of ``topic``, then

@@ -120,6 +120,8 @@ class Worker:
         self.frame_limits = FrameLimits.from_config(config)
         self.presence_refused: Counter[str] = Counter()
         self.read_refusals: Counter[str] = Counter()  # over the read budget, by op
+        self.replays: Counter[str] = Counter()  # subscribe-with-since replays, by outcome
+        self.replay_refills = 0  # held publications dropped and read from history instead
         self.accepting = True
         self.ssl_context: ssl.SSLContext | None = None
         if config.server.tls_cert:
@@ -143,6 +145,12 @@ class Worker:
     def count_read_refusal(self, op: str) -> None:
         self.read_refusals[op] += 1
 
+    def count_replay(self, outcome: str) -> None:
+        self.replays[outcome] += 1
+
+    def count_replay_refill(self) -> None:
+        self.replay_refills += 1
+
     def _on_bus_state(self, up: bool) -> None:
         log.warning("bus_state", up=up)
 
@@ -165,6 +173,8 @@ class Worker:
             "read_refusals": dict(self.read_refusals),
             "pending": len(self.slots.pending),
             "refused": dict(self.slots.refused),
+            "replays": dict(self.replays),
+            "replay_refills": self.replay_refills,
             "bus_up": self.bus.is_up,
             "presence_members": self.bus.presence_members(),
             "presence_refused": dict(self.presence_refused),

@@ -98,6 +98,9 @@ HistoryRuleFn = Callable[[str], "HistoryRule | tuple[int, float]"]
 """Gives a topic's history rule (:class:`broker.config.HistoryRule`, or ``(size, ttl)``): at
 most ``size`` publications (0 keeps none), each kept ``ttl`` seconds (0 = no expiry)."""
 
+#: The most publications one read of a gap asks Redis for (see ``RedisBus._fill``).
+FILL_PAGE = 256
+
 #: Bytes a history entry counts for in Redis besides its field values (time, data, sender):
 #: its ID and the stream's per-entry bookkeeping. A topic's ``[[history]] max_bytes`` bounds
 #: the sum (``{ps:TOPIC}:meta`` field ``b`` keeps it).
@@ -897,18 +900,26 @@ class RedisBus(Bus):
 
     async def _fill(self, topic: str, epoch: str, after: int, upto: int) -> None:
         """Deliver the held publications of ``topic`` in ``epoch`` after offset ``after`` and
-        before ``upto`` (a gap); what history no longer holds stays a gap for the client."""
-        try:
-            result = await self._read(topic, StreamPosition(after, epoch), upto - after - 1)
-        except BusUnavailable as exc:
-            log.info("bus_gap_unfilled", topic=topic, after=after, upto=upto, error=str(exc))
-            return
-        if result.position.epoch != epoch:
-            return
-        for pub in result.publications:
-            if after < pub.offset < upto:
+        before ``upto`` (a gap); what history no longer holds stays a gap for the client.
+        Read in pages of :data:`FILL_PAGE`, so that no reply from Redis is larger, however
+        long the gap (only the delivery loop calls this: nothing is delivered in between)."""
+        while after + 1 < upto:
+            try:
+                result = await self._read(
+                    topic, StreamPosition(after, epoch), min(FILL_PAGE, upto - after - 1)
+                )
+            except BusUnavailable as exc:
+                log.info("bus_gap_unfilled", topic=topic, after=after, upto=upto, error=str(exc))
+                return
+            if result.position.epoch != epoch:
+                return
+            page = [pub for pub in result.publications if after < pub.offset < upto]
+            if not page:
+                return
+            for pub in page:
                 self._remember(topic, epoch, pub.offset)
                 self._call(self.handlers.on_publication, pub)
+            after = page[-1].offset
 
     async def _catch_up(self, topic: str) -> None:
         state = self._last.get(topic)

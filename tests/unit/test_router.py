@@ -10,14 +10,15 @@ import pytest
 
 from broker.bus.base import PresenceEvent, Publication
 from broker.errors import BusUnavailable
-from broker.router import Router, Subscription
+from broker.router import FRAME_OVERHEAD, Router, Subscription
 
 
 class Queue:
     """Stands in for a connection's SendQueue: records the frames sent to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 1 << 20) -> None:
         self.frames: list[bytes] = []
+        self.max_bytes = max_bytes
 
     def send(self, frame: bytes) -> bool:
         self.frames.append(frame)
@@ -110,6 +111,28 @@ async def test_a_pending_subscription_collects_unless_a_live_wildcard_delivers_i
     # A session with only the subscription being set up collects it for the stitch.
     assert q_pending.frames == [] and exact_only.pending == [pub("t.x", 1)]
     assert r.deliveries == 1
+
+
+@pytest.mark.parametrize("wildcards", [False, True], ids=["exact-only", "with-wildcards"])
+async def test_what_a_pending_subscription_holds_is_bounded_by_its_queue(wildcards: bool) -> None:
+    # A replay is paced by its client, so publications may pile up in pending meanwhile: past
+    # the queue's bound they are dropped (history has them) and nothing more is held.
+    r, _ = router()
+    q = Queue(max_bytes=10 * (len("t.x") + 3 + FRAME_OVERHEAD))
+    sub = Subscription(q, "t.x", pending=[])  # type: ignore[arg-type]
+    await r.add(sub)
+    if wildcards:
+        await r.add(Subscription(Queue(), "t.*"))  # type: ignore[arg-type]
+    for offset in range(100, 110):
+        r.on_publication(pub("t.x", offset))
+    assert sub.pending is not None and len(sub.pending) == 10 and not sub.dropped
+    r.on_publication(pub("t.x", 110))
+    assert sub.dropped and sub.pending == []
+    r.on_publication(pub("t.x", 111))
+    assert sub.pending == [] and q.frames == []
+    sub.restart_pending()
+    r.on_publication(pub("t.x", 112))
+    assert sub.pending == [pub("t.x", 112)] and not sub.dropped
 
 
 async def test_presence_events_reach_only_settled_presence_subscribers() -> None:

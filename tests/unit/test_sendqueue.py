@@ -312,3 +312,39 @@ async def test_a_socket_already_full_at_flush_time_is_handed_to_the_drainer() ->
                 got.extend(peer.recv(65536))
         assert len(got) == filler + 5 and not verdicts
         nursery.cancel_scope.cancel()
+
+
+async def test_waiting_for_a_low_water_mark_wakes_as_the_peer_reads() -> None:
+    # A replay waits until the queue is down to a mark; a later waiter with a lower target
+    # (everything written) wakes only after an earlier one with a higher one.
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        queue, peer, verdicts = await pair(nursery, flusher)
+        for _ in range(100):
+            queue.send(b"z" * 1000)  # far more than both socket buffers
+        await trio.sleep(0.05)
+        assert queue.queued > 50_000
+        woke: list[tuple[str, int]] = []
+
+        async def wait(name: str, below: int) -> None:
+            await queue.wait_drained(below)
+            woke.append((name, queue.queued))
+
+        nursery.start_soon(wait, "all", 0)
+        nursery.start_soon(wait, "half", 50_000)
+        await trio.sleep(0.05)
+        assert woke == []  # nobody read yet
+        peer.setblocking(False)
+        received = 0
+        while received < 100_000:
+            try:
+                received += len(peer.recv(65536))
+            except BlockingIOError:
+                await trio.sleep(0.001)
+        await trio.sleep(0.05)
+        assert [name for name, _ in woke] == ["half", "all"]
+        assert woke[0][1] <= 50_000 and woke[1][1] == 0
+        assert verdicts == []
+        peer.close()
+        nursery.cancel_scope.cancel()
