@@ -10,17 +10,25 @@ exact topic sends that position as ``since``; the broker either replays what cam
 :class:`~client_sdk.models.Gap`. Every incoming publication is compared with the position too:
 an offset already delivered is a duplicate and is dropped (defence in depth: the broker promises
 none), a skipped offset or a new epoch is reported as a gap before the publication.
+
+Both drivers, trio (``client.py``) and asyncio (``aio.py``), share this core and the
+connection logic of :class:`~client_sdk.client.Client`; JSON goes through the application's
+``dumps``/``loads`` hooks when it gives them (:class:`Codec`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 
+from client_sdk.errors import EncodeError
 from client_sdk.models import Event, Gap, GapReason, Message, Position, PresenceEvent, Welcome
 
 SUBPROTOCOL = "pubsub.v1"
@@ -54,12 +62,97 @@ class UnknownPush:
 Incoming = Reply | Welcome | Message | PresenceEvent | UnknownPush
 
 
-def encode(frame: dict[str, Any]) -> str:
-    """Encode one client frame as the compact JSON text the broker expects.
+Dumps = Callable[[Any], str | bytes]
+Loads = Callable[[str | bytes], Any]
 
-    Raises TypeError (from ``json``) when ``frame`` holds something that is not JSON.
+
+def _std_dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@attrs.frozen
+class Codec:
+    """How frames become JSON text and back: the standard ``json`` module unless the
+    application passes ``dumps`` (e.g. ``orjson.dumps``, or ``json.dumps`` with a ``default``)
+    or ``loads``. ``dumps`` sees whole frames (``op``, ``topic``, ``data``, ...) and may return
+    ``str`` or UTF-8 ``bytes``; it must write NaN and infinities as errors, not as JSON."""
+
+    dumps: Dumps = _std_dumps
+    loads: Loads = json.loads
+
+
+DEFAULT_CODEC = Codec()
+
+
+def _unencodable(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Where the standard ``json`` module fails on ``value``: (path, culprit) pairs, first one
+    first."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                yield f"{path} key {key!r}", key
+            yield from _unencodable(item, f"{path}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _unencodable(item, f"{path}[{i}]")
+    elif (isinstance(value, float) and not math.isfinite(value)) or (
+        not isinstance(value, str | int | float | bool) and value is not None
+    ):
+        yield path, value
+
+
+def encode(frame: dict[str, Any], codec: Codec = DEFAULT_CODEC) -> str:
+    """Encode one client frame as the JSON text the broker expects.
+
+    Raises EncodeError (a TypeError and a ValueError) naming the first value that is not JSON
+    (its place in ``data`` and its type), and how to encode such values (``dumps=``).
     """
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = codec.dumps(frame)
+    except (TypeError, ValueError, OverflowError) as exc:
+        where = next(_unencodable(frame.get("data"), "data"), None)
+        what = f"{where[0]} = {where[1]!r} ({type(where[1]).__name__})" if where else str(exc)
+        raise EncodeError(
+            f"cannot encode {what} as JSON for {frame.get('op')} on {frame.get('topic')!r}: "
+            "pass connect(dumps=...) to encode such values (e.g. orjson.dumps, or "
+            "functools.partial(json.dumps, default=client_sdk.json_default))"
+        ) from exc
+    return text.decode() if isinstance(text, bytes) else text
+
+
+def json_default(value: Any) -> Any:
+    """A ``default`` for ``json.dumps`` that encodes what applications commonly publish:
+    dataclasses and attrs classes (as objects), datetimes, dates and times (ISO 8601), UUIDs
+    and Decimals (as strings), sets (as lists), enums (their value).
+
+    Raises TypeError for anything else, as ``json`` expects.
+    """
+    import dataclasses
+    import datetime
+    import decimal
+    import enum
+    import uuid
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return list(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def backoff(attempt: int, base: float, ceiling: float) -> float:
+    """The delay before reconnect ``attempt`` (0, 1, ...): uniform in
+    [0, min(ceiling, base * 2**attempt)]. Full jitter (AWS architecture blog, "Exponential
+    Backoff And Jitter") spreads a crowd of clients that lost the same broker over the window."""
+    return random.uniform(0, min(ceiling, base * 2 ** min(attempt, 64)))
 
 
 def since_field(position: Position) -> dict[str, Any]:
@@ -112,7 +205,7 @@ def parse_message(obj: dict[str, Any]) -> Message:
     )
 
 
-def decode(text: str | bytes) -> Incoming:
+def decode(text: str | bytes, codec: Codec = DEFAULT_CODEC) -> Incoming:
     """Parse one frame from the broker.
 
     Raises ProtocolViolation for binary frames, invalid JSON, and known frames whose fields are
@@ -121,7 +214,7 @@ def decode(text: str | bytes) -> Incoming:
     if isinstance(text, bytes):
         raise ProtocolViolation("binary frame")
     try:
-        obj = json.loads(text)
+        obj = codec.loads(text)
     except ValueError as exc:
         raise ProtocolViolation(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):

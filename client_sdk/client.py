@@ -1,6 +1,12 @@
-"""The asynchronous client, on trio.
+"""The asynchronous client: one connection logic for trio and asyncio, and its trio driver.
 
-Theory of operation: :func:`connect` opens a nursery holding one background task, the
+:class:`Client` is written against anyio, so the same code (and the same guarantees) runs on
+trio and on asyncio; only the WebSocket differs. This module's :func:`connect` opens it with
+trio-websocket (:class:`_TrioTransport`); ``client_sdk.aio`` opens it with ``websockets``. What
+frames mean (recovery, gaps, topic matching, the backoff schedule, JSON) is decided by the
+sans-I/O core in ``_protocol.py``; this module moves frames and owns time.
+
+Theory of operation: :func:`connect` opens a task group holding one background task, the
 *connection loop*. Each turn of the loop opens a WebSocket, waits for the broker's ``welcome``,
 re-subscribes every live :class:`Subscription` (exact topics with ``since`` = the last position
 delivered), then serves the connection with three tasks: the reader (replies to waiting requests,
@@ -16,7 +22,13 @@ because a publication re-sent after a lost acknowledgement could be published tw
 
 Everything the reader does for one frame is synchronous, so the order of frames on the wire is
 the order in which subscriptions see them: a subscribe reply (and the gap it reports) is
-digested before the replayed publications that follow it.
+digested before the replayed publications that follow it. A subscription made with callbacks
+(``on_message=...``) is served by its own task in the client's task group, which calls them in
+that same order; a slow callback delays only its own subscription (up to ``max_buffer``).
+
+The SDK logs to the ``client_sdk`` logger (which has a NullHandler: silent unless the
+application configures logging), and only what the application is not told otherwise: errors
+and gaps it receives are not logged above DEBUG.
 """
 
 from __future__ import annotations
@@ -25,16 +37,17 @@ import inspect
 import json
 import logging
 import math
-import random
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from itertools import count
 from types import TracebackType
-from typing import Any, NoReturn, TypedDict, Unpack
+from typing import Any, NoReturn, Protocol, TypedDict, Unpack
 
+import anyio
+import anyio.abc
 import attrs
 import trio
 from trio_websocket import (
@@ -45,11 +58,17 @@ from trio_websocket import (
     connect_websocket,
 )
 
+from client_sdk._callbacks import Callback, Callbacks, deliver
 from client_sdk._protocol import (
+    DEFAULT_CODEC,
     SUBPROTOCOL,
+    Codec,
+    Dumps,
+    Loads,
     ProtocolViolation,
     Reply,
     Tracker,
+    backoff,
     decode,
     encode,
     is_pattern,
@@ -91,6 +110,10 @@ from client_sdk.models import (
 __all__ = ["Client", "ConnectOptions", "Subscription", "TokenSource", "connect"]
 
 log = logging.getLogger("client_sdk")
+# A library stays silent unless the application configures logging (Python's logging HOWTO,
+# "Configuring Logging for a Library"): without this, Python's last-resort handler would print
+# every warning to stderr.
+log.addHandler(logging.NullHandler())
 
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]] | None
 """A token: a string, or a callable (plain or async) returning one, called for every connection
@@ -113,7 +136,13 @@ class ConnectOptions(TypedDict, total=False):
     max_message_size: the largest frame accepted from the broker, in bytes (default 128 MiB:
         history replies can be large).
     ssl_context: for ``wss://`` URLs (default: the system's trust store).
-    on_state_change: called (in the client's trio thread) with each new ConnectionState.
+    on_state_change: called (in the client's event loop) with each new ConnectionState.
+    anonymous: connect without a token, to a broker that allows anonymous clients (default
+        False: connecting without a token raises ``AuthenticationFailed`` at once).
+    dumps: encodes every frame sent (a dict with ``data`` inside) as JSON ``str`` or ``bytes``
+        (default ``json.dumps``; e.g. ``orjson.dumps``, or ``functools.partial(json.dumps,
+        default=client_sdk.json_default)`` for dataclasses and datetimes).
+    loads: decodes every frame received (default ``json.loads``; e.g. ``orjson.loads``).
     """
 
     reconnect: bool
@@ -127,6 +156,9 @@ class ConnectOptions(TypedDict, total=False):
     max_message_size: int
     ssl_context: ssl.SSLContext | None
     on_state_change: Callable[[ConnectionState], None] | None
+    anonymous: bool
+    dumps: Dumps
+    loads: Loads
 
 
 # A connection that stayed up this long resets the backoff: it was not a crash loop.
@@ -154,9 +186,38 @@ class _Retry(Exception):
 class _Pending:
     hook: Callable[[Reply], None] | None
     size: int = 0  # bytes of the request's frame
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: anyio.Event = attrs.field(factory=anyio.Event)
     reply: Reply | None = None
     error: PubSubError | None = None
+
+
+class TransportClosed(Exception):
+    """The WebSocket is closed: ``code`` and ``reason`` of its close frame (1006: none)."""
+
+    def __init__(self, code: int, reason: str | None):
+        super().__init__(f"closed: {code} {reason or ''}")
+        self.code = code
+        self.reason = reason
+
+
+class Transport(Protocol):
+    """One open WebSocket, as a driver gives it to :class:`Client`."""
+
+    async def send(self, text: str) -> None:
+        """Send one text frame; raises TransportClosed."""
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises TransportClosed once the connection is closed."""
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close (and wait briefly for the peer's answer); raises nothing."""
+
+
+Opener = Callable[["Client", list[tuple[str, str]]], AbstractAsyncContextManager[Transport]]
+"""How a driver opens one connection for a client (given the handshake's extra headers): an
+async context manager yielding the :class:`Transport` and closing it on exit. It raises
+``_Retry`` for failures worth retrying and a PubSubError (see :meth:`Client._rejected`) for
+fatal ones."""
 
 
 class _WatchedNursery:
@@ -174,7 +235,7 @@ class _WatchedNursery:
         async def watched() -> None:
             try:
                 await fn(*args)
-            except Exception as exc:  # e.g. ConnectionRejected: reported by _session
+            except Exception as exc:  # e.g. ConnectionRejected: reported by _open_trio
                 self.error = exc
             finally:
                 self.exited = True
@@ -183,6 +244,85 @@ class _WatchedNursery:
                     self.on_reader_exit()
 
         self._nursery.start_soon(watched)
+
+
+def _closed(exc: ConnectionClosed) -> TransportClosed:
+    reason = exc.reason
+    return TransportClosed(reason.code, reason.reason) if reason else TransportClosed(1006, None)
+
+
+@attrs.frozen
+class _TrioTransport:
+    """A trio-websocket connection as a :class:`Transport`."""
+
+    ws: WebSocketConnection
+
+    async def send(self, text: str) -> None:
+        try:
+            await self.ws.send_message(text)
+        except ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def receive(self) -> str | bytes:
+        try:
+            message: str | bytes = await self.ws.get_message()
+        except ConnectionClosed as exc:
+            raise _closed(exc) from None
+        return message
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        await self.ws.aclose(code, reason)
+
+
+@asynccontextmanager
+async def _open_trio(client: Client, headers: list[tuple[str, str]]) -> AsyncIterator[Transport]:
+    """The trio :data:`Opener`: one trio-websocket connection."""
+    host, port, resource, secure = client._endpoint
+    use_ssl: bool | ssl.SSLContext = (client._ssl_context or True) if secure else False
+    try:
+        async with trio.open_nursery() as nursery:
+            # trio-websocket waits for the handshake until its timeout even when the reader
+            # already saw the connection die (reset or closed before the 101): watch the
+            # reader, and give up as soon as it ends.
+            watched = _WatchedNursery(nursery)
+            ws: WebSocketConnection | None = None
+            try:
+                with trio.move_on_after(client._connect_timeout) as connecting:
+                    watched.on_reader_exit = connecting.cancel
+                    ws = await connect_websocket(
+                        watched,  # type: ignore[arg-type]  # only start_soon is used
+                        host,
+                        port,
+                        resource,
+                        use_ssl=use_ssl,
+                        subprotocols=[SUBPROTOCOL],
+                        extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                        max_message_size=client._max_message_size,
+                        message_queue_size=64,
+                    )
+            except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
+                if isinstance(exc, ConnectionRejected):
+                    raise client._rejected(exc.status_code, exc.body) from None
+                raise client._cannot_connect(exc) from exc
+            if ws is None:
+                if isinstance(watched.error, ConnectionRejected):
+                    error = watched.error
+                    raise client._rejected(error.status_code, error.body) from None
+                why = "connection closed during the handshake" if watched.exited else "timed out"
+                raise client._cannot_connect(why)
+            watched.on_reader_exit = None
+            try:
+                yield _TrioTransport(ws)
+            finally:
+                # Shielded: even when cancelled, say goodbye (briefly) before dropping TCP.
+                # The reader must live until the broker answered the close (whoever
+                # started it), so wait for it to end rather than cancel it.
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    await ws.aclose()
+                    await watched.exited_event.wait()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # only our own exceptions are in there
+        _raise_single(group)
 
 
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
@@ -207,23 +347,33 @@ async def connect(
 ) -> AsyncGenerator[Client, None]:
     """Connect to the broker at ``url`` (``ws://HOST:PORT/ws``) and yield a :class:`Client`.
 
-    Returns once the first connection is authenticated. On exit the client closes: the
-    connection with 1000, its subscriptions end, waiting calls raise ``ClientClosed``.
+    Use as ``async with client_sdk.connect(url, token=...) as client:``. Returns once the first
+    connection is authenticated. On exit the client closes: the connection with 1000, its
+    subscriptions end, waiting calls raise ``ClientClosed``.
 
-    Raises ``ValueError`` for a URL that is not ``ws://`` or ``wss://``, and, for the first
-    connection (unless ``retry_first_connect=True``):
-    ``AuthenticationFailed`` (token refused), ``ConnectFailed`` (unreachable, rejected, timed
-    out), ``TokenError`` (the token callable failed).
+    Raises ``ValueError`` for a URL that is not ``ws://`` or ``wss://``;
+    ``AuthenticationFailed`` at once without a token (unless ``anonymous=True``); and, for the
+    first connection (unless ``retry_first_connect=True``): ``AuthenticationFailed`` (token
+    refused), ``ConnectFailed`` (unreachable, rejected, timed out), ``TokenError`` (the token
+    callable failed).
     """
-    client = Client(url, token, **options)
+    async with run_client(Client(url, token, _open_trio, **options)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def run_client(client: Client) -> AsyncGenerator[Client, None]:
+    """Run ``client`` in a task group of the current event loop (trio or asyncio) while the
+    context is entered; see :func:`connect`."""
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client._run)
+        async with anyio.create_task_group() as tasks:
+            client._tasks = tasks
+            await tasks.start(client._run)
             try:
                 yield client
             finally:
                 await client.aclose()
-                nursery.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         _raise_single(group)
 
@@ -231,13 +381,31 @@ async def connect(
 class Client:
     """A connection to the broker that survives reconnects. Made by :func:`connect`.
 
-    All methods must be called from the trio run that entered ``connect()``.
+    All methods must be called from the event loop (trio run or asyncio loop) that entered
+    ``connect()``. ``opener`` is the driver's way of opening a WebSocket (see :data:`Opener`).
     """
 
-    def __init__(self, url: str, token: TokenSource = None, **options: Unpack[ConnectOptions]):
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        opener: Opener,
+        **options: Unpack[ConnectOptions],
+    ):
         self._url = url
         self._endpoint = parse_url(url)  # a ValueError for a bad URL belongs to connect()
+        if token is None and not options.get("anonymous", False):
+            # Said now rather than after a round trip ending in the broker's 4001.
+            raise AuthenticationFailed(
+                "no token: pass token=... (a JWT string, or a callable returning one), or "
+                "anonymous=True if the broker allows anonymous clients (allow_anonymous)"
+            )
         self._token = token
+        self._opener = opener
+        self._codec = Codec(
+            dumps=options.get("dumps", DEFAULT_CODEC.dumps),
+            loads=options.get("loads", DEFAULT_CODEC.loads),
+        )
         self._reconnect = options.get("reconnect", True)
         self._retry_first = options.get("retry_first_connect", False)
         self._connect_timeout = options.get("connect_timeout", 10.0)
@@ -251,12 +419,13 @@ class Client:
         self._on_state_change = options.get("on_state_change")
 
         self._state = ConnectionState.CONNECTING
-        self._state_event = trio.Event()
+        self._state_event = anyio.Event()
         self._state_watchers: list[Callable[[ConnectionState], None]] = []
         self._closed = False
         self._fatal: PubSubError | None = None
-        self._ws: WebSocketConnection | None = None
-        self._conn_nursery: trio.Nursery | None = None
+        self._ws: Transport | None = None
+        self._conn_nursery: anyio.abc.TaskGroup | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None  # run_client's, for callback tasks
         self._gen = 0  # connection generation: which connection a subscription is active on
         self._welcome: Welcome | None = None
         self._close_info: tuple[int, str | None] | None = None
@@ -297,7 +466,7 @@ class Client:
         reconnect. Raises nothing; cancel or ``break`` to stop watching.
         """
         queue: deque[ConnectionState] = deque([self._state], maxlen=100)
-        wakeup = trio.Event()
+        wakeup = anyio.Event()
 
         def watcher(state: ConnectionState) -> None:
             queue.append(state)
@@ -311,7 +480,7 @@ class Client:
                     yield state
                     if state is ConnectionState.CLOSED:
                         return
-                wakeup = trio.Event()
+                wakeup = anyio.Event()
                 await wakeup.wait()
         finally:
             self._state_watchers.remove(watcher)
@@ -322,7 +491,7 @@ class Client:
         Raises ``RequestTimeout`` after ``timeout`` seconds, ``ClientClosed`` or the fatal error
         if the client is closed.
         """
-        with trio.move_on_after(math.inf if timeout is None else timeout):
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
             await self._wait_connected()
             return
         raise RequestTimeout(f"not connected within {timeout}s")
@@ -417,20 +586,31 @@ class Client:
         presence: bool = False,
         strict: bool = False,
         timeout: float | None = None,
+        on_message: Callback[Message] | None = None,
+        on_gap: Callback[Gap] | None = None,
+        on_presence: Callback[PresenceEvent] | None = None,
+        on_error: Callback[Exception] | None = None,
     ) -> Subscription:
         """Subscribe to ``topic`` (an exact topic or a pattern with ``*``/``>``).
 
-        Use as ``async with client.subscribe(topic) as sub: async for event in sub: ...``.
-        The subscription yields :class:`Message` items in offset order, :class:`PresenceEvent`
-        items when ``presence=True`` (exact topics only), and a :class:`Gap` wherever
-        publications were lost; with ``strict=True`` a gap raises ``GapError`` instead.
-        ``since``: resume after a position persisted earlier (exact topics only).
+        Use as ``async with client.subscribe(topic) as sub: async for event in sub: ...``
+        (not ``await``: that raises TypeError). The subscription yields :class:`Message` items
+        in offset order, :class:`PresenceEvent` items when ``presence=True`` (exact topics
+        only), and a :class:`Gap` wherever publications were lost; with ``strict=True`` a gap
+        raises ``GapError`` instead. ``since``: resume after a position persisted earlier
+        (exact topics only).
+
+        With callbacks (``on_message``, ``on_gap``, ``on_presence``: plain or async functions
+        taking the event; ``on_error``: the error that ended the subscription, or an exception a
+        callback raised) the events go to them, in order, while the ``async with`` block is
+        open, instead of to iteration (see ``_callbacks.py``).
 
         Entering raises ``Forbidden``/``BadTopic``/``BadRequest``/``TooManySubscriptions``,
         ``RequestTimeout`` (no confirmation within ``timeout``), ``ClientClosed``; subscribing
         twice to the same topic or pattern on one client raises ``BadRequest``.
         """
-        return Subscription(self, topic, since, presence, strict, timeout)
+        callbacks = Callbacks(on_message, on_gap, on_presence, on_error)
+        return Subscription(self, topic, since, presence, strict, timeout, callbacks)
 
     async def aclose(self) -> None:
         """Close the client: the connection (1000), its subscriptions and waiting calls
@@ -442,8 +622,8 @@ class Client:
         ws = self._ws
         if ws is not None:
             # Shielded: a close under cancellation should still say goodbye to the broker.
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                await ws.aclose(1000, "client closed")
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                await ws.close(1000, "client closed")
         if self._conn_nursery is not None:
             self._conn_nursery.cancel_scope.cancel()
 
@@ -454,7 +634,7 @@ class Client:
             return
         log.debug("state %s -> %s", self._state.value, state.value)
         self._state = state
-        event, self._state_event = self._state_event, trio.Event()
+        event, self._state_event = self._state_event, anyio.Event()
         event.set()
         for watcher in list(self._state_watchers):
             watcher(state)
@@ -472,7 +652,8 @@ class Client:
         self._set_state(ConnectionState.CLOSED)
 
     def _fail(self, error: PubSubError) -> None:
-        log.error("pubsub client stopped: %s", error)
+        # INFO, not ERROR: the application receives the error from every call it makes.
+        log.info("pubsub client stopped: %s", error)
         if self._fatal is None and not self._closed:
             self._fatal = error
         self._stop(error)
@@ -483,7 +664,7 @@ class Client:
             p.error = error
             p.done.set()
 
-    async def _wait_connected(self) -> WebSocketConnection:
+    async def _wait_connected(self) -> Transport:
         while True:
             if self._fatal is not None:
                 raise self._fatal
@@ -495,24 +676,24 @@ class Client:
 
     # ----------------------------------------------------------------- requests
 
-    def _deadline(self, timeout: float | None) -> trio.CancelScope:
-        return trio.move_on_after(self._request_timeout if timeout is None else timeout)
+    def _deadline(self, timeout: float | None) -> anyio.CancelScope:
+        return anyio.move_on_after(self._request_timeout if timeout is None else timeout)
 
     async def _exchange(
-        self, ws: WebSocketConnection, frame: dict[str, Any], hook: Callable[[Reply], None] | None
+        self, ws: Transport, frame: dict[str, Any], hook: Callable[[Reply], None] | None
     ) -> Reply:
         """Send ``frame`` with a new id on ``ws`` and wait for its reply (no timeout here).
 
         Raises ConnectionLost when the connection ends first.
         """
         rid = next(self._ids)
-        text = encode({**frame, "id": rid})
+        text = encode({**frame, "id": rid}, self._codec)
         pending = _Pending(hook, len(text.encode()))
         self._pending[rid] = pending
         try:
             try:
-                await ws.send_message(text)
-            except ConnectionClosed:
+                await ws.send(text)
+            except TransportClosed:
                 raise ConnectionLost(f"connection lost before {frame['op']} was sent") from None
             await pending.done.wait()
         finally:
@@ -527,7 +708,7 @@ class Client:
         frame: dict[str, Any],
         timeout: float | None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
-        encode(frame)  # a TypeError for data that is not JSON belongs to the caller, now
+        encode(frame, self._codec)  # a TypeError for data that is not JSON belongs to the caller
         with self._deadline(timeout):
             ws = await self._wait_connected()
             reply = await self._exchange(ws, frame, None)
@@ -588,7 +769,7 @@ class Client:
             # waits until that one is answered (and undone), see _open.
             self._leaving[sub.topic] = sub
 
-    async def _subscribe_task(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
+    async def _subscribe_task(self, ws: Transport, sub: Subscription, gen: int) -> None:
         """(Re)subscribe ``sub`` on connection ``gen``, keeping count of those on the wire."""
         try:
             if not sub._closed:  # else given up (timed out) before this task ran
@@ -602,7 +783,7 @@ class Client:
                 if self._leaving.get(sub.topic) is sub:
                     del self._leaving[sub.topic]
 
-    async def _subscribe_once(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
+    async def _subscribe_once(self, ws: Transport, sub: Subscription, gen: int) -> None:
         """The reply is digested by the hook, in the reader, before any publication that
         follows it. Raises ConnectionLost."""
         assert sub._tracker is not None
@@ -635,7 +816,7 @@ class Client:
             sub._active_gen = gen
             sub._confirmed = True
             for event in events:
-                log.warning("gap on %s: %s", sub.topic, event)
+                log.debug("gap on %s: %s", sub.topic, event)  # the application receives it
                 sub._push(event)
             sub._settled.set()
 
@@ -644,10 +825,10 @@ class Client:
             # Given up or closed while this subscribe was in flight: the broker holds it
             # anyway, and would refuse the next subscribe to the topic until it is undone.
             undo = {"op": "unsubscribe", "topic": sub.topic}
-            with trio.move_on_after(self._request_timeout):
+            with anyio.move_on_after(self._request_timeout):
                 await self._exchange(ws, undo, None)
 
-    def _resubscribe_later(self, ws: WebSocketConnection, sub: Subscription, gen: int) -> None:
+    def _resubscribe_later(self, ws: Transport, sub: Subscription, gen: int) -> None:
         """Subscribe ``sub`` again on connection ``gen`` after a backoff (with the same
         ``since``); if the connection ends first, the next one subscribes it anyway."""
         nursery = self._conn_nursery
@@ -657,17 +838,17 @@ class Client:
         sub._retries += 1
 
         async def later() -> None:
-            await trio.sleep(delay)
+            await anyio.sleep(delay)
             if gen == self._gen and self._subs.get(sub.topic) is sub and not sub._closed:
                 self._start_subscribe(nursery, ws, sub, gen)
 
         nursery.start_soon(later)
 
     def _start_subscribe(
-        self, nursery: trio.Nursery, ws: WebSocketConnection, sub: Subscription, gen: int
+        self, nursery: anyio.abc.TaskGroup, ws: Transport, sub: Subscription, gen: int
     ) -> None:
         if not sub._inflight:
-            sub._idle = trio.Event()
+            sub._idle = anyio.Event()
         sub._inflight += 1
         # Marked now, not when the task runs: whoever looks next (the connection's sweep for
         # late subscriptions, or _open) must not send a second subscribe, which the broker
@@ -682,7 +863,7 @@ class Client:
             return
         # Shielded and short: leaving an ``async with`` under cancellation should still tell the
         # broker, or a later subscribe to the same topic on this connection would be refused.
-        with trio.CancelScope(shield=True), trio.move_on_after(2.0), suppress(PubSubError):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0), suppress(PubSubError):
             await self._exchange(ws, {"op": "unsubscribe", "topic": sub.topic}, None)
 
     def _route(self, msg: Message) -> None:
@@ -694,17 +875,17 @@ class Client:
             ):
                 for event in sub._tracker.message(msg):
                     if isinstance(event, Gap):
-                        log.warning("gap on %s: %s", sub.topic, event.describe())
+                        log.debug("gap on %s: %s", sub.topic, event.describe())
                     sub._push(event)
 
     # ----------------------------------------------------------------- connection loop
 
     def _backoff(self, attempt: int) -> float:
-        # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): spreads a
-        # crowd of clients that lost the same broker over the whole window.
-        return random.uniform(0, min(self._backoff_max, self._backoff_base * 2**attempt))
+        return backoff(attempt, self._backoff_base, self._backoff_max)
 
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         attempt = 0
         started = False
 
@@ -717,7 +898,7 @@ class Client:
         try:
             while not self._closed:
                 delay = 0.0
-                began = trio.current_time()
+                began = anyio.current_time()
                 try:
                     code, reason = await self._session(on_connected)
                 except _Retry as retry:
@@ -737,7 +918,7 @@ class Client:
                         )
                     if not self._reconnect:
                         raise ConnectionLost(f"connection closed: {code}", code=code, reason=reason)
-                    if trio.current_time() - began >= _STABLE_AFTER:
+                    if anyio.current_time() - began >= _STABLE_AFTER:
                         attempt = 0
                     hint = reconnect_hint(reason) if code == 1001 else None
                     if code == 4003:
@@ -753,7 +934,7 @@ class Client:
                 if not self._closed:
                     if started:
                         self._set_state(ConnectionState.RECONNECTING)
-                    await trio.sleep(delay)
+                    await anyio.sleep(delay)
         except PubSubError as error:
             if not started:
                 self._fail(error)
@@ -790,76 +971,37 @@ class Client:
             token = await self._fetch_token()
         except TokenError as exc:
             raise _Retry(exc) from exc
-        headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
-        host, port, resource, secure = self._endpoint
-        use_ssl: bool | ssl.SSLContext = (self._ssl_context or True) if secure else False
-        try:
-            async with trio.open_nursery() as nursery:
-                # trio-websocket waits for the handshake until its timeout even when the reader
-                # already saw the connection die (reset or closed before the 101): watch the
-                # reader, and give up as soon as it ends.
-                watched = _WatchedNursery(nursery)
-                ws: WebSocketConnection | None = None
-                try:
-                    with trio.move_on_after(self._connect_timeout) as connecting:
-                        watched.on_reader_exit = connecting.cancel
-                        ws = await connect_websocket(
-                            watched,  # type: ignore[arg-type]  # only start_soon is used
-                            host,
-                            port,
-                            resource,
-                            use_ssl=use_ssl,
-                            subprotocols=[SUBPROTOCOL],
-                            extra_headers=headers,
-                            max_message_size=self._max_message_size,
-                            message_queue_size=64,
-                        )
-                except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-                    if isinstance(exc, ConnectionRejected):
-                        raise self._rejected(exc) from None
-                    raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {exc}")) from exc
-                if ws is None:
-                    if isinstance(watched.error, ConnectionRejected):
-                        raise self._rejected(watched.error) from None
-                    why = (
-                        "connection closed during the handshake" if watched.exited else "timed out"
-                    )
-                    raise _Retry(ConnectFailed(f"cannot connect to {self._url}: {why}"))
-                watched.on_reader_exit = None
-                try:
-                    return await self._serve(ws, on_connected)
-                finally:
-                    # Shielded: even when cancelled, say goodbye (briefly) before dropping TCP.
-                    # The reader must live until the broker answered the close (whoever
-                    # started it), so wait for it to end rather than cancel it.
-                    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                        await ws.aclose()
-                        await watched.exited_event.wait()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # only our own exceptions are in there
-            _raise_single(group)
+        headers = [("Authorization", f"Bearer {token}")] if token else []
+        async with self._opener(self, headers) as ws:
+            return await self._serve(ws, on_connected)
 
-    def _rejected(self, exc: ConnectionRejected) -> PubSubError:
+    def _cannot_connect(self, why: object) -> _Retry:
+        """For drivers: a connection attempt failed in a way worth retrying."""
+        return _Retry(ConnectFailed(f"cannot connect to {self._url}: {why}"))
+
+    def _rejected(self, status: int, body: bytes | None) -> PubSubError:
+        """For drivers: the broker answered the upgrade with HTTP ``status``. Returns the fatal
+        error to raise; raises _Retry when the status is worth retrying."""
         code, message = None, ""
         try:
-            error = json.loads(exc.body or b"{}").get("error", {})
+            error = json.loads(body or b"{}").get("error", {})
             code, message = error.get("code"), error.get("message", "")
         except (ValueError, AttributeError):
             pass
-        text = f"broker rejected the connection: HTTP {exc.status_code} {code or ''} {message}"
-        if exc.status_code == 401:
+        text = f"broker rejected the connection: HTTP {status} {code or ''} {message}"
+        if status == 401:
             return AuthenticationFailed(text.strip())
-        failed = ConnectFailed(text.strip(), status=exc.status_code, error_code=code)
-        if exc.status_code in _RETRY_STATUSES:
+        failed = ConnectFailed(text.strip(), status=status, error_code=code)
+        if status in _RETRY_STATUSES:
             raise _Retry(failed)
         return failed
 
-    async def _await_welcome(self, ws: WebSocketConnection) -> Welcome:
-        with trio.move_on_after(self._connect_timeout):
+    async def _await_welcome(self, ws: Transport) -> Welcome:
+        with anyio.move_on_after(self._connect_timeout):
             try:
                 while True:
                     try:
-                        frame = decode(await ws.get_message())
+                        frame = decode(await ws.receive(), self._codec)
                     except ProtocolViolation as exc:
                         log.warning("ignoring a malformed frame: %s", exc)
                         continue
@@ -867,9 +1009,8 @@ class Client:
                         return frame
                     if isinstance(frame, Reply) and frame.error_code == "unauthorized":
                         raise AuthenticationFailed(f"unauthorized: {frame.error_message}")
-            except ConnectionClosed as exc:
-                code = exc.reason.code if exc.reason else 1006
-                reason = exc.reason.reason if exc.reason else None
+            except TransportClosed as exc:
+                code, reason = exc.code, exc.reason
                 if code in _FATAL_CLOSES:
                     raise _FATAL_CLOSES[code](
                         f"closed by the broker before welcome: {code} {reason or ''}".strip(),
@@ -883,7 +1024,7 @@ class Client:
         raise _Retry(ConnectFailed(f"no welcome within {self._connect_timeout}s"))
 
     async def _serve(
-        self, ws: WebSocketConnection, on_connected: Callable[[], None]
+        self, ws: Transport, on_connected: Callable[[], None]
     ) -> tuple[int, str | None]:
         welcome = await self._await_welcome(ws)
         if self._closed:
@@ -893,16 +1034,16 @@ class Client:
         self._ws = ws
         self._welcome = welcome
         self._close_info = None
-        self._last_rx = trio.current_time()
+        self._last_rx = anyio.current_time()
         log.info("connected to %s as %s (node %s)", self._url, welcome.client, welcome.node)
         try:
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 self._conn_nursery = nursery
                 nursery.start_soon(self._reader, ws, nursery.cancel_scope)
                 # Every subscription is re-established before the state says CONNECTED, so an
                 # application that waits for it knows its stream is whole again.
-                with trio.move_on_after(self._request_timeout) as resubscribing:
-                    async with trio.open_nursery() as inner:
+                with anyio.move_on_after(self._request_timeout) as resubscribing:
+                    async with anyio.create_task_group() as inner:
                         for sub in list(self._subs.values()):
                             self._start_subscribe(inner, ws, sub, gen)
                 if resubscribing.cancelled_caught:
@@ -933,13 +1074,13 @@ class Client:
             self._fail_pending(ConnectionLost("connection lost; outcome unknown"))
         return self._close_info or (1006, None)
 
-    async def _reader(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _reader(self, ws: Transport, scope: anyio.CancelScope) -> None:
         try:
             while True:
-                text = await ws.get_message()
-                self._last_rx = trio.current_time()
+                text = await ws.receive()
+                self._last_rx = anyio.current_time()
                 try:
-                    frame = decode(text)
+                    frame = decode(text, self._codec)
                 except ProtocolViolation as exc:
                     log.warning("ignoring a malformed frame: %s", exc)
                     continue
@@ -947,10 +1088,9 @@ class Client:
                     self._dispatch(frame)
                 except Exception:  # a bug in one frame's handling must not kill the connection
                     log.exception("failed to handle %r", frame)
-        except ConnectionClosed as exc:
+        except TransportClosed as exc:
             if self._close_info is None:
-                reason = exc.reason
-                self._close_info = (reason.code, reason.reason) if reason else (1006, None)
+                self._close_info = (exc.code, exc.reason)
         finally:
             scope.cancel()
 
@@ -978,7 +1118,7 @@ class Client:
             self._welcome = frame
         # Unknown pushes are ignored: a newer broker may send more than this SDK knows.
 
-    async def _refresher(self, ws: WebSocketConnection) -> None:
+    async def _refresher(self, ws: Transport) -> None:
         """Refresh the token before it expires, with the ``auth`` op on this connection."""
         if not callable(self._token):
             return  # a fixed string cannot be renewed; expiry closes with 4003 and we reconnect
@@ -989,12 +1129,12 @@ class Client:
             remaining = expires_at - time.time()
             # Renew with 20% of the lifetime left (at least 1 s, at most 30 s ahead), never
             # more often than once a second, whatever the clocks say.
-            await trio.sleep(max(1.0, remaining - min(30.0, max(1.0, remaining * 0.2))))
+            await anyio.sleep(max(1.0, remaining - min(30.0, max(1.0, remaining * 0.2))))
             try:
                 token = await self._fetch_token()
-                with trio.fail_after(self._request_timeout):
+                with anyio.fail_after(self._request_timeout):
                     reply = await self._exchange(ws, {"op": "auth", "token": token}, None)
-            except (TokenError, trio.TooSlowError) as exc:
+            except (TokenError, TimeoutError) as exc:
                 log.warning("token refresh failed, will retry: %r", exc)
                 continue
             if not reply.ok:
@@ -1008,14 +1148,14 @@ class Client:
                 )
             log.debug("token refreshed; expires at %s", new_expiry)
 
-    async def _keepalive(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _keepalive(self, ws: Transport, scope: anyio.CancelScope) -> None:
         """Detect a dead broker (or network) that TCP would take minutes to notice."""
         interval = (self._welcome.ping_interval if self._welcome else None) or 20.0
         while True:
-            await trio.sleep(max(0.0, self._last_rx + interval - trio.current_time()))
-            if trio.current_time() - self._last_rx < interval:
+            await anyio.sleep(max(0.0, self._last_rx + interval - anyio.current_time()))
+            if anyio.current_time() - self._last_rx < interval:
                 continue
-            with trio.move_on_after(self._ping_timeout):
+            with anyio.move_on_after(self._ping_timeout):
                 try:
                     await self._exchange(ws, {"op": "ping"}, None)
                 except ConnectionLost:
@@ -1051,23 +1191,25 @@ class Subscription:
         presence: bool,
         strict: bool,
         timeout: float | None,
+        callbacks: Callbacks | None = None,
     ):
         self._client = client
         self.topic = topic
         self.presence = presence
         self.strict = strict
+        self._callbacks = callbacks if callbacks is not None and callbacks.any else None
         self._since = since
         self._timeout = timeout
         self._tracker: Tracker | None = None
         self._queue: deque[Event] = deque()
-        self._wakeup = trio.Event()
-        self._settled = trio.Event()
+        self._wakeup = anyio.Event()
+        self._settled = anyio.Event()
         self._sent_gen = -1
         self._active_gen = -1
         self._confirmed = False
         self._retries = 0  # re-subscriptions refused in a row with rate_limited or unavailable
         self._inflight = 0  # subscribe requests of this subscription on the wire
-        self._idle = trio.Event()
+        self._idle = anyio.Event()
         self._closed = False
         self._entered = False
         self._error: PubSubError | None = None
@@ -1093,7 +1235,19 @@ class Subscription:
             raise RuntimeError("a Subscription can be entered only once")
         self._entered = True
         await self._client._open(self)
+        if self._callbacks is not None:
+            assert self._client._tasks is not None
+            self._client._tasks.start_soon(
+                deliver, self._callbacks, self.topic, self._next_event, lambda: self._closed
+            )
         return self
+
+    def __await__(self) -> Generator[Any, None, NoReturn]:
+        raise TypeError(
+            "client.subscribe(...) is not awaited: enter it with "
+            "'async with client.subscribe(topic) as sub:' and iterate 'async for event in sub', "
+            "or pass on_message=... and keep the 'async with' block open while it should run"
+        )
 
     async def __aexit__(
         self,
@@ -1121,17 +1275,25 @@ class Subscription:
         """
         if not self._entered:
             raise RuntimeError("use 'async with client.subscribe(...) as sub' first")
+        if self._callbacks is not None:
+            raise RuntimeError(
+                f"the subscription to {self.topic} delivers its events to its callbacks; "
+                "subscribe without on_message/on_gap/on_presence/on_error to iterate"
+            )
+        event = await self._next_event()
+        if self.strict and isinstance(event, Gap):
+            raise GapError(event)
+        return event
+
+    async def _next_event(self) -> Event:
         while True:
             if self._queue:
-                event = self._queue.popleft()
-                if self.strict and isinstance(event, Gap):
-                    raise GapError(event)
-                return event
+                return self._queue.popleft()
             if self._error is not None:
                 raise self._error
             if self._closed:
                 raise StopAsyncIteration
-            self._wakeup = trio.Event()
+            self._wakeup = anyio.Event()
             await self._wakeup.wait()
 
     async def get(self, timeout: float | None = None) -> Event:  # noqa: ASYNC109
@@ -1140,7 +1302,7 @@ class Subscription:
         Raises ``RequestTimeout`` when none came in time, ``SubscriptionClosed`` once closed,
         and what iteration raises.
         """
-        with trio.move_on_after(math.inf if timeout is None else timeout):
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
             try:
                 return await self.__anext__()
             except StopAsyncIteration:

@@ -78,8 +78,8 @@ def test_decode_rejects_malformed_frames(text: str | bytes) -> None:
 
 def test_encode_is_compact_json_and_refuses_nan() -> None:
     assert encode({"op": "publish", "data": "é"}) == '{"op":"publish","data":"é"}'
-    with pytest.raises(ValueError):
-        encode({"data": float("nan")})
+    with pytest.raises(ValueError, match=r"data\['x'\]\[1\] = nan \(float\)"):
+        encode({"op": "publish", "topic": "t", "data": {"x": [1, float("nan")]}})
 
 
 @pytest.mark.parametrize(
