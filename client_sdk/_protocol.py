@@ -18,8 +18,10 @@ connection logic of :class:`~client_sdk.client.Client`; JSON goes through the ap
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
+import numbers
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -182,11 +184,12 @@ def _opt_str(obj: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _opt_number(obj: dict[str, Any], key: str) -> float | None:
+def opt_number(obj: dict[str, Any], key: str) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    # numbers.Real or Decimal: a ``loads`` hook may parse floats as Decimal
+    if not isinstance(value, numbers.Real | decimal.Decimal) or isinstance(value, bool):
         raise ProtocolViolation(f"{key!r} is not a number: {value!r}")
     return float(value)
 
@@ -245,11 +248,11 @@ def decode(text: str | bytes, codec: Codec = DEFAULT_CODEC) -> Incoming:
         worker = obj.get("worker")
         return Welcome(
             client=_str(obj, "client"),
-            expires_at=_opt_number(obj, "expires_at"),
+            expires_at=opt_number(obj, "expires_at"),
             node=_opt_str(obj, "node"),
             worker=worker if isinstance(worker, int) and not isinstance(worker, bool) else None,
-            ping_interval=_opt_number(obj, "ping_interval"),
-            idle_timeout=_opt_number(obj, "idle_timeout"),
+            ping_interval=opt_number(obj, "ping_interval"),
+            idle_timeout=opt_number(obj, "idle_timeout"),
         )
     if isinstance(op, str):
         return UnknownPush(op=op, fields=obj)

@@ -72,6 +72,7 @@ from client_sdk._protocol import (
     decode,
     encode,
     is_pattern,
+    opt_number,
     parse_message,
     parse_missed,
     parse_url,
@@ -1140,12 +1141,12 @@ class Client:
             if not reply.ok:
                 log.warning("token refresh refused: %s %s", reply.error_code, reply.error_message)
                 continue
-            new_expiry = reply.fields.get("expires_at")
+            try:
+                new_expiry = opt_number(reply.fields, "expires_at")
+            except ProtocolViolation:
+                new_expiry = None
             if self._welcome is not None:
-                self._welcome = attrs.evolve(
-                    self._welcome,
-                    expires_at=float(new_expiry) if isinstance(new_expiry, int | float) else None,
-                )
+                self._welcome = attrs.evolve(self._welcome, expires_at=new_expiry)
             log.debug("token refreshed; expires at %s", new_expiry)
 
     async def _keepalive(self, ws: Transport, scope: anyio.CancelScope) -> None:
