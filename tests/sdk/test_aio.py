@@ -25,6 +25,7 @@ from client_sdk import (
     aio,
 )
 from tests.sdk.aioutil import data, proxy_in_thread, take, wait_for_state
+from tests.sdk.test_examples import env_for, example
 from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
 
 FAST_SHUTDOWN = {"server": {"shutdown_timeout": 1.0}}
@@ -198,3 +199,13 @@ def test_a_fixed_token_that_expires_stops_the_client(tmp_path: Path) -> None:
                         await client.publish("t", 1)
 
         asyncio.run(main())
+
+
+def test_asyncio_example(presence_broker: BrokerProcess) -> None:
+    done = example("asyncio_usage.py", [], env_for(presence_broker, "aio"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:4] == ["connected as aio", "#1: {'i': 0}", "#2: {'i': 1}", "#3: {'i': 2}"]
+    assert lines[4:6] == ["callback #1: first", "callback #2: last"]
+    assert "history: [{'i': 0}, {'i': 1}, {'i': 2}]" in lines
+    assert lines[-1] == "here now: ()"  # its subscriptions are closed by then
