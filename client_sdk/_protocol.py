@@ -1,7 +1,7 @@
 """The sans-I/O core of the client: frames in and out, topic matching, and recovery bookkeeping.
 
 Nothing here performs I/O or knows about trio, so it is tested with plain function calls. The
-client (``client.py``) moves frames and owns time; this module decides what they mean.
+client (``_connection.py``) moves frames and owns time; this module decides what they mean.
 
 Theory of operation for recovery: every subscription keeps, per exact topic, the
 :class:`~client_sdk.models.Position` of the last publication it delivered. A (re)subscribe to an
@@ -12,7 +12,7 @@ an offset already delivered is a duplicate and is dropped (defence in depth: the
 none), a skipped offset or a new epoch is reported as a gap before the publication.
 
 Both drivers, trio (``client.py``) and asyncio (``aio.py``), share this core and the
-connection logic of :class:`~client_sdk.client.Client`; JSON goes through the application's
+connection logic of :class:`~client_sdk._connection.Client`; JSON goes through the application's
 ``dumps``/``loads`` hooks when it gives them (:class:`Codec`).
 """
 

@@ -1,4 +1,5 @@
-"""The asyncio client: the same :class:`~client_sdk.client.Client` as on trio, over ``websockets``.
+"""The asyncio client: the same :class:`~client_sdk._connection.Client` as on trio, over
+``websockets``.
 
     from client_sdk import aio
 
@@ -28,16 +29,16 @@ from typing import Unpack
 import anyio
 import attrs
 
-from client_sdk._protocol import SUBPROTOCOL
-from client_sdk.client import (
+from client_sdk._connection import (
     Client,
     ConnectOptions,
-    Subscription,
     TokenSource,
     Transport,
     TransportClosed,
     run_client,
 )
+from client_sdk._protocol import SUBPROTOCOL
+from client_sdk._subscription import Subscription
 
 try:
     from websockets.asyncio.client import ClientConnection
@@ -59,7 +60,7 @@ def _closed(exc: ConnectionClosed) -> TransportClosed:
 
 @attrs.frozen
 class _WebsocketsTransport:
-    """A ``websockets`` connection as a :class:`~client_sdk.client.Transport`."""
+    """A ``websockets`` connection as a :class:`~client_sdk._connection.Transport`."""
 
     ws: ClientConnection
 
@@ -83,7 +84,7 @@ class _WebsocketsTransport:
 async def _open_websockets(
     client: Client, headers: list[tuple[str, str]]
 ) -> AsyncIterator[Transport]:
-    """The asyncio :data:`~client_sdk.client.Opener`: one ``websockets`` connection."""
+    """The asyncio :data:`~client_sdk._connection.Opener`: one ``websockets`` connection."""
     secure = client._endpoint[3]
     options = {"ssl": client._ssl_context or ssl.create_default_context()} if secure else {}
     try:
