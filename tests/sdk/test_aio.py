@@ -5,6 +5,10 @@ SIGKILLed under it, token callables and refresh, presence, history, typed errors
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -199,6 +203,46 @@ def test_a_fixed_token_that_expires_stops_the_client(tmp_path: Path) -> None:
                         await client.publish("t", 1)
 
         asyncio.run(main())
+
+
+def test_a_silent_broker_is_detected_by_the_keepalive(tmp_path: Path) -> None:
+    config = {"timeouts": {"ping_interval": 1, "idle_timeout": 10}}
+    with BrokerProcess.start(tmp_path, config) as b:
+
+        async def main() -> None:
+            async with (
+                aio.connect(b.url, token=b.token("a"), ping_timeout=0.5, backoff_max=0.2) as client,
+                client.subscribe("t") as sub,
+            ):
+                os.killpg(b.pid, signal.SIGSTOP)
+                try:
+                    async with asyncio.timeout(5):
+                        await wait_for_state(client, ConnectionState.RECONNECTING)
+                finally:
+                    os.killpg(b.pid, signal.SIGCONT)
+                await client.wait_connected(10)
+                await client.publish("t", "back")
+                assert data(await take(sub, 1)) == ["back"]  # same epoch: nothing lost
+
+        asyncio.run(main())
+
+
+def test_the_reconnect_hint_of_a_1001_close_is_honoured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="client_sdk")
+    with BrokerProcess.start(tmp_path, FAST_SHUTDOWN) as b:
+
+        async def main() -> None:
+            async with aio.connect(b.url, token=b.token("alice")) as client:
+                await asyncio.to_thread(b.restart)
+                await client.wait_connected(10)
+
+        asyncio.run(main())
+    [line] = [r.getMessage() for r in caplog.records if "reconnect_after_ms" in r.getMessage()]
+    match = re.search(r"reconnect_after_ms=(\d+)\); reconnecting in ([\d.]+)s", line)
+    assert match is not None, line
+    assert float(match.group(2)) >= int(match.group(1)) / 1000
 
 
 def test_asyncio_example(presence_broker: BrokerProcess) -> None:
