@@ -26,6 +26,7 @@ from client_sdk import (
     Position,
     PresenceEvent,
     PubSubError,
+    TokenError,
     aio,
 )
 from tests.sdk.aioutil import data, proxy_in_thread, take, wait_for_state
@@ -79,6 +80,23 @@ def test_connect_failures_are_typed(broker: BrokerProcess) -> None:
         with pytest.raises(ConnectFailed):
             async with aio.connect("ws://127.0.0.1:1/ws", token="t", connect_timeout=2):
                 pass
+        with pytest.raises(ConnectFailed) as not_found:
+            async with aio.connect(broker.url.replace("/ws", "/nope"), token="x"):
+                pass
+        assert not_found.value.status == 404
+
+        def broken() -> str:
+            raise RuntimeError("vault is down")
+
+        with pytest.raises(TokenError):
+            async with aio.connect(broker.url, token=broken):
+                pass
+        with pytest.raises(KeyError):  # the application's own errors come out unwrapped
+            async with (
+                aio.connect(broker.url, token=broker.token("a")) as client,
+                client.subscribe("a.b"),
+            ):
+                raise KeyError("mine")
 
     asyncio.run(main())
 
