@@ -10,7 +10,9 @@ import os
 import re
 import signal
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,6 +189,59 @@ def test_broker_restart_mid_stream_reports_the_lost_epoch(tmp_path: Path, kill: 
                     await strict.get(5)
                 assert lost.value.gap.topic == "chat.b" and lost.value.gap.epoch_changed
                 assert data(await take(strict, 1)) == ["b-after"]
+
+        asyncio.run(main())
+
+
+def test_two_workers_a_lost_connection_and_a_sigkill(tmp_path: Path) -> None:
+    """With two workers the hub orders publications: clients on either worker see one
+    stream, recover it exactly after a lost connection, and learn of the epoch a SIGKILL of
+    the whole broker lost."""
+    with (
+        BrokerProcess.start(tmp_path, FAST_SHUTDOWN, workers=2) as b,
+        proxy_in_thread(b.port) as proxy,
+    ):
+
+        async def main() -> None:
+            opts: dict[str, Any] = {"backoff_base": 0.05, "backoff_max": 0.2}
+            async with AsyncExitStack() as stack:
+                # (the kernel spreads connections over the workers; 5 nearly always reach both)
+                clients = [
+                    await stack.enter_async_context(
+                        aio.connect(b.url, token=b.token(f"c{i}"), **opts)
+                    )
+                    for i in range(5)
+                ]
+                cut = await stack.enter_async_context(
+                    aio.connect(proxy.url, token=b.token("cut"), **opts)
+                )
+                subs = [await stack.enter_async_context(c.subscribe("room")) for c in clients]
+                cut_sub = await stack.enter_async_context(cut.subscribe("room"))
+                for i, c in enumerate(clients):
+                    await c.publish("room", i)
+                for sub in [*subs, cut_sub]:
+                    assert data(await take(sub, 5)) == list(range(5))
+
+                proxy.block(True)
+                proxy.cut()
+                await wait_for_state(cut, ConnectionState.RECONNECTING)
+                for i, c in enumerate(clients):
+                    await c.publish("room", 5 + i)
+                proxy.block(False)
+                await cut.wait_connected(10)
+                assert data(await take(cut_sub, 5)) == list(range(5, 10))  # no gap
+
+                await asyncio.to_thread(b.restart, kill=True)
+                for c in [*clients, cut]:
+                    await c.wait_connected(15)
+                await clients[3].publish("room", "after")
+                for sub in subs:
+                    assert data(await take(sub, 5)) == list(range(5, 10))
+                for sub in [*subs, cut_sub]:
+                    gap, after = await take(sub, 2)
+                    assert isinstance(gap, Gap) and gap.epoch_changed
+                    assert gap.previous is not None and gap.previous.offset == 10
+                    assert isinstance(after, Message) and after.data == "after"
 
         asyncio.run(main())
 
