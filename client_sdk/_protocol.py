@@ -103,6 +103,19 @@ def _unencodable(value: Any, path: str) -> Iterator[tuple[str, Any]]:
         yield path, value
 
 
+def _culprit(data: Any, codec: Codec) -> tuple[str, Any] | None:
+    """The first value in ``data`` that ``codec`` cannot encode (of those the standard
+    ``json`` module cannot: a ``dumps`` hook may handle some of them), with its place."""
+    for path, value in _unencodable(data, "data"):
+        if " key " in path:
+            return path, value
+        try:
+            codec.dumps(value)
+        except (TypeError, ValueError, OverflowError):
+            return path, value
+    return None
+
+
 def encode(frame: dict[str, Any], codec: Codec = DEFAULT_CODEC) -> str:
     """Encode one client frame as the JSON text the broker expects.
 
@@ -112,7 +125,7 @@ def encode(frame: dict[str, Any], codec: Codec = DEFAULT_CODEC) -> str:
     try:
         text = codec.dumps(frame)
     except (TypeError, ValueError, OverflowError) as exc:
-        where = next(_unencodable(frame.get("data"), "data"), None)
+        where = _culprit(frame.get("data"), codec)
         what = f"{where[0]} = {where[1]!r} ({type(where[1]).__name__})" if where else str(exc)
         raise EncodeError(
             f"cannot encode {what} as JSON for {frame.get('op')} on {frame.get('topic')!r}: "

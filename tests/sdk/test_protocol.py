@@ -3,11 +3,16 @@ what a subscription yields (messages in order, no duplicates, explicit gaps)."""
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from client_sdk._protocol import (
+    Codec,
     ProtocolViolation,
     Reply,
     Tracker,
@@ -15,6 +20,7 @@ from client_sdk._protocol import (
     decode,
     encode,
     is_pattern,
+    json_default,
     parse_missed,
     parse_url,
     reconnect_hint,
@@ -273,3 +279,14 @@ def test_an_empty_missed_range_in_the_same_epoch_is_no_gap() -> None:
     fields = {"offset": 3, "epoch": "e1", "recovered": False, "missed": {"from": 4, "to": 3}}
     assert t.subscribed(fields, t.since()) == []
     assert t.since() == Position(3, "e1")
+
+
+def test_an_encode_error_names_what_the_dumps_hook_refused() -> None:
+    codec = Codec(dumps=functools.partial(json.dumps, default=json_default))
+    when = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    assert '"2026-01-02T00:00:00+00:00"' in encode({"op": "publish", "data": when}, codec)
+    # The hook encodes the datetime; what it refuses is the object after it.
+    with pytest.raises(TypeError, match=r"data\[1\] = <object object .*> \(object\)"):
+        encode({"op": "publish", "topic": "t", "data": [when, object()]}, codec)
+    with pytest.raises(TypeError, match=r"data key \(1, 2\)"):
+        encode({"op": "publish", "topic": "t", "data": {(1, 2): 3}})
