@@ -13,14 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 import client_sdk.sync
 from tests.sdk.test_examples import env_for, running
 from tests.support.broker import BrokerProcess
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 
 def free_port() -> int:
