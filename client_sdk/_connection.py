@@ -44,7 +44,6 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from itertools import count
 from typing import Any, NoReturn, Protocol, TypedDict, Unpack
 
 import anyio
@@ -59,6 +58,7 @@ from client_sdk._protocol import (
     Loads,
     ProtocolViolation,
     Reply,
+    Requests,
     Tracker,
     backoff,
     decode,
@@ -181,15 +181,6 @@ class _Retry(Exception):
         self.delay = delay
 
 
-@attrs.define
-class _Pending:
-    hook: Callable[[Reply], None] | None
-    size: int = 0  # bytes of the request's frame
-    done: anyio.Event = attrs.field(factory=anyio.Event)
-    reply: Reply | None = None
-    error: PubSubError | None = None
-
-
 class TransportClosed(Exception):
     """The WebSocket is closed: ``code`` and ``reason`` of its close frame (1006: none)."""
 
@@ -304,8 +295,7 @@ class Client:
         self._welcome: Welcome | None = None
         self._close_info: tuple[int, str | None] | None = None
         self._last_rx = 0.0
-        self._ids = count(1)
-        self._pending: dict[int | str, _Pending] = {}
+        self._requests = Requests()
         self._subs: dict[str, Subscription] = {}
         self._leaving: dict[str, Subscription] = {}  # given up, their subscribe still in flight
         self._stats_reconnects = 0
@@ -520,7 +510,7 @@ class Client:
 
     def _stop(self, error: PubSubError) -> None:
         """End everything: state CLOSED, pending requests and subscriptions see ``error``."""
-        self._fail_pending(error)
+        self._requests.fail_all(error)
         for sub in list(self._subs.values()):
             sub._finish(None if isinstance(error, ClientClosed) and not self._fatal else error)
         self._set_state(ConnectionState.CLOSED)
@@ -531,12 +521,6 @@ class Client:
         if self._fatal is None and not self._closed:
             self._fatal = error
         self._stop(error)
-
-    def _fail_pending(self, error: PubSubError) -> None:
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
-            p.error = error
-            p.done.set()
 
     async def _wait_connected(self) -> Transport:
         while True:
@@ -560,18 +544,16 @@ class Client:
 
         Raises ConnectionLost when the connection ends first.
         """
-        rid = next(self._ids)
-        text = encode({**frame, "id": rid}, self._codec)
-        pending = _Pending(hook, len(text.encode()))
-        self._pending[rid] = pending
+        done = anyio.Event()
+        pending = self._requests.open(frame, self._codec, done.set, hook)
         try:
             try:
-                await ws.send(text)
+                await ws.send(pending.text)
             except TransportClosed:
                 raise ConnectionLost(f"connection lost before {frame['op']} was sent") from None
-            await pending.done.wait()
+            await done.wait()
         finally:
-            self._pending.pop(rid, None)
+            self._requests.close(pending)
         if pending.error is not None:
             raise pending.error
         assert pending.reply is not None
@@ -938,14 +920,11 @@ class Client:
             self._ws = None
             self._conn_nursery = None
             code = self._close_info[0] if self._close_info else 1006
-            if code == 1009 and self._pending:
-                # The broker closed on a frame over its max_message_size: the largest request
-                # in flight was it, and it was not executed; say so instead of "unknown".
-                rid = max(self._pending, key=lambda r: self._pending[r].size)
-                culprit = self._pending.pop(rid)
-                culprit.error = TooLarge("the request exceeded the broker's max_message_size")
-                culprit.done.set()
-            self._fail_pending(ConnectionLost("connection lost; outcome unknown"))
+            too_large = TooLarge("the request exceeded the broker's max_message_size")
+            self._requests.fail_all(
+                ConnectionLost("connection lost; outcome unknown"),
+                too_large=too_large if code == 1009 else None,
+            )
         return self._close_info or (1006, None)
 
     async def _reader(self, ws: Transport, scope: anyio.CancelScope) -> None:
@@ -972,7 +951,7 @@ class Client:
         if isinstance(frame, Message):
             self._route(frame)
         elif isinstance(frame, Reply):
-            pending = self._pending.get(frame.id) if frame.id is not None else None
+            pending = self._requests.match(frame)
             if pending is None:
                 if not frame.ok:
                     log.warning("error from broker: %s %s", frame.error_code, frame.error_message)
@@ -982,8 +961,7 @@ class Client:
                     pending.hook(frame)
                 except Exception:
                     log.exception("reply hook failed")
-            pending.reply = frame
-            pending.done.set()
+            pending.finish(reply=frame)
         elif isinstance(frame, PresenceEvent):
             sub = self._subs.get(frame.topic)
             if sub is not None and sub.presence and sub._active_gen == self._gen:

@@ -25,6 +25,7 @@ import numbers
 import random
 import re
 from collections.abc import Callable, Iterator
+from itertools import count
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -168,6 +169,74 @@ def backoff(attempt: int, base: float, ceiling: float) -> float:
     [0, min(ceiling, base * 2**attempt)]. Full jitter (AWS architecture blog, "Exponential
     Backoff And Jitter") spreads a crowd of clients that lost the same broker over the window."""
     return random.uniform(0, min(ceiling, base * 2 ** min(attempt, 64)))
+
+
+@attrs.define(eq=False)
+class PendingRequest:
+    """One request waiting for its reply. ``on_done`` (the driver's way of waking the waiter)
+    is called once, after ``reply`` or ``error`` is set."""
+
+    id: int
+    text: str  # the frame as sent
+    hook: Callable[[Reply], None] | None  # run by the driver, in frame order, before waking
+    on_done: Callable[[], None]
+    reply: Reply | None = None
+    error: Exception | None = None
+    finished: bool = False
+
+    def finish(self, reply: Reply | None = None, error: Exception | None = None) -> None:
+        """Set the outcome and wake the waiter; later calls are ignored."""
+        if self.finished:
+            return
+        self.finished = True
+        self.reply, self.error = reply, error
+        self.on_done()
+
+
+class Requests:
+    """Request ids and reply matching of one client, across its connections: each request
+    gets a fresh integer ``id`` (never reused, so a late reply cannot be taken for another
+    request's), and a reply finds its request by that ``id``."""
+
+    def __init__(self) -> None:
+        self._ids = count(1)
+        self._pending: dict[int | str, PendingRequest] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def open(
+        self,
+        frame: dict[str, Any],
+        codec: Codec,
+        on_done: Callable[[], None],
+        hook: Callable[[Reply], None] | None = None,
+    ) -> PendingRequest:
+        """Register ``frame`` under a new id and return it, encoded (raises EncodeError)."""
+        rid = next(self._ids)
+        pending = PendingRequest(rid, encode({**frame, "id": rid}, codec), hook, on_done)
+        self._pending[rid] = pending
+        return pending
+
+    def close(self, pending: PendingRequest) -> None:
+        """Forget ``pending`` (answered, failed or given up); a later reply is unmatched."""
+        if self._pending.get(pending.id) is pending:
+            del self._pending[pending.id]
+
+    def match(self, reply: Reply) -> PendingRequest | None:
+        """The request ``reply`` answers, if one waits for it."""
+        return self._pending.get(reply.id) if reply.id is not None else None
+
+    def fail_all(self, error: Exception, *, too_large: Exception | None = None) -> None:
+        """Fail every waiting request with ``error``. ``too_large``: the broker closed with
+        1009 (a frame over its ``max_message_size``), so the largest request in flight was
+        that frame and was not executed: it fails with ``too_large`` instead of "unknown"."""
+        pending, self._pending = self._pending, {}
+        if too_large is not None and pending:
+            largest = max(pending.values(), key=lambda p: len(p.text.encode()))
+            largest.finish(error=too_large)
+        for p in pending.values():
+            p.finish(error=error)
 
 
 def since_field(position: Position) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from client_sdk._protocol import (
     Codec,
     ProtocolViolation,
     Reply,
+    Requests,
     Tracker,
     UnknownPush,
     decode,
@@ -290,3 +291,33 @@ def test_an_encode_error_names_what_the_dumps_hook_refused() -> None:
         encode({"op": "publish", "topic": "t", "data": [when, object()]}, codec)
     with pytest.raises(TypeError, match=r"data key \(1, 2\)"):
         encode({"op": "publish", "topic": "t", "data": {(1, 2): 3}})
+
+
+def test_requests_get_fresh_ids_and_replies_find_their_request() -> None:
+    requests = Requests()
+    woken: list[int] = []
+    a = requests.open({"op": "publish", "data": 1}, Codec(), lambda: woken.append(1))
+    b = requests.open({"op": "publish", "data": "x" * 50}, Codec(), lambda: woken.append(2))
+    assert (a.id, b.id) == (1, 2) and json.loads(b.text)["id"] == 2 and len(requests) == 2
+    assert requests.match(Reply(id=2, ok=True, fields={})) is b
+    assert requests.match(Reply(id=3, ok=True, fields={})) is None
+    assert requests.match(Reply(id=None, ok=False, fields={})) is None
+    b.finish(reply=Reply(id=2, ok=True, fields={}))
+    b.finish(error=RuntimeError("late"))  # ignored: the outcome is set once
+    assert woken == [2] and b.error is None
+    requests.close(b)
+    assert requests.match(Reply(id=2, ok=True, fields={})) is None
+    c = requests.open({"op": "history"}, Codec(), lambda: woken.append(3))
+    assert c.id == 3  # ids are never reused
+
+
+def test_a_1009_close_fails_the_largest_request_as_too_large() -> None:
+    requests = Requests()
+    small = requests.open({"op": "publish", "data": 1}, Codec(), lambda: None)
+    big = requests.open({"op": "publish", "data": "x" * 100}, Codec(), lambda: None)
+    lost, too_large = ConnectionError("lost"), ValueError("too large")
+    requests.fail_all(lost, too_large=too_large)
+    assert (small.error, big.error) == (lost, too_large) and len(requests) == 0
+    other = requests.open({"op": "ping"}, Codec(), lambda: None)
+    requests.fail_all(lost)
+    assert other.error is lost
