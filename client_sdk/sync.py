@@ -12,6 +12,9 @@ same behaviour (reconnects, recovery, gaps, typed errors). Each blocking call ha
 to that thread with ``trio.from_thread.run`` and waits for its outcome, so any number of threads
 may share one client. :meth:`SyncClient.close` ends the trio run and joins the thread; a client
 that was never closed is closed at interpreter exit, so no thread is left behind.
+
+Subscriptions made with callbacks (``subscribe(topic, on_message=...)``) are served in that
+thread too, so a single-threaded program can publish while it receives.
 """
 
 from __future__ import annotations
