@@ -259,7 +259,7 @@ class Client:
     ):
         self._url = url
         self._endpoint = parse_url(url)  # a ValueError for a bad URL belongs to connect()
-        if token is None and not options.get("anonymous", False):
+        if (token is None or token == "") and not options.get("anonymous", False):
             # Said now rather than after a round trip ending in the broker's 4001.
             raise AuthenticationFailed(
                 "no token: pass token=... (a JWT string, or a callable returning one), or "

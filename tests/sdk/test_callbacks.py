@@ -191,6 +191,8 @@ def test_no_token_fails_at_once_unless_anonymous(tmp_path: Path) -> None:
 
     with pytest.raises(AuthenticationFailed, match="no token"):
         client_sdk.sync.connect("ws://127.0.0.1:1/ws")
+    with pytest.raises(AuthenticationFailed, match="no token"):  # e.g. an unset variable
+        client_sdk.sync.connect("ws://127.0.0.1:1/ws", token="")
     with BrokerProcess.start(tmp_path, {"auth": {"allow_anonymous": True}}) as b:
         asyncio.run(main(b.url))
         with client_sdk.sync.connect(b.url, anonymous=True) as client:
