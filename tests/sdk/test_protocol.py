@@ -321,3 +321,8 @@ def test_a_1009_close_fails_the_largest_request_as_too_large() -> None:
     other = requests.open({"op": "ping"}, Codec(), lambda: None)
     requests.fail_all(lost)
     assert other.error is lost
+
+
+def test_a_dumps_hook_may_return_bytes_as_orjson_does() -> None:
+    codec = Codec(dumps=lambda obj: json.dumps(obj).encode(), loads=json.loads)
+    assert encode({"op": "publish", "data": "é"}, codec) == '{"op": "publish", "data": "\\u00e9"}'
