@@ -6,11 +6,13 @@
             async for event in sub:
                 ...
 
-``client_sdk.sync`` offers the same client for code that does not run on trio.
+``client_sdk.aio`` offers the same client on asyncio (``pip install trio-pubsub[aio]``), and
+``client_sdk.sync`` a blocking one for code that runs on neither.
 """
 
 # Imported here so that ``import client_sdk`` is enough for ``client_sdk.sync.connect(...)``.
 from client_sdk import sync
+from client_sdk._protocol import json_default
 from client_sdk.client import Client, ConnectOptions, Subscription, TokenSource, connect
 from client_sdk.errors import (
     AuthenticationFailed,
@@ -20,6 +22,7 @@ from client_sdk.errors import (
     ConnectFailed,
     ConnectionFailed,
     ConnectionLost,
+    EncodeError,
     Forbidden,
     GapError,
     InternalError,
@@ -60,6 +63,7 @@ __all__ = [
     "ConnectionFailed",
     "ConnectionLost",
     "ConnectionState",
+    "EncodeError",
     "Event",
     "Forbidden",
     "Gap",
@@ -87,5 +91,6 @@ __all__ = [
     "Unavailable",
     "Welcome",
     "connect",
+    "json_default",
     "sync",
 ]

@@ -1,7 +1,7 @@
 """The sans-I/O core of the client: frames in and out, topic matching, and recovery bookkeeping.
 
 Nothing here performs I/O or knows about trio, so it is tested with plain function calls. The
-client (``client.py``) moves frames and owns time; this module decides what they mean.
+client (``_connection.py``) moves frames and owns time; this module decides what they mean.
 
 Theory of operation for recovery: every subscription keeps, per exact topic, the
 :class:`~client_sdk.models.Position` of the last publication it delivered. A (re)subscribe to an
@@ -16,17 +16,27 @@ publication, after a ``skipped`` push naming the offsets it will not be sent. Th
 reports that range as a gap with reason ``"skipped"`` and moves its position past it: the
 subscriber asked for the newest value, so nothing is replayed (the range may still be in the
 topic's history, for an application that wants it: ``history`` with ``since``).
+Both drivers, trio (``client.py``) and asyncio (``aio.py``), share this core and the
+connection logic of :class:`~client_sdk._connection.Client`; JSON goes through the application's
+``dumps``/``loads`` hooks when it gives them (:class:`Codec`).
 """
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
+import numbers
+import random
 import re
+from collections.abc import Callable, Iterator
+from itertools import count
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 
+from client_sdk.errors import EncodeError
 from client_sdk.models import Event, Gap, GapReason, Message, Position, PresenceEvent, Welcome
 
 SUBPROTOCOL = "pubsub.v1"
@@ -71,12 +81,178 @@ class Skipped:
 Incoming = Reply | Welcome | Message | PresenceEvent | Skipped | UnknownPush
 
 
-def encode(frame: dict[str, Any]) -> str:
-    """Encode one client frame as the compact JSON text the broker expects.
+Dumps = Callable[[Any], str | bytes]
+Loads = Callable[[str | bytes], Any]
 
-    Raises TypeError (from ``json``) when ``frame`` holds something that is not JSON.
+
+def _std_dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@attrs.frozen
+class Codec:
+    """How frames become JSON text and back: the standard ``json`` module unless the
+    application passes ``dumps`` (e.g. ``orjson.dumps``, or ``json.dumps`` with a ``default``)
+    or ``loads``. ``dumps`` sees whole frames (``op``, ``topic``, ``data``, ...) and may return
+    ``str`` or UTF-8 ``bytes``; it must write NaN and infinities as errors, not as JSON."""
+
+    dumps: Dumps = _std_dumps
+    loads: Loads = json.loads
+
+
+DEFAULT_CODEC = Codec()
+
+
+def _unencodable(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Where the standard ``json`` module fails on ``value``: (path, culprit) pairs, first one
+    first."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                yield f"{path} key {key!r}", key
+            yield from _unencodable(item, f"{path}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _unencodable(item, f"{path}[{i}]")
+    elif (isinstance(value, float) and not math.isfinite(value)) or (
+        not isinstance(value, str | int | float | bool) and value is not None
+    ):
+        yield path, value
+
+
+def _culprit(data: Any, codec: Codec) -> tuple[str, Any] | None:
+    """The first value in ``data`` that ``codec`` cannot encode (of those the standard
+    ``json`` module cannot: a ``dumps`` hook may handle some of them), with its place."""
+    for path, value in _unencodable(data, "data"):
+        if " key " in path:
+            return path, value
+        try:
+            codec.dumps(value)
+        except (TypeError, ValueError, OverflowError):
+            return path, value
+    return None
+
+
+def encode(frame: dict[str, Any], codec: Codec = DEFAULT_CODEC) -> str:
+    """Encode one client frame as the JSON text the broker expects.
+
+    Raises EncodeError (a TypeError and a ValueError) naming the first value that is not JSON
+    (its place in ``data`` and its type), and how to encode such values (``dumps=``).
     """
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = codec.dumps(frame)
+    except (TypeError, ValueError, OverflowError) as exc:
+        where = _culprit(frame.get("data"), codec)
+        what = f"{where[0]} = {where[1]!r} ({type(where[1]).__name__})" if where else str(exc)
+        raise EncodeError(
+            f"cannot encode {what} as JSON for {frame.get('op')} on {frame.get('topic')!r}: "
+            "pass connect(dumps=...) to encode such values (e.g. orjson.dumps, or "
+            "functools.partial(json.dumps, default=client_sdk.json_default))"
+        ) from exc
+    return text.decode() if isinstance(text, bytes) else text
+
+
+def json_default(value: Any) -> Any:
+    """A ``default`` for ``json.dumps`` that encodes what applications commonly publish:
+    dataclasses and attrs classes (as objects), datetimes, dates and times (ISO 8601), UUIDs
+    and Decimals (as strings), sets (as lists), enums (their value).
+
+    Raises TypeError for anything else, as ``json`` expects.
+    """
+    import dataclasses
+    import datetime
+    import decimal
+    import enum
+    import uuid
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return list(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def backoff(attempt: int, base: float, ceiling: float) -> float:
+    """The delay before reconnect ``attempt`` (0, 1, ...): uniform in
+    [0, min(ceiling, base * 2**attempt)]. Full jitter (AWS architecture blog, "Exponential
+    Backoff And Jitter") spreads a crowd of clients that lost the same broker over the window."""
+    return random.uniform(0, min(ceiling, base * 2 ** min(attempt, 64)))
+
+
+@attrs.define(eq=False)
+class PendingRequest:
+    """One request waiting for its reply. ``on_done`` (the driver's way of waking the waiter)
+    is called once, after ``reply`` or ``error`` is set."""
+
+    id: int
+    text: str  # the frame as sent
+    hook: Callable[[Reply], None] | None  # run by the driver, in frame order, before waking
+    on_done: Callable[[], None]
+    reply: Reply | None = None
+    error: Exception | None = None
+    finished: bool = False
+
+    def finish(self, reply: Reply | None = None, error: Exception | None = None) -> None:
+        """Set the outcome and wake the waiter; later calls are ignored."""
+        if self.finished:
+            return
+        self.finished = True
+        self.reply, self.error = reply, error
+        self.on_done()
+
+
+class Requests:
+    """Request ids and reply matching of one client, across its connections: each request
+    gets a fresh integer ``id`` (never reused, so a late reply cannot be taken for another
+    request's), and a reply finds its request by that ``id``."""
+
+    def __init__(self) -> None:
+        self._ids = count(1)
+        self._pending: dict[int | str, PendingRequest] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def open(
+        self,
+        frame: dict[str, Any],
+        codec: Codec,
+        on_done: Callable[[], None],
+        hook: Callable[[Reply], None] | None = None,
+    ) -> PendingRequest:
+        """Register ``frame`` under a new id and return it, encoded (raises EncodeError)."""
+        rid = next(self._ids)
+        pending = PendingRequest(rid, encode({**frame, "id": rid}, codec), hook, on_done)
+        self._pending[rid] = pending
+        return pending
+
+    def close(self, pending: PendingRequest) -> None:
+        """Forget ``pending`` (answered, failed or given up); a later reply is unmatched."""
+        if self._pending.get(pending.id) is pending:
+            del self._pending[pending.id]
+
+    def match(self, reply: Reply) -> PendingRequest | None:
+        """The request ``reply`` answers, if one waits for it."""
+        return self._pending.get(reply.id) if reply.id is not None else None
+
+    def fail_all(self, error: Exception, *, too_large: Exception | None = None) -> None:
+        """Fail every waiting request with ``error``. ``too_large``: the broker closed with
+        1009 (a frame over its ``max_message_size``), so the largest request in flight was
+        that frame and was not executed: it fails with ``too_large`` instead of "unknown"."""
+        pending, self._pending = self._pending, {}
+        if too_large is not None and pending:
+            largest = max(pending.values(), key=lambda p: len(p.text.encode()))
+            largest.finish(error=too_large)
+        for p in pending.values():
+            p.finish(error=error)
 
 
 def since_field(position: Position) -> dict[str, Any]:
@@ -126,11 +302,12 @@ def _opt_str(obj: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _opt_number(obj: dict[str, Any], key: str) -> float | None:
+def opt_number(obj: dict[str, Any], key: str) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    # numbers.Real or Decimal: a ``loads`` hook may parse floats as Decimal
+    if not isinstance(value, numbers.Real | decimal.Decimal) or isinstance(value, bool):
         raise ProtocolViolation(f"{key!r} is not a number: {value!r}")
     return float(value)
 
@@ -149,7 +326,7 @@ def parse_message(obj: dict[str, Any]) -> Message:
     )
 
 
-def decode(text: str | bytes) -> Incoming:
+def decode(text: str | bytes, codec: Codec = DEFAULT_CODEC) -> Incoming:
     """Parse one frame from the broker.
 
     Raises ProtocolViolation for binary frames, invalid JSON, and known frames whose fields are
@@ -158,7 +335,7 @@ def decode(text: str | bytes) -> Incoming:
     if isinstance(text, bytes):
         raise ProtocolViolation("binary frame")
     try:
-        obj = json.loads(text)
+        obj = codec.loads(text)
     except ValueError as exc:
         raise ProtocolViolation(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -191,11 +368,11 @@ def decode(text: str | bytes) -> Incoming:
         worker = obj.get("worker")
         return Welcome(
             client=_str(obj, "client"),
-            expires_at=_opt_number(obj, "expires_at"),
+            expires_at=opt_number(obj, "expires_at"),
             node=_opt_str(obj, "node"),
             worker=worker if isinstance(worker, int) and not isinstance(worker, bool) else None,
-            ping_interval=_opt_number(obj, "ping_interval"),
-            idle_timeout=_opt_number(obj, "idle_timeout"),
+            ping_interval=opt_number(obj, "ping_interval"),
+            idle_timeout=opt_number(obj, "idle_timeout"),
         )
     if isinstance(op, str):
         return UnknownPush(op=op, fields=obj)

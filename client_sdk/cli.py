@@ -49,6 +49,7 @@ examples:
   pubsub sub 'chat.>' news.today --count 10  # several topics or patterns; stop after 10 messages
   pubsub sub chat.room1 --since 41           # first replay what came after offset 41, then live
   pubsub sub chat.room1 --presence           # also print joins and leaves
+  pubsub sub chat.room1 --retry              # wait for a broker that is not up yet
   pubsub pub chat.room1 '{"text": "hi"}'     # DATA is JSON...
   pubsub pub chat.room1 hello                # ...or else a plain string
   tail -f app.log | pubsub pub logs.app      # one publication per line of stdin
@@ -141,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("-n", "--count", type=int, metavar="N", help="exit after N messages")
     sub.add_argument("--data-only", action="store_true", help="print only each message's data")
+    sub.add_argument(
+        "--retry",
+        action="store_true",
+        help="keep trying while the broker is down, also for the first connection (default: "
+        "exit 2 when it cannot be reached); a refused token still exits 2",
+    )
     _common(sub, suppress=True)
 
     pub = commands.add_parser(
@@ -251,8 +258,11 @@ def _gap_line(gap: Gap) -> str:
     return _dumps({"gap": body})
 
 
-def _connect(args: argparse.Namespace, *, reconnect: bool) -> AbstractAsyncContextManager[Client]:
-    """The client for a command; reconnects are reported on stderr."""
+def _connect(
+    args: argparse.Namespace, *, reconnect: bool, retry: bool = False
+) -> AbstractAsyncContextManager[Client]:
+    """The client for a command; reconnects are reported on stderr. ``retry``: keep trying
+    the first connection too."""
     lost = False
 
     def on_state(state: ConnectionState) -> None:
@@ -268,6 +278,9 @@ def _connect(args: argparse.Namespace, *, reconnect: bool) -> AbstractAsyncConte
         args.url,
         args.token,
         reconnect=reconnect,
+        retry_first_connect=retry,
+        # No token means anonymous here (see --token): the broker says whether it allows it.
+        anonymous=not args.token,
         connect_timeout=args.timeout,
         request_timeout=args.timeout,
         on_state_change=on_state,
@@ -282,7 +295,9 @@ async def _cmd_sub(args: argparse.Namespace) -> int:
         if args.presence and is_pattern(topic):
             # Not an error: `sub 'chat.>' room.1 --presence` still gets presence where it can.
             _err(f"pubsub: note: presence events exist for exact topics only, not {topic!r}")
-    cm = _connect(args, reconnect=True)
+    if args.retry:
+        _err(f"pubsub: connecting to {args.url} (--retry: until it answers)")
+    cm = _connect(args, reconnect=True, retry=args.retry)
     seen = 0
     # A message matched by two of the TOPIC arguments reaches both subscriptions; print it once.
     printed: dict[tuple[str, str, int], None] = {}

@@ -27,6 +27,7 @@ PubSubError`` catches them all. The tree::
     +-- RequestTimeout            no reply within the timeout (also a ``TimeoutError``)
     +-- GapError                  strict subscriptions: publications were lost (carries the ``Gap``)
     +-- TokenError                the token callable raised or returned something that is not a str
+    +-- EncodeError               data is not JSON (also a ``TypeError`` and a ``ValueError``)
 
 Fatal errors (``AuthenticationFailed``, ``PermissionRevoked`` and an HTTP rejection other than 503)
 stop the client: its state becomes ``CLOSED`` and every waiting call raises the error. Everything
@@ -48,6 +49,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectionFailed",
     "ConnectionLost",
+    "EncodeError",
     "Forbidden",
     "GapError",
     "InternalError",
@@ -236,6 +238,12 @@ class GapError(PubSubError):
 
 class TokenError(PubSubError):
     """The token callable raised (the cause is chained) or returned something not a string."""
+
+
+class EncodeError(PubSubError, TypeError, ValueError):
+    """A value to send is not JSON (or the ``dumps`` hook refused it): the message names it and
+    its place in ``data``; the hook's own exception is chained. A ``TypeError`` and a
+    ``ValueError`` too, as the ``json`` module raises either."""
 
 
 _BY_CODE: dict[str, type[ServerError]] = {

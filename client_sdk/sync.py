@@ -12,6 +12,9 @@ same behaviour (reconnects, recovery, gaps, typed errors). Each blocking call ha
 to that thread with ``trio.from_thread.run`` and waits for its outcome, so any number of threads
 may share one client. :meth:`SyncClient.close` ends the trio run and joins the thread; a client
 that was never closed is closed at interpreter exit, so no thread is left behind.
+
+Subscriptions made with callbacks (``subscribe(topic, on_message=...)``) are served in that
+thread too, so a single-threaded program can publish while it receives.
 """
 
 from __future__ import annotations
@@ -27,10 +30,20 @@ from typing import Any, TypeVar, Unpack
 
 import trio
 
+from client_sdk._callbacks import Callback
 from client_sdk.client import Client, ConnectOptions, Subscription, TokenSource
 from client_sdk.client import connect as _aconnect
 from client_sdk.errors import ClientClosed, SubscriptionClosed
-from client_sdk.models import ConnectionState, Event, History, Position, Welcome
+from client_sdk.models import (
+    ConnectionState,
+    Event,
+    Gap,
+    History,
+    Message,
+    Position,
+    PresenceEvent,
+    Welcome,
+)
 
 __all__ = ["SyncClient", "SyncSubscription", "connect"]
 
@@ -199,8 +212,18 @@ class SyncClient:
         presence: bool = False,
         strict: bool = False,
         timeout: float | None = None,
+        on_message: Callback[Message] | None = None,
+        on_gap: Callback[Gap] | None = None,
+        on_presence: Callback[PresenceEvent] | None = None,
+        on_error: Callback[Exception] | None = None,
     ) -> SyncSubscription:
         """Subscribe now and return a :class:`SyncSubscription` (iterable, context manager).
+
+        With callbacks (see ``Client.subscribe``) the events go to them instead of to
+        iteration, from the client's background thread, until the subscription or the client
+        is closed: the calling thread stays free to publish. Keep callbacks short (they hold
+        up the connection); they must not call this client's blocking methods (that raises
+        RuntimeError), but may hand work to other threads.
 
         Raises what ``Client.subscribe`` raises on entering (``Forbidden``, ``BadTopic``,
         ``BadRequest``, ``RequestTimeout``, ``ClientClosed``, ...).
@@ -209,7 +232,15 @@ class SyncClient:
 
         async def open_() -> Subscription:
             sub = client.subscribe(
-                topic, since=since, presence=presence, strict=strict, timeout=timeout
+                topic,
+                since=since,
+                presence=presence,
+                strict=strict,
+                timeout=timeout,
+                on_message=on_message,
+                on_gap=on_gap,
+                on_presence=on_presence,
+                on_error=on_error,
             )
             await sub.__aenter__()
             return sub

@@ -39,3 +39,18 @@ with client_sdk.sync.connect(url, token=os.environ.get("PUBSUB_TOKEN")) as clien
         except (Forbidden, NotTracked) as exc:  # presence is opt-in on the broker
             print("presence not available:", exc)
     print("history:", [m.data for m in client.history("demo.sync", limit=10).messages])
+
+# The same without a thread of its own: callbacks run in the client's background thread, while
+# this one publishes.
+with client_sdk.sync.connect(url, token=os.environ.get("PUBSUB_TOKEN")) as client:
+    last = threading.Event()
+
+    def on_message(msg: Message) -> None:
+        print(f"callback #{msg.offset}: {msg.data}")
+        if msg.data == "last":
+            last.set()
+
+    client.subscribe("demo.callbacks", on_message=on_message)
+    for text in ("first", "last"):
+        client.publish("demo.callbacks", text)
+    last.wait(5)

@@ -49,7 +49,11 @@ class CuttableProxy:
             return
         with trio.CancelScope() as scope:
             self._scopes.append(scope)
-            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:  # the broker is down (restarting): as if the path were broken
+                await client.aclose()
+                return
             async with client, upstream, trio.open_nursery() as nursery:
                 nursery.start_soon(self._pipe, client, upstream, nursery.cancel_scope)
                 nursery.start_soon(self._pipe, upstream, client, nursery.cancel_scope, True)

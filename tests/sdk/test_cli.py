@@ -156,6 +156,25 @@ def test_sub_follows_a_broker_restart_and_reports_the_gap(tmp_path: Path) -> Non
         assert gap and gap[0]["topic"] == "t" and gap[0]["epoch_changed"] is True
 
 
+def test_sub_retry_keeps_trying_while_the_broker_is_down(tmp_path: Path) -> None:
+    with BrokerProcess.start(tmp_path, PRESENCE_EVERYWHERE) as b:
+        env = env_for(b)
+        b.stop()
+        with background(["sub", "t", "--count", "1", "--retry"], env) as sub:
+            time.sleep(1.5)  # a few attempts fail meanwhile
+            assert sub.poll() is None, "sub --retry gave up while the broker was down"
+            b._spawn(port=b.port)
+            wait_subscribed(b, "t")
+            run(["pub", "t", "up"], env)
+            out, err = sub.communicate(timeout=15)
+        assert sub.returncode == 0, err
+        assert [m["data"] for m in lines(out)] == ["up"]
+        assert "--retry" in err
+        # Without --retry the same command gives up at once.
+        b.stop()
+        assert run(["sub", "t", "--count", "1"], env).returncode == 2
+
+
 @pytest.mark.parametrize(
     ("args", "code"),
     [

@@ -86,6 +86,7 @@ def test_sync_example(broker: BrokerProcess) -> None:
     assert done.returncode == 0, done.stderr
     assert "connected as syncer" in done.stdout
     assert "#5: {'i': 4}" in done.stdout and "here now: ('syncer',)" in done.stdout
+    assert "callback #1: first\ncallback #2: last" in done.stdout
 
 
 def test_examples_run_where_presence_is_off(tmp_path: Path) -> None:

@@ -3,13 +3,19 @@ what a subscription yields (messages in order, no duplicates, explicit gaps)."""
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from client_sdk._protocol import (
+    Codec,
     ProtocolViolation,
     Reply,
+    Requests,
     Skipped,
     Tracker,
     UnknownPush,
@@ -17,6 +23,7 @@ from client_sdk._protocol import (
     encode,
     history_frame,
     is_pattern,
+    json_default,
     parse_missed,
     parse_url,
     reconnect_hint,
@@ -80,8 +87,8 @@ def test_decode_rejects_malformed_frames(text: str | bytes) -> None:
 
 def test_encode_is_compact_json_and_refuses_nan() -> None:
     assert encode({"op": "publish", "data": "é"}) == '{"op":"publish","data":"é"}'
-    with pytest.raises(ValueError):
-        encode({"data": float("nan")})
+    with pytest.raises(ValueError, match=r"data\['x'\]\[1\] = nan \(float\)"):
+        encode({"op": "publish", "topic": "t", "data": {"x": [1, float("nan")]}})
 
 
 @pytest.mark.parametrize(
@@ -301,3 +308,49 @@ def test_a_skipped_push_is_a_gap_with_its_reason_and_the_next_message_follows_on
     assert t.since() == Position(9, "e1")  # a reconnect resumes after it, no replay
     assert t.message(msg(10)) == [msg(10)]  # no offset_jump on top of it
     assert t.skipped(push) == []  # a range already behind us says nothing
+
+
+def test_an_encode_error_names_what_the_dumps_hook_refused() -> None:
+    codec = Codec(dumps=functools.partial(json.dumps, default=json_default))
+    when = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    assert '"2026-01-02T00:00:00+00:00"' in encode({"op": "publish", "data": when}, codec)
+    # The hook encodes the datetime; what it refuses is the object after it.
+    with pytest.raises(TypeError, match=r"data\[1\] = <object object .*> \(object\)"):
+        encode({"op": "publish", "topic": "t", "data": [when, object()]}, codec)
+    with pytest.raises(TypeError, match=r"data key \(1, 2\)"):
+        encode({"op": "publish", "topic": "t", "data": {(1, 2): 3}})
+
+
+def test_requests_get_fresh_ids_and_replies_find_their_request() -> None:
+    requests = Requests()
+    woken: list[int] = []
+    a = requests.open({"op": "publish", "data": 1}, Codec(), lambda: woken.append(1))
+    b = requests.open({"op": "publish", "data": "x" * 50}, Codec(), lambda: woken.append(2))
+    assert (a.id, b.id) == (1, 2) and json.loads(b.text)["id"] == 2 and len(requests) == 2
+    assert requests.match(Reply(id=2, ok=True, fields={})) is b
+    assert requests.match(Reply(id=3, ok=True, fields={})) is None
+    assert requests.match(Reply(id=None, ok=False, fields={})) is None
+    b.finish(reply=Reply(id=2, ok=True, fields={}))
+    b.finish(error=RuntimeError("late"))  # ignored: the outcome is set once
+    assert woken == [2] and b.error is None
+    requests.close(b)
+    assert requests.match(Reply(id=2, ok=True, fields={})) is None
+    c = requests.open({"op": "history"}, Codec(), lambda: woken.append(3))
+    assert c.id == 3  # ids are never reused
+
+
+def test_a_1009_close_fails_the_largest_request_as_too_large() -> None:
+    requests = Requests()
+    small = requests.open({"op": "publish", "data": 1}, Codec(), lambda: None)
+    big = requests.open({"op": "publish", "data": "x" * 100}, Codec(), lambda: None)
+    lost, too_large = ConnectionError("lost"), ValueError("too large")
+    requests.fail_all(lost, too_large=too_large)
+    assert (small.error, big.error) == (lost, too_large) and len(requests) == 0
+    other = requests.open({"op": "ping"}, Codec(), lambda: None)
+    requests.fail_all(lost)
+    assert other.error is lost
+
+
+def test_a_dumps_hook_may_return_bytes_as_orjson_does() -> None:
+    codec = Codec(dumps=lambda obj: json.dumps(obj).encode(), loads=json.loads)
+    assert encode({"op": "publish", "data": "é"}, codec) == '{"op": "publish", "data": "\\u00e9"}'
