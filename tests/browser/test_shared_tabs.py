@@ -1,0 +1,218 @@
+"""Many tabs, one connection: client.js's ``shared`` option in real headless Chromium.
+
+Tabs are pages of one browser context (one profile, as tabs of one window). On the broker's
+origin they share through a SharedWorker; on another origin (the worker script would be
+cross-origin) through a leader tab elected with Web Locks. Either way the broker sees one
+connection per user, every tab gets every publication, and the tabs' streams stay exact when
+the holder of the connection goes away."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.browser.sites import allow_origins, start_web_broker, static_site, wait_js
+from tests.http.brokerkit import http
+from tests.support.broker import BrokerProcess
+
+pytestmark = pytest.mark.browser
+
+TABS = 5
+TOPIC = "feed.prices"
+
+# Run in each tab: a shared client subscribed to one topic, recording what it sees.
+TAB_SETUP = """
+async ([module, url, token, shared, topic]) => {
+  const { PubSubClient } = await import(module);
+  const seen = (window.seen = { messages: [], gaps: [], states: [], errors: [], welcomes: 0,
+    refreshes: 0 });
+  const client = (window.client = new PubSubClient(url, {
+    token, shared, minDelayMs: 50, maxDelayMs: 500,
+  }));
+  client.on("state", (e) => seen.states.push(e.state));
+  client.on("welcome", () => seen.welcomes++);
+  client.on("refresh", () => seen.refreshes++);
+  client.on("error", (e) => seen.errors.push(String(e.error && (e.error.code || e.error.message))));
+  await client.connect();
+  await client.subscribe(topic, {
+    onMessage: (m) => seen.messages.push([m.epoch, m.offset, m.data]),
+    onGap: (g) => seen.gaps.push(g),
+  });
+  return client.sharing;
+}
+"""
+
+FOREIGN_PAGE = '<!doctype html><meta charset="utf-8"><title>an app</title><p>an app</p>'
+
+
+def connections(b: BrokerProcess) -> float:
+    """The broker's ``pubsub_connections``, summed over its workers."""
+    status, _, body = http(b, "GET", "/metrics", key=None)
+    assert status == 200
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "pubsub_connections"
+    )
+
+
+def wait_connections(b: BrokerProcess, n: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while connections(b) != n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pubsub_connections is {connections(b)}, not {n}")
+        time.sleep(0.05)
+
+
+def publish(b: BrokerProcess, *datas: str) -> None:
+    for data in datas:
+        status, _, body = http(b, "POST", "/api/publish", {"topic": TOPIC, "data": data})
+        assert status == 200, body
+
+
+def assert_exact(page: Any, datas: list[str]) -> None:
+    """The tab got exactly these publications, in order, once each, with no gap."""
+    n = len(datas)
+    try:
+        wait_js(page, f"window.seen.messages.length >= {n}")
+    except AssertionError as exc:
+        raise AssertionError(f"the tab saw {page.evaluate('window.seen')}") from exc
+    got = page.evaluate("window.seen.messages")
+    assert [(o, d) for _, o, d in got] == list(zip(range(1, n + 1), datas, strict=True))
+    assert page.evaluate("window.seen.gaps") == []
+
+
+@contextmanager
+def tabs(chromium: Any, n: int, url: str) -> Iterator[list[Any]]:
+    """``n`` pages of one browser context (tabs of one profile) at ``url``; the WebSockets
+    each one opens are counted in its ``sockets`` attribute."""
+    context = chromium.new_context()
+    try:
+        pages = []
+        for _ in range(n):
+            pg = context.new_page()
+            pg.set_default_timeout(15_000)
+            pg.sockets = []
+            pg.on("websocket", lambda ws, pg=pg: pg.sockets.append(ws))
+            pg.js_errors = []
+            pg.on("pageerror", lambda exc, pg=pg: pg.js_errors.append(str(exc)))
+            pg.goto(url)
+            pages.append(pg)
+        yield pages
+    finally:
+        context.close()
+
+
+def start_tabs(pages: list[Any], b: BrokerProcess, module: str, shared: Any, **token: Any) -> None:
+    for pg in pages:
+        args = [module, b.url, b.token(token.get("sub", "alice")), shared, TOPIC]
+        mechanism = pg.evaluate(TAB_SETUP, args)
+        assert mechanism == (shared if isinstance(shared, str) else mechanism)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    with start_web_broker(tmp_path) as b:
+        yield b
+
+
+@contextmanager
+def foreign_site(b: BrokerProcess) -> Iterator[str]:
+    """A page of an origin that is not the broker's, allowed to connect."""
+    with static_site(FOREIGN_PAGE) as origin:
+        allow_origins(b, b.http_url, origin)
+        yield origin
+
+
+def test_five_tabs_on_another_origin_share_one_connection_through_a_leader_tab(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with foreign_site(broker) as origin, tabs(chromium, TABS, origin + "/app") as pages:
+        start_tabs(pages, broker, f"{broker.http_url}/client.js", True)
+        assert {pg.evaluate("client.sharing") for pg in pages} == {"leader"}
+        wait_connections(broker, 1)
+        holders = [pg for pg in pages if pg.sockets]
+        assert len(holders) == 1, "exactly one tab holds the WebSocket"
+
+        publish(broker, "a", "b", "c")
+        for pg in pages:
+            assert_exact(pg, ["a", "b", "c"])
+
+        # The leader goes away; publications made meanwhile reach every other tab exactly once.
+        leader = holders[0]
+        pages.remove(leader)
+        leader.close()
+        publish(broker, "d", "e")
+        for pg in pages:
+            wait_js(pg, "window.seen.states.includes('reconnecting')")
+        publish(broker, "f")
+        for pg in pages:
+            assert_exact(pg, ["a", "b", "c", "d", "e", "f"])
+            assert pg.js_errors == []
+        wait_connections(broker, 1)
+        assert len([pg for pg in pages if pg.sockets]) == 1, "one new leader"
+
+
+def test_five_tabs_on_the_brokers_origin_share_one_shared_worker(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with tabs(chromium, TABS, f"{broker.http_url}/demo/") as pages:
+        start_tabs(pages, broker, "/client.js", True)
+        assert {pg.evaluate("client.sharing") for pg in pages} == {"worker"}
+        wait_connections(broker, 1)
+        assert [pg for pg in pages if pg.sockets] == [], "the worker holds it, not a tab"
+
+        publish(broker, "a", "b", "c")
+        for pg in pages:
+            assert_exact(pg, ["a", "b", "c"])
+
+        # Tabs come and go; the worker stays, and so does the connection.
+        pages.pop(0).close()
+        publish(broker, "d")
+        for pg in pages:
+            assert_exact(pg, ["a", "b", "c", "d"])
+            assert pg.js_errors == []
+        assert connections(broker) == 1
+
+
+def test_a_killed_shared_worker_is_replaced_and_every_tab_recovers_exactly(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
+        start_tabs(pages, broker, "/client.js", "worker")
+        wait_connections(broker, 1)
+        publish(broker, "a", "b")
+        for pg in pages:
+            assert_exact(pg, ["a", "b"])
+
+        cdp = chromium.new_browser_cdp_session()
+        targets = cdp.send("Target.getTargets")["targetInfos"]
+        [worker] = [t for t in targets if t["type"] == "shared_worker"]
+        cdp.send("Target.closeTarget", {"targetId": worker["targetId"]})
+        publish(broker, "c", "d")
+        for pg in pages:
+            wait_js(pg, "window.seen.states.includes('reconnecting')")
+        publish(broker, "e")
+        for pg in pages:
+            assert_exact(pg, ["a", "b", "c", "d", "e"])
+        wait_connections(broker, 1)
+        targets = cdp.send("Target.getTargets")["targetInfos"]
+        assert len([t for t in targets if t["type"] == "shared_worker"]) == 1
+
+
+def test_tabs_of_different_users_never_share(chromium: Any, broker: BrokerProcess) -> None:
+    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
+        start_tabs(pages[:2], broker, "/client.js", True, sub="alice")
+        start_tabs(pages[2:], broker, "/client.js", True, sub="bob")
+        wait_connections(broker, 2)
+        assert [pg.evaluate("client.clientId") for pg in pages] == ["alice", "alice", "bob"]
+        publish(broker, "a")
+        for pg in pages:
+            assert_exact(pg, ["a"])
