@@ -15,9 +15,10 @@
 // - a tab subscribing to a topic the hub already holds gets its reply from the hub (the hub's
 //   position), and with `since` its missed messages from a `history` read, queued before what
 //   arrives live meanwhile; so each tab resumes exactly, as it would on its own socket;
-// - the `welcome` (also the one after an in-band token refresh) and errors not tied to a request
-//   go to every tab; when the real WebSocket closes, every virtual socket closes with the same
-//   code and reason, and each tab reconnects and resubscribes with `since` as usual.
+// - the `welcome` and errors not tied to a request go to every tab; after a tab refreshed the
+//   token in-band, the other tabs get a `welcome` with the new expiry;
+// - when the real WebSocket closes, every virtual socket closes with the same code and reason,
+//   and each tab reconnects and resubscribes with `since` as usual.
 //
 // Where the hub lives:
 // - in a SharedWorker (/client-worker.js, one per broker URL and user), when the page is on the
@@ -278,9 +279,18 @@ export class Hub {
     } else {
       const { id: _id, ...rest } = frame;
       this._request(rest, (answer) => {
+        if (answer && frame.op === "auth" && answer.ok) this._refreshed(conn, answer);
         if (answer && this.conns.get(conn.key) === conn) reply(answer);
       });
     }
+  }
+
+  /** A tab refreshed the token: the broker sends no new welcome, so the hub tells the other
+   * tabs the new expiry with one (a welcome on a live connection only updates the client). */
+  _refreshed(from, answer) {
+    const welcome = { ...JSON.parse(this.welcome), expires_at: answer.expires_at ?? null };
+    this.welcome = JSON.stringify(welcome);
+    for (const conn of this.conns.values()) if (conn !== from) this._toTab(conn, this.welcome);
   }
 
   /** Run `step` (returning a promise) after the previous subscription change of `topic`. */

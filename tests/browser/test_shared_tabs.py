@@ -8,6 +8,7 @@ the holder of the connection goes away."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.browser.sites import allow_origins, start_web_broker, static_site, wait_js
-from tests.http.brokerkit import http
+from tests.http.brokerkit import http, request, ws_client
 from tests.support.broker import BrokerProcess
 
 pytestmark = pytest.mark.browser
@@ -33,7 +34,7 @@ async ([module, url, token, shared, topic]) => {
   const seen = (window.seen = { messages: [], gaps: [], states: [], errors: [], welcomes: 0,
     refreshes: 0 });
   const client = (window.client = new PubSubClient(url, {
-    token, shared, minDelayMs: 50, maxDelayMs: 500,
+    token: async () => token, shared, minDelayMs: 50, maxDelayMs: 500,
   }));
   client.on("state", (e) => seen.states.push(e.state));
   client.on("welcome", () => seen.welcomes++);
@@ -216,3 +217,101 @@ def test_tabs_of_different_users_never_share(chromium: Any, broker: BrokerProces
         publish(broker, "a")
         for pg in pages:
             assert_exact(pg, ["a"])
+
+
+def test_each_tab_keeps_its_own_subscriptions_and_presence_counts_the_user_once(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with tabs(chromium, 2, f"{broker.http_url}/demo/") as (plain, watcher):
+        start_tabs([plain, watcher], broker, "/client.js", True)
+        wait_connections(broker, 1)
+        plain.evaluate(
+            """async () => {
+              window.room = [];
+              await client.subscribe("room.1", { onMessage: (m) => window.room.push(m.data) });
+            }"""
+        )
+        # The second tab wants presence on a topic the connection holds without it.
+        watcher.evaluate(
+            """async () => {
+              window.room = [];
+              window.joins = [];
+              await client.subscribe("room.1", {
+                presence: true,
+                onMessage: (m) => window.room.push(m.data),
+                onJoin: (e) => window.joins.push(e.client),
+              });
+            }"""
+        )
+        with ws_client(broker, "bob") as bob:
+            reply = request(bob, op="subscribe", id=1, topic="room.1", presence=True)
+            assert reply["ok"], reply
+            wait_js(watcher, "window.joins.includes('bob')")
+            clients = watcher.evaluate("client.presence('room.1')")
+            assert sorted(clients) == ["alice", "bob"]
+
+            status, _, _ = http(broker, "POST", "/api/publish", {"topic": "room.1", "data": 1})
+            assert status == 200
+            for pg in (plain, watcher):
+                wait_js(pg, "window.room.length === 1")
+            # One tab leaves the topic; the other keeps it.
+            plain.evaluate("client.unsubscribe('room.1')")
+            status, _, _ = http(broker, "POST", "/api/publish", {"topic": "room.1", "data": 2})
+            assert status == 200
+            wait_js(watcher, "window.room.length === 2")
+            assert watcher.evaluate("window.room") == [1, 2]
+            assert plain.evaluate("window.room") == [1]
+        assert plain.evaluate("window.seen.errors") == []
+
+
+def test_a_dropped_connection_reaches_every_tab_and_each_recovers_exactly(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
+        start_tabs(pages, broker, "/client.js", True)
+        wait_connections(broker, 1)
+        publish(broker, "a")
+        for pg in pages:
+            assert_exact(pg, ["a"])
+        _, _, body = http(broker, "POST", "/api/disconnect", {"client": "alice"})
+        assert json.loads(body) == {"client": "alice", "closed": 1}
+        publish(broker, "b", "c")
+        for pg in pages:
+            wait_js(pg, "window.seen.welcomes >= 2")
+            assert "reconnecting" in pg.evaluate("window.seen.states")
+        publish(broker, "d")
+        for pg in pages:
+            assert_exact(pg, ["a", "b", "c", "d"])
+        wait_connections(broker, 1)
+
+
+def test_a_token_refreshed_by_one_tab_reaches_every_tab(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    # Short tokens, each one 2 s longer than the last, refreshed 2 s before they expire; only
+    # the first tab can refresh (the others were given a fixed token).
+    tokens = [broker.token("alice", ttl=4 + 2 * i) for i in range(8)]
+    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
+        for i, pg in enumerate(pages):
+            pg.evaluate(
+                """async ([url, tokens, refreshes]) => {
+                  const { PubSubClient } = await import("/client.js");
+                  window.calls = 0;
+                  const token = refreshes ? async () => tokens[window.calls++] : tokens[0];
+                  window.client = new PubSubClient(url, {
+                    token, refreshMarginS: 2, shared: true,
+                  });
+                  await window.client.connect();
+                  window.firstExpiry = window.client.expiresAt;
+                }""",
+                [broker.url, tokens, i == 0],
+            )
+        wait_connections(broker, 1)
+        # Well past the first expiry the one connection lives on, and every tab knows the
+        # newest expiry.
+        for pg in pages:
+            wait_js(pg, "client.expiresAt >= window.firstExpiry + 6", timeout=20)
+        for pg in pages:
+            assert pg.evaluate("client.state") == "connected"
+        assert connections(broker) == 1
+        assert not any(e.get("code") == 4003 for e in broker.events("closed"))
