@@ -1,6 +1,6 @@
 """The files the operations listener serves: the browser client (``/client.js``, and the two
-modules it loads to share one connection between tabs: ``/client-shared.js`` and the
-SharedWorker script ``/client-worker.js``), the demo and status pages and their assets. Read once at start from the installed packages; nothing a
+modules it loads to share one connection between tabs: ``/client-shared.js``,
+``/client-hub.js`` and the SharedWorker script ``/client-worker.js``), the demo and status pages and their assets. Read once at start from the installed packages; nothing a
 request names is ever looked up on disk."""
 
 from __future__ import annotations

@@ -117,6 +117,7 @@ class OpsRoutes:
             "/api/disconnect": {"POST": self._api_disconnect},
             "/client.js": {"GET": files.client_module("pubsub.js")},
             "/client-shared.js": {"GET": files.client_module("client-shared.js")},
+            "/client-hub.js": {"GET": files.client_module("client-hub.js")},
             "/client-worker.js": {"GET": files.client_module("client-worker.js")},
             "/": {"GET": files.redirect("/demo/")},
             "/demo": {"GET": files.redirect("/demo/")},

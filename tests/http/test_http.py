@@ -238,7 +238,8 @@ async def test_client_js_pages_and_assets(listener: Listener) -> None:
     assert b"export class PubSubClient" in reply.body
     # what it loads to share one connection between tabs, importable from any origin too
     for path, marker in [
-        ("/client-shared.js", b"export class Hub"),
+        ("/client-shared.js", b"export function sharedSocket"),
+        ("/client-hub.js", b"export class Hub"),
         ("/client-worker.js", b"serveSharedWorker(self)"),
     ]:
         reply = await listener.request("GET", path, key=None)
