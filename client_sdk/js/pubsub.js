@@ -39,6 +39,10 @@
 // called before every connection and again shortly before the current token expires; the fresh
 // token is sent with the `auth` op, so the connection lives on.
 //
+// With `shared: true` the tabs of one origin and user share one WebSocket (held by a
+// SharedWorker or a leader tab; see client-shared.js, loaded only in that mode): this client
+// then runs unchanged over a virtual socket to it.
+//
 // Browsers answer the server's WebSocket pings by themselves but never show them to scripts, so
 // the client sends a `ping` op when the connection has been silent for `ping_interval` seconds
 // and drops the connection when no answer comes within `pongTimeoutMs`.

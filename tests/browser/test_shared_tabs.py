@@ -91,10 +91,12 @@ def assert_exact(page: Any, datas: list[str]) -> None:
 
 
 @contextmanager
-def tabs(chromium: Any, n: int, url: str) -> Iterator[list[Any]]:
+def tabs(chromium: Any, n: int, url: str, missing: str | None = None) -> Iterator[list[Any]]:
     """``n`` pages of one browser context (tabs of one profile) at ``url``; the WebSockets
-    each one opens are counted in its ``sockets`` attribute."""
+    each one opens are counted in its ``sockets`` attribute. URLs matching ``missing`` get 404."""
     context = chromium.new_context()
+    if missing:
+        context.route(missing, lambda route: route.fulfill(status=404))
     try:
         pages = []
         for _ in range(n):
@@ -315,3 +317,38 @@ def test_a_token_refreshed_by_one_tab_reaches_every_tab(
             assert pg.evaluate("client.state") == "connected"
         assert connections(broker) == 1
         assert not any(e.get("code") == 4003 for e in broker.events("closed"))
+
+
+def test_the_demo_page_has_a_switch_for_it(chromium: Any, broker: BrokerProcess) -> None:
+    url = f"{broker.http_url}/demo/?shared=1&connect=1&token={broker.token('alice')}"
+    with tabs(chromium, 3, url) as pages:
+        for pg in pages:
+            pg.wait_for_selector("#state[data-state=connected]")
+            assert pg.is_checked("#shared")
+            assert "shared (worker)" in pg.inner_text("#whoami")
+        wait_connections(broker, 1)
+        for pg in pages:
+            pg.fill("#sub-topic", TOPIC)
+            pg.click("#subscribe")
+            pg.wait_for_selector(f'#subs li[data-topic="{TOPIC}"]')
+        publish(broker, "a")
+        for pg in pages:
+            pg.wait_for_selector(f'#log tr.msg[data-topic="{TOPIC}"][data-offset="1"]')
+        # Unchecked (the default), each tab has a connection of its own.
+        extra = pages[0].context.new_page()
+        extra.goto(f"{broker.http_url}/demo/?connect=1&token={broker.token('alice')}")
+        extra.wait_for_selector("#state[data-state=connected]")
+        assert not extra.is_checked("#shared")
+        wait_connections(broker, 2)
+
+
+def test_a_worker_that_cannot_start_gives_way_to_a_leader_tab(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with tabs(chromium, 3, f"{broker.http_url}/demo/", missing="**/client-worker.js") as pages:
+        start_tabs(pages, broker, "/client.js", True)
+        wait_connections(broker, 1)
+        assert len([pg for pg in pages if pg.sockets]) == 1, "a leader tab holds it"
+        publish(broker, "a")
+        for pg in pages:
+            assert_exact(pg, ["a"])
