@@ -52,11 +52,11 @@ export class Hub {
   // connections
 
   _openConn(key, link, msg) {
-    const conn = { key, link, conn: msg.conn, subs: new Map(), welcomed: false };
+    const conn = { key, link, conn: msg.conn, subs: new Map(), catchingUp: new Map() };
     this.conns.set(key, conn);
     link.send({ type: "opened", conn: msg.conn });
     if (!this.ws) this._connect(msg);
-    else if (this.welcome) this._welcome(conn);
+    else if (this.welcome) this._toTab(conn, this.welcome);
   }
 
   _closeConn(key, code) {
@@ -67,11 +67,6 @@ export class Hub {
     // A tab that gave up on the connection (no answer to its ping) speaks for all of them.
     if (code === 4000 && this.ws) this._dropUpstream(1006, "a tab found the connection dead");
     else if (this.conns.size === 0 && this.ws) this._dropUpstream(1000, "no tab left");
-  }
-
-  _welcome(conn) {
-    conn.welcomed = true;
-    this._toTab(conn, this.welcome);
   }
 
   _toTab(conn, data) {
@@ -164,9 +159,10 @@ export class Hub {
       if (callback) callback(frame);
       return;
     }
+    const all = [...this.conns.values()];
     if (frame.op === "welcome") {
       this.welcome = raw;
-      for (const conn of this.conns.values()) this._welcome(conn);
+      this._fanOut(all, raw);
     } else if (frame.op === "message") {
       const entry = this.topics.get(frame.topic);
       if (entry && entry.epoch === frame.epoch && frame.offset > entry.offset) {
@@ -175,28 +171,36 @@ export class Hub {
         entry.epoch = frame.epoch;
         entry.offset = frame.offset;
       }
-      for (const conn of this.conns.values()) {
-        for (const topic of conn.subs.keys()) {
-          if (topic === frame.topic || topicMatches(topic, frame.topic)) {
-            this._deliver(conn, topic, frame, raw);
-            break;
-          }
-        }
+      const targets = [];
+      for (const conn of all) {
+        if (![...conn.subs.keys()].some((topic) => topicMatches(topic, frame.topic))) continue;
+        // A tab catching up from history gets what arrives live meanwhile after its history.
+        const queue = conn.catchingUp.get(frame.topic);
+        if (queue) queue.push(raw);
+        else targets.push(conn);
       }
+      this._fanOut(targets, raw);
     } else if (frame.op === "join" || frame.op === "leave") {
-      for (const conn of this.conns.values()) {
-        if (conn.subs.has(frame.topic)) this._toTab(conn, raw);
-      }
+      this._fanOut(
+        all.filter((conn) => conn.subs.has(frame.topic)),
+        raw,
+      );
     } else {
-      for (const conn of this.conns.values()) this._toTab(conn, raw);
+      this._fanOut(all, raw);
     }
   }
 
-  _deliver(conn, topic, frame, raw) {
-    // A tab catching up from history gets what arrives live meanwhile after its history.
-    const queue = conn.catchingUp?.get(frame.topic);
-    if (queue) queue.push(raw);
-    else this._toTab(conn, raw);
+  /** Send `data` to these connections: once per link that can multicast (the tabs on a
+   * BroadcastChannel each see every message, so one message serves them all), else to each. */
+  _fanOut(conns, data) {
+    const groups = new Map();
+    for (const conn of conns) {
+      const multicast = conn.link.multicast;
+      if (!multicast) this._toTab(conn, data);
+      else if (groups.has(multicast)) groups.get(multicast).push(conn.conn);
+      else groups.set(multicast, [conn.conn]);
+    }
+    for (const [multicast, ids] of groups) multicast({ type: "frame", conns: ids, data });
   }
 
   // requests from the tabs
@@ -321,7 +325,6 @@ export class Hub {
    * then what arrived live meanwhile (the tab drops offsets it already has). */
   async _catchUp(conn, topic, since, presence, reply) {
     const queue = [];
-    if (!conn.catchingUp) conn.catchingUp = new Map();
     conn.catchingUp.set(topic, queue);
     conn.subs.set(topic, presence);
     try {

@@ -179,6 +179,10 @@ class Channel {
   }
 
   _dispatch(msg) {
+    if (msg.conns) {
+      for (const conn of msg.conns) this._dispatch({ ...msg, conns: undefined, conn });
+      return;
+    }
     const socket = this.sockets.get(msg.conn);
     if (!socket) return;
     if (msg.type === "opened") socket._opened();
@@ -254,6 +258,8 @@ class LeaderChannel extends Channel {
     this.bc = new BroadcastChannel(`${PREFIX}:${key}`);
     this.localHub = null;
     this.links = new Map(); // follower tab id -> link (on the leader)
+    // One message reaches every follower: a frame for many tabs is posted once (Hub._fanOut).
+    this.multicast = (msg) => this.bc.postMessage({ ...msg, to: "*" });
     this.bc.onmessage = (event) => this._onBroadcast(event.data);
     this.ready.then(() => {
       navigator.locks.request(`${PREFIX}:leader:${key}`, () => this._lead());
@@ -281,14 +287,18 @@ class LeaderChannel extends Channel {
     if (msg.type === "hello") this._hubIs(msg.hub);
     else if (msg.type === "who" && this.localHub) {
       this.bc.postMessage({ type: "hello", hub: this.tabId });
-    } else if (msg.to === this.tabId) this._dispatch(msg);
+    } else if (msg.to === this.tabId || (msg.to === "*" && !this.localHub)) this._dispatch(msg);
     else if (msg.hub === this.tabId && this.localHub) this.localHub.receive(this._link(msg.from), msg);
   }
 
   _link(tabId) {
     let link = this.links.get(tabId);
     if (!link) {
-      link = { id: tabId, send: (msg) => this.bc.postMessage({ ...msg, to: tabId }) };
+      link = {
+        id: tabId,
+        send: (msg) => this.bc.postMessage({ ...msg, to: tabId }),
+        multicast: this.multicast,
+      };
       this.links.set(tabId, link);
       navigator.locks.request(tabLock(this.key, tabId), () => {
         this.links.delete(tabId);
