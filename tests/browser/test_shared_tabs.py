@@ -352,3 +352,33 @@ def test_a_worker_that_cannot_start_gives_way_to_a_leader_tab(
         publish(broker, "a")
         for pg in pages:
             assert_exact(pg, ["a"])
+
+
+def test_a_publication_reaches_only_the_tabs_whose_subscriptions_match(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with foreign_site(broker) as origin, tabs(chromium, 3, origin + "/app") as pages:
+        start_tabs(pages, broker, f"{broker.http_url}/client.js", "leader")
+        wildcard, exact, other = pages
+        wildcard.evaluate(
+            """async () => {
+              window.got = [];
+              await client.subscribe("news.>", { onMessage: (m) => window.got.push(m.topic) });
+            }"""
+        )
+        exact.evaluate(
+            """async () => {
+              window.got = [];
+              await client.subscribe("news.sport", { onMessage: (m) => window.got.push(m.topic) });
+            }"""
+        )
+        other.evaluate("window.got = []")
+        for topic in ("news.sport", "news.weather", "feed.prices"):
+            status, _, body = http(broker, "POST", "/api/publish", {"topic": topic, "data": 1})
+            assert status == 200, body
+        wait_js(wildcard, "window.got.length === 2")
+        wait_js(other, "window.seen.messages.length === 1")
+        assert wildcard.evaluate("window.got") == ["news.sport", "news.weather"]
+        assert exact.evaluate("window.got") == ["news.sport"]
+        assert other.evaluate("window.got") == []
+        assert connections(broker) == 1
