@@ -49,6 +49,19 @@ async ([module, url, token, shared, topic]) => {
 }
 """
 
+# Run in a tab after TAB_SETUP: one more subscription, recording [topic, data] and joins.
+SUBSCRIBE = """
+async ([topic, presence]) => {
+  window.got = window.got || [];
+  window.joins = window.joins || [];
+  await client.subscribe(topic, {
+    presence,
+    onMessage: (m) => window.got.push([m.topic, m.data]),
+    onJoin: (e) => window.joins.push(e.client),
+  });
+}
+"""
+
 FOREIGN_PAGE = '<!doctype html><meta charset="utf-8"><title>an app</title><p>an app</p>'
 
 
@@ -227,24 +240,9 @@ def test_each_tab_keeps_its_own_subscriptions_and_presence_counts_the_user_once(
     with tabs(chromium, 2, f"{broker.http_url}/demo/") as (plain, watcher):
         start_tabs([plain, watcher], broker, "/client.js", True)
         wait_connections(broker, 1)
-        plain.evaluate(
-            """async () => {
-              window.room = [];
-              await client.subscribe("room.1", { onMessage: (m) => window.room.push(m.data) });
-            }"""
-        )
+        plain.evaluate(SUBSCRIBE, ["room.1", False])
         # The second tab wants presence on a topic the connection holds without it.
-        watcher.evaluate(
-            """async () => {
-              window.room = [];
-              window.joins = [];
-              await client.subscribe("room.1", {
-                presence: true,
-                onMessage: (m) => window.room.push(m.data),
-                onJoin: (e) => window.joins.push(e.client),
-              });
-            }"""
-        )
+        watcher.evaluate(SUBSCRIBE, ["room.1", True])
         with ws_client(broker, "bob") as bob:
             reply = request(bob, op="subscribe", id=1, topic="room.1", presence=True)
             assert reply["ok"], reply
@@ -255,14 +253,14 @@ def test_each_tab_keeps_its_own_subscriptions_and_presence_counts_the_user_once(
             status, _, _ = http(broker, "POST", "/api/publish", {"topic": "room.1", "data": 1})
             assert status == 200
             for pg in (plain, watcher):
-                wait_js(pg, "window.room.length === 1")
+                wait_js(pg, "window.got.length === 1")
             # One tab leaves the topic; the other keeps it.
             plain.evaluate("client.unsubscribe('room.1')")
             status, _, _ = http(broker, "POST", "/api/publish", {"topic": "room.1", "data": 2})
             assert status == 200
-            wait_js(watcher, "window.room.length === 2")
-            assert watcher.evaluate("window.room") == [1, 2]
-            assert plain.evaluate("window.room") == [1]
+            wait_js(watcher, "window.got.length === 2")
+            assert watcher.evaluate("window.got") == [["room.1", 1], ["room.1", 2]]
+            assert plain.evaluate("window.got") == [["room.1", 1]]
         assert plain.evaluate("window.seen.errors") == []
 
 
@@ -360,25 +358,15 @@ def test_a_publication_reaches_only_the_tabs_whose_subscriptions_match(
     with foreign_site(broker) as origin, tabs(chromium, 3, origin + "/app") as pages:
         start_tabs(pages, broker, f"{broker.http_url}/client.js", "leader")
         wildcard, exact, other = pages
-        wildcard.evaluate(
-            """async () => {
-              window.got = [];
-              await client.subscribe("news.>", { onMessage: (m) => window.got.push(m.topic) });
-            }"""
-        )
-        exact.evaluate(
-            """async () => {
-              window.got = [];
-              await client.subscribe("news.sport", { onMessage: (m) => window.got.push(m.topic) });
-            }"""
-        )
+        wildcard.evaluate(SUBSCRIBE, ["news.>", False])
+        exact.evaluate(SUBSCRIBE, ["news.sport", False])
         other.evaluate("window.got = []")
         for topic in ("news.sport", "news.weather", "feed.prices"):
             status, _, body = http(broker, "POST", "/api/publish", {"topic": topic, "data": 1})
             assert status == 200, body
         wait_js(wildcard, "window.got.length === 2")
         wait_js(other, "window.seen.messages.length === 1")
-        assert wildcard.evaluate("window.got") == ["news.sport", "news.weather"]
-        assert exact.evaluate("window.got") == ["news.sport"]
+        assert wildcard.evaluate("window.got") == [["news.sport", 1], ["news.weather", 1]]
+        assert exact.evaluate("window.got") == [["news.sport", 1]]
         assert other.evaluate("window.got") == []
         assert connections(broker) == 1
