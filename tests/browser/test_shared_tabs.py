@@ -29,12 +29,12 @@ TOPIC = "feed.prices"
 
 # Run in each tab: a shared client subscribed to one topic, recording what it sees.
 TAB_SETUP = """
-async ([module, url, token, shared, topic]) => {
+async ([module, url, token, options, topic]) => {
   const { PubSubClient } = await import(module);
   const seen = (window.seen = { messages: [], gaps: [], states: [], errors: [], welcomes: 0,
     refreshes: 0 });
   const client = (window.client = new PubSubClient(url, {
-    token: async () => token, shared, minDelayMs: 50, maxDelayMs: 500,
+    token: async () => token, minDelayMs: 50, maxDelayMs: 500, ...options,
   }));
   client.on("state", (e) => seen.states.push(e.state));
   client.on("welcome", () => seen.welcomes++);
@@ -126,11 +126,20 @@ def tabs(chromium: Any, n: int, url: str, missing: str | None = None) -> Iterato
         context.close()
 
 
-def start_tabs(pages: list[Any], b: BrokerProcess, module: str, shared: Any, **token: Any) -> None:
+def start_tabs(
+    pages: list[Any],
+    b: BrokerProcess,
+    module: str,
+    shared: bool | str,
+    sub: str = "alice",
+    **options: Any,
+) -> None:
+    """Start a shared client in each page (TAB_SETUP) with these client options."""
     for pg in pages:
-        args = [module, b.url, b.token(token.get("sub", "alice")), shared, TOPIC]
+        args = [module, b.url, b.token(sub), {"shared": shared, **options}, TOPIC]
         mechanism = pg.evaluate(TAB_SETUP, args)
-        assert mechanism == (shared if isinstance(shared, str) else mechanism)
+        if isinstance(shared, str):
+            assert mechanism == shared
 
 
 @pytest.fixture
@@ -226,7 +235,8 @@ def test_a_killed_shared_worker_is_replaced_and_every_tab_recovers_exactly(
 def test_tabs_of_different_users_never_share(chromium: Any, broker: BrokerProcess) -> None:
     with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
         start_tabs(pages[:2], broker, "/client.js", True, sub="alice")
-        start_tabs(pages[2:], broker, "/client.js", True, sub="bob")
+        # (the token in an `auth` frame rather than the URL: the hub sends it so)
+        start_tabs(pages[2:], broker, "/client.js", True, sub="bob", tokenIn="frame")
         wait_connections(broker, 2)
         assert [pg.evaluate("client.clientId") for pg in pages] == ["alice", "alice", "bob"]
         publish(broker, "a")
