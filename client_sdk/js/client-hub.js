@@ -163,8 +163,14 @@ export class Hub {
     if (frame.op === "welcome") {
       this.welcome = raw;
       this._fanOut(all, raw);
-    } else if (frame.op === "message") {
-      const entry = this.topics.get(frame.topic);
+    } else if (frame.op === "join" || frame.op === "leave") {
+      this._fanOut(
+        all.filter((conn) => conn.subs.has(frame.topic)),
+        raw,
+      );
+    } else if (typeof frame.topic === "string") {
+      // a `message`, or any other push about a topic: to the tabs subscribed to it, in order
+      const entry = frame.op === "message" ? this.topics.get(frame.topic) : undefined;
       if (entry && entry.epoch === frame.epoch && frame.offset > entry.offset) {
         entry.offset = frame.offset;
       } else if (entry && entry.epoch !== frame.epoch) {
@@ -180,11 +186,6 @@ export class Hub {
         else targets.push(conn);
       }
       this._fanOut(targets, raw);
-    } else if (frame.op === "join" || frame.op === "leave") {
-      this._fanOut(
-        all.filter((conn) => conn.subs.has(frame.topic)),
-        raw,
-      );
     } else {
       this._fanOut(all, raw);
     }
@@ -261,7 +262,8 @@ export class Hub {
     const alive = () => this.conns.get(conn.key) === conn;
     if (!alive()) return;
     if (conn.subs.has(topic)) {
-      reply({ ok: false, error: { code: "bad_request", message: `already subscribed to ${topic}` } });
+      const message = `already subscribed to ${topic}`;
+      reply({ ok: false, error: { code: "bad_request", message } });
       return;
     }
     const presence = frame.presence === true;
@@ -282,15 +284,14 @@ export class Hub {
       }
       if (!entry) {
         entry = await this._hold(topic, { since: frame.since, presence });
-        const { id: _id, ...answer } = entry.reply;
         if (!alive()) return this._release(topic);
         conn.subs.set(topic, presence);
-        reply(answer); // the replay, if any, follows from upstream
+        reply(entry.reply); // the replay, if any, follows from upstream
         return;
       }
       if (!frame.since || entry.wildcard) {
         conn.subs.set(topic, presence);
-        const { id: _id, ...answer } = entry.reply;
+        const { recovered: _r, missed: _m, ...answer } = entry.reply;
         reply(entry.wildcard ? answer : { ...answer, offset: entry.offset, epoch: entry.epoch });
         return;
       }
@@ -306,17 +307,16 @@ export class Hub {
     const frame = { op: "subscribe", topic };
     if (since) frame.since = since;
     if (presence) frame.presence = true;
-    const reply = await this._ask(frame);
+    const { id: _id, ...answer } = await this._ask(frame);
+    // `reply` answers the tab that asked (with `recovered` and `missed` if it gave `since`), and
+    // later tabs, with the hub's position then.
     const entry = {
       wildcard: isPattern(topic),
       presence,
-      epoch: reply.epoch,
-      offset: reply.offset,
-      reply: { ok: true, topic, offset: reply.offset, epoch: reply.epoch },
+      epoch: answer.epoch,
+      offset: answer.offset,
+      reply: answer,
     };
-    if (reply.recovered !== undefined) entry.reply.recovered = reply.recovered;
-    if (reply.missed) entry.reply.missed = reply.missed;
-    for (const [k, v] of Object.entries(reply)) if (!(k in entry.reply) && k !== "id") entry.reply[k] = v;
     this.topics.set(topic, entry);
     return entry;
   }

@@ -288,7 +288,9 @@ class LeaderChannel extends Channel {
     else if (msg.type === "who" && this.localHub) {
       this.bc.postMessage({ type: "hello", hub: this.tabId });
     } else if (msg.to === this.tabId || (msg.to === "*" && !this.localHub)) this._dispatch(msg);
-    else if (msg.hub === this.tabId && this.localHub) this.localHub.receive(this._link(msg.from), msg);
+    else if (msg.hub === this.tabId && this.localHub) {
+      this.localHub.receive(this._link(msg.from), msg);
+    }
   }
 
   _link(tabId) {
