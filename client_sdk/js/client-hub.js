@@ -6,6 +6,11 @@ import { SUBPROTOCOL, isPattern, topicMatches } from "./client.js";
 
 export const PREFIX = "pubsub-shared";
 
+// What the hub keeps of each topic's latest messages, so that tabs resuming after a change of
+// holder are answered without a `history` read each (which the broker's read budget charges).
+const RECENT_MAX = 1000;
+const RECENT_MAX_CHARS = 1 << 20;
+
 /** A random id (tabs, connections, workers). */
 export function randomId() {
   return Math.random().toString(36).slice(2) + Date.now().toString(36);
@@ -171,12 +176,7 @@ export class Hub {
     } else if (typeof frame.topic === "string") {
       // a `message`, or any other push about a topic: to the tabs subscribed to it, in order
       const entry = frame.op === "message" ? this.topics.get(frame.topic) : undefined;
-      if (entry && entry.epoch === frame.epoch && frame.offset > entry.offset) {
-        entry.offset = frame.offset;
-      } else if (entry && entry.epoch !== frame.epoch) {
-        entry.epoch = frame.epoch;
-        entry.offset = frame.offset;
-      }
+      if (entry) this._remember(entry, frame, raw);
       const targets = [];
       for (const conn of all) {
         if (![...conn.subs.keys()].some((topic) => topicMatches(topic, frame.topic))) continue;
@@ -295,7 +295,9 @@ export class Hub {
         reply(entry.wildcard ? answer : { ...answer, offset: entry.offset, epoch: entry.epoch });
         return;
       }
-      await this._catchUp(conn, topic, frame.since, presence, reply);
+      if (!this._resumeFromRecent(conn, entry, frame.since, presence, reply)) {
+        await this._catchUp(conn, topic, frame.since, presence, reply);
+      }
     } catch (err) {
       if (err && alive()) reply(err);
     }
@@ -311,14 +313,60 @@ export class Hub {
     // `reply` answers the tab that asked (with `recovered` and `missed` if it gave `since`), and
     // later tabs, with the hub's position then.
     const entry = {
+      topic,
       wildcard: isPattern(topic),
       presence,
       epoch: answer.epoch,
       offset: answer.offset,
       reply: answer,
+      recent: [], // the latest messages, contiguous, ending at `offset` once replays are in
+      recentBytes: 0,
     };
     this.topics.set(topic, entry);
     return entry;
+  }
+
+  /** Keep the topic's position, and its latest messages while they follow one another. */
+  _remember(entry, frame, raw) {
+    if (entry.epoch !== frame.epoch) {
+      entry.epoch = frame.epoch;
+      entry.offset = frame.offset;
+      entry.recent = [];
+      entry.recentBytes = 0;
+    } else if (frame.offset > entry.offset) {
+      entry.offset = frame.offset;
+    }
+    const recent = entry.recent;
+    const last = recent[recent.length - 1];
+    if (last && frame.offset <= last.offset) return; // already kept
+    if (last && frame.offset !== last.offset + 1) {
+      recent.length = 0; // not contiguous: what is kept must be
+      entry.recentBytes = 0;
+    }
+    recent.push({ offset: frame.offset, raw });
+    entry.recentBytes += raw.length;
+    while (recent.length > RECENT_MAX || entry.recentBytes > RECENT_MAX_CHARS) {
+      entry.recentBytes -= recent.shift().raw.length;
+    }
+  }
+
+  /** A tab resumes from `since` what the hub kept of the topic: answered at once, without
+   * asking the broker (after a change of holder, every tab but the first resumes so). Returns
+   * false, doing nothing, when what was kept does not reach back to `since`. */
+  _resumeFromRecent(conn, entry, since, presence, reply) {
+    if (since.epoch !== entry.epoch || since.offset > entry.offset) return false;
+    const recent = entry.recent;
+    const covered =
+      since.offset === entry.offset ||
+      (recent.length > 0 &&
+        recent[0].offset <= since.offset + 1 &&
+        recent[recent.length - 1].offset === entry.offset);
+    if (!covered) return false;
+    conn.subs.set(entry.topic, presence);
+    const { epoch, offset } = entry;
+    reply({ ok: true, topic: entry.topic, offset, epoch, recovered: true });
+    for (const m of recent) if (m.offset > since.offset) this._toTab(conn, m.raw);
+    return true;
   }
 
   /** A tab resumes a topic the hub already holds: its missed messages come from `history`,

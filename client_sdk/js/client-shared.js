@@ -13,8 +13,9 @@
 //   when the last of them leaves; every `message`, `join` and `leave` push goes to every tab
 //   with a matching subscription;
 // - a tab subscribing to a topic the hub already holds gets its reply from the hub (the hub's
-//   position), and with `since` its missed messages from a `history` read, queued before what
-//   arrives live meanwhile; so each tab resumes exactly, as it would on its own socket;
+//   position), and with `since` its missed messages from the latest ones the hub kept (up to
+//   1000 per topic), or else from a `history` read, queued before what arrives live meanwhile;
+//   so each tab resumes exactly, as it would on its own socket;
 // - the `welcome` and errors not tied to a request go to every tab; after a tab refreshed the
 //   token in-band, the other tabs get a `welcome` with the new expiry;
 // - when the real WebSocket closes, every virtual socket closes with the same code and reason,

@@ -380,3 +380,39 @@ def test_a_publication_reaches_only_the_tabs_whose_subscriptions_match(
         assert exact.evaluate("window.got") == [["news.sport", 1]]
         assert other.evaluate("window.got") == []
         assert connections(broker) == 1
+
+
+RESUME = """
+async ([module, url, token, since, topic]) => {
+  const { PubSubClient } = await import(module);
+  const got = [];
+  (window.resumed = window.resumed || []).push(got);
+  const client = new PubSubClient(url, { token, shared: true });
+  await client.subscribe(topic, {
+    since,
+    onMessage: (m) => got.push([m.offset, m.data]),
+    onGap: (g) => got.push(["gap", g.from, g.to]),
+  });
+}
+"""
+
+
+def test_a_tab_resuming_on_a_held_topic_gets_exactly_what_it_missed(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    publish(broker, "a", "b", "c")
+    with tabs(chromium, 2, f"{broker.http_url}/demo/") as (first, other):
+        start_tabs([first], broker, "/client.js", True)  # the hub holds the topic from 3 on
+        publish(broker, "d", "e")
+        wait_js(first, "window.seen.messages.length === 2")
+        epoch = first.evaluate("window.seen.messages[0][0]")
+        # From 3: what the hub kept covers it. From 1: only the broker's history does.
+        for offset in (3, 1):
+            since = {"offset": offset, "epoch": epoch}
+            other.evaluate(RESUME, ["/client.js", broker.url, broker.token("alice"), since, TOPIC])
+        publish(broker, "f")
+        wait_js(other, "window.resumed.every((got) => got.length && got.at(-1)[1] === 'f')")
+        from_3, from_1 = other.evaluate("window.resumed")
+        assert from_3 == [[4, "d"], [5, "e"], [6, "f"]]
+        assert from_1 == [[2, "b"], [3, "c"], [4, "d"], [5, "e"], [6, "f"]]
+        assert connections(broker) == 1
