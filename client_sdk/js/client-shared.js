@@ -353,9 +353,11 @@ export function sharingMechanism(workerUrl, preference = true) {
 /**
  * A WebSocket class for PubSubClient that shares one connection per broker URL and user among
  * the tabs: `new (sharedSocket(opts))(url, protocols)` where `url` carries `?token=`. `opts`:
- * workerUrl (of /client-worker.js), mechanism ("worker" or "leader"), tokenIn.
+ * workerUrl (of /client-worker.js), mechanism ("worker" or "leader"), tokenIn, and
+ * onChannel(mechanism), told at each connection which mechanism serves it (a worker that could
+ * not start gives way to a leader tab).
  */
-export function sharedSocket({ workerUrl, mechanism, tokenIn }) {
+export function sharedSocket({ workerUrl, mechanism, tokenIn, onChannel }) {
   return class SharedWebSocket {
     constructor(url) {
       const u = new URL(url);
@@ -371,6 +373,7 @@ export function sharedSocket({ workerUrl, mechanism, tokenIn }) {
           if (inner.closed) return;
           const key = `${base}|${who}|${tokenIn}`;
           const channel = channelFor(key, mechanism, tokenIn, workerUrl);
+          if (onChannel) onChannel(channel instanceof WorkerChannel ? "worker" : "leader");
           channel.ready.then(() => {
             if (inner.closed) return;
             const socket = new VirtualSocket(channel, base, token);

@@ -192,7 +192,7 @@ export class PubSubClient extends EventTarget {
     this._waiters = [];
     this._stableTimer = null;
     this._everConnected = false;
-    /** With `shared`: the mechanism chosen ("worker", "leader"), or null (a socket of its own). */
+    /** With `shared`: the mechanism in use ("worker", "leader"), or null (a socket of its own). */
     this.sharing = null;
   }
 
@@ -795,6 +795,9 @@ export class PubSubClient extends EventTarget {
             workerUrl,
             mechanism,
             tokenIn: this.options.tokenIn,
+            onChannel: (used) => {
+              this.sharing = used;
+            },
           });
         }
       } catch (err) {

@@ -357,6 +357,7 @@ def test_a_worker_that_cannot_start_gives_way_to_a_leader_tab(
         start_tabs(pages, broker, "/client.js", True)
         wait_connections(broker, 1)
         assert len([pg for pg in pages if pg.sockets]) == 1, "a leader tab holds it"
+        assert {pg.evaluate("client.sharing") for pg in pages} == {"leader"}
         publish(broker, "a")
         for pg in pages:
             assert_exact(pg, ["a"])
