@@ -65,24 +65,32 @@ async ([topic, presence]) => {
 FOREIGN_PAGE = '<!doctype html><meta charset="utf-8"><title>an app</title><p>an app</p>'
 
 
-def connections(b: BrokerProcess) -> float:
-    """The broker's ``pubsub_connections``, summed over its workers."""
+def metric(b: BrokerProcess, name: str) -> float:
+    """One of the broker's gauges, summed over its workers."""
     status, _, body = http(b, "GET", "/metrics", key=None)
     assert status == 200
     return sum(
         s.value
         for family in text_string_to_metric_families(body.decode())
         for s in family.samples
-        if s.name == "pubsub_connections"
+        if s.name == name
     )
 
 
-def wait_connections(b: BrokerProcess, n: int, timeout: float = 10) -> None:
+def connections(b: BrokerProcess) -> float:
+    return metric(b, "pubsub_connections")
+
+
+def wait_metric(b: BrokerProcess, name: str, n: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while connections(b) != n:
+    while metric(b, name) != n:
         if time.monotonic() > deadline:
-            raise AssertionError(f"pubsub_connections is {connections(b)}, not {n}")
+            raise AssertionError(f"{name} is {metric(b, name)}, not {n}")
         time.sleep(0.05)
+
+
+def wait_connections(b: BrokerProcess, n: int) -> None:
+    wait_metric(b, "pubsub_connections", n)
 
 
 def publish(b: BrokerProcess, *datas: str) -> None:
@@ -416,4 +424,21 @@ def test_a_tab_resuming_on_a_held_topic_gets_exactly_what_it_missed(
         from_3, from_1 = other.evaluate("window.resumed")
         assert from_3 == [[4, "d"], [5, "e"], [6, "f"]]
         assert from_1 == [[2, "b"], [3, "c"], [4, "d"], [5, "e"], [6, "f"]]
+        assert connections(broker) == 1
+
+
+def test_a_topic_is_subscribed_once_and_left_with_the_last_tab(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
+        start_tabs(pages, broker, "/client.js", True)
+        wait_connections(broker, 1)
+        assert metric(broker, "pubsub_subscriptions") == 1
+        pages.pop().close()  # a closed tab is noticed through its lock
+        pages[0].evaluate("(topic) => client.unsubscribe(topic)", TOPIC)
+        publish(broker, "a")
+        assert_exact(pages[1], ["a"])
+        assert metric(broker, "pubsub_subscriptions") == 1
+        pages[1].evaluate("(topic) => client.unsubscribe(topic)", TOPIC)
+        wait_metric(broker, "pubsub_subscriptions", 0)
         assert connections(broker) == 1
