@@ -150,6 +150,15 @@ def start_tabs(
             assert mechanism == shared
 
 
+@contextmanager
+def shared_tabs(chromium: Any, b: BrokerProcess, n: int, shared: bool | str) -> Iterator[list[Any]]:
+    """``n`` tabs on the broker's demo page, each with a started shared client, connected."""
+    with tabs(chromium, n, f"{b.http_url}/demo/") as pages:
+        start_tabs(pages, b, "/client.js", shared)
+        wait_connections(b, 1)
+        yield pages
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     with start_web_broker(tmp_path) as b:
@@ -218,9 +227,7 @@ def test_five_tabs_on_the_brokers_origin_share_one_shared_worker(
 def test_a_killed_shared_worker_is_replaced_and_every_tab_recovers_exactly(
     chromium: Any, broker: BrokerProcess
 ) -> None:
-    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
-        start_tabs(pages, broker, "/client.js", "worker")
-        wait_connections(broker, 1)
+    with shared_tabs(chromium, broker, 3, "worker") as pages:
         publish(broker, "a", "b")
         for pg in pages:
             assert_exact(pg, ["a", "b"])
@@ -285,9 +292,7 @@ def test_each_tab_keeps_its_own_subscriptions_and_presence_counts_the_user_once(
 def test_a_dropped_connection_reaches_every_tab_and_each_recovers_exactly(
     chromium: Any, broker: BrokerProcess
 ) -> None:
-    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
-        start_tabs(pages, broker, "/client.js", True)
-        wait_connections(broker, 1)
+    with shared_tabs(chromium, broker, 3, True) as pages:
         publish(broker, "a")
         for pg in pages:
             assert_exact(pg, ["a"])
@@ -430,9 +435,7 @@ def test_a_tab_resuming_on_a_held_topic_gets_exactly_what_it_missed(
 def test_a_topic_is_subscribed_once_and_left_with_the_last_tab(
     chromium: Any, broker: BrokerProcess
 ) -> None:
-    with tabs(chromium, 3, f"{broker.http_url}/demo/") as pages:
-        start_tabs(pages, broker, "/client.js", True)
-        wait_connections(broker, 1)
+    with shared_tabs(chromium, broker, 3, True) as pages:
         assert metric(broker, "pubsub_subscriptions") == 1
         pages.pop().close()  # a closed tab is noticed through its lock
         pages[0].evaluate("(topic) => client.unsubscribe(topic)", TOPIC)
