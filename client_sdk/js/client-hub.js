@@ -10,6 +10,7 @@ export const PREFIX = "pubsub-shared";
 // holder are answered without a `history` read each (which the broker's read budget charges).
 const RECENT_MAX = 1000;
 const RECENT_MAX_CHARS = 1 << 20;
+const PROBE_TIMEOUT_MS = 10000;
 
 /** A random id (tabs, connections, workers). */
 export function randomId() {
@@ -33,10 +34,11 @@ export class Hub {
     this.conns = new Map(); // "<link id>/<conn>" -> {link, conn, subs: Map(topic -> presence)}
     this.ws = null;
     this.welcome = null; // the last upstream welcome frame (text)
-    this.topics = new Map(); // topic -> {presence, epoch, offset, reply, live: Set(conn)}
+    this.topics = new Map(); // topic or pattern held upstream -> its entry (see _hold)
     this.chains = new Map(); // topic -> promise: subscription changes run one at a time
     this.pending = new Map(); // upstream id -> callback(frame)
     this.nextId = 1;
+    this.probe = null; // the timer of a ping checking the connection
   }
 
   receive(link, msg) {
@@ -69,9 +71,24 @@ export class Hub {
     if (!conn) return;
     this.conns.delete(key);
     for (const topic of conn.subs.keys()) this._release(topic);
-    // A tab that gave up on the connection (no answer to its ping) speaks for all of them.
-    if (code === 4000 && this.ws) this._dropUpstream(1006, "a tab found the connection dead");
-    else if (this.conns.size === 0 && this.ws) this._dropUpstream(1000, "no tab left");
+    if (this.conns.size === 0 && this.ws) this._dropUpstream(1000, "no tab left");
+    else if (code === 4000 && this.ws) this._probe();
+  }
+
+  /** A tab gave up on its virtual connection (no answer to a ping or a subscribe in time): the
+   * real one may be dead, or the tab merely slow (throttled in the background). Ask the broker;
+   * no answer in time drops the connection for every tab. */
+  _probe() {
+    if (this.probe || !this.welcome) return;
+    const ws = this.ws;
+    this.probe = setTimeout(() => {
+      this.probe = null;
+      if (ws === this.ws) this._dropUpstream(1006, "no answer to ping");
+    }, PROBE_TIMEOUT_MS);
+    this._request({ op: "ping" }, () => {
+      clearTimeout(this.probe);
+      this.probe = null;
+    });
   }
 
   _toTab(conn, data) {
@@ -122,6 +139,8 @@ export class Hub {
     if (ws) ws.onopen = ws.onmessage = ws.onclose = null;
     this.ws = null;
     this.welcome = null;
+    clearTimeout(this.probe);
+    this.probe = null;
     this.topics.clear();
     this.chains.clear();
     const pending = [...this.pending.values()];

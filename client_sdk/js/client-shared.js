@@ -19,7 +19,8 @@
 // - the `welcome` and errors not tied to a request go to every tab; after a tab refreshed the
 //   token in-band, the other tabs get a `welcome` with the new expiry;
 // - when the real WebSocket closes, every virtual socket closes with the same code and reason,
-//   and each tab reconnects and resubscribes with `since` as usual.
+//   and each tab reconnects and resubscribes with `since` as usual; a tab that drops its
+//   virtual socket for silence makes the hub ping the broker, not drop the real one at once.
 //
 // Where the hub lives:
 // - in a SharedWorker (/client-worker.js, one per broker URL and user), when the page is on the

@@ -99,6 +99,13 @@ def publish(b: BrokerProcess, *datas: str) -> None:
         assert status == 200, body
 
 
+def publish_to_all(b: BrokerProcess, pages: list[Any], *datas: str) -> None:
+    """Publish ``datas`` as the first publications of the topic; every tab gets them exactly."""
+    publish(b, *datas)
+    for pg in pages:
+        assert_exact(pg, list(datas))
+
+
 def assert_exact(page: Any, datas: list[str]) -> None:
     """The tab got exactly these publications, in order, once each, with no gap."""
     n = len(datas)
@@ -293,9 +300,7 @@ def test_a_dropped_connection_reaches_every_tab_and_each_recovers_exactly(
     chromium: Any, broker: BrokerProcess
 ) -> None:
     with shared_tabs(chromium, broker, 3, True) as pages:
-        publish(broker, "a")
-        for pg in pages:
-            assert_exact(pg, ["a"])
+        publish_to_all(broker, pages, "a")
         _, _, body = http(broker, "POST", "/api/disconnect", {"client": "alice"})
         assert json.loads(body) == {"client": "alice", "closed": 1}
         publish(broker, "b", "c")
@@ -445,3 +450,20 @@ def test_a_topic_is_subscribed_once_and_left_with_the_last_tab(
         pages[1].evaluate("(topic) => client.unsubscribe(topic)", TOPIC)
         wait_metric(broker, "pubsub_subscriptions", 0)
         assert connections(broker) == 1
+
+
+def test_a_tab_giving_up_alone_does_not_cost_the_others_the_connection(
+    chromium: Any, broker: BrokerProcess
+) -> None:
+    with shared_tabs(chromium, broker, 3, True) as pages:
+        publish_to_all(broker, pages, "a")
+        # The first tab decides its connection is dead (as when its ping went unanswered, say
+        # because the tab was throttled): the hub checks with the broker and keeps it.
+        pages[0].evaluate("client._dropConnection(client._ws, 'no answer to ping')")
+        wait_js(pages[0], "window.seen.welcomes >= 2")
+        publish(broker, "b")
+        for pg in pages:
+            assert_exact(pg, ["a", "b"])
+        for pg in pages[1:]:
+            assert "reconnecting" not in pg.evaluate("window.seen.states")
+        assert broker.events("closed") == []
