@@ -118,9 +118,9 @@ class VirtualSocket {
 }
 
 /**
- * One tab's way to the hub of one sharing key. Subclasses say how messages travel (`_post`)
- * and call `_dispatch(msg)` with what the hub sent to this tab and `_hubChanged()` when the
- * hub went away.
+ * One tab's way to the hub of one sharing key. Subclasses say how messages travel (`post`),
+ * and call `_dispatch(msg)` with what the hub sent to this tab, `_hubIs(id)` when a hub
+ * announces itself and `_hubGone()` when the hub went away.
  */
 class Channel {
   constructor(key, tokenIn) {
@@ -365,7 +365,7 @@ export function sharedSocket({ workerUrl, mechanism, tokenIn, onChannel }) {
       const token = u.searchParams.get("token");
       u.searchParams.delete("token");
       const base = u.toString();
-      const inner = { readyState: CONNECTING, buffer: [] };
+      const inner = { closed: false, socket: null }; // the virtual socket, once the hub is known
       this._inner = inner;
       this.readyState = CONNECTING;
       this.onopen = this.onmessage = this.onerror = this.onclose = null;
