@@ -167,8 +167,9 @@ def shared_tabs(chromium: Any, b: BrokerProcess, n: int, shared: bool | str) -> 
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    with start_web_broker(tmp_path) as b:
+def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """A broker with one worker, or as many as the test's indirect parameter says."""
+    with start_web_broker(tmp_path, workers=getattr(request, "param", 1)) as b:
         yield b
 
 
@@ -180,6 +181,7 @@ def foreign_site(b: BrokerProcess) -> Iterator[str]:
         yield origin
 
 
+@pytest.mark.parametrize("broker", [1, 2], indirect=True, ids=["1worker", "2workers"])
 def test_five_tabs_on_another_origin_share_one_connection_through_a_leader_tab(
     chromium: Any, broker: BrokerProcess
 ) -> None:
@@ -231,6 +233,7 @@ def test_five_tabs_on_the_brokers_origin_share_one_shared_worker(
         assert connections(broker) == 1
 
 
+@pytest.mark.parametrize("broker", [1, 2], indirect=True, ids=["1worker", "2workers"])
 def test_a_killed_shared_worker_is_replaced_and_every_tab_recovers_exactly(
     chromium: Any, broker: BrokerProcess
 ) -> None:
