@@ -32,6 +32,9 @@ Routes
 ``/api/presence``           GET     ``?topic=`` -> ``{"topic", "clients"}`` (404 ``not_tracked``)
 ``/api/disconnect``         POST    ``{"client"}`` -> ``{"client", "closed"}``
 ``/client.js``              GET     the browser client (an ES module)
+``/client-shared.js``       GET     what it loads with ``shared: true`` (tabs share a socket)
+``/client-hub.js``          GET     the hub multiplexing the tabs over that socket
+``/client-worker.js``       GET     the SharedWorker holding that shared socket
 ``/demo/``, ``/status/``    GET     the demo page and the operators' status page
 ``/demo/config``            GET     where the page finds the WebSocket listener
 ``/client/config``          GET     the same, for client.js on any origin (CORS)

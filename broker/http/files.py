@@ -1,5 +1,6 @@
-"""The files the operations listener serves: the browser client (``/client.js``), the demo and
-status pages and their assets. Read once at start from the installed packages; nothing a
+"""The files the operations listener serves: the browser client (``/client.js``, and the two
+modules it loads to share one connection between tabs: ``/client-shared.js``,
+``/client-hub.js`` and the SharedWorker script ``/client-worker.js``), the demo and status pages and their assets. Read once at start from the installed packages; nothing a
 request names is ever looked up on disk."""
 
 from __future__ import annotations
@@ -75,18 +76,25 @@ class StaticFiles:
 
     def __init__(self) -> None:
         self._static = _load_resources("broker", "static")
-        self._client_js = _load_resources("client_sdk", "js").get("pubsub.js")
+        self._client = _load_resources("client_sdk", "js")
 
-    async def client_js(self, req: Request) -> Response:
-        if self._client_js is None:
-            raise HttpError("not_found", "the browser client is not installed")
-        # Pages on other origins import it as a module, which needs CORS.
-        return Response(
-            200,
-            self._client_js,
-            CONTENT_TYPES[".js"],
-            [("access-control-allow-origin", "*"), ("cache-control", "no-cache")],
-        )
+    def client_module(self, name: str) -> Handler:
+        """The handler serving the browser client's module ``name`` (``pubsub.js`` is served as
+        ``/client.js``)."""
+
+        async def client_module(req: Request) -> Response:
+            body = self._client.get(name)
+            if body is None:
+                raise HttpError("not_found", "the browser client is not installed")
+            # Pages on other origins import it as a module, which needs CORS.
+            return Response(
+                200,
+                body,
+                CONTENT_TYPES[".js"],
+                [("access-control-allow-origin", "*"), ("cache-control", "no-cache")],
+            )
+
+        return client_module
 
     def page(self, name: str) -> Handler:
         async def page(req: Request) -> Response:

@@ -77,7 +77,8 @@ async function refreshPresence(topic) {
 function connect() {
   if (demo.client) demo.client.close();
   const token = $("token").value.trim();
-  const client = new PubSubClient($("ws-url").value.trim(), { token: token || null });
+  const shared = $("shared").checked;
+  const client = new PubSubClient($("ws-url").value.trim(), { token: token || null, shared });
   demo.client = client;
   client.on("state", ({ state }) => {
     if (client !== demo.client) return;
@@ -85,7 +86,8 @@ function connect() {
     setState(state);
   });
   client.on("welcome", (w) => {
-    $("whoami").textContent = `client ${w.client} · node ${w.node} · worker ${w.worker}`;
+    const sharing = client.sharing ? ` · shared (${client.sharing})` : "";
+    $("whoami").textContent = `client ${w.client} · node ${w.node} · worker ${w.worker}${sharing}`;
     note(`connected as ${w.client} (worker ${w.worker})`);
     for (const [topic] of presenceLists) refreshPresence(topic);
   });
@@ -196,6 +198,7 @@ async function main() {
   }
   $("ws-url").value = await defaultWsUrl();
   $("token").value = token || "";
+  $("shared").checked = params.get("shared") === "1";
   setState("disconnected");
   $("connect-form").addEventListener("submit", (e) => {
     e.preventDefault();

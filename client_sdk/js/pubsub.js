@@ -40,6 +40,10 @@
 // called before every connection and again shortly before the current token expires; the fresh
 // token is sent with the `auth` op, so the connection lives on.
 //
+// With `shared: true` the tabs of one origin and user share one WebSocket (held by a
+// SharedWorker or a leader tab; see client-shared.js, loaded only in that mode): this client
+// then runs unchanged over a virtual socket to it.
+//
 // Browsers answer the server's WebSocket pings by themselves but never show them to scripts, so
 // the client sends a `ping` op when the connection has been silent for `ping_interval` seconds
 // and drops the connection when no answer comes within `pongTimeoutMs`.
@@ -144,6 +148,10 @@ export class PubSubClient extends EventTarget {
    *   requestTimeoutMs (10000): how long a request waits for its reply, or for a connection.
    *   refreshMarginS (30): refresh a token this long before it expires (at most half its life).
    *   pongTimeoutMs (10000), WebSocket (globalThis.WebSocket).
+   *   shared (false): true to share one connection among all the tabs of this origin that use
+   *     the same URL and user (see "Sharing one connection between tabs" below); "worker" or
+   *     "leader" to ask for one mechanism. Where the browser can do neither, the client keeps
+   *     a connection of its own (`sharing` says which it got: "worker", "leader" or null).
    */
   constructor(url, options = {}) {
     super();
@@ -163,6 +171,7 @@ export class PubSubClient extends EventTarget {
       refreshMarginS: 30,
       pongTimeoutMs: 10000,
       WebSocket: globalThis.WebSocket,
+      shared: false,
       ...options,
     };
     this.state = "disconnected";
@@ -186,6 +195,8 @@ export class PubSubClient extends EventTarget {
     this._waiters = [];
     this._stableTimer = null;
     this._everConnected = false;
+    /** With `shared`: the mechanism in use ("worker", "leader"), or null (a socket of its own). */
+    this.sharing = null;
   }
 
   // -- public API ------------------------------------------------------------------------------
@@ -450,15 +461,19 @@ export class PubSubClient extends EventTarget {
         return;
       }
     }
+    // Shared mode: a virtual socket to the hub that holds the one connection (it gets the token
+    // in its URL, which never leaves the browser, and applies `tokenIn` upstream itself).
+    const SocketClass = this.options.shared ? await this._sharedSocketClass() : null;
+    if (this.state === "closed") return;
     let ws;
     try {
       let url = this.url;
-      if (token && this.options.tokenIn === "query") {
+      if (token && (this.options.tokenIn === "query" || SocketClass)) {
         const u = new URL(url);
         u.searchParams.set("token", token);
         url = u.toString();
       }
-      ws = new this.options.WebSocket(url, [SUBPROTOCOL]);
+      ws = new (SocketClass || this.options.WebSocket)(url, [SUBPROTOCOL]);
     } catch (err) {
       this._emit("error", { error: err });
       this._scheduleReconnect(null);
@@ -467,7 +482,7 @@ export class PubSubClient extends EventTarget {
     this._ws = ws;
     ws.onopen = () => {
       this._lastReceived = Date.now();
-      if (token && this.options.tokenIn === "frame") {
+      if (token && this.options.tokenIn === "frame" && !SocketClass) {
         ws.send(JSON.stringify({ op: "auth", token }));
       }
     };
@@ -804,6 +819,40 @@ export class PubSubClient extends EventTarget {
     sub.epoch = msg.epoch;
     sub.offset = msg.offset;
     this._call(sub.onMessage, msg, sub);
+  }
+
+  // -- sharing one connection between tabs ---------------------------------------------------
+  //
+  // With `shared`, the client runs unchanged over a virtual socket: client-shared.js (served
+  // next to this module, loaded only in this mode) multiplexes the virtual sockets of every
+  // tab onto one WebSocket held by a SharedWorker or by a leader tab. Subscriptions, callbacks,
+  // positions and reconnects stay per tab; when the holder goes away the virtual socket closes
+  // and this client resubscribes with `since` like after any drop.
+
+  async _sharedSocketClass() {
+    if (this._sharedSocket === undefined) {
+      this._sharedSocket = null;
+      this.sharing = null;
+      try {
+        const shared = await import(new URL("./client-shared.js", import.meta.url));
+        const workerUrl = new URL("./client-worker.js", import.meta.url).href;
+        const mechanism = shared.sharingMechanism(workerUrl, this.options.shared);
+        if (mechanism) {
+          this.sharing = mechanism;
+          this._sharedSocket = shared.sharedSocket({
+            workerUrl,
+            mechanism,
+            tokenIn: this.options.tokenIn,
+            onChannel: (used) => {
+              this.sharing = used;
+            },
+          });
+        }
+      } catch (err) {
+        this._emit("error", { error: err });
+      }
+    }
+    return this._sharedSocket;
   }
 
   // -- keeping the connection alive and authenticated -----------------------------------------

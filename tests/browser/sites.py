@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,3 +67,16 @@ def start_web_broker(
         assert b.http_port, "the broker did not report an http_port"
         allow_origins(b, b.http_url)
         yield b
+
+
+def wait_js(page: Any, expr: str, timeout: float = 15) -> Any:
+    """Poll ``expr`` until it is truthy. (Not wait_for_function: the pages' Content Security
+    Policy forbids the eval it relies on.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(f"() => ({expr})")
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout}s: {expr}")
+        time.sleep(0.05)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.sites import start_web_broker, static_site
+from tests.browser.sites import start_web_broker, static_site, wait_js
 from tests.http.brokerkit import next_op, request, ws_client
 from tests.support.broker import BrokerProcess
 
@@ -118,19 +118,6 @@ async ([url, token, opts]) => {
   return { offset: window.sub.offset, epoch: window.sub.epoch };
 }
 """
-
-
-def wait_js(page: Any, expr: str, timeout: float = 15) -> Any:
-    """Poll ``expr`` until it is truthy. (Not wait_for_function: the pages' Content Security
-    Policy forbids the eval it relies on.)"""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = page.evaluate(f"() => ({expr})")
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout}s: {expr}")
-        time.sleep(0.05)
 
 
 def test_client_recovers_exactly_after_a_dropped_connection(

@@ -259,6 +259,17 @@ async def test_client_js_pages_and_assets(listener: Listener) -> None:
     assert reply.headers["content-type"] == "text/javascript; charset=utf-8"
     assert reply.headers["access-control-allow-origin"] == "*"
     assert b"export class PubSubClient" in reply.body
+    # what it loads to share one connection between tabs, importable from any origin too
+    for path, marker in [
+        ("/client-shared.js", b"export function sharedSocket"),
+        ("/client-hub.js", b"export class Hub"),
+        ("/client-worker.js", b"serveSharedWorker(self)"),
+    ]:
+        reply = await listener.request("GET", path, key=None)
+        assert reply.status == 200, path
+        assert reply.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert reply.headers["access-control-allow-origin"] == "*"
+        assert marker in reply.body
 
     for path, marker in [("/demo/", b"demo.js"), ("/status/", b"status.js")]:
         reply = await listener.request("GET", path, key=None)
