@@ -153,6 +153,21 @@ class _Topic:
     gap: tuple[int, int] | None = None
 
 
+def _held_up_to_gap(
+    publications: list[Publication],
+    since: StreamPosition,
+    position: StreamPosition,
+    gap: tuple[int, int],
+    newest: bool,
+) -> bool:
+    """Whether a read of the oldest after ``since`` finds the offsets after it held without a
+    hole up to the crash ``gap`` (so it can return them, and stop at the gap)."""
+    if newest or since.epoch != position.epoch or since.offset >= gap[0] - 1:
+        return False
+    after = [p.offset for p in publications if since.offset < p.offset < gap[0]]
+    return bool(after) and after[0] == since.offset + 1
+
+
 def select_history(
     publications: list[Publication],
     position: StreamPosition,
@@ -166,15 +181,17 @@ def select_history(
     still held for a topic (oldest first, contiguous offsets but for ``gap``, the offsets a
     crash lost between them): at most ``limit`` of those after ``since``, the oldest ones, or
     the newest ones when ``newest``. Shared by every bus."""
-    if (
-        gap is not None
-        and since is not None
-        and (since.epoch != position.epoch or since.offset < gap[1])
-    ):
-        # Recovery never crosses the gap: a client from before its end resumes after it, told
-        # that everything from its position to the gap's end is gone (as after an eviction;
-        # clients take ``missed`` to end where the replay begins).
-        publications = [p for p in publications if p.offset > gap[1]]
+    if gap is not None and since is not None:
+        if _held_up_to_gap(publications, since, position, gap, newest):
+            # A read from before the gap, with what follows ``since`` held up to it, stops at
+            # the gap: nothing it returns is lost. The next read, from the gap's start, is told
+            # exactly what the crash lost (below).
+            publications = [p for p in publications if p.offset < gap[0]]
+        elif since.epoch != position.epoch or since.offset < gap[1]:
+            # Recovery never crosses the gap: a client from before its end resumes after it,
+            # told that everything from its position to the gap's end is gone (as after an
+            # eviction; clients take ``missed`` to end where the replay begins).
+            publications = [p for p in publications if p.offset > gap[1]]
     first = publications[0].offset if publications else position.offset + 1
     recovered, missed = recovery(position, first, since, limit if newest else None)
     selected = publications

@@ -136,7 +136,6 @@ class HistoryPager:
 
     def _take(self, pubs: tuple[Publication, ...]) -> tuple[Publication, ...]:
         assert self.position is not None
-        asked = self._ask()
         end = self.position.offset
         page = tuple(pub for pub in pubs if pub.offset <= end)
         if self.limit is not None:
@@ -145,13 +144,9 @@ class HistoryPager:
             self._cursor = page[-1].offset
             size = sum(len(pub.data) for pub in page) // len(page) + 1
             self._asked = max(1, min(MAX_PAGE, PAGE_BYTES // size))
-        self._done = (
-            len(pubs) < asked
-            or len(page) < len(pubs)
-            or self._cursor >= end
-            or self.limit == 0
-            or not page
-        )
+        # Fewer than asked is not the end by itself: a read may stop short of the position
+        # (at a crash's gap in history on disk); the next read says what follows.
+        self._done = len(page) < len(pubs) or self._cursor >= end or self.limit == 0 or not page
         return page
 
 

@@ -286,6 +286,20 @@ def _contiguous_tail(entries: list[Entry]) -> list[Entry]:
     return entries[max(start, 0) :]
 
 
+def _across_gap(
+    entries: list[Entry], tail: list[Entry], gap: tuple[int, int] | None
+) -> tuple[list[Entry], tuple[int, int] | None]:
+    """``tail`` (the newest run of ``entries``) and, when a crash's ``gap`` recorded earlier
+    lies right before it, the run that ends right before the gap too, with that gap: what
+    preceded a crash stays recoverable across restarts until it is evicted."""
+    if gap is None or not tail or tail[0][0] != gap[1] + 1:
+        return tail, None
+    before = _contiguous_tail([e for e in entries if e[0] < gap[0]])
+    if not before or before[-1][0] != gap[0] - 1:
+        return tail, None
+    return before + tail, gap
+
+
 def make_journal(config: StoreConfig | None) -> DiskJournal | None:
     """The journal of ``[store]``, or None when history stays in memory (no ``path``)."""
     return DiskJournal(config) if config is not None and config.path else None
@@ -404,13 +418,17 @@ class DiskJournal:
         for row in rows:
             mine = chunks.get(row.topic, [])
             self._chunks[row.topic] = deque((cid, last) for cid, last, _ in mine)
-            held = _contiguous_tail([e for _, _, es in mine for e in es])
-            # What is held is now one run of offsets: a gap recorded before it is behind it.
+            entries = [e for _, _, es in mine for e in es]
+            held = _contiguous_tail(entries)
             offset, gap = row.offset, None
             saved = held[-1][0] if held else row.offset
             if not clean and row.reserved > saved:
                 # Offsets up to the reservation may have been used and lost: resume past it.
+                # What is held is then one run of offsets (a gap recorded before it is behind
+                # it: the store keeps one gap a topic).
                 offset, gap = row.reserved, (saved + 1, row.reserved) if held else None
+            else:
+                held, gap = _across_gap(entries, held, row.gap)
             self._written[row.topic] = saved
             self._rows[row.topic] = (row.epoch, offset, gap)
             local = [(at + to_local, o, s, d) for o, at, s, d in held]

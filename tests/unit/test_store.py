@@ -94,12 +94,15 @@ async def test_a_crash_loses_at_most_the_unflushed_and_names_it(tmp_path: Path) 
     s2, j2 = open_store(path)
     pos = s2.position("t")
     assert pos.epoch == epoch and pos.offset >= 7  # resumes past every offset it may have used
-    # A client that saw 7 is told exactly what is gone, up to where the topic resumes;
-    # recovery never crosses the hole, so one that saw 1 is told the same from 2.
+    # A client that saw 7 is told exactly what is gone, up to where the topic resumes.
     late = s2.history("t", StreamPosition(7, epoch), None)
     assert not late.recovered and late.missed == (8, pos.offset) and offsets(late) == []
+    # One that saw 1 gets what is still held up to the hole, and nothing past it; reading on
+    # from there, it is told exactly what the crash lost. A read never crosses the hole.
     early = s2.history("t", StreamPosition(1, epoch), None)
-    assert not early.recovered and early.missed == (2, pos.offset) and offsets(early) == []
+    assert early.recovered and early.missed is None and offsets(early) == [2, 3]
+    at_hole = s2.history("t", StreamPosition(3, epoch), None)
+    assert not at_hole.recovered and at_hole.missed == (4, pos.offset) and offsets(at_hole) == []
     assert offsets(s2.history("t", None, None)) == [1, 2, 3]  # still held, for reading
     nxt = s2.publish("t", "3", None)
     assert nxt.offset == pos.offset + 1  # no offset used twice
@@ -112,7 +115,8 @@ async def test_a_crash_loses_at_most_the_unflushed_and_names_it(tmp_path: Path) 
 
     # The gap survives a graceful restart until what precedes it is gone.
     s3, j3 = open_store(path, size=100)
-    assert s3.history("t", StreamPosition(1, epoch), None).missed == (2, pos.offset)
+    assert offsets(s3.history("t", StreamPosition(1, epoch), None)) == [2, 3]
+    assert s3.history("t", StreamPosition(3, epoch), None).missed == (4, pos.offset)
     j3.close(s3)
     s4, j4 = open_store(path, size=1)  # only the newest is kept: the hole is behind it
     assert s4.history("t", StreamPosition(pos.offset, epoch), None).recovered
