@@ -10,7 +10,8 @@ authentication deadline and the token's expiry) are kept by the worker's one
 pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;
 nothing in a session waits for the client to read, except a replay (a ``since`` or a
 ``history`` reply larger than the queue may hold), which :mod:`broker.replay` paces by what
-the client reads.
+the client reads. A session reaches its worker only through
+:class:`~broker.sessionhost.SessionHost` (the worker imports this module, never the reverse).
 
 No connection holds the worker: the reader serves its client in turns (``TURN_MESSAGES``
 requests, or ``TURN_BYTES`` of replies queued) and yields between them, and waits for a turn's
@@ -35,7 +36,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import trio
@@ -55,12 +56,10 @@ from broker.replay import (
     stitch,
 )
 from broker.router import Subscription
+from broker.sessionhost import SessionHost
 from broker.timers import Timer
 from broker.topics import is_wildcard, validate_pattern, validate_topic
 from broker.wsserver import ServerWebSocket
-
-if TYPE_CHECKING:
-    from broker.worker import Worker
 
 __all__ = ["Session"]
 
@@ -106,7 +105,7 @@ class Session:
 
     def __init__(
         self,
-        worker: Worker,
+        worker: SessionHost[Session],
         conn_id: int,
         ws: ServerWebSocket,
         identity: Identity | None,

@@ -60,7 +60,7 @@ async def redis_worker(
         async with running(worker) as nursery:
             assert bus._exact_ps is not None
             probe.wrap(
-                bus._exact_ps, "subscribe", None, "after_subscribe", about=bus._channel(TOPIC)
+                bus._exact_ps, "subscribe", None, "after_subscribe", about=bus._names.channel(TOPIC)
             )
             yield worker, probe, nursery
 
