@@ -308,6 +308,12 @@ class Connection:
             try:
                 await ws.send(pending.text)
             except TransportClosed:
+                # A closed transport refuses at once, without yielding. Were the connection
+                # still offered, a caller retrying after ConnectionLost (a publish loop) would
+                # get it back at once and spin, never letting the reader see the close: the
+                # next requests wait for the next connection instead.
+                if self._ws is ws:
+                    self._ws = None
                 raise ConnectionLost(f"connection lost before {frame['op']} was sent") from None
             await done.wait()
         finally:
