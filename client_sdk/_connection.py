@@ -166,7 +166,8 @@ class Transport(Protocol):
     """One open WebSocket, as a driver gives it to :class:`Connection`."""
 
     async def send(self, text: str) -> None:
-        """Send one text frame; raises TransportClosed."""
+        """Send one text frame; raises TransportClosed (once closed, it may do so at once,
+        without yielding: see :meth:`Connection._exchange`)."""
 
     async def receive(self) -> str | bytes:
         """The next message; raises TransportClosed once the connection is closed."""
