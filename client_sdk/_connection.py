@@ -1,32 +1,31 @@
-"""The client's connection logic, one for trio and asyncio: :class:`Client`.
+"""The connection loop shared by the trio and asyncio clients: :class:`Connection`.
 
-:class:`Client` is written against anyio, so the same code (and the same guarantees) runs on
-trio and on asyncio; only the WebSocket differs, and a driver gives it (an :data:`Opener`):
-``client.py`` with trio-websocket, ``aio.py`` with ``websockets``. What frames mean (recovery,
-gaps, topic matching, the backoff schedule, JSON) is decided by the sans-I/O core in
-``_protocol.py``; this module moves frames and owns time. Subscriptions are in
-``_subscription.py``, their callbacks in ``_callbacks.py``.
+It is written against anyio, so the same code (and the same guarantees) runs on trio and on
+asyncio; only the WebSocket differs, and a driver gives it (an :data:`Opener`): ``client.py``
+with trio-websocket, ``aio.py`` with ``websockets``. What frames mean (recovery, gaps, the
+backoff schedule, JSON) is decided by the sans-I/O core in ``_protocol.py``; this module moves
+frames and owns time. The application's API (requests, subscriptions and the routing of
+pushes to them) is :class:`~client_sdk._api.Client`, built on :class:`Connection`; this module
+knows nothing of it but the four hooks at the end of the class.
 
-Theory of operation: a driver's ``connect()`` (through :func:`run_client`) opens a task group
-holding one background task, the
-*connection loop*. Each turn of the loop opens a WebSocket, waits for the broker's ``welcome``,
-re-subscribes every live :class:`Subscription` (exact topics with ``since`` = the last position
-delivered), then serves the connection with three tasks: the reader (replies to waiting requests,
-publications to subscriptions), the token refresher and the keepalive. When the connection ends
-the close code decides what happens next: 4001 and 1008 stop the client (fatal), 4003 reconnects
-at once with a fresh token, everything else reconnects after an exponential backoff with full
-jitter (or after the delay a 1001 close asks for, plus jitter).
+Theory of operation: a driver's ``connect()`` (through :func:`~client_sdk._api.run_client`)
+opens a task group holding one background task, the *connection loop* (:meth:`Connection._run`).
+Each turn of the loop fetches a token, opens a WebSocket, waits for the broker's ``welcome``,
+re-subscribes every live subscription (``_resubscribe``), then serves the connection with three
+tasks: the reader (replies to waiting requests, pushes to ``_on_push``), the token refresher
+(the ``auth`` op before the token expires) and the keepalive. When the connection ends the close
+code decides what happens next: 4001 and 1008 stop the client (fatal), 4003 reconnects at once
+with a fresh token, everything else reconnects after an exponential backoff with full jitter (or
+after the delay a 1001 close asks for, plus jitter).
 
-Requests (publish, history, ...) wait for a connection, send a frame with a fresh ``id`` and wait
-for the reply with that ``id``; all of it within one timeout. A request in flight when its
-connection drops fails with :class:`~client_sdk.errors.ConnectionLost`: it is never re-sent,
-because a publication re-sent after a lost acknowledgement could be published twice.
+A request (:meth:`Connection._exchange`) sends a frame with a fresh ``id`` and waits for the
+reply with that ``id``. A request in flight when its connection drops fails with
+:class:`~client_sdk.errors.ConnectionLost`: it is never re-sent, because a publication re-sent
+after a lost acknowledgement could be published twice.
 
 Everything the reader does for one frame is synchronous, so the order of frames on the wire is
 the order in which subscriptions see them: a subscribe reply (and the gap it reports) is
-digested before the replayed publications that follow it. A subscription made with callbacks
-(``on_message=...``) is served by its own task in the client's task group, which calls them in
-that same order; a slow callback delays only its own subscription (up to ``max_buffer``).
+digested before the replayed publications that follow it.
 
 The SDK logs to the ``client_sdk`` logger (which has a NullHandler: silent unless the
 application configures logging), and only what the application is not told otherwise: errors
@@ -36,21 +35,17 @@ and gaps it receives are not logged above INFO.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import math
 import ssl
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import Any, NoReturn, Protocol, TypedDict, Unpack
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypedDict, Unpack
 
 import anyio
 import anyio.abc
 import attrs
 
-from client_sdk._callbacks import Callback, Callbacks
 from client_sdk._protocol import (
     DEFAULT_CODEC,
     Codec,
@@ -60,56 +55,35 @@ from client_sdk._protocol import (
     Reply,
     Requests,
     Skipped,
-    Tracker,
     backoff,
     decode,
-    encode,
-    history_frame,
-    is_pattern,
     opt_number,
-    parse_message,
-    parse_missed,
     parse_url,
+    reconnect_delay,
     reconnect_hint,
-    since_field,
-    topic_matches,
+    refresh_delay,
+    rejection,
 )
-from client_sdk._subscription import Subscription
 from client_sdk.errors import (
     AuthenticationFailed,
-    BadRequest,
     ClientClosed,
     ConnectFailed,
     ConnectionLost,
     PermissionRevoked,
     PubSubError,
-    RateLimited,
-    RequestTimeout,
     TokenError,
     TooLarge,
-    Unavailable,
-    error_from_reply,
 )
-from client_sdk.models import (
-    ConnectionState,
-    Gap,
-    History,
-    Message,
-    Position,
-    PresenceEvent,
-    Welcome,
-)
+from client_sdk.models import ConnectionState, Message, PresenceEvent, Welcome
 
 __all__ = [
-    "Client",
     "ConnectOptions",
+    "Connection",
     "Opener",
     "TokenSource",
     "Transport",
     "TransportClosed",
-    "run_client",
 ]
-
 log = logging.getLogger("client_sdk")
 # A library stays silent unless the application configures logging (Python's logging HOWTO,
 # "Configuring Logging for a Library"): without this, Python's last-resort handler would print
@@ -168,10 +142,6 @@ _STABLE_AFTER = 5.0
 _FATAL_CLOSES = {4001: AuthenticationFailed, 1008: PermissionRevoked}
 # HTTP rejections of the upgrade worth retrying (the broker is full or shutting down).
 _RETRY_STATUSES = {500, 502, 503, 504}
-# Refusals of a re-subscription that mean "not now" (the broker's read budget for `since`
-# replays is spent, or its bus is down): asked again after a backoff, on the same connection,
-# instead of ending a subscription the application holds.
-_RETRY_LATER = (RateLimited, Unavailable)
 
 
 class _Retry(Exception):
@@ -193,10 +163,11 @@ class TransportClosed(Exception):
 
 
 class Transport(Protocol):
-    """One open WebSocket, as a driver gives it to :class:`Client`."""
+    """One open WebSocket, as a driver gives it to :class:`Connection`."""
 
     async def send(self, text: str) -> None:
-        """Send one text frame; raises TransportClosed."""
+        """Send one text frame; raises TransportClosed (once closed, it may do so at once,
+        without yielding: see :meth:`Connection._exchange`)."""
 
     async def receive(self) -> str | bytes:
         """The next message; raises TransportClosed once the connection is closed."""
@@ -205,48 +176,16 @@ class Transport(Protocol):
         """Close (and wait briefly for the peer's answer); raises nothing."""
 
 
-Opener = Callable[["Client", list[tuple[str, str]]], AbstractAsyncContextManager[Transport]]
+Opener = Callable[["Connection", list[tuple[str, str]]], AbstractAsyncContextManager[Transport]]
 """How a driver opens one connection for a client (given the handshake's extra headers): an
 async context manager yielding the :class:`Transport` and closing it on exit. It raises
-``_Retry`` for failures worth retrying and a PubSubError (see :meth:`Client._rejected`) for
+``_Retry`` for failures worth retrying and a PubSubError (see :meth:`Connection._rejected`) for
 fatal ones."""
 
 
-def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Re-raise the only exception of a nursery's group without the group around it, so the
-    application's own exceptions come out of ``async with connect(...)`` as they went in."""
-    if len(group.exceptions) == 1:
-        exc = group.exceptions[0]
-        if isinstance(exc, BaseExceptionGroup):
-            _raise_single(exc)
-        context = exc.__context__
-        try:
-            raise exc
-        finally:
-            exc.__context__ = context
-            del exc, context
-    raise group
-
-
-@asynccontextmanager
-async def run_client(client: Client) -> AsyncGenerator[Client, None]:
-    """Run ``client`` in a task group of the current event loop (trio or asyncio) while the
-    context is entered; see :func:`connect`."""
-    try:
-        async with anyio.create_task_group() as tasks:
-            client._tasks = tasks
-            await tasks.start(client._run)
-            try:
-                yield client
-            finally:
-                await client.aclose()
-                tasks.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        _raise_single(group)
-
-
-class Client:
-    """A connection to the broker that survives reconnects. Made by :func:`connect`.
+class Connection:
+    """The connection loop of a client: one connection to the broker at a time, reopened when
+    it is lost. :class:`~client_sdk._api.Client` builds the application's API on it.
 
     All methods must be called from the event loop (trio run or asyncio loop) that entered
     ``connect()``. ``opener`` is the driver's way of opening a WebSocket (see :data:`Opener`).
@@ -298,186 +237,7 @@ class Client:
         self._close_info: tuple[int, str | None] | None = None
         self._last_rx = 0.0
         self._requests = Requests()
-        self._subs: dict[str, Subscription] = {}
-        self._leaving: dict[str, Subscription] = {}  # given up, their subscribe still in flight
         self._stats_reconnects = 0
-
-    # ----------------------------------------------------------------- public API
-
-    @property
-    def state(self) -> ConnectionState:
-        """The current :class:`ConnectionState`."""
-        return self._state
-
-    @property
-    def welcome(self) -> Welcome | None:
-        """What the broker said about the current (or last) connection; ``expires_at`` follows
-        token refreshes."""
-        return self._welcome
-
-    @property
-    def client_id(self) -> str | None:
-        """This client's identity (the token's ``sub``), once connected."""
-        return self._welcome.client if self._welcome else None
-
-    @property
-    def reconnects(self) -> int:
-        """How many times this client has reconnected (successfully) since it was created."""
-        return self._stats_reconnects
-
-    async def states(self) -> AsyncIterator[ConnectionState]:
-        """Yield the current state, then every change, until (and including) ``CLOSED``.
-
-        Intermediate states are kept (up to 100 unread), so an application can show each
-        reconnect. Raises nothing; cancel or ``break`` to stop watching.
-        """
-        queue: deque[ConnectionState] = deque([self._state], maxlen=100)
-        wakeup = anyio.Event()
-
-        def watcher(state: ConnectionState) -> None:
-            queue.append(state)
-            wakeup.set()
-
-        self._state_watchers.append(watcher)
-        try:
-            while True:
-                while queue:
-                    state = queue.popleft()
-                    yield state
-                    if state is ConnectionState.CLOSED:
-                        return
-                wakeup = anyio.Event()
-                await wakeup.wait()
-        finally:
-            self._state_watchers.remove(watcher)
-
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Wait until the client is connected (every subscription re-established).
-
-        Raises ``RequestTimeout`` after ``timeout`` seconds, ``ClientClosed`` or the fatal error
-        if the client is closed.
-        """
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            await self._wait_connected()
-            return
-        raise RequestTimeout(f"not connected within {timeout}s")
-
-    # Per-call timeouts (ASYNC109) are part of this API on purpose: callers that are not trio
-    # experts (and the blocking client) need them, as in nats-py and paho-mqtt.
-    async def publish(
-        self,
-        topic: str,
-        data: Any,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> int:
-        """Publish ``data`` (any JSON value) on exact ``topic``; return its offset.
-
-        Waits for a connection and for the broker's acknowledgement, all within ``timeout``
-        (default: the client's ``request_timeout``). Never re-sent by the SDK.
-
-        Raises ``TypeError``/``ValueError`` if ``data`` is not JSON-serializable; a
-        ``ServerError`` subclass (``Forbidden``, ``BadTopic``, ``TooLarge``, ``RateLimited``,
-        ``Unavailable``, ...) if the broker refuses; ``RequestTimeout`` or ``ConnectionLost``
-        when the outcome is unknown; ``ClientClosed`` or the fatal error once closed.
-        """
-        fields = await self._request({"op": "publish", "topic": topic, "data": data}, timeout)
-        return _field_int(fields, "offset")
-
-    async def history(
-        self,
-        topic: str,
-        *,
-        since: Position | None = None,
-        limit: int | None = None,
-        last: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> History:
-        """Fetch the publications the broker still holds for exact ``topic``, oldest first.
-
-        ``since``: only those after this position (``epoch=None``: the current epoch); ``limit``:
-        at most this many, counted from the oldest (the broker allows 1..1000, default 100), so
-        pages are read forward with ``since`` = the last message's position. ``last``: instead
-        of ``limit``, the newest this many (1..1000); with ``since``, ``recovered`` and
-        ``missed`` then concern only those newest ones.
-
-        Raises ValueError when both ``limit`` and ``last`` are given;
-        ``Forbidden``/``BadTopic``/``BadRequest`` (a ``ServerError``), ``RequestTimeout``,
-        ``ConnectionLost``, ``ClientClosed``.
-        """
-        history_frame(topic, None, limit, last)  # refuse limit with last before any request
-        with self._deadline(timeout):
-            since = await self._resolve_since(topic, since)
-            frame = history_frame(topic, since, limit, last)
-            fields = await self._request(frame, math.inf)  # bounded by the deadline above
-            raw = fields.get("messages")
-            try:
-                if not isinstance(raw, list):
-                    raise ProtocolViolation("'messages' is not a list")
-                messages = tuple(parse_message(m) for m in raw if isinstance(m, dict))
-                recovered = fields.get("recovered")
-                return History(
-                    topic=topic,
-                    messages=messages,
-                    offset=_field_int(fields, "offset"),
-                    epoch=str(fields.get("epoch")),
-                    recovered=recovered if isinstance(recovered, bool) else None,
-                    missed=parse_missed(fields),
-                )
-            except ProtocolViolation as exc:
-                raise error_from_reply("internal", f"malformed history reply: {exc}") from None
-        raise RequestTimeout(f"no history for {topic} within the timeout")
-
-    async def presence(
-        self,
-        topic: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> tuple[str, ...]:
-        """Return the client ids subscribed to exact ``topic`` (sorted), across the cluster.
-
-        Raises ``Forbidden``/``BadTopic`` (a ``ServerError``), ``RequestTimeout``,
-        ``ConnectionLost``, ``ClientClosed``.
-        """
-        fields = await self._request({"op": "presence", "topic": topic}, timeout)
-        clients = fields.get("clients")
-        if not isinstance(clients, list):
-            raise error_from_reply("internal", "malformed presence reply")
-        return tuple(str(c) for c in clients)
-
-    def subscribe(
-        self,
-        topic: str,
-        *,
-        since: Position | None = None,
-        presence: bool = False,
-        strict: bool = False,
-        timeout: float | None = None,
-        on_message: Callback[Message] | None = None,
-        on_gap: Callback[Gap] | None = None,
-        on_presence: Callback[PresenceEvent] | None = None,
-        on_error: Callback[Exception] | None = None,
-    ) -> Subscription:
-        """Subscribe to ``topic`` (an exact topic or a pattern with ``*``/``>``).
-
-        Use as ``async with client.subscribe(topic) as sub: async for event in sub: ...``
-        (not ``await``: that raises TypeError). The subscription yields :class:`Message` items
-        in offset order, :class:`PresenceEvent` items when ``presence=True`` (exact topics
-        only), and a :class:`Gap` wherever publications were lost; with ``strict=True`` a gap
-        raises ``GapError`` instead. ``since``: resume after a position persisted earlier
-        (exact topics only).
-
-        With callbacks (``on_message``, ``on_gap``, ``on_presence``: plain or async functions
-        taking the event; ``on_error``: the error that ended the subscription, or an exception a
-        callback raised) the events go to them, in order, while the ``async with`` block is
-        open, instead of to iteration (see ``_callbacks.py``).
-
-        Entering raises ``Forbidden``/``BadTopic``/``BadRequest``/``TooManySubscriptions``,
-        ``RequestTimeout`` (no confirmation within ``timeout``), ``ClientClosed``; subscribing
-        twice to the same topic or pattern on one client raises ``BadRequest``.
-        """
-        callbacks = Callbacks(on_message, on_gap, on_presence, on_error)
-        return Subscription(self, topic, since, presence, strict, timeout, callbacks)
 
     async def aclose(self) -> None:
         """Close the client: the connection (1000), its subscriptions and waiting calls
@@ -514,8 +274,7 @@ class Client:
     def _stop(self, error: PubSubError) -> None:
         """End everything: state CLOSED, pending requests and subscriptions see ``error``."""
         self._requests.fail_all(error)
-        for sub in list(self._subs.values()):
-            sub._finish(None if isinstance(error, ClientClosed) and not self._fatal else error)
+        self._end_subscriptions(error)
         self._set_state(ConnectionState.CLOSED)
 
     def _fail(self, error: PubSubError) -> None:
@@ -537,9 +296,6 @@ class Client:
 
     # ----------------------------------------------------------------- requests
 
-    def _deadline(self, timeout: float | None) -> anyio.CancelScope:
-        return anyio.move_on_after(self._request_timeout if timeout is None else timeout)
-
     async def _exchange(
         self, ws: Transport, frame: dict[str, Any], hook: Callable[[Reply], None] | None
     ) -> Reply:
@@ -553,6 +309,12 @@ class Client:
             try:
                 await ws.send(pending.text)
             except TransportClosed:
+                # A closed transport refuses at once, without yielding. Were the connection
+                # still offered, a caller retrying after ConnectionLost (a publish loop) would
+                # get it back at once and spin, never letting the reader see the close: the
+                # next requests wait for the next connection instead.
+                if self._ws is ws:
+                    self._ws = None
                 raise ConnectionLost(f"connection lost before {frame['op']} was sent") from None
             await done.wait()
         finally:
@@ -562,182 +324,25 @@ class Client:
         assert pending.reply is not None
         return pending.reply
 
-    async def _request(
-        self,
-        frame: dict[str, Any],
-        timeout: float | None,  # noqa: ASYNC109
-    ) -> dict[str, Any]:
-        encode(frame, self._codec)  # a TypeError for data that is not JSON belongs to the caller
-        with self._deadline(timeout):
-            ws = await self._wait_connected()
-            reply = await self._exchange(ws, frame, None)
-            if not reply.ok:
-                raise error_from_reply(reply.error_code or "internal", reply.error_message or "")
-            return reply.fields
-        raise RequestTimeout(f"no reply to {frame['op']} within the timeout")
+    # ----------------------------------------------------------------- for the API above
 
-    async def _resolve_since(self, topic: str, since: Position | None) -> Position | None:
-        """A ``since`` without an epoch means "the topic's current epoch": ask for it (the
-        caller's deadline bounds the request)."""
-        if since is None or since.epoch is not None:
-            return since
-        fields = await self._request({"op": "history", "topic": topic, "limit": 1}, math.inf)
-        return Position(since.offset, str(fields.get("epoch")))
+    def _on_push(self, push: Message | Skipped | PresenceEvent) -> None:
+        """Route a push of the current connection to the subscriptions it concerns; called by
+        the reader, in frame order, so it must not block."""
+        raise NotImplementedError
 
-    # ----------------------------------------------------------------- subscriptions
+    async def _resubscribe(self, ws: Transport, gen: int) -> None:
+        """Re-establish every subscription on the new connection ``gen`` and return once each
+        is answered (the loop bounds it with ``request_timeout``)."""
+        raise NotImplementedError
 
-    async def _open(self, sub: Subscription) -> None:
-        """Register ``sub`` and wait until the broker confirmed it (see ``subscribe``)."""
-        if sub.topic in self._subs:
-            raise BadRequest(f"already subscribed to {sub.topic!r} on this client")
-        if sub._since is not None and is_pattern(sub.topic):
-            raise BadRequest(f"'since' needs an exact topic, not the pattern {sub.topic!r}")
-        with self._deadline(sub._timeout):
-            leaving = self._leaving.get(sub.topic)
-            if leaving is not None:
-                await leaving._idle.wait()
-            sub._tracker = Tracker(sub.topic, await self._resolve_since(sub.topic, sub._since))
-            if sub.topic in self._subs:
-                raise BadRequest(f"already subscribed to {sub.topic!r} on this client")
-            self._subs[sub.topic] = sub
-            try:
-                await self._wait_connected()
-                if sub._sent_gen != self._gen and self._conn_nursery is not None:
-                    assert self._ws is not None
-                    self._start_subscribe(self._conn_nursery, self._ws, sub, self._gen)
-                await sub._settled.wait()
-            finally:
-                if not sub._confirmed:
-                    # Closed, so that a confirmation still on its way is undone (see
-                    # _subscribe_once) rather than leaving the broker holding it.
-                    self._forget(sub)
-                    sub._finish(None)
-            if sub._error is not None:
-                raise sub._error
-            if not sub._confirmed:
-                await self._wait_connected()  # raises the fatal error, or ClientClosed
-                raise ClientClosed("the client is closed")
-            return
-        raise RequestTimeout(f"subscription to {sub.topic} not confirmed within the timeout")
+    def _subscribe_late(self, nursery: anyio.abc.TaskGroup, ws: Transport, gen: int) -> None:
+        """Subscribe, in ``nursery``, those registered while the others were re-established."""
+        raise NotImplementedError
 
-    def _forget(self, sub: Subscription) -> None:
-        if self._subs.get(sub.topic) is sub:
-            del self._subs[sub.topic]
-        if sub._inflight:
-            # A subscribe of it is still on the wire: a new subscription to the same topic
-            # waits until that one is answered (and undone), see _open.
-            self._leaving[sub.topic] = sub
-
-    async def _subscribe_task(self, ws: Transport, sub: Subscription, gen: int) -> None:
-        """(Re)subscribe ``sub`` on connection ``gen``, keeping count of those on the wire."""
-        try:
-            if not sub._closed:  # else given up (timed out) before this task ran
-                await self._subscribe_once(ws, sub, gen)
-        except ConnectionLost:
-            pass  # the next connection subscribes again (unless closed by then)
-        finally:
-            sub._inflight -= 1
-            if not sub._inflight:
-                sub._idle.set()
-                if self._leaving.get(sub.topic) is sub:
-                    del self._leaving[sub.topic]
-
-    async def _subscribe_once(self, ws: Transport, sub: Subscription, gen: int) -> None:
-        """The reply is digested by the hook, in the reader, before any publication that
-        follows it. Raises ConnectionLost."""
-        assert sub._tracker is not None
-        tracker = sub._tracker
-        sent = tracker.since()
-        frame: dict[str, Any] = {"op": "subscribe", "topic": sub.topic}
-        if sent is not None:
-            frame["since"] = since_field(sent)
-        if sub.presence:
-            frame["presence"] = True
-
-        def hook(reply: Reply) -> None:
-            if sub._closed:
-                return  # undone below
-            if not reply.ok:
-                error = error_from_reply(reply.error_code or "internal", reply.error_message or "")
-                if sub._confirmed and isinstance(error, _RETRY_LATER):
-                    log.info("resubscribing to %s refused (%s); retrying", sub.topic, error)
-                    self._resubscribe_later(ws, sub, gen)
-                    return
-                self._forget(sub)
-                sub._finish(error)
-                return
-            sub._retries = 0
-            try:
-                events = tracker.subscribed(reply.fields, sent)
-            except ProtocolViolation as exc:
-                log.warning("malformed subscribe reply for %s: %s", sub.topic, exc)
-                events = []
-            sub._active_gen = gen
-            sub._confirmed = True
-            for event in events:
-                log.debug("gap on %s: %s", sub.topic, event)  # the application receives it
-                sub._push(event)
-            sub._settled.set()
-
-        reply = await self._exchange(ws, frame, hook)
-        if sub._closed and reply.ok and sub._active_gen != gen:
-            # Given up or closed while this subscribe was in flight: the broker holds it
-            # anyway, and would refuse the next subscribe to the topic until it is undone.
-            undo = {"op": "unsubscribe", "topic": sub.topic}
-            with anyio.move_on_after(self._request_timeout):
-                await self._exchange(ws, undo, None)
-
-    def _resubscribe_later(self, ws: Transport, sub: Subscription, gen: int) -> None:
-        """Subscribe ``sub`` again on connection ``gen`` after a backoff (with the same
-        ``since``); if the connection ends first, the next one subscribes it anyway."""
-        nursery = self._conn_nursery
-        if nursery is None or gen != self._gen:
-            return
-        delay = self._backoff(sub._retries)
-        sub._retries += 1
-
-        async def later() -> None:
-            await anyio.sleep(delay)
-            if gen == self._gen and self._subs.get(sub.topic) is sub and not sub._closed:
-                self._start_subscribe(nursery, ws, sub, gen)
-
-        nursery.start_soon(later)
-
-    def _start_subscribe(
-        self, nursery: anyio.abc.TaskGroup, ws: Transport, sub: Subscription, gen: int
-    ) -> None:
-        if not sub._inflight:
-            sub._idle = anyio.Event()
-        sub._inflight += 1
-        # Marked now, not when the task runs: whoever looks next (the connection's sweep for
-        # late subscriptions, or _open) must not send a second subscribe, which the broker
-        # would refuse as a duplicate.
-        sub._sent_gen = gen
-        nursery.start_soon(self._subscribe_task, ws, sub, gen)
-
-    async def _unsubscribe(self, sub: Subscription) -> None:
-        self._forget(sub)
-        ws = self._ws
-        if ws is None or sub._active_gen != self._gen or self._closed:
-            return
-        # Shielded and short: leaving an ``async with`` under cancellation should still tell the
-        # broker, or a later subscribe to the same topic on this connection would be refused.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0), suppress(PubSubError):
-            await self._exchange(ws, {"op": "unsubscribe", "topic": sub.topic}, None)
-
-    def _route(self, msg: Message | Skipped) -> None:
-        for sub in list(self._subs.values()):
-            if sub._active_gen != self._gen or sub._tracker is None:
-                continue
-            if sub.topic == msg.topic or (
-                sub._tracker.wildcard and topic_matches(sub.topic, msg.topic)
-            ):
-                tracker = sub._tracker
-                events = tracker.message(msg) if isinstance(msg, Message) else tracker.skipped(msg)
-                for event in events:
-                    if isinstance(event, Gap):
-                        log.debug("gap on %s: %s", sub.topic, event.describe())
-                    sub._push(event)
+    def _end_subscriptions(self, error: PubSubError) -> None:
+        """The client stopped with ``error``: end every subscription."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- connection loop
 
@@ -781,13 +386,9 @@ class Client:
                         raise ConnectionLost(f"connection closed: {code}", code=code, reason=reason)
                     if anyio.current_time() - began >= _STABLE_AFTER:
                         attempt = 0
-                    hint = reconnect_hint(reason) if code == 1001 else None
-                    if code == 4003:
-                        delay = 0.0  # token expired: a fresh one is fetched for the next attempt
-                    elif hint is not None:
-                        delay = hint + self._backoff(attempt)
-                    else:
-                        delay = self._backoff(attempt)
+                    delay = reconnect_delay(
+                        code, reason, attempt, self._backoff_base, self._backoff_max
+                    )
                     attempt += 1
                     log.info(
                         "connection closed (%s %s); reconnecting in %.2fs", code, reason, delay
@@ -843,12 +444,7 @@ class Client:
     def _rejected(self, status: int, body: bytes | None) -> PubSubError:
         """For drivers: the broker answered the upgrade with HTTP ``status``. Returns the fatal
         error to raise; raises _Retry when the status is worth retrying."""
-        code, message = None, ""
-        try:
-            error = json.loads(body or b"{}").get("error", {})
-            code, message = error.get("code"), error.get("message", "")
-        except (ValueError, AttributeError):
-            pass
+        code, message = rejection(body)
         text = f"broker rejected the connection: HTTP {status} {code or ''} {message}"
         if status == 401:
             return AuthenticationFailed(text.strip())
@@ -904,17 +500,12 @@ class Client:
                 # Every subscription is re-established before the state says CONNECTED, so an
                 # application that waits for it knows its stream is whole again.
                 with anyio.move_on_after(self._request_timeout) as resubscribing:
-                    async with anyio.create_task_group() as inner:
-                        for sub in list(self._subs.values()):
-                            self._start_subscribe(inner, ws, sub, gen)
+                    await self._resubscribe(ws, gen)
                 if resubscribing.cancelled_caught:
                     self._close_info = (1006, "no reply to resubscribe")
                     nursery.cancel_scope.cancel()
                 elif not nursery.cancel_scope.cancel_called:
-                    # Subscriptions registered while the others were re-established.
-                    for sub in list(self._subs.values()):
-                        if sub._sent_gen != gen:
-                            self._start_subscribe(nursery, ws, sub, gen)
+                    self._subscribe_late(nursery, ws, gen)
                     if gen > 1:
                         self._stats_reconnects += 1
                     self._set_state(ConnectionState.CONNECTED)
@@ -953,9 +544,7 @@ class Client:
             scope.cancel()
 
     def _dispatch(self, frame: Any) -> None:
-        if isinstance(frame, Message):
-            self._route(frame)
-        elif isinstance(frame, Reply):
+        if isinstance(frame, Reply):
             pending = self._requests.match(frame)
             if pending is None:
                 if not frame.ok:
@@ -967,14 +556,10 @@ class Client:
                 except Exception:
                     log.exception("reply hook failed")
             pending.finish(reply=frame)
-        elif isinstance(frame, PresenceEvent):
-            sub = self._subs.get(frame.topic)
-            if sub is not None and sub.presence and sub._active_gen == self._gen:
-                sub._push(frame)
         elif isinstance(frame, Welcome):
             self._welcome = frame
-        elif isinstance(frame, Skipped):
-            self._route(frame)
+        elif isinstance(frame, Message | Skipped | PresenceEvent):
+            self._on_push(frame)
         # Unknown pushes are ignored: a newer broker may send more than this SDK knows.
 
     async def _refresher(self, ws: Transport) -> None:
@@ -985,10 +570,7 @@ class Client:
             expires_at = self._welcome.expires_at if self._welcome else None
             if expires_at is None:
                 return
-            remaining = expires_at - time.time()
-            # Renew with 20% of the lifetime left (at least 1 s, at most 30 s ahead), never
-            # more often than once a second, whatever the clocks say.
-            await anyio.sleep(max(1.0, remaining - min(30.0, max(1.0, remaining * 0.2))))
+            await anyio.sleep(refresh_delay(expires_at - time.time()))
             try:
                 token = await self._fetch_token()
                 with anyio.fail_after(self._request_timeout):
@@ -1024,10 +606,3 @@ class Client:
             self._close_info = (1006, "ping timeout")
             scope.cancel()
             return
-
-
-def _field_int(fields: dict[str, Any], key: str) -> int:
-    value = fields.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise error_from_reply("internal", f"reply without an integer {key!r}")
-    return value

@@ -1,7 +1,8 @@
 """The sans-I/O core of the client: frames in and out, topic matching, and recovery bookkeeping.
 
 Nothing here performs I/O or knows about trio, so it is tested with plain function calls. The
-client (``_connection.py``) moves frames and owns time; this module decides what they mean.
+client moves frames and owns time (the connection loop in ``_connection.py``, requests and
+subscriptions in ``_api.py``); this module decides what they mean.
 
 Theory of operation for recovery: every subscription keeps, per exact topic, the
 :class:`~client_sdk.models.Position` of the last publication it delivered. A (re)subscribe to an
@@ -17,7 +18,7 @@ reports that range as a gap with reason ``"skipped"`` and moves its position pas
 subscriber asked for the newest value, so nothing is replayed (the range may still be in the
 topic's history, for an application that wants it: ``history`` with ``since``).
 Both drivers, trio (``client.py``) and asyncio (``aio.py``), share this core and the
-connection logic of :class:`~client_sdk._connection.Client`; JSON goes through the application's
+connection logic of :class:`~client_sdk._api.Client`; JSON goes through the application's
 ``dumps``/``loads`` hooks when it gives them (:class:`Codec`).
 """
 
@@ -37,7 +38,16 @@ from urllib.parse import urlsplit
 import attrs
 
 from client_sdk.errors import EncodeError
-from client_sdk.models import Event, Gap, GapReason, Message, Position, PresenceEvent, Welcome
+from client_sdk.models import (
+    Event,
+    Gap,
+    GapReason,
+    History,
+    Message,
+    Position,
+    PresenceEvent,
+    Welcome,
+)
 
 SUBPROTOCOL = "pubsub.v1"
 
@@ -187,6 +197,36 @@ def backoff(attempt: int, base: float, ceiling: float) -> float:
     return random.uniform(0, min(ceiling, base * 2 ** min(attempt, 64)))
 
 
+def reconnect_delay(
+    code: int, reason: str | None, attempt: int, base: float, ceiling: float
+) -> float:
+    """The delay before reconnecting after a connection closed with ``code``/``reason``:
+    none after 4003 (the token expired; a fresh one is fetched), the delay a 1001 close asks
+    for plus a :func:`backoff` (so the clients a broker sent away do not all return at once),
+    else a :func:`backoff`."""
+    if code == 4003:
+        return 0.0
+    hint = reconnect_hint(reason) if code == 1001 else None
+    return backoff(attempt, base, ceiling) + (hint or 0.0)
+
+
+def refresh_delay(remaining: float) -> float:
+    """How long to wait before renewing a token that expires in ``remaining`` seconds: until
+    20% of it is left (at least 1 s, at most 30 s ahead), and never less than a second, so
+    that skewed clocks cannot make the client renew in a busy loop."""
+    return max(1.0, remaining - min(30.0, max(1.0, remaining * 0.2)))
+
+
+def rejection(body: bytes | None) -> tuple[str | None, str]:
+    """The error ``code`` and ``message`` of the JSON body of an HTTP rejection of the upgrade
+    (``{"error": {"code": ..., "message": ...}}``); ``(None, "")`` when it has none."""
+    try:
+        error = json.loads(body or b"{}").get("error", {})
+        return error.get("code"), error.get("message", "")
+    except (ValueError, AttributeError):
+        return None, ""
+
+
 @attrs.define(eq=False)
 class PendingRequest:
     """One request waiting for its reply. ``on_done`` (the driver's way of waking the waiter)
@@ -258,6 +298,16 @@ class Requests:
 def since_field(position: Position) -> dict[str, Any]:
     """The ``since`` object of a subscribe or history request."""
     return {"offset": position.offset, "epoch": position.epoch}
+
+
+def subscribe_frame(topic: str, since: Position | None, presence: bool) -> dict[str, Any]:
+    """The ``subscribe`` request (without ``id``); ``since`` must name its epoch."""
+    frame: dict[str, Any] = {"op": "subscribe", "topic": topic}
+    if since is not None:
+        frame["since"] = since_field(since)
+    if presence:
+        frame["presence"] = True
+    return frame
 
 
 def history_frame(
@@ -419,6 +469,36 @@ def reconnect_hint(reason: str | None) -> float | None:
     return int(match.group(1)) / 1000.0 if match else None
 
 
+def reply_int(fields: dict[str, Any], key: str) -> int:
+    """The integer ``key`` of a reply (e.g. a publish's ``offset``); raises ProtocolViolation."""
+    return _int(fields, key)
+
+
+def parse_history(topic: str, fields: dict[str, Any]) -> History:
+    """The :class:`History` of ``topic`` in a history reply; items that are not objects are
+    skipped. Raises ProtocolViolation when ``messages`` or ``offset`` is missing or mistyped."""
+    raw = fields.get("messages")
+    if not isinstance(raw, list):
+        raise ProtocolViolation("'messages' is not a list")
+    recovered = fields.get("recovered")
+    return History(
+        topic=topic,
+        messages=tuple(parse_message(m) for m in raw if isinstance(m, dict)),
+        offset=_int(fields, "offset"),
+        epoch=str(fields.get("epoch")),
+        recovered=recovered if isinstance(recovered, bool) else None,
+        missed=parse_missed(fields),
+    )
+
+
+def parse_presence(fields: dict[str, Any]) -> tuple[str, ...]:
+    """The client ids of a presence reply; raises ProtocolViolation without a ``clients`` list."""
+    clients = fields.get("clients")
+    if not isinstance(clients, list):
+        raise ProtocolViolation("'clients' is not a list")
+    return tuple(str(c) for c in clients)
+
+
 def parse_missed(fields: dict[str, Any]) -> tuple[int, int] | None:
     """The ``missed: {"from": a, "to": b}`` of a subscribe or history reply, if present."""
     missed = fields.get("missed")
@@ -443,6 +523,10 @@ class Tracker:
         # subscription was made, so a reconnect resumes from the moment of subscribing).
         self.positions: dict[str, Position] = {}
         self._subscribed_once = False
+
+    def covers(self, topic: str) -> bool:
+        """Whether a publication on exact ``topic`` belongs to this subscription."""
+        return topic == self.topic or (self.wildcard and topic_matches(self.topic, topic))
 
     def since(self) -> Position | None:
         """The ``since`` to send with the next subscribe (never for a pattern)."""

@@ -1,4 +1,4 @@
-"""One subscription of a :class:`~client_sdk._connection.Client`: its buffer, iteration and
+"""One subscription of a :class:`~client_sdk._api.Client`: its buffer, iteration and
 callbacks. The client routes events to it (``_push``) and settles it (``_finish``); the
 application reads them with ``async for``, ``get()``, or the callbacks."""
 
@@ -19,7 +19,7 @@ from client_sdk.errors import GapError, PubSubError, RequestTimeout, Subscriptio
 from client_sdk.models import Event, Gap, Message, Position
 
 if TYPE_CHECKING:
-    from client_sdk._connection import Client
+    from client_sdk._api import Client
 
 __all__ = ["Subscription"]
 

@@ -1,4 +1,4 @@
-"""The asyncio client: the same :class:`~client_sdk._connection.Client` as on trio, over
+"""The asyncio client: the same :class:`~client_sdk._api.Client` as on trio, over
 ``websockets``.
 
     from client_sdk import aio
@@ -29,13 +29,13 @@ from typing import Unpack
 import anyio
 import attrs
 
+from client_sdk._api import Client, run_client
 from client_sdk._connection import (
-    Client,
+    Connection,
     ConnectOptions,
     TokenSource,
     Transport,
     TransportClosed,
-    run_client,
 )
 from client_sdk._protocol import SUBPROTOCOL
 from client_sdk._subscription import Subscription
@@ -82,7 +82,7 @@ class _WebsocketsTransport:
 
 @asynccontextmanager
 async def _open_websockets(
-    client: Client, headers: list[tuple[str, str]]
+    client: Connection, headers: list[tuple[str, str]]
 ) -> AsyncIterator[Transport]:
     """The asyncio :data:`~client_sdk._connection.Opener`: one ``websockets`` connection."""
     secure = client._endpoint[3]

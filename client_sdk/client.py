@@ -1,4 +1,4 @@
-"""The trio client: :func:`connect` runs the :class:`~client_sdk._connection.Client` over
+"""The trio client: :func:`connect` runs the :class:`~client_sdk._api.Client` over
 trio-websocket.
 
     async with client_sdk.connect("ws://127.0.0.1:8765/ws", token=token) as client:
@@ -8,7 +8,8 @@ trio-websocket.
 This module is the trio driver: it opens one WebSocket per connection attempt
 (:func:`_open_trio`) and hands it to the client as a :class:`~client_sdk._connection.Transport`.
 Everything else (reconnects, recovery, requests, subscriptions) is shared with the asyncio
-driver (``aio.py``) in ``_connection.py``, ``_subscription.py`` and ``_protocol.py``.
+driver (``aio.py``) in ``_api.py``, ``_connection.py``, ``_subscription.py`` and
+``_protocol.py``.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ from trio_websocket import (
     connect_websocket,
 )
 
+from client_sdk._api import Client, _raise_single, run_client
 from client_sdk._connection import (
-    Client,
+    Connection,
     ConnectOptions,
     TokenSource,
     Transport,
     TransportClosed,
-    _raise_single,
-    run_client,
 )
 from client_sdk._protocol import SUBPROTOCOL
 from client_sdk._subscription import Subscription
@@ -98,7 +98,9 @@ class _TrioTransport:
 
 
 @asynccontextmanager
-async def _open_trio(client: Client, headers: list[tuple[str, str]]) -> AsyncIterator[Transport]:
+async def _open_trio(
+    client: Connection, headers: list[tuple[str, str]]
+) -> AsyncIterator[Transport]:
     """The trio :data:`Opener`: one trio-websocket connection."""
     host, port, resource, secure = client._endpoint
     use_ssl: bool | ssl.SSLContext = (client._ssl_context or True) if secure else False

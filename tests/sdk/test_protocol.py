@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import random
 
 import pytest
 from hypothesis import given
@@ -24,9 +25,16 @@ from client_sdk._protocol import (
     history_frame,
     is_pattern,
     json_default,
+    parse_history,
     parse_missed,
+    parse_presence,
     parse_url,
+    reconnect_delay,
     reconnect_hint,
+    refresh_delay,
+    rejection,
+    reply_int,
+    subscribe_frame,
     topic_matches,
 )
 from client_sdk.errors import (
@@ -113,6 +121,62 @@ def test_reconnect_hint_is_read_from_a_1001_reason() -> None:
     assert reconnect_hint("shutting down; reconnect_after_ms=1234") == 1.234
     assert reconnect_hint("bye") is None
     assert reconnect_hint(None) is None
+
+
+def test_the_close_code_decides_the_reconnect_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Full jitter draws in [0, ceiling]: take the ceiling, so the delay shows the schedule.
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    assert reconnect_delay(4003, "token expired", 5, 0.25, 10.0) == 0.0  # a fresh token, now
+    assert reconnect_delay(1006, None, 0, 0.25, 10.0) == 0.25
+    assert reconnect_delay(1011, None, 3, 0.25, 10.0) == 2.0
+    assert reconnect_delay(1011, None, 10, 0.25, 10.0) == 10.0  # capped
+    assert reconnect_delay(1001, "bye; reconnect_after_ms=3000", 1, 0.25, 10.0) == 3.5
+    assert reconnect_delay(1000, "reconnect_after_ms=3000", 0, 0.25, 10.0) == 0.25  # 1001 only
+
+
+def test_a_token_is_renewed_with_a_fifth_of_its_lifetime_left_within_bounds() -> None:
+    assert refresh_delay(100.0) == 80.0
+    assert refresh_delay(3600.0) == 3570.0  # at most 30 s ahead
+    assert refresh_delay(3.0) == 2.0  # at least 1 s ahead
+    assert refresh_delay(0.5) == refresh_delay(-60.0) == 1.0  # never a busy loop
+
+
+def test_an_http_rejection_body_names_its_error() -> None:
+    body = b'{"error": {"code": "unavailable", "message": "full"}}'
+    assert rejection(body) == ("unavailable", "full")
+    assert rejection(None) == rejection(b"<html>") == rejection(b"[1]") == (None, "")
+
+
+def test_subscribe_frames() -> None:
+    assert subscribe_frame("a", None, False) == {"op": "subscribe", "topic": "a"}
+    assert subscribe_frame("a", Position(4, "e"), True) == {
+        "op": "subscribe",
+        "topic": "a",
+        "since": {"offset": 4, "epoch": "e"},
+        "presence": True,
+    }
+
+
+def test_history_presence_and_publish_replies_are_parsed_or_refused() -> None:
+    item = {"op": "message", "topic": "t", "offset": 2, "epoch": "e", "data": 1}
+    fields = {"ok": True, "messages": [item, 7], "offset": 2, "epoch": "e", "recovered": True}
+    history = parse_history("t", fields)
+    assert history.messages == (Message("t", 2, "e", 1, None),) and history.offset == 2
+    assert (history.epoch, history.recovered, history.missed) == ("e", True, None)
+    for bad in ({**fields, "messages": None}, {**fields, "offset": "2"}):
+        with pytest.raises(ProtocolViolation):
+            parse_history("t", bad)
+    assert parse_presence({"clients": ["a", "b"]}) == ("a", "b")
+    with pytest.raises(ProtocolViolation):
+        parse_presence({"clients": "a"})
+    assert reply_int({"offset": 9}, "offset") == 9
+    with pytest.raises(ProtocolViolation):
+        reply_int({"offset": True}, "offset")
+
+
+def test_a_tracker_covers_its_topic_or_what_its_pattern_matches() -> None:
+    assert Tracker("chat.a").covers("chat.a") and not Tracker("chat.a").covers("chat.b")
+    assert Tracker("chat.*").covers("chat.b") and not Tracker("chat.*").covers("news.b")
 
 
 def test_history_frames_ask_for_the_oldest_or_the_newest_never_both() -> None:
