@@ -90,7 +90,7 @@ class Worker:
         self.config = config
         self.index = index
         self.node = node or node_name(config)
-        self.verifier = TokenVerifier(config.auth)
+        self.verifier = TokenVerifier(config.auth)  # a new one (and cache) per reload
         self.router = Router()
         self.router.latest = latest_topics(config)
         self.flusher = Flusher(lambda: self.router.publications_in)
@@ -160,6 +160,7 @@ class Worker:
             "connections_total": self.connections_total,
             "closes": {str(k): v for k, v in self.closes.items()},
             "auth_failures": dict(self.auth_failures),
+            "token_cache": dict(self.verifier.counts),
             "errors": dict(self.errors),
             "ws_violations": dict(self.frame_limits.refused),
             "read_refusals": dict(self.read_refusals),
@@ -194,7 +195,7 @@ class Worker:
         """Apply a new configuration to new connections and to limits read per operation.
         Keys, secrets, origins, limits, history and delivery rules change; listening addresses do
         not."""
-        self.verifier = TokenVerifier(config.auth)
+        self.verifier = TokenVerifier(config.auth, self.verifier.counts)
         self.config = config
         self.frame_limits = FrameLimits.from_config(config, self.frame_limits.refused)
         self.slots.limits = config.limits
