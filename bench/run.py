@@ -236,6 +236,14 @@ class Suite:
                 40,
             ),
             (
+                "topics_spread",
+                brokers_first,
+                lambda s, a: workloads.many_topics(
+                    s, a, topics=2000 if q else 10000, duration=duration, publishers=8
+                ),
+                40,
+            ),
+            (
                 "abuse",
                 ("broker-1w", "broker-2w"),
                 lambda s, a: abuse.abuse(s, a, baseline=2.0, duration=duration),
