@@ -228,6 +228,14 @@ class Suite:
                 30,
             ),
             (
+                "connect_again",
+                ("broker-2w", "broker-1w", *PEERS),
+                lambda s, a: workloads.connect_rate(
+                    s, a, connections=2000 if q else 6000, clients=1000
+                ),
+                30,
+            ),
+            (
                 "topics",
                 brokers_first,
                 lambda s, a: workloads.many_topics(

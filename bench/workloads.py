@@ -321,11 +321,13 @@ def connect_rate(
     connections: int = 6000,
     concurrency: int = 200,
     sub_procs: int = 1,
+    clients: int | None = None,
 ) -> dict[str, Any]:
     """Fresh connections, each a TCP connect, the WebSocket upgrade and the server's token
     check, until the server says the client is authenticated; then closed. Each presents its
-    own token where the server verifies JWTs."""
-    tokens = tokens_for(server, connections)
+    own token where the server verifies JWTs; with ``clients``, that many clients reconnect
+    in turn, each with its own token every time (a restart's reconnect storm)."""
+    tokens = tokens_for(server, clients or connections)
     with Generator(adapter, HOST, server.port, sub_procs) as gen:
         gen.call(
             1,
@@ -352,6 +354,7 @@ def connect_rate(
     elapsed = max(r["elapsed"] for r in replies)
     return {
         "connections": connections,
+        "clients": clients or connections,
         "concurrency": concurrency,
         "ok": ok,
         "failed": sum(r["failed"] for r in replies),
