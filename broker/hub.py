@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -224,19 +224,23 @@ class Hub:
         ``source`` watches it (then its reply says so and it delivers the publication itself)."""
         pub = self.store.publish(topic, data, sender)
         self.publications += 1
+        index = self.watchers
+        if index.has_wildcards:
+            # a worker watching through several patterns is matched (and sent it) once
+            targets: Iterable[WorkerLink] = {id(w): w for w in index.match(topic)}.values()
+        else:
+            targets = tuple(index.exact.get(topic, ()))
         mine = False
         message: list[Any] | None = None
         size = 0
-        seen: set[WorkerLink] = set()  # a worker watching through several patterns gets it once
-        for w in self.watchers.match(topic):
+        for w in targets:
             if w is source:
                 mine = True
-            elif w not in seen:
-                seen.add(w)
-                if message is None:
-                    message = ["pub", pub.topic, pub.offset, pub.epoch, pub.sender, pub.data]
-                    size = worst_size(topic, data, sender)
-                w.link.send_batched(message, size)
+                continue
+            if message is None:
+                message = ["pub", pub.topic, pub.offset, pub.epoch, pub.sender, pub.data]
+                size = worst_size(topic, data, sender)
+            w.link.send_batched(message, size)
         return pub, mine
 
     def forward_presence(self, event: PresenceEvent) -> None:

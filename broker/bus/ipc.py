@@ -149,11 +149,13 @@ class IpcBus(Bus):
         return await self.client.call(method, *args)
 
     @staticmethod
-    def _check_fits(topic: str, data: str, sender: str | None) -> None:
+    def _check_fits(topic: str, data: str, sender: str | None) -> int:
         """A publication the link cannot carry (``max_data_size`` set past it) is refused
-        here, rather than ending this worker's link."""
-        if not fits(topic, data, sender):
+        here, rather than ending this worker's link; else its :func:`worst_size`."""
+        worst = worst_size(topic, data, sender)
+        if not fits(worst, topic, data, sender):
             raise FrameError("too_large", "the publication is larger than the bus can carry")
+        return worst
 
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         # Through publish_nowait: the local delivery must happen in the reader, in order.
@@ -191,13 +193,11 @@ class IpcBus(Bus):
             done(pub)
 
         try:
-            self._check_fits(topic, data, sender)
+            size = self._check_fits(topic, data, sender)
         except FrameError as exc:
             done(exc)
             return True
-        self.client.call_nowait(
-            reply, "publish", topic, data, sender, size=worst_size(topic, data, sender)
-        )
+        self.client.call_nowait(reply, "publish", topic, data, sender, size=size)
         return True
 
     async def position(self, topic: str) -> StreamPosition:
