@@ -13,6 +13,8 @@ import pytest
 import structlog
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import broker.ipc
 from broker.errors import BusError, BusUnavailable
@@ -193,3 +195,53 @@ async def test_a_batch_of_requests_replies_and_pushes_is_read_in_order() -> None
         assert [m[1] for m in at_b] == list(range(1, 51))  # the requests, in order
         assert results == [i + 1 for i in range(50)]
         assert pushes == [["pub", "t", 1], ["pub", "t", 2]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plan=st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=1500)), max_size=40),
+    yields=st.lists(st.booleans(), max_size=40),
+)
+def test_any_mix_of_batched_and_plain_messages_arrives_whole_and_in_order(
+    plan: list[tuple[bool, int]], yields: list[bool]
+) -> None:
+    """Whatever is batched or not, of whatever size against a page, and whenever the writer
+    gets to run: the peer gets every message once, in the order sent, in frames of at most a
+    page of batched messages (or one message alone)."""
+    page = 1000
+
+    async def main() -> tuple[list[list[Any]], list[list[Any]]]:
+        a_stream, raw = trio.testing.memory_stream_pair()
+        a = Link(a_stream, lambda link, message: None)
+        sent: list[list[Any]] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            for i, (batched, size) in enumerate(plan):
+                message = ["m", i, "x" * (size // 8)]
+                sent.append(message)
+                if batched:
+                    a.send_batched(message, size)
+                else:
+                    a.send(message)
+                if i < len(yields) and yields[i]:
+                    await trio.testing.wait_all_tasks_blocked()  # the writer may flush here
+            frames = read_frames(await drain(raw))
+            nursery.cancel_scope.cancel()
+        return sent, frames
+
+    original = broker.ipc.PAGE_BYTES
+    broker.ipc.PAGE_BYTES = page
+    try:
+        sent, frames = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        broker.ipc.PAGE_BYTES = original
+    got: list[list[Any]] = []
+    for frame in frames:
+        if frame[0] == "batch":
+            assert len(frame[1]) >= 2
+            assert sum(plan[m[1]][1] for m in frame[1]) <= page  # a batch stays within a page
+            assert all(plan[m[1]][0] for m in frame[1])  # only batched messages are batched
+            got.extend(frame[1])
+        else:
+            got.append(frame)
+    assert got == sent
