@@ -624,14 +624,18 @@ class Agent:
                 return conn
         return None
 
+    def publishers(self) -> list[Conn]:
+        """This agent's ready connections (agent 0 holds only publishers)."""
+        return [conn for conn in self.conns.values() if conn.state == READY]
+
     def tick_burst(self, job: dict[str, Any], now: float) -> None:
         """Closed loop: a burst of ``burst`` publications in one write, then another once all
         but ``window`` expected deliveries have arrived (counted over every agent)."""
         if now - job["t0"] >= job["duration"]:
             self.reply(published=job["published"], elapsed=now - job["t0"])
             return
-        conn = self.publisher()
-        if conn is None:
+        conns = self.publishers()
+        if not conns:
             self.reply(published=job["published"], elapsed=now - job["t0"], error="no publisher")
             return
         received = sum(self.shared)
@@ -648,7 +652,8 @@ class Agent:
                 topic = topics[job["published"] % len(topics)]
                 job["published"] += 1
                 frames.append(client_frame(adapter.publish(topic, make_payload(job["size"]))))
-            self.send(conn, b"".join(frames))
+            # bursts take turns over the publishers (with several, spread over the workers)
+            self.send(conns[job["published"] // job["burst"] % len(conns)], b"".join(frames))
 
     def tick_rate(self, job: dict[str, Any], now: float) -> None:
         """Open loop: ``rate`` publications per second, spread round-robin over the topics."""

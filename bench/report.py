@@ -115,6 +115,8 @@ NO_RATIO = {
     "prompt_loadgen_cpu_us_per_delivery",
 }
 METRICS["latency_one_topic"] = METRICS["latency"]
+METRICS["topics_spread"] = METRICS["topics"]
+METRICS["connect_again"] = METRICS["connect"]
 
 TITLES = {
     "fanout": "1. Fan-out: 1 publisher -> 1,000 subscribers, one topic, 64-byte payloads, "
@@ -128,8 +130,12 @@ TITLES = {
     "idle": "3. Idle connections: authenticated, subscribed, idle",
     "connect": "4. Connect rate: TCP + WebSocket upgrade + token check, 200 in flight, "
     "each a fresh token",
+    "connect_again": "4b. Reconnects: as 4, but 1,000 clients reconnecting in turn, each with "
+    "its own token every time",
     "topics": "5. Many topics: 10,000 topics x 5 subscribers on 1,000 connections, "
     "publications spread round-robin",
+    "topics_spread": "5b. Many topics, as 5 but from 8 publisher connections taking turns "
+    "(spread over the broker's workers)",
     "abuse": "6. Abuse: a bystander's ping round trips on a worker where one client pipelines "
     "history requests (1,000 per write, 100 x 1 KiB held) and another streams 1-byte "
     "fragments with pings in between; default limits",
@@ -148,7 +154,9 @@ PRIMARY = {
     "slow": "p99_ms",
     "idle": "pss_kib_per_connection",
     "connect": "connects_per_s",
+    "connect_again": "connects_per_s",
     "topics": "cpu_us_per_delivery",
+    "topics_spread": "cpu_us_per_delivery",
     "abuse": "p99_ms",
     "replay": "p99_ratio",
 }
@@ -295,8 +303,10 @@ SUMMARY = [
     ("idle", "pss_kib_per_connection", "idle: KiB per connection (PSS)"),
     ("idle", "broadcast_median_ms", "idle: one broadcast to all, ms"),
     ("connect", "connects_per_s", "connects/s with token check"),
+    ("connect_again", "server_cpu_us_per_connect", "reconnects: server CPU µs per connect"),
     ("topics", "cpu_us_per_delivery", "many topics: server CPU µs per delivery"),
     ("topics", "deliveries_per_s", "many topics: deliveries/s"),
+    ("topics_spread", "cpu_us_per_delivery", "many topics, 8 publishers: CPU µs per delivery"),
     ("abuse", "p99_ms", "bystander p99 ms beside two abusive clients"),
     ("replay", "p99_ratio", "live p99 beside 50 MB replays / alone"),
 ]

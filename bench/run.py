@@ -243,10 +243,26 @@ class Suite:
                 30,
             ),
             (
+                "connect_again",
+                ("broker-2w", "broker-1w", *PEERS),
+                lambda s, a: workloads.connect_rate(
+                    s, a, connections=2000 if q else 6000, clients=1000
+                ),
+                30,
+            ),
+            (
                 "topics",
                 store_first,
                 lambda s, a: workloads.many_topics(
                     s, a, topics=2000 if q else 10000, duration=duration
+                ),
+                40,
+            ),
+            (
+                "topics_spread",
+                brokers_first,
+                lambda s, a: workloads.many_topics(
+                    s, a, topics=2000 if q else 10000, duration=duration, publishers=8
                 ),
                 40,
             ),

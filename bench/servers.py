@@ -250,8 +250,16 @@ def start_broker(
     config.write_text("\n".join(lines) + "\n")
     log = workdir / f"{name}.log"
     cmd = [*broker_command(), "serve", "--config", str(config), "--listen", "127.0.0.1:0"]
+    # The checkout's own broker in every process: the installed console script would import
+    # whatever copy is installed for the supervisor (and so the hub), the workers this one.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     ready = _wait_ready_line(proc, proc.stderr, log, timeout=30)

@@ -27,9 +27,16 @@ def tokens_for(server: Server, count: int) -> list[str]:
     return [""]
 
 
-def _connect(gen: Generator, server: Server, count: int, topics: list[list[str]] | None) -> None:
-    tokens = tokens_for(server, count + 1)
-    gen.connect_publisher(tokens[-1])
+def _connect(
+    gen: Generator,
+    server: Server,
+    count: int,
+    topics: list[list[str]] | None,
+    publishers: int = 1,
+) -> None:
+    tokens = tokens_for(server, count + publishers)
+    for i in range(publishers):  # a peer with one shared token gets it for each
+        gen.connect_publisher(tokens[(count + i) % len(tokens)])
     _subscribe(gen, count, tokens, topics)
 
 
@@ -314,11 +321,13 @@ def connect_rate(
     connections: int = 6000,
     concurrency: int = 200,
     sub_procs: int = 1,
+    clients: int | None = None,
 ) -> dict[str, Any]:
     """Fresh connections, each a TCP connect, the WebSocket upgrade and the server's token
     check, until the server says the client is authenticated; then closed. Each presents its
-    own token where the server verifies JWTs."""
-    tokens = tokens_for(server, connections)
+    own token where the server verifies JWTs; with ``clients``, that many clients reconnect
+    in turn, each with its own token every time (a restart's reconnect storm)."""
+    tokens = tokens_for(server, clients or connections)
     with Generator(adapter, HOST, server.port, sub_procs) as gen:
         gen.call(
             1,
@@ -345,6 +354,7 @@ def connect_rate(
     elapsed = max(r["elapsed"] for r in replies)
     return {
         "connections": connections,
+        "clients": clients or connections,
         "concurrency": concurrency,
         "ok": ok,
         "failed": sum(r["failed"] for r in replies),
@@ -368,10 +378,13 @@ def many_topics(
     warmup: float = 1.5,
     sub_procs: int = 1,
     pace: float = 0.005,
+    publishers: int = 1,
 ) -> dict[str, Any]:
     """``topics`` topics with ``per_topic`` subscribers each, held by ``connections``
     connections (topics * per_topic / connections subscriptions each); closed-loop publisher
-    bursts spread round-robin over all topics."""
+    bursts spread round-robin over all topics, taking turns over ``publishers`` connections
+    (the kernel spreads those over a broker's workers: with 8, every one of 2 workers holds
+    some but once in 128 runs)."""
     names = [f"bench.many.{i}" for i in range(topics)]
     subs_each = topics * per_topic // connections
     # connection k holds topics k*subs_each/per_topic...: each topic lands on per_topic
@@ -381,12 +394,13 @@ def many_topics(
         t, j = divmod(slot, per_topic)
         plan[(t + j * (connections // per_topic)) % connections].append(names[t])
     with Generator(adapter, HOST, server.port, sub_procs) as gen:
-        _connect(gen, server, connections, plan)
+        _connect(gen, server, connections, plan, publishers)
         job = _burst_job(names, burst, per_topic, 200 * burst * per_topic, 64)
         result = _closed_loop(gen, server, job, pace, warmup, duration)
         stats = gen.stats()
     result.update(
         topics=topics,
+        publishers=publishers,
         per_topic=per_topic,
         connections=connections,
         subscriptions_per_connection=subs_each,

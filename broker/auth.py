@@ -15,12 +15,27 @@ wildcard subscription can ever receive a denied topic.
 Reading presence (the ``presence`` op, and ``join``/``leave`` events on a subscription) takes
 a permission of its own, ``pubsub.presence`` (default ``[auth] default_presence``, empty):
 who is subscribed is personal data, so being allowed to subscribe is not enough.
+
+Verified tokens are remembered (``[auth] token_cache_size`` of them per worker, 10,000 by
+default), keyed by the token's whole text: a client reconnecting with the same token (a
+restart's reconnect storm, a page reload) skips the signature check and the claim parsing,
+which were most of an authenticated connect's CPU. Only what passed every check is kept, so a
+client sending bad tokens costs a full check each time and never grows the cache. A remembered
+token is refused as expired from its ``exp`` second on, exactly as the check itself would
+(``not_yet_valid`` cannot change: it passed once and time only moves on). The cache belongs to
+its :class:`TokenVerifier`, and a reload builds a new one: new keys, audiences or default
+permissions are never answered from the old cache. Its memory is bounded by the entry count:
+an entry holds the token text (a few hundred bytes for the usual claims) and a reference to
+an :class:`Identity` (whose permissions are shared); at the default, about 5 MiB per worker.
+When full, the least recently used entry goes (counted as ``evicted``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +155,19 @@ class TokenVerifier:
 
     Raises :class:`ConfigError` if the public key file is not a usable key."""
 
-    def __init__(self, cfg: AuthConfig) -> None:
+    def __init__(
+        self,
+        cfg: AuthConfig,
+        counts: Counter[str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._cfg = cfg
+        # token text -> who it names; insertion order is recency
+        self._cache: dict[str, Identity] = {}
+        #: ``hit``, ``miss`` (verified and remembered) and ``evicted``; the worker passes the
+        #: same counter to each new verifier, so the counts outlive reloads.
+        self.counts: Counter[str] = Counter() if counts is None else counts
+        self._clock = clock
         self._key: str | PublicKey
         if cfg.jwt_public_key_file:
             # Only the key type's own algorithm: offering PyJWT both RS256 and ES256 with an
@@ -170,6 +196,29 @@ class TokenVerifier:
         )
 
     def verify(self, token: str) -> Identity:
+        """Check ``token``'s signature and claims, or find it remembered; return who it names.
+        Raises as :meth:`check` does."""
+        cache = self._cache
+        identity = cache.pop(token, None)
+        if identity is not None:
+            # PyJWT's own rule (expired once int(exp) <= now, no leeway): a remembered token
+            # expires exactly when the check would refuse it.
+            exp = identity.expires_at
+            if exp is None or exp > self._clock():
+                cache[token] = identity  # the most recently used again
+                self.counts["hit"] += 1
+                return identity
+        identity = self._check(token)
+        size = self._cfg.token_cache_size
+        if size:
+            if len(cache) >= size:
+                del cache[next(iter(cache))]
+                self.counts["evicted"] += 1
+            cache[token] = identity
+            self.counts["miss"] += 1
+        return identity
+
+    def _check(self, token: str) -> Identity:
         """Check ``token``'s signature and claims; return who it names.
 
         Raises :class:`AuthError` (status 401) with a ``reason`` of ``malformed``,

@@ -70,6 +70,9 @@ class AuthConfig:
     issuer: str = ""
     require_exp: bool = True
     default_presence: tuple[str, ...] = ()
+    # Verified tokens remembered per worker (0: none), so that a client reconnecting with the
+    # same token skips the signature check; see broker.auth.TokenVerifier.
+    token_cache_size: int = 10_000
 
 
 @attrs.frozen
@@ -398,6 +401,10 @@ def _validate(cfg: Config) -> None:
     ):
         _positive(f"limits.{key}", getattr(cfg.limits, key))
     _positive("limits.publish_rate", cfg.limits.publish_rate)
+    if cfg.auth.token_cache_size < 0:
+        raise ConfigError(
+            "auth.token_cache_size", f"must be 0 or more, got {cfg.auth.token_cache_size!r}"
+        )
     for key in (
         "handshake_timeout",
         "auth_timeout",

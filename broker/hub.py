@@ -9,6 +9,13 @@ order. When a worker's link goes (it died, was killed as hung, or a write to it 
 watches and its connections' presence are dropped at once, and the resulting leaves are sent to
 the others; nothing that happens on one link ends the hub (and so the supervisor).
 
+The publishing worker hears its own publication once: when it watches the topic, the hub does
+not forward the publication to it but flags the reply (``[offset, epoch, True]``), and the
+worker, which still holds the publication's text, delivers it itself when the reply arrives.
+The reply takes the place the forwarded publication had in that link's order (the hub sends
+nothing between the two), so each worker still sees every topic in offset order. Publications,
+publish requests and their replies cross batched (:meth:`broker.ipc.Link.send_batched`).
+
 The store is bounded as in the one-process broker (``[limits] history_max_bytes`` and
 ``max_topics``), so the supervisor never holds more history than that budget, and history
 replies travel in pages (:meth:`broker.ipc.Link.reply_paged`) so none passes the link's
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from broker.bus.base import ConnKey, HistoryResult, PresenceEvent, Publication, 
 from broker.config import HistoryRule, LimitsConfig, StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
-from broker.ipc import Link, encode
+from broker.ipc import Link, encode, worst_size
 from broker.store import COMMIT_FAILED, make_journal
 from broker.topics import SubscriptionIndex
 
@@ -42,6 +49,8 @@ __all__ = ["Hub"]
 
 log = structlog.get_logger()
 SWEEP_INTERVAL = 5.0
+#: An upper bound of a publish reply's encoded bytes (four small values and an epoch string).
+REPLY_SIZE = 128
 
 
 def history_reply(result: HistoryResult) -> tuple[list[Any], list[Any]]:
@@ -164,18 +173,23 @@ class Hub:
         rid, method, args = message[1], message[2], message[3:]
         link = wl.link
         if method == "publish":
-            pub = self.publish(args[0], args[1], args[2])
-            if self.journal is None:
-                link.reply(rid, True, [pub.offset, pub.epoch])
+            journal = self.journal
+            if journal is None or journal.config.ack != "disk":
+                pub, mine = self._publish(args[0], args[1], args[2], wl)
+                link.send_batched(["res", rid, True, [pub.offset, pub.epoch, mine]], REPLY_SIZE)
             else:
+                # The reply waits for the commit: the publishing worker gets its publication
+                # forwarded like every other (in offset order with the rest of the topic),
+                # not with its reply, which may come after later publications.
+                pub, _ = self._publish(args[0], args[1], args[2], None)
 
                 def answer(error: BaseException | None) -> None:
                     if error is None:
-                        link.reply(rid, True, [pub.offset, pub.epoch])
+                        link.reply(rid, True, [pub.offset, pub.epoch, False])
                     else:
                         link.reply(rid, False, [COMMIT_FAILED.code, COMMIT_FAILED.message])
 
-                self.journal.acknowledge(answer)
+                journal.acknowledge(answer)
         elif method == "position":
             pos = self.store.position(args[0])
             link.reply(rid, True, [pos.offset, pos.epoch])
@@ -230,14 +244,34 @@ class Hub:
         return stats
 
     def publish(self, topic: str, data: str, sender: str | None) -> Publication:
+        """Publish from outside every worker (the operations listener)."""
+        return self._publish(topic, data, sender, None)[0]
+
+    def _publish(
+        self, topic: str, data: str, sender: str | None, source: WorkerLink | None
+    ) -> tuple[Publication, bool]:
+        """Store and forward a publication to its watchers but ``source``; and whether
+        ``source`` watches it (then its reply says so and it delivers the publication itself)."""
         pub = self.store.publish(topic, data, sender)
         self.publications += 1
-        targets = {id(w): w for w in self.watchers.match(topic)}
-        if targets:
-            frame = encode(["pub", pub.topic, pub.offset, pub.epoch, pub.sender, pub.data])
-            for w in targets.values():
-                w.link.send_bytes(frame)
-        return pub
+        index = self.watchers
+        if index.has_wildcards:
+            # a worker watching through several patterns is matched (and sent it) once
+            targets: Iterable[WorkerLink] = {id(w): w for w in index.match(topic)}.values()
+        else:
+            targets = tuple(index.exact.get(topic, ()))
+        mine = False
+        message: list[Any] | None = None
+        size = 0
+        for w in targets:
+            if w is source:
+                mine = True
+                continue
+            if message is None:
+                message = ["pub", pub.topic, pub.offset, pub.epoch, pub.sender, pub.data]
+                size = worst_size(topic, data, sender)
+            w.link.send_batched(message, size)
+        return pub, mine
 
     def forward_presence(self, event: PresenceEvent) -> None:
         targets = {id(w): w for w in self.watchers.match(event.topic)}

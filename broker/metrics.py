@@ -522,6 +522,13 @@ class BrokerMetrics:
             "Bytes waiting to be written to open connections: queued frames and the newest "
             "frames held for latest topics.",
         )
+        self.token_cache = r.counter(
+            "pubsub_token_cache_total",
+            "Token checks answered by the verified-token cache ([auth] token_cache_size), by "
+            "result: hit (no signature check), miss (checked, then remembered), evicted (the "
+            "least recently used entry dropped to make room).",
+            ["result"],
+        )
 
 
 def _presence_members_gauge(r: Registry) -> Gauge:
@@ -564,8 +571,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
     ``auth_failures`` {reason: n}, ``errors`` {code: n}, ``read_refusals`` {op: n},
     ``replays`` {outcome: n}, ``replay_refills``, ``bus_up``, ``pending``, ``refused``
     {reason: n}, ``ws_violations`` {kind: n}, ``presence_members``, ``presence_refused``
-    {code: n}, ``skipped``, ``send_queue_bytes``, ``handshake`` (a :class:`Histogram` over
-    :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
+    {code: n}, ``skipped``, ``send_queue_bytes``, ``token_cache`` {result: n}, ``handshake``
+    (a :class:`Histogram` over :data:`HANDSHAKE_BUCKETS`'s ``sample()``); missing ones count 0),
     merged with ``extra`` snapshots (a registry holding the handshake histogram, say)."""
     m = broker_metrics(stats.get("worker", 0))
     m.connections.set(stats.get("connections", 0))
@@ -599,6 +606,8 @@ def snapshot_from_stats(stats: Mapping[str, Any], extra: Iterable[Snapshot] = ()
         m.connections_refused.inc(n, reason=str(reason))
     m.skipped.inc(stats.get("skipped", 0))
     m.send_queue_bytes.set(stats.get("send_queue_bytes", 0))
+    for result, n in dict(stats.get("token_cache", {})).items():
+        m.token_cache.inc(n, result=str(result))
     snap = m.registry.snapshot()
     handshake = stats.get("handshake")
     if handshake is not None and len(handshake.get("counts", ())) == len(HANDSHAKE_BUCKETS) + 1:

@@ -1,7 +1,12 @@
 """The worker's side of the local IPC bus: every operation is a request to the supervisor's
 hub (:mod:`broker.hub`) over a Unix socket; publications and presence events the hub forwards
 arrive on the same link, in order. Requests the hub sends the other way (statistics, a
-disconnect ordered through the HTTP API) go to ``control``."""
+disconnect ordered through the HTTP API) go to ``control``.
+
+A publish request crosses batched, and its reply says whether this worker watches the topic:
+then the hub has not forwarded the publication here, and this worker delivers it to its own
+subscribers when the reply arrives, from the reader, at the place in the link's order where
+the forwarded publication would have been (see :mod:`broker.hub`)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from broker.bus.base import (
     StreamPosition,
 )
 from broker.errors import BusUnavailable, FrameError
-from broker.ipc import Link, fits
+from broker.ipc import Link, fits, worst_size
 
 __all__ = ["HubClient", "IpcBus"]
 
@@ -63,12 +68,16 @@ class HubClient:
         log.error("hub_link_lost")
 
     def call_nowait(
-        self, done: Callable[[Any | BaseException], None], method: str, *args: Any
+        self,
+        done: Callable[[Any | BaseException], None],
+        method: str,
+        *args: Any,
+        size: int | None = None,
     ) -> None:
         if self.link is None:
             done(BusUnavailable("not connected to the hub"))
             return
-        self.link.call_nowait(done, method, *args)
+        self.link.call_nowait(done, method, *args, size=size)
 
     async def call(self, method: str, *args: Any) -> Any:
         if self.link is None:
@@ -140,16 +149,32 @@ class IpcBus(Bus):
         return await self.client.call(method, *args)
 
     @staticmethod
-    def _check_fits(topic: str, data: str, sender: str | None) -> None:
+    def _check_fits(topic: str, data: str, sender: str | None) -> int:
         """A publication the link cannot carry (``max_data_size`` set past it) is refused
-        here, rather than ending this worker's link."""
-        if not fits(topic, data, sender):
+        here, rather than ending this worker's link; else its :func:`worst_size`."""
+        worst = worst_size(topic, data, sender)
+        if not fits(worst, topic, data, sender):
             raise FrameError("too_large", "the publication is larger than the bus can carry")
+        return worst
 
     async def publish(self, topic: str, data: str, sender: str | None) -> Publication:
-        self._check_fits(topic, data, sender)
-        offset, epoch = await self._call("publish", topic, data, sender)
-        return Publication(topic, offset, epoch, sender, data)
+        # Through publish_nowait: the local delivery must happen in the reader, in order.
+        answered = trio.Event()
+        slot: list[Publication | BaseException] = []
+
+        def done(result: Publication | BaseException) -> None:
+            slot.append(result)
+            answered.set()
+
+        self.publish_nowait(topic, data, sender, done)
+        timeout = self.client.link.timeout if self.client.link is not None else 0
+        with trio.move_on_after(timeout):
+            await answered.wait()
+        if not slot:
+            raise BusUnavailable(f"no answer to publish in {timeout:g}s")
+        if isinstance(slot[0], BaseException):
+            raise slot[0]
+        return slot[0]
 
     def publish_nowait(
         self,
@@ -161,15 +186,18 @@ class IpcBus(Bus):
         def reply(result: Any | BaseException) -> None:
             if isinstance(result, BaseException):
                 done(result)
-            else:
-                done(Publication(topic, result[0], result[1], sender, data))
+                return
+            pub = Publication(topic, result[0], result[1], sender, data)
+            if result[2]:  # watched here: the hub left the delivery to us
+                self.handlers.on_publication(pub)
+            done(pub)
 
         try:
-            self._check_fits(topic, data, sender)
+            size = self._check_fits(topic, data, sender)
         except FrameError as exc:
             done(exc)
             return True
-        self.client.call_nowait(reply, "publish", topic, data, sender)
+        self.client.call_nowait(reply, "publish", topic, data, sender, size=size)
         return True
 
     async def position(self, topic: str) -> StreamPosition:

@@ -168,3 +168,33 @@ def test_bad_text_frames_get_an_error_and_the_connection_stays(
         assert reader.json()["error"]["code"] == "bad_request"
         sock.sendall(encode_frame(b'{"op":"ping","id":7}'))
         assert reader.json() == {"id": 7, "ok": True}
+
+
+def test_a_reload_forgets_remembered_tokens(any_broker: BrokerProcess) -> None:
+    """Tokens the workers remember (``[auth] token_cache_size``) are checked again against the
+    new key after a reload: a rotated secret refuses the old tokens at once."""
+    import signal
+
+    import jwt
+
+    from tests.support.broker import to_toml
+
+    b = any_broker
+    token = b.token("alice")
+
+    def status() -> int:
+        code, _, _, sock = handshake(b.port, f"/ws?token={token}")
+        sock.close()
+        return code
+
+    assert [status() for _ in range(8)] == [101] * 8  # remembered by every worker that saw it
+    rotated = "rotated-secret-0123456789-abcdefghijklmnopqrstuvw"
+    b.config_path.write_text(
+        to_toml({**b.config, "auth": {**b.config["auth"], "jwt_secret": rotated}})
+    )
+    b.signal(signal.SIGHUP)
+    b.wait_for("reloaded", timeout=10)
+    time.sleep(0.5)  # every worker applies it
+    assert [status() for _ in range(8)] == [401] * 8
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, rotated, algorithm="HS256")
+    assert status() == 101

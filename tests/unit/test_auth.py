@@ -336,3 +336,108 @@ def test_an_unusable_public_key_file_names_the_key(tmp_path: Path) -> None:
 
 def test_a_sub_with_a_lone_surrogate_is_refused() -> None:
     assert reason_of(verifier(), hs({"sub": "\ud800", "exp": time.time() + 60})) == "bad_claims"
+
+
+class Clock:
+    """A clock for both the cache and PyJWT's own check, frozen until moved."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
+        self.now = now
+        clock = self
+
+        class FrozenDatetime(datetime.datetime):
+            @classmethod
+            def now(cls, tz: datetime.tzinfo | None = None) -> FrozenDatetime:
+                return cls.fromtimestamp(clock.now, tz)
+
+        monkeypatch.setattr(jwt.api_jwt, "datetime", FrozenDatetime)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every signature check (PyJWT's decode) from here on."""
+    checked: list[str] = []
+    real_decode = jwt.decode
+
+    def decode(token: str, *args: object, **kwargs: object) -> object:
+        checked.append(token)
+        return real_decode(token, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jwt, "decode", decode)
+    return checked
+
+
+def test_a_verified_token_is_remembered_until_its_exp_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock(monkeypatch, 1_800_000_000)
+    checked = counting_checks(monkeypatch)
+    v = TokenVerifier(AuthConfig(jwt_secret=SECRET), clock=clock)
+    token = hs({"sub": "a", "exp": 1_800_000_010})
+    first = v.verify(token)
+    clock.now = 1_800_000_009.999  # the last instant before exp: still served from the cache
+    assert v.verify(token) is first
+    assert len(checked) == 1 and v.counts == {"miss": 1, "hit": 1}
+    clock.now = 1_800_000_010  # exactly exp: refused, as the check itself refuses it
+    assert reason_of(v, token) == "expired"
+    assert len(checked) == 2
+    assert reason_of(v, token) == "expired"  # and not remembered as valid again
+    assert v.counts["hit"] == 1
+
+
+def test_only_valid_tokens_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = counting_checks(monkeypatch)
+    v = verifier()
+    forged = hs({"sub": "a", "exp": time.time() + 60}, key="x" * 40)
+    for _ in range(3):
+        assert reason_of(v, forged) == "bad_signature"
+    assert len(checked) == 3 and not v.counts
+
+
+def test_the_cache_keeps_at_most_its_size_least_recently_used_out_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checked = counting_checks(monkeypatch)
+    v = verifier(token_cache_size=2)
+    a, b, c = (hs({"sub": s, "exp": time.time() + 60}) for s in "abc")
+    v.verify(a)
+    v.verify(b)
+    v.verify(a)  # a is now the most recently used: b goes first
+    v.verify(c)
+    assert v.counts == {"miss": 3, "hit": 1, "evicted": 1}
+    checked.clear()
+    v.verify(a)
+    v.verify(c)
+    assert checked == []  # both still remembered
+    v.verify(b)
+    assert checked == [b]  # b was the one dropped
+    assert v.counts["evicted"] == 2  # and a (least recent now) made room for it
+
+
+def test_a_cache_size_of_zero_checks_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = counting_checks(monkeypatch)
+    v = verifier(token_cache_size=0)
+    token = hs({"sub": "a", "exp": time.time() + 60})
+    v.verify(token)
+    v.verify(token)
+    assert len(checked) == 2 and not v.counts
+
+
+def test_a_new_verifier_starts_empty_and_keeps_the_counts() -> None:
+    """A reload builds a new verifier: the old key's tokens are not answered from memory."""
+    v = verifier()
+    token = hs({"sub": "a", "exp": time.time() + 60})
+    v.verify(token)
+    rotated = TokenVerifier(AuthConfig(jwt_secret="r" * 40), v.counts)
+    assert reason_of(rotated, token) == "bad_signature"
+    assert rotated.counts is v.counts and v.counts["miss"] == 1
+
+
+def test_the_cache_counts_are_a_metric_per_worker() -> None:
+    from broker.metrics import render, snapshot_from_stats
+
+    text = render(snapshot_from_stats({"worker": 1, "token_cache": {"hit": 7, "evicted": 2}}))
+    assert 'pubsub_token_cache_total{result="hit",worker="1"} 7' in text
+    assert 'pubsub_token_cache_total{result="evicted",worker="1"} 2' in text

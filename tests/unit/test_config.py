@@ -178,3 +178,14 @@ def test_delivery_rules_first_match_wins_and_close_is_the_default() -> None:
 def test_bad_delivery_rules_are_named(delivery: dict[str, object], key: str) -> None:
     assert error_key({**SECRET, "delivery": [delivery]}) == key
     assert error_key({**SECRET, "delivery": {"pattern": ">"}}) == "delivery"
+
+
+def test_the_token_cache_size_defaults_to_ten_thousand_and_may_be_zero() -> None:
+    assert parse_config(SECRET, env={}).auth.token_cache_size == 10_000
+    off = parse_config({"auth": {**SECRET["auth"], "token_cache_size": 0}}, env={})
+    assert off.auth.token_cache_size == 0
+    bad = {"auth": {**SECRET["auth"], "token_cache_size": -1}}
+    assert error_key(bad) == "auth.token_cache_size"
+    assert error_key({"auth": {**SECRET["auth"], "token_cache_size": "many"}}) == (
+        "auth.token_cache_size"
+    )

@@ -52,6 +52,22 @@ async def hub_and_bus(
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def two_workers(
+    path: Path,
+) -> AsyncIterator[tuple[IpcBus, list[Publication], IpcBus, list[Publication]]]:
+    """A hub and two workers' buses (0 and 1), each with what it was delivered."""
+    async with hub_and_bus(path) as (_, bus, received):
+        other_seen: list[Publication] = []
+        other = IpcBus(
+            HubClient(str(path), index=1, node="n"), BusHandlers(other_seen.append, print)
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(other.client.run)
+            yield bus, received, other, other_seen
+            nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 def small_link(monkeypatch: pytest.MonkeyPatch) -> int:
     """Links carry at most 64 KiB a message, pages 16 KiB (the same rules, smaller)."""
@@ -182,3 +198,54 @@ async def test_a_worker_that_stops_reading_cannot_grow_the_hub(
         await until(lambda: 1 not in hub.workers)
         assert 0 in hub.workers and not hub.workers[0].link.closed
         stuck.close()
+
+
+async def test_the_publisher_hears_its_own_publication_once_in_offset_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "hub.sock"
+    forwarded: list[list[Any]] = []
+    real_send_batched = broker.ipc.Link.send_batched
+
+    def spy(self: broker.ipc.Link, message: list[Any], size: int) -> None:
+        if message[0] == "pub":
+            forwarded.append(message)
+        real_send_batched(self, message, size)
+
+    monkeypatch.setattr(broker.ipc.Link, "send_batched", spy)
+    async with two_workers(path) as (bus, received, other, other_seen):
+        await bus.watch("t")
+        await other.watch("t")
+        await bus.watch("u")
+        done: list[Any] = []
+        for i in range(20):  # both publish, pipelined, to a watched and an unwatched topic
+            bus.publish_nowait("t", str(i), "a", done.append)
+            other.publish_nowait("t", str(i), "b", done.append)
+            bus.publish_nowait("v", str(i), "a", done.append)
+        await until(lambda: len(done) == 60 and len(received) == 40 and len(other_seen) == 40)
+        assert [p.offset for p in received] == list(range(1, 41))  # each once, in order
+        assert [p.offset for p in other_seen] == list(range(1, 41))
+        assert received == other_seen
+        # every publication of "t" crossed the hub once, to the worker that did not send it
+        assert sorted(m[2] for m in forwarded) == list(range(1, 41))
+        assert all(isinstance(d, Publication) for d in done)
+        # the awaited publish delivers locally too (also to a second watched topic)
+        pub = await bus.publish("u", "1", None)
+        await until(lambda: received[-1] == pub)
+
+
+async def test_a_worker_matching_through_several_patterns_gets_a_publication_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hub.sock"
+    async with two_workers(path) as (bus, received, other, other_seen):
+        for pattern in ("x.y", "x.*", "x.>"):
+            await bus.watch(pattern)
+            await other.watch(pattern)
+        await bus.publish("x.y", "1", None)
+        await other.publish("x.y", "2", None)
+        await bus.publish("x.z", "3", None)
+        await until(lambda: len(received) >= 3 and len(other_seen) >= 3)
+        await trio.sleep(0.1)  # room for a duplicate to arrive
+        assert [p.offset for p in received] == [1, 2, 1]
+        assert received == other_seen

@@ -3,14 +3,20 @@ corrupt stream does (closes the link with one log line; it must not crash the hu
 
 from __future__ import annotations
 
+import marshal
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import structlog
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import broker.ipc
 from broker.errors import BusError, BusUnavailable
 from broker.ipc import MAX_MESSAGE, Link, encode
 
@@ -34,7 +40,10 @@ def echo_peer(received: list[list[Any]]) -> Any:
     return on_message
 
 
-async def test_requests_replies_and_pushes_cross_in_order() -> None:
+@asynccontextmanager
+async def running_pair() -> AsyncIterator[tuple[Link, Link, list[list[Any]], list[list[Any]]]]:
+    """Two running links joined in memory: ``a`` records pushes, ``b`` is an
+    :func:`echo_peer`; and what each received."""
     a_stream, b_stream = trio.testing.memory_stream_pair()
     pushes: list[list[Any]] = []
     at_b: list[list[Any]] = []
@@ -43,6 +52,12 @@ async def test_requests_replies_and_pushes_cross_in_order() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await nursery.start(b.run)
+        yield a, b, pushes, at_b
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_replies_and_pushes_cross_in_order() -> None:
+    async with running_pair() as (a, b, pushes, _):
         assert await a.call("add", 1, 2, 39) == 42
         with pytest.raises(BusUnavailable, match="try later"):
             await a.call("fail", True)
@@ -67,7 +82,6 @@ async def test_requests_replies_and_pushes_cross_in_order() -> None:
         assert list(pushes[0]) == [*pub[:2], 0, *pub[3:]]
         assert list(pushes[100]) == ["presence", "t", "join", "c1"]
         assert pushes[101][1] == {"closes": {"1000": 3}, "bus_up": True, "lat": [0.5, None]}
-        nursery.cancel_scope.cancel()
 
 
 def test_encode_refuses_what_is_not_a_builtin_value() -> None:
@@ -105,3 +119,129 @@ async def test_a_corrupt_stream_closes_the_link_and_fails_pending_calls(
     assert a.closed and a.gone.is_set()
     assert len(outcome) == 1
     assert [e["event"] for e in logs] == [event]
+
+
+def read_frames(data: bytes) -> list[list[Any]]:
+    """The messages framed in ``data`` (which must hold whole frames only)."""
+    messages, pos = [], 0
+    while pos < len(data):
+        (size,) = struct.unpack_from("!I", data, pos)
+        messages.append(marshal.loads(data[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return messages
+
+
+async def drain(stream: trio.abc.ReceiveStream) -> bytes:
+    """What ``stream`` holds now."""
+    out = bytearray()
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.move_on_after(0.5):
+        while True:
+            out += await stream.receive_some()
+            await trio.testing.wait_all_tasks_blocked()
+    return bytes(out)
+
+
+async def test_batched_messages_cross_as_one_in_order_with_the_others() -> None:
+    a_stream, raw = trio.testing.memory_stream_pair()
+    a = Link(a_stream, lambda link, message: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        a.send_batched(["pub", "t", 1], 64)
+        a.send_batched(["pub", "t", 2], 64)
+        a.send(["presence", "t", "join", "c"])  # seals the batch before it: order kept
+        a.send_batched(["pub", "t", 3], 64)  # alone: crosses as itself
+        frames = read_frames(await drain(raw))
+        assert frames == [
+            ["batch", [["pub", "t", 1], ["pub", "t", 2]]],
+            ["presence", "t", "join", "c"],
+            ["pub", "t", 3],
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_is_sealed_at_a_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker.ipc, "PAGE_BYTES", 1000)
+    a_stream, raw = trio.testing.memory_stream_pair()
+    a = Link(a_stream, lambda link, message: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        for i in range(5):
+            a.send_batched(["pub", i], 400)  # two fit a page, the third does not
+        a.send_batched(["big", 5], 5000)  # larger than a page: alone
+        a.send_batched(["pub", 6], 400)
+        frames = read_frames(await drain(raw))
+        assert frames == [
+            ["batch", [["pub", 0], ["pub", 1]]],
+            ["batch", [["pub", 2], ["pub", 3]]],
+            ["pub", 4],
+            ["big", 5],
+            ["pub", 6],
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_of_requests_replies_and_pushes_is_read_in_order() -> None:
+    async with running_pair() as (a, b, pushes, at_b):
+        results: list[Any] = []
+        for i in range(50):
+            a.call_nowait(results.append, "add", i, 1, size=64)
+        b.send_batched(["pub", "t", 1], 64)
+        b.send_batched(["res", 999, True, None], 64)  # a reply nobody waits for: dropped
+        b.send_batched(["pub", "t", 2], 64)
+        with trio.fail_after(5):
+            while len(results) < 50 or len(pushes) < 2:
+                await trio.testing.wait_all_tasks_blocked()
+        assert [m[1] for m in at_b] == list(range(1, 51))  # the requests, in order
+        assert results == [i + 1 for i in range(50)]
+        assert pushes == [["pub", "t", 1], ["pub", "t", 2]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plan=st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=1500)), max_size=40),
+    yields=st.lists(st.booleans(), max_size=40),
+)
+def test_any_mix_of_batched_and_plain_messages_arrives_whole_and_in_order(
+    plan: list[tuple[bool, int]], yields: list[bool]
+) -> None:
+    """Whatever is batched or not, of whatever size against a page, and whenever the writer
+    gets to run: the peer gets every message once, in the order sent, in frames of at most a
+    page of batched messages (or one message alone)."""
+    page = 1000
+
+    async def main() -> tuple[list[list[Any]], list[list[Any]]]:
+        a_stream, raw = trio.testing.memory_stream_pair()
+        a = Link(a_stream, lambda link, message: None)
+        sent: list[list[Any]] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            for i, (batched, size) in enumerate(plan):
+                message = ["m", i, "x" * (size // 8)]
+                sent.append(message)
+                if batched:
+                    a.send_batched(message, size)
+                else:
+                    a.send(message)
+                if i < len(yields) and yields[i]:
+                    await trio.testing.wait_all_tasks_blocked()  # the writer may flush here
+            frames = read_frames(await drain(raw))
+            nursery.cancel_scope.cancel()
+        return sent, frames
+
+    original = broker.ipc.PAGE_BYTES
+    broker.ipc.PAGE_BYTES = page
+    try:
+        sent, frames = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        broker.ipc.PAGE_BYTES = original
+    got: list[list[Any]] = []
+    for frame in frames:
+        if frame[0] == "batch":
+            assert len(frame[1]) >= 2
+            assert sum(plan[m[1]][1] for m in frame[1]) <= page  # a batch stays within a page
+            assert all(plan[m[1]][0] for m in frame[1])  # only batched messages are batched
+            got.extend(frame[1])
+        else:
+            got.append(frame)
+    assert got == sent

@@ -160,6 +160,7 @@ CONFIG_KEYS = {
         "issuer",
         "require_exp",
         "default_presence",
+        "token_cache_size",
     },
     "limits": {
         "max_message_size",

@@ -517,3 +517,54 @@ async def test_a_header_that_must_be_ascii_and_is_not_gets_400_not_a_traceback(
     assert json.loads(body)["error"]["code"] == "bad_request"
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
     assert worker.frame_limits.refused == {"header_encoding": 1}
+
+
+class FlakyListener(trio.abc.Listener[trio.abc.Stream]):
+    """Fails ``accept`` with each of ``errors`` in turn, then hands out ``streams``."""
+
+    def __init__(self, errors: list[int], streams: list[trio.abc.Stream]) -> None:
+        self.errors = errors
+        self.streams = streams
+        self.closed = False
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, "refused")
+        if self.streams:
+            return self.streams.pop(0)
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_accept_goes_on_after_running_out_of_descriptors(autojump_clock: Any) -> None:
+    import errno
+
+    worker = make_worker()
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    listener = FlakyListener([errno.EMFILE, errno.ENFILE], [server_stream])
+    async with running(worker) as nursery:
+        with structlog.testing.capture_logs() as logs:
+            nursery.start_soon(worker._accept_from, listener, nursery)
+            await client_stream.send_all(http_request(f"/ws?token={token()}", port=0))
+            response = await client_stream.receive_some()
+        assert response.startswith(b"HTTP/1.1 101")  # served after two failed accepts
+        assert [e["event"] for e in logs if e["event"] == "accept_failed"] == ["accept_failed"] * 2
+        nursery.cancel_scope.cancel()
+    assert listener.closed
+
+
+async def test_another_accept_failure_is_raised() -> None:
+    import errno
+
+    worker = make_worker()
+    listener = FlakyListener([errno.EBADF], [])
+    async with running(worker) as nursery:
+        with pytest.raises(OSError):
+            await worker._accept_from(listener, nursery)
+        nursery.cancel_scope.cancel()
+    assert listener.closed
