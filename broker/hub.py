@@ -165,7 +165,7 @@ class Hub:
         link = wl.link
         if method == "publish":
             pub = self.publish(args[0], args[1], args[2])
-            if self.journal is None:
+            if self.journal is None or not self.journal.ack_on_disk:  # no closure per publication
                 link.reply(rid, True, [pub.offset, pub.epoch])
             else:
 
@@ -175,7 +175,7 @@ class Hub:
                     else:
                         link.reply(rid, False, [COMMIT_FAILED.code, COMMIT_FAILED.message])
 
-                self.journal.acknowledge(answer)
+                self.journal.when_durable(answer)
         elif method == "position":
             pos = self.store.position(args[0])
             link.reply(rid, True, [pos.offset, pos.epoch])
