@@ -33,11 +33,11 @@ number of topics holding history is capped too (``max_topics``): a publication t
 one more fails with ``too_many_topics``.
 
 With a journal attached (:class:`Journal`, implemented by :mod:`broker.store`), the store hands
-it every publication it holds as it is kept and tells it of every eviction, which topics changed
-otherwise (a publication not held, a gap closed) and which were forgotten, and asks it
-before assigning an offset whether that offset is covered by what is reserved on disk
-(:meth:`Journal.publishing`); :meth:`TopicStore.persisted_states` and :meth:`TopicStore.restore` are
-how the journal reads a topic's state and brings it back at start. After a crash a topic may
+it every publication it holds as it is kept, tells it of every eviction, of the topics changed
+otherwise (a publication not held, a gap closed) and of those forgotten, and asks it before
+assigning an offset whether that offset is covered by what is reserved on disk
+(:meth:`Journal.publishing`); :meth:`TopicStore.persisted_states` and :meth:`TopicStore.restore`
+are how the journal reads topics' state and brings it back at start. After a crash a topic may
 resume past offsets that were never saved: its *gap* ``(first, last)`` names them, and
 :func:`select_history` reports it as ``missed`` to whoever recovers from before its end
 (recovery resumes after it), until every entry older than the gap has left history.

@@ -9,20 +9,20 @@ cache) and told of every eviction (:meth:`evicted`) and of topics changed otherw
 (:meth:`touched`: a publication not kept, a gap closed; and every topic at a start); every
 ``flush_interval`` its flusher task turns the publications kept since the last batch, grouped
 by topic, and the state of the touched topics read from the store (their position, gap and the
-held entries newer than what was written last time) into a :class:`Batch` of plain tuples,
-and a worker thread commits the batch in one transaction (:class:`Database`; WAL mode).
-Reading every changed topic's state from history instead cost a few µs a topic (a walk over
-cold memory), with many topics as much as the rest of a publication's path. What waits for
-the disk is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their topics are
-read from history instead, so what is queued is then their names only. A publication evicted
-before its batch is not written. A batch appends one *chunk* per changed topic (its new
-entries, marshalled), so SQLite writes new pages in order however many topics a batch
-touches; a topic's row (position, reservation, gap) is rewritten only when its reservation runs low or
-its epoch or gap changes, and at a graceful stop. Every :data:`TRIM_EVERY` seconds, chunks
-whose entries have all left history are deleted, and forgotten topics' at once, so the file
-holds what memory holds plus at most a few seconds of evictions and a partly evicted chunk
-per topic (it is vacuumed incrementally). What the file holds beyond memory are real
-publications contiguous with the held ones; a start applies the rules to them again.
+held entries newer than what was written last time) into a :class:`Batch` of plain tuples, and
+a worker thread commits the batch in one transaction (:class:`Database`; WAL mode). Reading
+every changed topic's state from history instead cost a few µs a topic (a walk over cold
+memory), with many topics as much as the rest of a publication's path. What waits for the disk
+is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their topics are read from
+history instead, so what is queued is then their names only. A publication evicted before its
+batch is not written. A batch appends one *chunk* per changed topic (its new entries,
+marshalled), so SQLite writes new pages in order however many topics a batch touches; a topic's
+row (position, reservation, gap) is rewritten only when its reservation runs low or its epoch
+or gap changes, and at a graceful stop. Every :data:`TRIM_EVERY` seconds, chunks whose entries
+have all left history are deleted, and forgotten topics' at once, so the file holds what memory
+holds plus at most a few seconds of evictions and a partly evicted chunk per topic (it is
+vacuumed incrementally). What the file holds beyond memory are real publications contiguous
+with the held ones; a start applies the rules to them again.
 
 Crash safety rests on two things written with every batch:
 
