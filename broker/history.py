@@ -32,11 +32,12 @@ is held stays contiguous and a recovering client is told exactly which offsets a
 number of topics holding history is capped too (``max_topics``): a publication that would add
 one more fails with ``too_many_topics``.
 
-With a journal attached (:class:`Journal`, implemented by :mod:`broker.store`), the store tells
-it which topics changed (a publication, an eviction, a drop) and which were forgotten, and asks
-it before assigning an offset whether that offset is covered by what is reserved on disk
-(:meth:`Journal.check`); :meth:`TopicStore.persisted_state` and :meth:`TopicStore.restore` are
-how the journal reads a topic's state and brings it back at start. After a crash a topic may
+With a journal attached (:class:`Journal`, implemented by :mod:`broker.store`), the store hands
+it every publication it holds as it is kept, tells it of every eviction, of the topics changed
+otherwise (a publication not held, a gap closed) and of those forgotten, and asks it before
+assigning an offset whether that offset is covered by what is reserved on disk
+(:meth:`Journal.publishing`); :meth:`TopicStore.persisted_states` and :meth:`TopicStore.restore`
+are how the journal reads topics' state and brings it back at start. After a crash a topic may
 resume past offsets that were never saved: its *gap* ``(first, last)`` names them, and
 :func:`select_history` reports it as ``missed`` to whoever recovers from before its end
 (recovery resumes after it), until every entry older than the gap has left history.
@@ -54,7 +55,7 @@ import secrets
 import sys
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any, Protocol
 
@@ -119,23 +120,33 @@ class Journal(Protocol):
     """What the store tells the keeper of its copy on disk (:class:`broker.store.DiskJournal`).
     Every method is called on the event loop and must not block."""
 
-    def check(self, topic: str, offset: int) -> None:
-        """Raise :class:`FrameError` (``unavailable``) when ``offset`` of ``topic`` may not be
-        used yet (it is past what the disk has reserved for the topic)."""
+    def publishing(self, topic: str, offset: int) -> None:
+        """``offset`` of ``topic`` is about to be used. Raise :class:`FrameError`
+        (``unavailable``) when it may not be used yet (it is past what the disk has reserved
+        for the topic)."""
+
+    def kept(self, when: float, pub: Publication, size: int) -> None:
+        """``pub`` is held from ``when`` (the store's clock), ``size`` bytes as
+        :func:`entry_bytes` counts them. One call per held publication, while its objects are
+        still in the processor's cache."""
+
+    def evicted(self, topic: str, offset: int) -> None:
+        """``topic``'s entries up to ``offset`` left history."""
 
     def touched(self, topic: str) -> None:
-        """``topic``'s position or held entries changed."""
+        """``topic``'s position or gap changed otherwise than by a held publication: the
+        journal reads its state again."""
 
     def forget(self, topic: str) -> None:
         """``topic`` is forgotten (its tombstone went): its next epoch is a new one."""
 
 
-#: A topic as the journal writes it (:meth:`TopicStore.persisted_state`): its epoch, offset and
-#: gap, the oldest offset it holds (``offset + 1`` when none), and its held entries newer than
-#: the journal asked for, oldest first, as ``(offset, time kept + shift, sender, data)``. A plain
-#: tuple: the journal reads one per changed topic per batch.
+#: A topic as the journal writes it (:meth:`TopicStore.persisted_states`): its name, epoch,
+#: offset and gap, and its held entries newer than the journal asked for, oldest first, as
+#: ``(offset, time kept + shift, sender, data)``. A plain tuple: the journal reads one per
+#: changed topic per batch.
 PersistedState = tuple[
-    str, int, tuple[int, int] | None, int, list[tuple[int, float, str | None, str]]
+    str, str, int, tuple[int, int] | None, list[tuple[int, float, str | None, str]]
 ]
 
 
@@ -259,7 +270,7 @@ class TopicStore:
         return len(self._topics)
 
     def now(self) -> float:
-        """The store's clock (the times :meth:`restore` and :meth:`persisted_state` use)."""
+        """The store's clock (the times :meth:`restore` and :meth:`persisted_states` use)."""
         return self._clock()
 
     def stats(self) -> dict[str, Any]:
@@ -308,7 +319,7 @@ class TopicStore:
     # --- history --------------------------------------------------------------------------
 
     def _evict_first(self, t: _Topic, reason: str) -> None:
-        n = t.buffer.popleft()[2]
+        _, pub, n = t.buffer.popleft()
         t.bytes -= n
         self.bytes -= n
         self.entries -= 1
@@ -316,8 +327,10 @@ class TopicStore:
         self.evicted_bytes[reason] += n
         if t.gap is not None and (not t.buffer or t.buffer[0][1].offset > t.gap[1]):
             t.gap = None  # nothing older than the gap is held: recovery is contiguous again
+            if self.journal is not None:
+                self.journal.touched(t.name)
         if self.journal is not None:
-            self.journal.touched(t.name)
+            self.journal.evicted(t.name, pub.offset)
 
     def _expire(self, t: _Topic, now: float) -> None:
         horizon = now - t.rule.ttl
@@ -362,14 +375,15 @@ class TopicStore:
         t = self._topics.get(topic)
         journal = self.journal
         if journal is not None:
-            journal.check(topic, (t.offset if t is not None else self._known(topic)[1]) + 1)
-            journal.touched(topic)
+            journal.publishing(topic, (t.offset if t is not None else self._known(topic)[1]) + 1)
         if t is None:
             rule = self.rule_for(topic)
             if not rule.size:
                 # Nothing to hold: the position alone lives on, as a tombstone.
                 epoch, offset = self._known(topic)
                 self._bury(topic, epoch, offset + 1)
+                if journal is not None:
+                    journal.touched(topic)
                 return Publication(topic, offset + 1, epoch, sender, data)
             t = self._admit(topic, rule, now)
         else:
@@ -382,6 +396,8 @@ class TopicStore:
         n = entry_bytes(pub)
         buf = t.buffer
         buf.append((now, pub, n))
+        if journal is not None:
+            journal.kept(now, pub, n)
         t.bytes += n
         self.bytes += n
         self.entries += 1
@@ -448,30 +464,40 @@ class TopicStore:
 
     # --- persistence (see the module docstring) ---------------------------------------------
 
-    def persisted_state(self, topic: str, after: int, shift: float) -> PersistedState | None:
-        """``topic`` as the journal saves it, with the held entries past offset ``after``
-        (their times moved by ``shift``); None when the store no longer knows the topic."""
-        t = self._topics.get(topic)
-        if t is None:
-            tomb = self._tombstones.get(topic)
-            if tomb is None:
-                return None
-            return tomb[0], tomb[1], None, tomb[1] + 1, []
-        buf = t.buffer
-        # The newest entries are contiguous (a gap only ever precedes them): count them.
-        since = after if t.gap is None else max(after, t.gap[1])
-        count = min(len(buf), t.offset - since)
-        if count == 1:  # the common case with many topics: one publication a batch
-            when, p, _ = buf[-1]
-            new = [(p.offset, when + shift, p.sender, p.data)]
-        else:
-            new = [
-                (p.offset, when + shift, p.sender, p.data)
-                for when, p, _ in islice(reversed(buf), count)
-            ]
-            new.reverse()
-        first = buf[0][1].offset if buf else t.offset + 1
-        return t.epoch, t.offset, t.gap, first, new
+    def persisted_states(
+        self, topics: Iterable[str], written: Mapping[str, int], shift: float
+    ) -> list[PersistedState]:
+        """``topics`` as the journal saves them, each with its held entries past the offset
+        ``written`` names for it (0 when absent), their times moved by ``shift``; the topics
+        the store no longer knows are left out. One call per batch, not per topic: the
+        journal reads every changed topic on the event loop."""
+        table, tombstones = self._topics, self._tombstones
+        states: list[PersistedState] = []
+        append = states.append
+        for topic in topics:
+            t = table.get(topic)
+            if t is None:
+                tomb = tombstones.get(topic)
+                if tomb is not None:
+                    append((topic, tomb[0], tomb[1], None, []))
+                continue
+            buf, gap = t.buffer, t.gap
+            # The newest entries are contiguous (a gap only ever precedes them): count them.
+            after = written.get(topic, 0)
+            count = min(len(buf), t.offset - (after if gap is None else max(after, gap[1])))
+            if count == 1:  # the common case with many topics: one publication a batch
+                when, p, _ = buf[-1]
+                new = [(p.offset, when + shift, p.sender, p.data)]
+            elif count > 0:
+                new = [
+                    (p.offset, when + shift, p.sender, p.data)
+                    for when, p, _ in islice(reversed(buf), count)
+                ]
+                new.reverse()
+            else:
+                new = []
+            append((topic, t.epoch, t.offset, gap, new))
+        return states
 
     def first_held(self, topic: str) -> int:
         """The oldest offset ``topic`` holds (its offset + 1 when none; 0 when unknown)."""

@@ -174,7 +174,7 @@ class Hub:
         link = wl.link
         if method == "publish":
             journal = self.journal
-            if journal is None or journal.config.ack != "disk":
+            if journal is None or not journal.ack_on_disk:  # no closure per publication
                 pub, mine = self._publish(args[0], args[1], args[2], wl)
                 link.send_batched(["res", rid, True, [pub.offset, pub.epoch, mine]], REPLY_SIZE)
             else:
@@ -189,7 +189,7 @@ class Hub:
                     else:
                         link.reply(rid, False, [COMMIT_FAILED.code, COMMIT_FAILED.message])
 
-                journal.acknowledge(answer)
+                journal.when_durable(answer)
         elif method == "position":
             pos = self.store.position(args[0])
             link.reply(rid, True, [pos.offset, pos.epoch])

@@ -671,7 +671,11 @@ def _store_metrics(r: Registry, store: Mapping[str, Any] | None) -> None:
     if not store:
         return
     for name, help_text, key in (
-        ("pubsub_store_queued_topics", "Topics changed since the last commit.", "queued_topics"),
+        (
+            "pubsub_store_queued_topics",
+            "Topics and publications waiting for the next commit.",
+            "queued_topics",
+        ),
         ("pubsub_store_waiting", "Publishes waiting for a commit (ack = disk).", "waiting"),
         ("pubsub_store_bytes", "Bytes the history store takes on disk (file and WAL).", "bytes"),
     ):

@@ -3,21 +3,26 @@ kept in an SQLite file, so that a restart keeps every topic's epoch and history.
 
 Theory of operation
 -------------------
-The event loop never waits for the disk. :class:`DiskJournal` is told which topics changed
-(:meth:`touched`); every ``flush_interval`` its flusher task reads those topics' state from the
-store (their position, gap, oldest held offset, and the held entries newer than what was
-written last time) into a :class:`Batch` of plain tuples, and a worker thread commits the batch
-in one transaction (:class:`Database`; WAL mode). Nothing is queued besides the names of the
-changed topics: the entries to write are read from history itself when the batch is built, so
-what waits for the disk is bounded by the history budgets, and an entry evicted before its
-batch is never written. A batch appends one *chunk* per changed topic (its new entries,
-marshalled), so SQLite writes new pages in order however many topics a batch touches; a
-topic's row (position, reservation, gap) is rewritten only when its reservation runs low or
-its epoch or gap changes, and at a graceful stop. Every :data:`TRIM_EVERY` seconds, chunks
-whose entries have all left history are deleted, and forgotten topics' at once, so the file
-holds what memory holds plus at most a few seconds of evictions and a partly evicted chunk
-per topic (it is vacuumed incrementally). What the file holds beyond memory are real
-publications contiguous with the held ones; a start applies the rules to them again.
+The event loop never waits for the disk. :class:`DiskJournal` is handed every publication the
+store keeps (:meth:`kept`: one list append, while its objects are fresh in the processor's
+cache) and told of every eviction (:meth:`evicted`) and of topics changed otherwise
+(:meth:`touched`: a publication not kept, a gap closed; and every topic at a start); every
+``flush_interval`` its flusher task turns the publications kept since the last batch, grouped
+by topic, and the state of the touched topics read from the store (their position, gap and the
+held entries newer than what was written last time) into a :class:`Batch` of plain tuples, and
+a worker thread commits the batch in one transaction (:class:`Database`; WAL mode). Reading
+every changed topic's state from history instead cost a few µs a topic (a walk over cold
+memory), with many topics as much as the rest of a publication's path. What waits for the disk
+is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their topics are read from
+history instead, so what is queued is then their names only. A publication evicted before its
+batch is not written. A batch appends one *chunk* per changed topic (its new entries,
+marshalled), so SQLite writes new pages in order however many topics a batch touches; a topic's
+row (position, reservation, gap) is rewritten only when its reservation runs low or its epoch
+or gap changes, and at a graceful stop. Every :data:`TRIM_EVERY` seconds, chunks whose entries
+have all left history are deleted, and forgotten topics' at once, so the file holds what memory
+holds plus at most a few seconds of evictions and a partly evicted chunk per topic (it is
+vacuumed incrementally). What the file holds beyond memory are real publications contiguous
+with the held ones; a start applies the rules to them again.
 
 Crash safety rests on two things written with every batch:
 
@@ -55,6 +60,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +68,7 @@ import attrs
 import structlog
 import trio
 
+from broker.bus.base import Publication
 from broker.config import StoreConfig
 from broker.errors import BrokerError, FrameError
 from broker.history import TopicStore
@@ -70,6 +77,10 @@ __all__ = ["RESERVE_MIN", "Batch", "Database", "DiskJournal", "StoreError", "mak
 
 log = structlog.get_logger()
 
+#: Bytes of publications held for the next batch at most (as history counts them); past it,
+#: their topics are read from history instead: what waits for the disk stays bounded when
+#: commits stall or fail.
+PENDING_MAX_BYTES = 64 * 1024 * 1024
 #: The fewest offsets reserved ahead of a topic's latest one (see the module docstring).
 RESERVE_MIN = 10_000
 FORMAT = 1
@@ -147,7 +158,7 @@ def _insert_chunks(c: sqlite3.Connection, chunks: list[tuple[int, str, int, byte
     c.executemany(
         _INSERT_MANY,
         (
-            [v for chunk in chunks[i : i + INSERT_ROWS] for v in chunk]
+            list(chain.from_iterable(chunks[i : i + INSERT_ROWS]))
             for i in range(0, whole, INSERT_ROWS)
         ),
     )
@@ -315,8 +326,18 @@ class DiskJournal:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
+        #: ``ack = "disk"``: a publish is answered once committed (else at once). Read on
+        #: every publication, so a plain attribute.
+        self.ack_on_disk = config.ack == "disk"
         self.db: Database | None = None
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # topics whose state the next batch reads from history
+        # Publications held since the last batch, as (time kept, publication): the next
+        # batch's new entries, but for the topics it reads from history.
+        self._pending: list[tuple[float, Publication]] = []
+        self._pending_bytes = 0
+        # Each topic's newest evicted offset since the last batch: older pending
+        # publications are not written (what memory no longer holds is not history).
+        self._evicted: dict[str, int] = {}
         self._forgotten: set[str] = set()
         self._written: dict[str, int] = {}  # the newest offset of each topic on disk
         # Each topic's row on disk: (epoch, reserved mark, gap).
@@ -345,11 +366,22 @@ class DiskJournal:
 
     # --- the Journal protocol (on the event loop, never blocking) ---------------------------
 
-    def check(self, topic: str, offset: int) -> None:
+    def publishing(self, topic: str, offset: int) -> None:
         row = self._rows.get(topic)
         if row is not None and offset > row[1]:
             self.stats_counts["refused"] += 1
             raise FrameError("unavailable", "the history store is behind; try again in a moment")
+
+    def kept(self, when: float, pub: Publication, size: int) -> None:
+        self._pending.append((when, pub))
+        self._pending_bytes += size
+        if self._pending_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
+            self._dirty.update(p.topic for _, p in self._pending)  # read history instead
+            self._pending.clear()
+            self._pending_bytes = 0
+
+    def evicted(self, topic: str, offset: int) -> None:
+        self._evicted[topic] = offset
 
     def touched(self, topic: str) -> None:
         self._dirty.add(topic)
@@ -385,7 +417,7 @@ class DiskJournal:
     def acknowledge(self, answer: Callable[[BaseException | None], None]) -> None:
         """Call ``answer`` when a publication just made may be acknowledged: at once with
         ``ack = "memory"``, once it is committed with ``ack = "disk"``."""
-        if self.config.ack == "disk":
+        if self.ack_on_disk:
             self.when_durable(answer)
         else:
             answer(None)
@@ -393,7 +425,7 @@ class DiskJournal:
     async def acknowledged(self) -> None:
         """:meth:`acknowledge` for a task that can wait; raises :class:`FrameError`
         (``unavailable``) if the commit fails."""
-        if self.config.ack == "disk":
+        if self.ack_on_disk:
             await self.durable()
 
     # --- start, flush, stop -----------------------------------------------------------------
@@ -453,25 +485,30 @@ class DiskJournal:
         ``clean`` (between them the file holds some evicted entries, which are real
         publications, contiguous with what is held: a load applies the rules to them again)."""
         dirty, self._dirty = self._dirty, set()
+        pending, self._pending = self._pending, []
+        evicted, self._evicted = self._evicted, {}
+        self._pending_bytes = 0
         forget, self._forgotten = list(self._forgotten), set()
         self._forgot_meanwhile = set()
-        wall = time.time() - store.now()
-        rows, chunks = [], []
+        rows: list[tuple[str, str, int, int, int | None, int | None]] = []
+        chunks: list[tuple[int, str, int, bytes]] = []
         count = 0
         final = clean is not None
-        written, rows_on_disk = self._written, self._rows
-        # At a stop every row is rewritten: between stops a row's offset may lag.
-        for topic in dirty | set(rows_on_disk) if final else dirty:
-            state = store.persisted_state(topic, written.get(topic, 0), wall)
-            if state is None:
-                continue
-            epoch, offset, gap, _first, new = state
+        rows_on_disk = self._rows
+        cid = self._next_chunk
+        dumps = marshal.dumps
+        wall = time.time() - store.now()
+
+        def add(
+            topic: str, epoch: str, offset: int, gap: tuple[int, int] | None, new: list[Entry]
+        ) -> None:
+            nonlocal cid, count
             pace = len(new)
             if pace:
                 # One chunk per topic and batch, appended: SQLite writes new pages in order,
                 # however many topics a batch touches.
-                chunks.append((self._next_chunk, topic, new[-1][0], marshal.dumps(new)))
-                self._next_chunk += 1
+                chunks.append((cid, topic, new[-1][0], dumps(new)))
+                cid += 1
                 count += pace
             row = rows_on_disk.get(topic)
             if (
@@ -485,10 +522,44 @@ class DiskJournal:
                 reserved = max(old, offset + max(RESERVE_MIN, 4 * pace))
                 gap_from, gap_to = gap or (None, None)
                 rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
+
+        # At a stop every row is rewritten: between stops a row's offset may lag.
+        if final:
+            dirty |= set(rows_on_disk)
+        # Publications held since the last batch, by topic (in order: offsets ascending).
+        # Read from these, not from history: their objects are fresh, while reading each
+        # changed topic's state from history is a walk over cold memory, a few µs a topic.
+        groups: dict[str, list[tuple[float, Publication]]] = {}
+        for item in pending:
+            group = groups.get(item[1].topic)
+            if group is None:
+                groups[item[1].topic] = [item]
+            else:
+                group.append(item)
+        # A topic forgotten since is read from history too: its pending publications may
+        # be of the forgotten epoch, and its evicted offsets of either.
+        dirty |= set(forget).intersection(groups)
+        for topic, group in groups.items():
+            if topic in dirty:
+                continue  # read from history below, these with it
+            last = group[-1][1]
+            row = rows_on_disk.get(topic)
+            gone = evicted.get(topic, 0)
+            new = [
+                (p.offset, when + wall, p.sender, p.data) for when, p in group if p.offset > gone
+            ]
+            # A gap changes only at a start or when an eviction closes it, and both make
+            # the topic one read from history: the gap on disk is the topic's (a new epoch
+            # has none).
+            gap = row[2] if row is not None and row[0] == last.epoch else None
+            add(topic, last.epoch, last.offset, gap, new)
+        for state in store.persisted_states(dirty, self._written, wall):
+            add(*state)
+        self._next_chunk = cid
         if trim or final:
             self._trim(store)
         deletes, self._doomed = self._doomed, []
-        return Batch(forget, rows, deletes, chunks, clean, tuple(dirty), count)
+        return Batch(forget, rows, deletes, chunks, clean, (*dirty, *groups), count)
 
     def _trim(self, store: TopicStore) -> None:
         """Doom the chunks whose entries have all left history (a pass over the topics on
@@ -507,12 +578,16 @@ class DiskJournal:
         for topic, epoch, _offset, reserved, gap_from, gap_to in batch.rows:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
             self._rows[topic] = (epoch, reserved, gap)
+        on_disk, written, forgot = self._chunks, self._written, self._forgot_meanwhile
         for cid, topic, last, _blob in batch.chunks:
-            if topic in self._forgot_meanwhile:  # of the epoch that was forgotten: it goes
+            if forgot and topic in forgot:  # of the epoch that was forgotten: it goes
                 self._doomed.append((cid, topic, last))
                 continue
-            self._chunks.setdefault(topic, deque()).append((cid, last))
-            self._written[topic] = last
+            held = on_disk.get(topic)
+            if held is None:
+                on_disk[topic] = held = deque()
+            held.append((cid, last))
+            written[topic] = last
         self.stats_counts["batches"] += 1
         self.stats_counts["rows"] += batch.count
         if self._failing:
@@ -558,7 +633,7 @@ class DiskJournal:
             await self._flush(store)
 
     async def _flush(self, store: TopicStore) -> None:
-        if not self._dirty and not self._forgotten and not self._waiting:
+        if not (self._dirty or self._pending or self._forgotten or self._waiting):
             return
         now = trio.current_time()
         trim = now - self._last_trim > TRIM_EVERY
@@ -608,11 +683,12 @@ class DiskJournal:
             self.db = None
 
     def stats(self) -> dict[str, Any]:
-        """Figures for the metrics: the queue (topics changed since the last batch, publishes
-        waiting for a commit), batches, rows, commit seconds, failures, refusals, bytes."""
+        """Figures for the metrics: the queue (topics to read and publications held since the
+        last batch; publishes waiting for a commit), batches, rows, commit seconds, failures,
+        refusals, bytes."""
         return {
             **self.stats_counts,
-            "queued_topics": len(self._dirty),
+            "queued_topics": len(self._dirty) + len(self._pending),
             "waiting": len(self._waiting),
             "bytes": self.db.size() if self.db is not None else 0,
         }

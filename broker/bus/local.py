@@ -76,10 +76,11 @@ class LocalBus(Bus):
             done(exc)
             return True
         self.handlers.on_publication(pub)
-        if self.journal is None:
+        journal = self.journal
+        if journal is None or not journal.ack_on_disk:  # no closure per publication
             done(pub)
         else:
-            self.journal.acknowledge(lambda error: done(pub if error is None else COMMIT_FAILED))
+            journal.when_durable(lambda error: done(pub if error is None else COMMIT_FAILED))
         return True
 
     def history_stats(self) -> dict[str, Any]:

@@ -307,3 +307,42 @@ def test_bad_store_settings_name_the_key(store: dict[str, object], key: str) -> 
     with pytest.raises(ConfigError) as refused:
         parse_config({"auth": {"jwt_secret": "s" * 40}, "store": store})
     assert refused.value.key == key
+
+
+async def test_a_topic_forgotten_and_published_again_between_batches_keeps_only_its_new_epoch(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path, tombstones=1)
+    s.publish("a", "1", None)
+    await j.flush(s)
+    s.publish("a", "old", None)  # held for the next batch, then the topic is forgotten:
+    s._drop(s._topics["a"], "ttl")  # its last entry goes (as if aged out) ...
+    s.publish("b", "1", None)
+    s._drop(s._topics["b"], "ttl")  # ... and another topic's tombstone pushes its out
+    assert s.publish("a", "new", None).offset == 1  # a new epoch
+    epoch = s.position("a").epoch
+    await j.flush(s)
+    crash(j)
+    s2, j2 = open_store(path)
+    assert s2.position("a").epoch == epoch
+    assert [p.data for p in s2.history("a", None, None).publications] == ["new"]
+    j2.close(s2)
+
+
+async def test_when_commits_fall_behind_a_batch_reads_history_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PENDING_MAX_BYTES", 1000)
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=5)
+    for i in range(100):  # far past the bound: what waits is each topic's name, not its entries
+        s.publish(f"t{i % 4}", str(i), None)
+    assert j.stats()["queued_topics"] <= 4 + 1000 // 50
+    await j.flush(s)
+    crash(j)
+    s2, j2 = open_store(path, size=100)
+    assert [p.data for p in s2.history("t1", None, None).publications] == [
+        str(i) for i in range(81, 100, 4)
+    ]
+    j2.close(s2)
