@@ -233,7 +233,6 @@ class SendQueue:
         the topic's newest frame, replacing an older one. Returns False if it was dropped: the
         connection is closing, or its held frames would pass ``max_bytes`` (it becomes a slow
         consumer)."""
-        # Once per delivery on latest topics: send()'s fast path inlined, as it is there.
         latest = self._latest
         if latest is None:
             latest = self._latest = LatestSlots()
@@ -242,20 +241,12 @@ class SendQueue:
             return False
         held = latest.held
         topic = pub.topic
-        if not held or topic not in held:
-            n = len(frame)
-            queued = self.queued + n
-            if queued <= self.max_bytes or not self.queued:
-                if queued > self.max_bytes:  # one frame larger than the whole queue
-                    self._overflow("send_queue_max_bytes")
-                    return False
-                self._chunks.append(frame)
-                self.queued = queued
-                self.appended += n
-                if state is IDLE:
-                    self._state = DIRTY
-                    self._flusher.mark(self)
-                return True
+        if (not held or topic not in held) and (
+            self.queued + len(frame) <= self.max_bytes or not self.queued
+        ):
+            # Room for it (or nothing queued, where a frame larger than the whole queue makes
+            # a slow consumer, as in send): the ordinary path.
+            return self.send(frame)
         # queued > 0 here (or the topic holds a frame, which needs queued bytes in front of
         # it), so the queue is already dirty or draining: the held frame goes out after them.
         replaced = latest.hold(topic, frame, pub.offset, pub.epoch, self.max_bytes)
