@@ -34,6 +34,7 @@ and gaps it receives are not logged above INFO.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import logging
 import ssl
@@ -183,7 +184,7 @@ async context manager yielding the :class:`Transport` and closing it on exit. It
 fatal ones."""
 
 
-class Connection:
+class Connection(abc.ABC):
     """The connection loop of a client: one connection to the broker at a time, reopened when
     it is lost. :class:`~client_sdk._api.Client` builds the application's API on it.
 
@@ -324,25 +325,25 @@ class Connection:
         assert pending.reply is not None
         return pending.reply
 
-    # ----------------------------------------------------------------- for the API above
+    # ------------------------------------------- for the API above (client_sdk._api.Client)
 
+    @abc.abstractmethod
     def _on_push(self, push: Message | Skipped | PresenceEvent) -> None:
         """Route a push of the current connection to the subscriptions it concerns; called by
         the reader, in frame order, so it must not block."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _resubscribe(self, ws: Transport, gen: int) -> None:
         """Re-establish every subscription on the new connection ``gen`` and return once each
         is answered (the loop bounds it with ``request_timeout``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _subscribe_late(self, nursery: anyio.abc.TaskGroup, ws: Transport, gen: int) -> None:
         """Subscribe, in ``nursery``, those registered while the others were re-established."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _end_subscriptions(self, error: PubSubError) -> None:
         """The client stopped with ``error``: end every subscription."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------- connection loop
 
