@@ -150,8 +150,7 @@ class Router:
 
     def on_publication(self, pub: Publication) -> None:
         self.publications_in += 1
-        latest = self.latest
-        if latest is not None and latest(pub.topic):
+        if self.is_latest(pub.topic):
             self._deliver_latest(pub)
             return
         index = self.index
