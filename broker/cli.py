@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dev",
         help="development: create .pubsub-dev/broker.toml if missing, print a token, serve",
         description="Create .pubsub-dev/broker.toml (a random secret, everything allowed) if "
-        "it is missing, print a token and how to use it, and serve until SIGTERM or SIGINT.",
+        "it is missing, print a token and how to use it, and serve until SIGTERM or SIGINT. "
+        "History is kept on disk in .pubsub-dev/history.db across restarts.",
     )
     dev.add_argument(
         "--listen",
