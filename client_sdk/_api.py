@@ -50,15 +50,14 @@ from client_sdk._protocol import (
     ProtocolViolation,
     Reply,
     Skipped,
-    Tracker,
     encode,
     history_frame,
-    is_pattern,
     parse_history,
     parse_presence,
     reply_int,
     subscribe_frame,
 )
+from client_sdk._recovery import Tracker, is_pattern
 from client_sdk._subscription import Subscription
 from client_sdk.errors import (
     BadRequest,

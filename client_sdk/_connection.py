@@ -3,7 +3,8 @@
 It is written against anyio, so the same code (and the same guarantees) runs on trio and on
 asyncio; only the WebSocket differs, and a driver gives it (an :data:`Opener`): ``client.py``
 with trio-websocket, ``aio.py`` with ``websockets``. What frames mean (recovery, gaps, the
-backoff schedule, JSON) is decided by the sans-I/O core in ``_protocol.py``; this module moves
+backoff schedule, JSON) is decided by the sans-I/O core (``_protocol.py``, ``_recovery.py``,
+``_schedule.py``); this module moves
 frames and owns time. The application's API (requests, subscriptions and the routing of
 pushes to them) is :class:`~client_sdk._api.Client`, built on :class:`Connection`; this module
 knows nothing of it but the four hooks at the end of the class.
@@ -56,15 +57,12 @@ from client_sdk._protocol import (
     Reply,
     Requests,
     Skipped,
-    backoff,
     decode,
     opt_number,
     parse_url,
-    reconnect_delay,
-    reconnect_hint,
-    refresh_delay,
     rejection,
 )
+from client_sdk._schedule import backoff, reconnect_delay, reconnect_hint, refresh_delay
 from client_sdk.errors import (
     AuthenticationFailed,
     ClientClosed,

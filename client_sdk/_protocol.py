@@ -1,22 +1,11 @@
-"""The sans-I/O core of the client: frames in and out, topic matching, and recovery bookkeeping.
+"""The sans-I/O core of the client: frames in and out.
 
 Nothing here performs I/O or knows about trio, so it is tested with plain function calls. The
 client moves frames and owns time (the connection loop in ``_connection.py``, requests and
-subscriptions in ``_api.py``); this module decides what they mean.
+subscriptions in ``_api.py``); this module decides what they mean. Recovery bookkeeping (what a
+subscription has seen, and the gaps it reports) is in ``_recovery.py``; when to reconnect and
+when to renew a token, in ``_schedule.py``.
 
-Theory of operation for recovery: every subscription keeps, per exact topic, the
-:class:`~client_sdk.models.Position` of the last publication it delivered. A (re)subscribe to an
-exact topic sends that position as ``since``; the broker either replays what came after it
-(``recovered: true``) or says what is gone (``missed``), and the tracker turns that into a
-:class:`~client_sdk.models.Gap`. Every incoming publication is compared with the position too:
-an offset already delivered is a duplicate and is dropped (defence in depth: the broker promises
-none), a skipped offset or a new epoch is reported as a gap before the publication.
-
-On a topic the broker delivers ``latest``, a client that falls behind is sent only the newest
-publication, after a ``skipped`` push naming the offsets it will not be sent. The tracker
-reports that range as a gap with reason ``"skipped"`` and moves its position past it: the
-subscriber asked for the newest value, so nothing is replayed (the range may still be in the
-topic's history, for an application that wants it: ``history`` with ``since``).
 Both drivers, trio (``client.py``) and asyncio (``aio.py``), share this core and the
 connection logic of :class:`~client_sdk._api.Client`; JSON goes through the application's
 ``dumps``/``loads`` hooks when it gives them (:class:`Codec`).
@@ -28,8 +17,6 @@ import decimal
 import json
 import math
 import numbers
-import random
-import re
 from collections.abc import Callable, Iterator
 from itertools import count
 from typing import Any
@@ -39,9 +26,6 @@ import attrs
 
 from client_sdk.errors import EncodeError
 from client_sdk.models import (
-    Event,
-    Gap,
-    GapReason,
     History,
     Message,
     Position,
@@ -50,8 +34,6 @@ from client_sdk.models import (
 )
 
 SUBPROTOCOL = "pubsub.v1"
-
-_HINT = re.compile(r"reconnect_after_ms=(\d+)")
 
 
 class ProtocolViolation(Exception):
@@ -188,33 +170,6 @@ def json_default(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def backoff(attempt: int, base: float, ceiling: float) -> float:
-    """The delay before reconnect ``attempt`` (0, 1, ...): uniform in
-    [0, min(ceiling, base * 2**attempt)]. Full jitter (AWS architecture blog, "Exponential
-    Backoff And Jitter") spreads a crowd of clients that lost the same broker over the window."""
-    return random.uniform(0, min(ceiling, base * 2 ** min(attempt, 64)))
-
-
-def reconnect_delay(
-    code: int, reason: str | None, attempt: int, base: float, ceiling: float
-) -> float:
-    """The delay before reconnecting after a connection closed with ``code``/``reason``:
-    none after 4003 (the token expired; a fresh one is fetched), the delay a 1001 close asks
-    for plus a :func:`backoff` (so the clients a broker sent away do not all return at once),
-    else a :func:`backoff`."""
-    if code == 4003:
-        return 0.0
-    hint = reconnect_hint(reason) if code == 1001 else None
-    return backoff(attempt, base, ceiling) + (hint or 0.0)
-
-
-def refresh_delay(remaining: float) -> float:
-    """How long to wait before renewing a token that expires in ``remaining`` seconds: until
-    20% of it is left (at least 1 s, at most 30 s ahead), and never less than a second, so
-    that skewed clocks cannot make the client renew in a busy loop."""
-    return max(1.0, remaining - min(30.0, max(1.0, remaining * 0.2)))
 
 
 def rejection(body: bytes | None) -> tuple[str | None, str]:
@@ -441,37 +396,14 @@ def parse_url(url: str) -> tuple[str, int, str, bool]:
     return parts.hostname, port, resource, secure
 
 
-def is_pattern(topic: str) -> bool:
-    """True when ``topic`` holds a wildcard segment (``*`` or ``>``)."""
-    return any(seg in ("*", ">") for seg in topic.split("."))
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """Whether exact ``topic`` is matched by ``pattern`` (``*`` one segment, ``>`` the rest)."""
-    pat = pattern.split(".")
-    top = topic.split(".")
-    for i, seg in enumerate(pat):
-        if seg == ">":
-            # '>' needs at least one segment to match
-            return len(top) > i
-        if i >= len(top):
-            return False
-        if seg != "*" and seg != top[i]:
-            return False
-    return len(pat) == len(top)
-
-
-def reconnect_hint(reason: str | None) -> float | None:
-    """The delay in seconds a 1001 close reason asks for (``reconnect_after_ms=N``), if any."""
-    if not reason:
-        return None
-    match = _HINT.search(reason)
-    return int(match.group(1)) / 1000.0 if match else None
-
-
 def reply_int(fields: dict[str, Any], key: str) -> int:
     """The integer ``key`` of a reply (e.g. a publish's ``offset``); raises ProtocolViolation."""
     return _int(fields, key)
+
+
+def reply_str(fields: dict[str, Any], key: str) -> str:
+    """The string ``key`` of a reply (e.g. a subscribe's ``epoch``); raises ProtocolViolation."""
+    return _str(fields, key)
 
 
 def parse_history(topic: str, fields: dict[str, Any]) -> History:
@@ -505,111 +437,3 @@ def parse_missed(fields: dict[str, Any]) -> tuple[int, int] | None:
     if not isinstance(missed, dict):
         return None
     return _int(missed, "from"), _int(missed, "to")
-
-
-class Tracker:
-    """Recovery and de-duplication state of one subscription (exact topic or pattern).
-
-    The client calls :meth:`since` before each (re)subscribe, :meth:`subscribed` with the reply,
-    and :meth:`message` with each publication routed to the subscription; the last two return
-    the events to hand to the application, in order.
-    """
-
-    def __init__(self, topic: str, since: Position | None = None):
-        self.topic = topic
-        self.wildcard = is_pattern(topic)
-        self._since = since
-        # Per exact topic: the last position delivered (or the topic's latest offset when the
-        # subscription was made, so a reconnect resumes from the moment of subscribing).
-        self.positions: dict[str, Position] = {}
-        self._subscribed_once = False
-
-    def covers(self, topic: str) -> bool:
-        """Whether a publication on exact ``topic`` belongs to this subscription."""
-        return topic == self.topic or (self.wildcard and topic_matches(self.topic, topic))
-
-    def since(self) -> Position | None:
-        """The ``since`` to send with the next subscribe (never for a pattern)."""
-        if self.wildcard:
-            return None
-        return self.positions.get(self.topic, self._since)
-
-    def subscribed(self, fields: dict[str, Any], sent: Position | None) -> list[Event]:
-        """Digest a successful subscribe reply to a request sent with ``since=sent``.
-
-        Raises ProtocolViolation when the reply lacks ``offset``/``epoch`` for an exact topic.
-        """
-        again = self._subscribed_once
-        self._subscribed_once = True
-        if self.wildcard:
-            # Offsets are per topic and a pattern has no ``since``: whatever was published while
-            # disconnected cannot be replayed, and we do not know whether anything was.
-            self.positions.clear()
-            if again:
-                return [Gap(self.topic, None, None, None, False, "wildcard_reconnect")]
-            return []
-        offset = _int(fields, "offset")
-        epoch = _str(fields, "epoch")
-        if sent is None:
-            self.positions[self.topic] = Position(offset, epoch)
-            return []
-        if fields.get("recovered") is True:
-            self.positions[self.topic] = Position(sent.offset, epoch)
-            return []
-        epoch_changed = sent.epoch != epoch
-        missed = parse_missed(fields)
-        lost_from: int | None
-        lost_to: int | None
-        if missed is not None and missed[1] >= missed[0]:
-            lost_from = missed[0]
-            lost_to = missed[1]
-            base = missed[1]
-        elif missed is not None:
-            lost_from = lost_to = None
-            base = missed[0] - 1
-        else:
-            # A broker that says "not recovered" without naming the offsets: assume the worst
-            # we can name, everything up to its latest offset.
-            start = 1 if epoch_changed else sent.offset + 1
-            lost_from, lost_to = (start, offset) if offset >= start else (None, None)
-            base = offset
-        self.positions[self.topic] = Position(base, epoch)
-        if not epoch_changed and lost_from is None:
-            return []
-        reason: GapReason = "epoch_changed" if epoch_changed else "not_recovered"
-        prev = sent if sent.epoch is not None else None
-        return [Gap(self.topic, lost_from, lost_to, epoch, epoch_changed, reason, prev)]
-
-    def skipped(self, push: Skipped) -> list[Event]:
-        """Digest a ``skipped`` push: the gap (reason ``"skipped"``), or ``[]`` when the range
-        is already behind the position. The position moves to its end, so the next message
-        follows on and a reconnect resumes after the range rather than replaying it."""
-        pos = self.positions.get(push.topic)
-        if pos is not None and pos.epoch == push.epoch and push.to_offset <= pos.offset:
-            return []
-        self.positions[push.topic] = Position(push.to_offset, push.epoch)
-        gap = Gap(push.topic, push.from_offset, push.to_offset, push.epoch, False, "skipped", pos)
-        return [gap]
-
-    def message(self, msg: Message) -> list[Event]:
-        """Digest one publication: ``[]`` for a duplicate, else the message, after a gap if one
-        is evident."""
-        pos = self.positions.get(msg.topic)
-        self.positions[msg.topic] = msg.position
-        if pos is None:
-            return [msg]
-        if pos.epoch == msg.epoch:
-            if msg.offset <= pos.offset:
-                self.positions[msg.topic] = pos  # a duplicate does not move us back
-                return []
-            if msg.offset == pos.offset + 1:
-                return [msg]
-            jump = Gap(
-                msg.topic, pos.offset + 1, msg.offset - 1, msg.epoch, False, "offset_jump", pos
-            )
-            return [jump, msg]
-        if msg.offset > 1:
-            lost = Gap(msg.topic, 1, msg.offset - 1, msg.epoch, True, "epoch_changed", pos)
-        else:
-            lost = Gap(msg.topic, None, None, msg.epoch, True, "epoch_changed", pos)
-        return [lost, msg]

@@ -14,7 +14,7 @@ import anyio
 import attrs
 
 from client_sdk._callbacks import Callbacks, deliver
-from client_sdk._protocol import Tracker
+from client_sdk._recovery import Tracker
 from client_sdk.errors import GapError, PubSubError, RequestTimeout, SubscriptionClosed
 from client_sdk.models import Event, Gap, Message, Position
 

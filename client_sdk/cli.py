@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from client_sdk._protocol import is_pattern
+from client_sdk._recovery import is_pattern
 from client_sdk.client import Client, Subscription, connect
 from client_sdk.errors import (
     AuthenticationFailed,

@@ -9,7 +9,7 @@ This module is the trio driver: it opens one WebSocket per connection attempt
 (:func:`_open_trio`) and hands it to the client as a :class:`~client_sdk._connection.Transport`.
 Everything else (reconnects, recovery, requests, subscriptions) is shared with the asyncio
 driver (``aio.py``) in ``_api.py``, ``_connection.py``, ``_subscription.py`` and
-``_protocol.py``.
+the sans-I/O core (``_protocol.py``, ``_recovery.py``, ``_schedule.py``).
 """
 
 from __future__ import annotations

@@ -18,25 +18,21 @@ from client_sdk._protocol import (
     Reply,
     Requests,
     Skipped,
-    Tracker,
     UnknownPush,
     decode,
     encode,
     history_frame,
-    is_pattern,
     json_default,
     parse_history,
     parse_missed,
     parse_presence,
     parse_url,
-    reconnect_delay,
-    reconnect_hint,
-    refresh_delay,
     rejection,
     reply_int,
     subscribe_frame,
-    topic_matches,
 )
+from client_sdk._recovery import Tracker, is_pattern, topic_matches
+from client_sdk._schedule import reconnect_delay, reconnect_hint, refresh_delay
 from client_sdk.errors import (
     Forbidden,
     InternalError,
