@@ -22,7 +22,7 @@ exact subscription carries nothing but the append.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import attrs
@@ -201,7 +201,7 @@ class Router:
             delivered += 1
         self.deliveries += delivered
 
-    def _targets(self, topic: str) -> Iterable[Subscription]:
+    def _targets(self, topic: str) -> Collection[Subscription]:
         """The subscriptions ``topic`` reaches through the whole index, each session once."""
         # A session whose exact subscription is being set up (pending) but which also
         # matches through a live wildcard gets it live now: held back in pending, the seam
@@ -218,7 +218,7 @@ class Router:
         """Fan out a publication of a ``latest`` topic: for a subscriber that keeps up, the
         same append as any other topic's."""
         index = self.index
-        subs: Iterable[Subscription]
+        subs: Collection[Subscription]
         if index.has_wildcards:
             subs = self._targets(pub.topic)
             for sub in subs:  # a wildcard subscription learns only now what it receives
@@ -228,14 +228,14 @@ class Router:
         if not subs:
             return
         frame = message_frame(pub)
-        delivered = 0
-        for sub in subs:
-            if sub.pending is not None:
+        waiting = 0
+        for sub in subs:  # the per-delivery loop: as on_publication's, one call
+            if sub.pending is None:
+                sub.queue.send(frame, pub)
+            else:
                 sub.hold(pub)
-                continue
-            sub.queue.send(frame, pub)
-            delivered += 1
-        self.deliveries += delivered
+                waiting += 1
+        self.deliveries += len(subs) - waiting
 
     def is_latest(self, topic: str) -> bool:
         """Whether ``topic`` is delivered under the ``latest`` policy."""
