@@ -5,13 +5,14 @@ Theory of operation
 -------------------
 A connection's :class:`~broker.sendqueue.SendQueue` holds bytes in order, up to
 ``send_queue_max_bytes``. For a topic whose ``[[delivery]]`` rule says ``latest`` the router
-calls :meth:`~broker.sendqueue.SendQueue.send_latest` instead of ``send``. While the queue has
-room (a reader that keeps up) that is the same append of the same shared frame. Once the next
-frame would pass the limit, the frame is *held* here instead, in one slot per topic: a newer
-publication on the same topic replaces the held one, and the offsets replaced are remembered as
-one skipped range. When the queue has written everything queued before them, the held frames
-go out, each preceded by a ``skipped`` push naming the offsets the connection will never be
-sent, so the client knows what it missed and whether to ask ``history`` for it.
+calls :meth:`~broker.sendqueue.SendQueue.send` with the publication besides the frame. While
+the queue has room and holds nothing (a reader that keeps up) that is the same append of the
+same shared frame, and nothing here is looked at. Once the next frame would pass the limit, the
+frame is *held* here instead, in one slot per topic: a newer publication on the same topic
+replaces the held one, and the offsets replaced are remembered as one skipped range. When the
+queue has written everything queued before them, the held frames go out, each preceded by a
+``skipped`` push naming the offsets the connection will never be sent, so the client knows
+what it missed and whether to ask ``history`` for it.
 
 While a topic has a held frame, its later publications go to the slot as well, even if the
 queue has room again: appended, they would overtake the held one.

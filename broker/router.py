@@ -12,20 +12,24 @@ and the session reads them from there once the replay is sent.
 
 A topic delivered ``latest`` (its ``[[delivery]]`` rule, looked up once per publication through
 ``latest``, which is None while no rule says ``latest``) goes to each queue's
-:meth:`~broker.sendqueue.SendQueue.send_latest` instead of ``send``; every other topic takes
-the unchanged path.
+:meth:`~broker.sendqueue.SendQueue.send` with the publication, which the queue needs only once
+it is past its limit; every other topic takes the unchanged path. The router also tells each
+queue that it receives such topics (``receives_latest``, which spares it ``write_timeout``):
+when an exact subscription is added or a reload makes its topic ``latest``, and for a
+wildcard subscription when a publication reaches it, so that the per-delivery path of an
+exact subscription carries nothing but the append.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import attrs
 
 from broker.bus.base import Bus, PresenceEvent, Publication
 from broker.protocol import encode_message, encode_presence_event, frame_text
-from broker.topics import SubscriptionIndex
+from broker.topics import SubscriptionIndex, is_wildcard
 
 if TYPE_CHECKING:
     from broker.config import Config
@@ -121,7 +125,22 @@ class Router:
         self.bus: Bus | None = None
         self.publications_in = 0
         self.deliveries = 0
-        self.latest: LatestTopics | None = None
+        self._latest: LatestTopics | None = None
+
+    @property
+    def latest(self) -> LatestTopics | None:
+        """Which topics are delivered ``latest`` (None: none are)."""
+        return self._latest
+
+    @latest.setter
+    def latest(self, latest: LatestTopics | None) -> None:
+        # A reload may make a subscribed topic `latest`: its subscribers' queues learn it now.
+        self._latest = latest
+        if latest is not None:
+            for topic, subs in self.index.exact.items():
+                if latest(topic):
+                    for sub in subs:
+                        sub.queue.receives_latest = True
 
     async def add(self, sub: Subscription) -> None:
         """Index ``sub``; the first subscription to a pattern starts the bus watching it.
@@ -133,6 +152,8 @@ class Router:
             except BaseException:
                 self.index.remove(sub.pattern, sub)
                 raise
+        if not is_wildcard(sub.pattern) and self.is_latest(sub.pattern):
+            sub.queue.receives_latest = True
 
     def detach(self, sub: Subscription) -> None:
         """Take ``sub`` out of the index (synchronously: nothing is delivered to it after)."""
@@ -180,7 +201,7 @@ class Router:
             delivered += 1
         self.deliveries += delivered
 
-    def _targets(self, topic: str) -> Iterable[Subscription]:
+    def _targets(self, topic: str) -> Collection[Subscription]:
         """The subscriptions ``topic`` reaches through the whole index, each session once."""
         # A session whose exact subscription is being set up (pending) but which also
         # matches through a live wildcard gets it live now: held back in pending, the seam
@@ -194,31 +215,39 @@ class Router:
         return targets.values()
 
     def _deliver_latest(self, pub: Publication) -> None:
-        """Fan out a publication of a ``latest`` topic (the slower, rarer path)."""
+        """Fan out a publication of a ``latest`` topic: for a subscriber that keeps up, the
+        same append as any other topic's."""
         index = self.index
-        subs = self._targets(pub.topic) if index.has_wildcards else index.exact.get(pub.topic)
+        subs: Collection[Subscription]
+        if index.has_wildcards:
+            subs = self._targets(pub.topic)
+            for sub in subs:  # a wildcard subscription learns only now what it receives
+                sub.queue.receives_latest = True
+        else:
+            subs = index.exact.get(pub.topic) or ()
         if not subs:
             return
         frame = message_frame(pub)
-        delivered = 0
-        for sub in subs:
-            if sub.pending is not None:
+        waiting = 0
+        for sub in subs:  # the per-delivery loop: as on_publication's, one call
+            if sub.pending is None:
+                sub.queue.send(frame, pub)
+            else:
                 sub.hold(pub)
-                continue
-            sub.queue.send_latest(pub, frame)
-            delivered += 1
-        self.deliveries += delivered
+                waiting += 1
+        self.deliveries += len(subs) - waiting
 
     def is_latest(self, topic: str) -> bool:
         """Whether ``topic`` is delivered under the ``latest`` policy."""
-        latest = self.latest
+        latest = self._latest
         return latest is not None and latest(topic)
 
     def send_one(self, queue: SendQueue, pub: Publication) -> None:
         """Queue ``pub`` for one connection under its topic's delivery policy (the live
         publications a subscription collected while it was being set up)."""
         if self.is_latest(pub.topic):
-            queue.send_latest(pub, message_frame(pub))
+            queue.receives_latest = True
+            queue.send(message_frame(pub), pub)
         else:
             queue.send(message_frame(pub))
 

@@ -24,12 +24,16 @@ nursery of its own); closing the queue cancels its drainer.
 Streams that are not plain sockets (TLS, in-memory test streams) have no file descriptor to
 write to without blocking; for them the drainer writes every batch with ``send_all``.
 
-Publications on a topic whose delivery policy is ``latest`` come through
-:meth:`SendQueue.send_latest`: the same append while the queue has room, and past the limit a
-slot per topic holding the newest frame instead of a 4008 (:mod:`broker.latest`). The held
-frames go out once everything queued before them is written. A connection that receives such
-topics is not closed by ``write_timeout`` either: its reader is allowed to be slow, and its
-memory is bounded by the limit all the same.
+Publications on a topic whose delivery policy is ``latest`` come through the same
+:meth:`SendQueue.send`, given the publication as well: the same append while the queue has
+room, and past the limit a slot per topic holding the newest frame instead of a 4008
+(:mod:`broker.latest`). The held frames go out once everything queued before them is written.
+A reader that keeps up must cost what it costs on any other topic, so ``send`` compares the
+queued bytes with ``_room`` (not ``max_bytes``), which is the limit while nothing is held and
+-1 while anything is: one comparison decides between the append and everything else, and the
+held frames are looked at only on the way past it. A connection that receives such topics
+(``receives_latest``, set by the router when it subscribes) is not closed by ``write_timeout``
+either: its reader is allowed to be slow, and its memory is bounded by the limit all the same.
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ class SendQueue:
         "_head",
         "_latest",
         "_nursery",
+        "_room",
         "_socket",
         "_state",
         "_stream",
@@ -150,6 +155,7 @@ class SendQueue:
         "on_broken",
         "on_slow",
         "queued",
+        "receives_latest",
         "settled",
         "write_timeout",
     )
@@ -182,8 +188,12 @@ class SendQueue:
         self._stream: trio.abc.Stream | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
         self._drain_scope: trio.CancelScope | None = None  # the drainer's, while one runs
-        # Made by the first send_latest: the frames held for topics delivered `latest`.
+        # Made by the first frame held: the frames held for topics delivered `latest`.
         self._latest: LatestSlots | None = None
+        # What send appends without a second look: max_bytes, or -1 while frames are held.
+        self._room = max_bytes
+        #: It receives topics delivered ``latest``: ``write_timeout`` does not cut it.
+        self.receives_latest = False
 
     def attach(self, stream: trio.abc.Stream) -> None:
         """Write to ``stream``: directly to its socket when it is a plain
@@ -201,19 +211,21 @@ class SendQueue:
     def overflowed(self) -> bool:
         return self._state is OVERFLOWED
 
-    def send(self, frame: bytes) -> bool:
-        """Queue one complete frame without blocking. Returns False if it was dropped because
-        the connection is closing or just became a slow consumer."""
+    def send(self, frame: bytes, pub: Publication | None = None) -> bool:
+        """Queue one complete frame without blocking. With ``pub``, the frame is that
+        publication of a topic delivered ``latest``: past the limit (or behind a held frame of
+        its topic) it is held as the topic's newest instead (:mod:`broker.latest`). Returns
+        False if it was dropped because the connection is closing or just became a slow
+        consumer."""
         # The hottest function of the broker (once per delivery): every attribute read and
-        # call here is paid a million times a second under fan-out.
+        # call here is paid a million times a second under fan-out, whatever the policy.
         state = self._state
         if state is CLOSED or state is OVERFLOWED:
             return False
         n = len(frame)
         queued = self.queued + n
-        if queued > self.max_bytes:
-            self._overflow("send_queue_max_bytes")
-            return False
+        if queued > self._room:
+            return self._past_room(frame, pub)
         self._chunks.append(frame)
         self.queued = queued
         self.appended += n
@@ -222,39 +234,41 @@ class SendQueue:
             self._flusher.mark(self)
         return True
 
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of frames held for ``latest`` topics, besides the ``queued`` ones."""
-        return 0 if self._latest is None else self._latest.bytes
-
-    def send_latest(self, pub: Publication, frame: bytes) -> bool:
-        """Queue ``frame``, the publication ``pub`` of a topic delivered ``latest``: appended
-        like :meth:`send` while the queue has room and the topic holds nothing, else held as
-        the topic's newest frame, replacing an older one. Returns False if it was dropped: the
-        connection is closing, or its held frames would pass ``max_bytes`` (it becomes a slow
-        consumer)."""
-        latest = self._latest
-        if latest is None:
-            latest = self._latest = LatestSlots()
-        state = self._state
-        if state is CLOSED or state is OVERFLOWED:
+    def _past_room(self, frame: bytes, pub: Publication | None) -> bool:
+        """:meth:`send` of a frame that does not fit below ``_room``: past the limit, or while
+        frames are held."""
+        over = self.queued + len(frame) > self.max_bytes
+        if pub is not None:
+            self.receives_latest = True
+            latest = self._latest
+            if latest is None:
+                latest = self._latest = LatestSlots()
+            # A topic that holds a frame holds the later ones too: appended, they would
+            # overtake it. Past the limit with bytes queued (so the queue is dirty or
+            # draining, and the held frame goes out after them) the frame is held; with
+            # nothing queued, a frame larger than the whole queue makes a slow consumer.
+            if pub.topic in latest.held or (over and self.queued):
+                return self._hold(latest, pub, frame)
+        if over:
+            self._overflow("send_queue_max_bytes")
             return False
-        held = latest.held
-        topic = pub.topic
-        if (not held or topic not in held) and (
-            self.queued + len(frame) <= self.max_bytes or not self.queued
-        ):
-            # Room for it (or nothing queued, where a frame larger than the whole queue makes
-            # a slow consumer, as in send): the ordinary path.
-            return self.send(frame)
-        # queued > 0 here (or the topic holds a frame, which needs queued bytes in front of
-        # it), so the queue is already dirty or draining: the held frame goes out after them.
-        replaced = latest.hold(topic, frame, pub.offset, pub.epoch, self.max_bytes)
+        self._append(frame)
+        return True
+
+    def _hold(self, latest: LatestSlots, pub: Publication, frame: bytes) -> bool:
+        """Hold ``frame`` as its topic's newest; past the held bytes' limit, overflow."""
+        replaced = latest.hold(pub.topic, frame, pub.offset, pub.epoch, self.max_bytes)
         if replaced is None:
             self._overflow("send_queue_max_bytes")
             return False
         self._flusher.skipped += replaced
+        self._room = -1  # every frame takes _past_room until the held ones are released
         return True
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of frames held for ``latest`` topics, besides the ``queued`` ones."""
+        return 0 if self._latest is None else self._latest.bytes
 
     def _release_held(self) -> None:
         """Queue the held frames (with their ``skipped`` pushes): what came before them is out."""
@@ -264,6 +278,16 @@ class SendQueue:
         self._chunks.extend(frames)
         self.queued += n
         self.appended += n
+        self._room = self.max_bytes
+
+    def _append(self, data: bytes) -> None:
+        """Queue ``data`` whatever the limit (the caller checked it, or has none)."""
+        self._chunks.append(data)
+        self.queued += len(data)
+        self.appended += len(data)
+        if self._state is IDLE:
+            self._state = DIRTY
+            self._flusher.mark(self)
 
     def send_control(self, data: bytes) -> None:
         """Queue ``data`` (a control frame or an HTTP response) even past the limit, and even
@@ -273,13 +297,8 @@ class SendQueue:
         state = self._state
         if state is CLOSED:
             return
-        self._chunks.append(data)
-        self.queued += len(data)
-        self.appended += len(data)
-        if state is IDLE:
-            self._state = DIRTY
-            self._flusher.mark(self)
-        elif state is OVERFLOWED:
+        self._append(data)
+        if state is OVERFLOWED:
             self._start_drainer()
 
     async def wait_drained(self, below: int = 0) -> None:
@@ -446,7 +465,7 @@ class SendQueue:
         try:
             while self._chunks and self._state is not CLOSED:
                 # A connection receiving `latest` topics may read as slowly as it likes.
-                tolerant = self._latest is not None and self._state is not OVERFLOWED
+                tolerant = self.receives_latest and self._state is not OVERFLOWED
                 timeout = math.inf if tolerant else self.write_timeout
                 with trio.move_on_after(timeout) as scope:
                     if self._socket is not None:

@@ -13,6 +13,7 @@ import trio.testing
 
 from broker.bus.base import Publication
 from broker.config import parse_config
+from broker.protocol import encode_message
 from broker.router import Router, Subscription, latest_topics, message_frame
 from broker.sendqueue import Flusher, SendQueue
 
@@ -84,7 +85,7 @@ async def test_a_reader_that_keeps_up_gets_every_frame_unchanged() -> None:
         queue, peer, verdicts = await socket_queue(nursery, flusher, max_bytes=1 << 20)
         sent = [pub("prices.a", i) for i in range(1, 21)]
         for p in sent:
-            assert queue.send_latest(p, message_frame(p))
+            assert queue.send(message_frame(p), p)
         data = await read_all(peer)
         assert data == b"".join(message_frame(p) for p in sent)
         assert queue.held_bytes == 0 and flusher.skipped == 0 and verdicts == []
@@ -100,7 +101,7 @@ async def test_a_reader_behind_gets_the_skipped_range_then_the_newest_per_topic(
         for i in range(1, 401):
             for topic in ("prices.a", "prices.b"):
                 p = pub(topic, i)
-                assert queue.send_latest(p, message_frame(p))
+                assert queue.send(message_frame(p), p)
             if i % 50 == 0:
                 await trio.sleep(0.01)  # let the flusher write what the sockets take
         assert verdicts == []
@@ -139,13 +140,112 @@ async def test_publications_after_the_release_follow_in_order() -> None:
         queue, peer, _ = await socket_queue(nursery, flusher, max_bytes=10_000)
         for i in range(1, 301):
             p = pub("t", i)
-            queue.send_latest(p, message_frame(p))
+            queue.send(message_frame(p), p)
         first = summary(pushes(await read_all(peer)))
         later = pub("t", 301)
-        queue.send_latest(later, message_frame(later))
+        queue.send(message_frame(later), later)
         second = summary(pushes(await read_all(peer)))
         assert first[-1] == ("message", "t", 300)
         assert second == [("message", "t", 301)]
+        nursery.cancel_scope.cancel()
+
+
+def frame_len(topic: str, offset: int, size: int = 100) -> int:
+    return len(message_frame(pub(topic, offset, size)))
+
+
+async def test_past_the_limit_the_newest_is_held_behind_other_topics_frames() -> None:
+    """Nothing is written until the test flushes: which frames were appended, held and
+    replaced does not depend on what the socket takes."""
+    flusher = Flusher()  # not running
+    big, small = frame_len("t", 1), frame_len("u", 1, 10)
+    async with trio.open_nursery() as nursery:
+        queue, peer, verdicts = await socket_queue(nursery, flusher, max_bytes=5 * big + 2 * small)
+        for i in range(1, 11):  # 1-5 fit, 6 is held, 7-10 replace it in turn
+            p = pub("t", i)
+            assert queue.send(message_frame(p), p)
+        assert queue.queued == 5 * big
+        assert queue.held_bytes == frame_len("t", 10) and flusher.skipped == 4
+        # Another latest topic and a close one still fit: appended, ahead of the held frame.
+        u1, c1 = pub("u", 1, 10), pub("c", 1, 10)
+        assert queue.send(message_frame(u1), u1)
+        assert queue.send(message_frame(c1))
+        assert queue.queued == queue.max_bytes
+        queue.flush()  # what the socket takes; the drainer writes the rest as it is read
+        items = pushes(await read_all(peer))
+        assert summary(items) == [
+            *(("message", "t", i) for i in range(1, 6)),
+            ("message", "u", 1),
+            ("message", "c", 1),
+            ("skipped", "t", 6, 9),
+            ("message", "t", 10),
+        ]
+        assert items[-1] == json.loads(encode_message("t", 10, "e1", "alice", pub("t", 10).data))
+        assert queue.held_bytes == 0 and queue.queued == 0 and verdicts == []
+        # Released, the topic is appended again.
+        p = pub("t", 11)
+        assert queue.send(message_frame(p), p)
+        assert queue.queued == frame_len("t", 11) and queue.held_bytes == 0
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_of_a_close_topic_past_the_limit_overflows_while_frames_are_held() -> None:
+    flusher = Flusher()  # not running
+    big = frame_len("t", 1)
+    async with trio.open_nursery() as nursery:
+        queue, peer, verdicts = await socket_queue(nursery, flusher, max_bytes=3 * big)
+        for i in range(1, 5):
+            p = pub("t", i)
+            assert queue.send(message_frame(p), p)
+        assert queue.held_bytes > 0
+        assert not queue.send(message_frame(pub("c", 1)))
+        assert verdicts == ["send_queue_max_bytes"]
+        assert queue.overflowed and queue.held_bytes == 0 and queue.queued == 0
+        p = pub("t", 5)
+        assert not queue.send(message_frame(p), p)
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_latest_frame_larger_than_the_whole_queue_makes_a_slow_consumer() -> None:
+    flusher = Flusher()  # not running
+    async with trio.open_nursery() as nursery:
+        queue, peer, verdicts = await socket_queue(nursery, flusher, max_bytes=1_000)
+        p = pub("t", 1, 2_000)
+        assert not queue.send(message_frame(p), p)
+        assert verdicts == ["send_queue_max_bytes"] and queue.held_bytes == 0
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_held_topic_keeps_its_later_publications_when_room_comes_back() -> None:
+    flusher = Flusher()  # not running: the test flushes once, then the drainer writes
+    big = frame_len("t", 100, 1000)
+    async with trio.open_nursery() as nursery:
+        queue, peer, verdicts = await socket_queue(nursery, flusher, max_bytes=40 * big)
+        for i in range(1, 61):
+            p = pub("t", i, 1000)
+            assert queue.send(message_frame(p), p)
+        skipped = flusher.skipped
+        assert queue.held_bytes > 0 and skipped > 0
+        queue.flush()  # what the socket takes; the drainer waits to write the rest
+        queued = queue.queued
+        assert 0 < queued <= queue.max_bytes - big and queue.held_bytes > 0
+        # Room again, but the topic holds a frame: the newer one replaces it.
+        p = pub("t", 61, 1000)
+        assert queue.send(message_frame(p), p)
+        assert queue.queued == queued and flusher.skipped == skipped + 1
+        items = pushes(await read_all(peer))
+        covered: list[int] = []
+        for i, m in enumerate(items):
+            if m["op"] == "skipped":
+                assert items[i + 1]["offset"] == m["to"] + 1
+                covered.extend(range(m["from"], m["to"] + 1))
+            else:
+                covered.append(m["offset"])
+        assert covered == list(range(1, 62))
+        assert summary(items)[-1] == ("message", "t", 61) and verdicts == []
         nursery.cancel_scope.cancel()
 
 
@@ -157,7 +257,7 @@ async def test_held_frames_are_bounded_by_the_limit_too() -> None:
         # Each of many topics holds one frame: together they pass the limit.
         for i in range(1, 400):
             p = pub(f"t{i}", 1)
-            if not queue.send_latest(p, message_frame(p)):
+            if not queue.send(message_frame(p), p):
                 break
             if i % 20 == 0:
                 await trio.sleep(0.01)
@@ -179,10 +279,21 @@ async def test_write_timeout_spares_a_latest_reader_but_not_a_close_one(
         close, close_peer, close_verdicts = await socket_queue(
             nursery, flusher, max_bytes=1 << 20, write_timeout=5.0
         )
+        # The router tells a queue that it receives latest topics when it subscribes: the
+        # queue's own frames never pass its limit here, so nothing else would.
+        router = Router()
+        router.bus = Bus()  # type: ignore[assignment]
+        router.latest = latest_topics(
+            parse_config(
+                {"auth": {"jwt_secret": SECRET}, "delivery": [{"pattern": "l", "policy": "latest"}]}
+            )
+        )
+        await router.add(Subscription(latest, "l"))
+        await router.add(Subscription(close, "c"))
         for i in range(1, 201):  # far more than the socket buffers; nobody reads
-            p = pub("t", i, 1000)
-            latest.send_latest(p, message_frame(p))
-            close.send(message_frame(p))
+            router.on_publication(pub("l", i, 1000))
+            router.on_publication(pub("c", i, 1000))
+        assert latest.held_bytes == 0
         await trio.sleep(60)
         assert close_verdicts == ["write_timeout"]
         assert latest_verdicts == [] and not latest.overflowed and latest.queued > 0
@@ -201,7 +312,7 @@ async def test_a_stream_without_a_socket_releases_held_frames_too() -> None:
         queue.attach(server)
         for i in range(1, 101):
             p = pub("t", i)
-            queue.send_latest(p, message_frame(p))
+            queue.send(message_frame(p), p)
             await trio.lowlevel.checkpoint()
         got = bytearray()
         while True:
@@ -220,14 +331,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.receives_latest = False
 
-    def send(self, frame: bytes) -> bool:
-        self.calls.append(("send", pushes(frame)[0]["offset"]))
-        return True
-
-    def send_latest(self, p: Publication, frame: bytes) -> bool:
-        assert pushes(frame)[0]["offset"] == p.offset
-        self.calls.append(("latest", p.offset))
+    def send(self, frame: bytes, p: Publication | None = None) -> bool:
+        offset = pushes(frame)[0]["offset"]
+        if p is not None:
+            assert offset == p.offset
+        self.calls.append(("send" if p is None else "latest", offset))
         return True
 
 
@@ -236,19 +346,27 @@ class Bus:
         pass
 
 
-async def test_the_router_sends_latest_topics_through_send_latest_once_per_session() -> None:
-    config = parse_config(
-        {
-            "auth": {"jwt_secret": SECRET},
-            "delivery": [
-                {"pattern": "prices.slow", "policy": "close"},
-                {"pattern": "prices.>", "policy": "latest"},
-            ],
-        }
-    )
+PRICES = {
+    "auth": {"jwt_secret": SECRET},
+    "delivery": [
+        {"pattern": "prices.slow", "policy": "close"},
+        {"pattern": "prices.>", "policy": "latest"},
+    ],
+}
+
+
+def prices_router(latest: bool = True) -> Router:
+    """A router with a bus that watches nothing; ``prices.>`` but ``prices.slow`` delivered
+    latest (unless not ``latest``)."""
     router = Router()
     router.bus = Bus()  # type: ignore[assignment]
-    router.latest = latest_topics(config)
+    if latest:
+        router.latest = latest_topics(parse_config(PRICES))
+    return router
+
+
+async def test_the_router_gives_latest_topics_their_publication_once_per_session() -> None:
+    router = prices_router()
     queue = Recorder()
     for pattern in ("prices.a", "prices.>", "prices.slow"):
         await router.add(Subscription(queue, pattern))  # type: ignore[arg-type]
@@ -256,6 +374,30 @@ async def test_the_router_sends_latest_topics_through_send_latest_once_per_sessi
     router.on_publication(pub("prices.slow", 2))
     assert queue.calls == [("latest", 1), ("send", 2)]
     assert router.deliveries == 2
+
+
+async def test_the_router_tells_a_queue_that_it_receives_latest_topics() -> None:
+    router = prices_router()
+    exact, close, wild = Recorder(), Recorder(), Recorder()
+    await router.add(Subscription(exact, "prices.a"))  # type: ignore[arg-type]
+    await router.add(Subscription(close, "prices.slow"))  # type: ignore[arg-type]
+    await router.add(Subscription(wild, "prices.*"))  # type: ignore[arg-type]
+    assert (exact.receives_latest, close.receives_latest, wild.receives_latest) == (
+        True,
+        False,
+        False,
+    )
+    router.on_publication(pub("prices.slow", 1))
+    assert not close.receives_latest and not wild.receives_latest
+    router.on_publication(pub("prices.b", 1))
+    assert wild.receives_latest and not close.receives_latest
+    # A reload that makes a subscribed topic latest tells its queues at once.
+    later = prices_router(latest=False)
+    queue = Recorder()
+    await later.add(Subscription(queue, "prices.a"))  # type: ignore[arg-type]
+    assert not queue.receives_latest
+    later.latest = latest_topics(parse_config(PRICES))
+    assert queue.receives_latest
 
 
 def test_no_latest_rule_leaves_the_router_on_its_one_path() -> None:
