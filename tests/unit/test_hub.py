@@ -204,15 +204,15 @@ async def test_the_publisher_hears_its_own_publication_once_in_offset_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "hub.sock"
-    forwarded: list[list[Any]] = []
-    real_send_batched = broker.ipc.Link.send_batched
+    forwarded: list[tuple[Any, ...]] = []
+    real_send_run = broker.ipc.Link.send_run
 
-    def spy(self: broker.ipc.Link, message: list[Any], size: int) -> None:
-        if message[0] == "pub":
-            forwarded.append(message)
-        real_send_batched(self, message, size)
+    def spy(self: broker.ipc.Link, kind: str, values: tuple[Any, ...], size: int) -> None:
+        if kind == "pubs":
+            forwarded.append(values)
+        real_send_run(self, kind, values, size)
 
-    monkeypatch.setattr(broker.ipc.Link, "send_batched", spy)
+    monkeypatch.setattr(broker.ipc.Link, "send_run", spy)
     async with two_workers(path) as (bus, received, other, other_seen):
         await bus.watch("t")
         await other.watch("t")
@@ -227,7 +227,7 @@ async def test_the_publisher_hears_its_own_publication_once_in_offset_order(
         assert [p.offset for p in other_seen] == list(range(1, 41))
         assert received == other_seen
         # every publication of "t" crossed the hub once, to the worker that did not send it
-        assert sorted(m[2] for m in forwarded) == list(range(1, 41))
+        assert sorted(v[1] for v in forwarded) == list(range(1, 41))
         assert all(isinstance(d, Publication) for d in done)
         # the awaited publish delivers locally too (also to a second watched topic)
         pub = await bus.publish("u", "1", None)
