@@ -223,32 +223,36 @@ class Hub:
             link.reply(rid, False, f"unknown method {method!r}")
 
     def _publish_run(self, wl: WorkerLink, values: list[Any]) -> None:
-        """Handle a run of publish requests (``[id, topic, data, sender, ...]``), each as
-        :meth:`_publish_one`; a refusal or a failure answers only its own request."""
+        """Handle a run of publish requests (``[id, topic, data, sender, ...]``) in one loop:
+        each is answered with ``[offset, epoch, mine]`` (``mine``: ``wl`` watches the topic
+        and delivers the publication itself), in a run of replies; a refusal or a failure
+        answers only its own request."""
+        link = wl.link
+        journal = self.journal
+        durable = journal is not None and journal.ack_on_disk
         for i in range(0, len(values), 4):
             rid = values[i]
             try:
-                self._publish_one(wl, rid, values[i + 1], values[i + 2], values[i + 3])
+                if durable:
+                    self._publish_durable(link, rid, values[i + 1], values[i + 2], values[i + 3])
+                else:  # no closure per publication
+                    pub, mine = self._publish(values[i + 1], values[i + 2], values[i + 3], wl)
+                    link.reply_run(rid, [pub.offset, pub.epoch, mine], REPLY_SIZE)
             except FrameError as exc:  # a refusal the client hears about (too_many_topics)
-                wl.link.reply(rid, False, [exc.code, exc.message])
+                link.reply(rid, False, [exc.code, exc.message])
             except Exception as exc:  # a bad request must not take the hub down
                 log.exception("hub_request_failed", kind="publish")
-                wl.link.reply(rid, False, f"internal: {exc}")
+                link.reply(rid, False, f"internal: {exc}")
 
-    def _publish_one(
-        self, wl: WorkerLink, rid: int, topic: str, data: str, sender: str | None
+    def _publish_durable(
+        self, link: Link, rid: int, topic: str, data: str, sender: str | None
     ) -> None:
-        """Publish for worker ``wl`` and answer request ``rid`` with ``[offset, epoch, mine]``
-        (``mine``: ``wl`` watches the topic and delivers the publication itself)."""
-        link = wl.link
+        """Publish and answer request ``rid`` once the publication is on disk. The
+        publishing worker gets its publication forwarded like every other (in offset order
+        with the rest of the topic), not with its reply, which may come after later
+        publications."""
         journal = self.journal
-        if journal is None or not journal.ack_on_disk:  # no closure per publication
-            pub, mine = self._publish(topic, data, sender, wl)
-            link.reply_run(rid, [pub.offset, pub.epoch, mine], REPLY_SIZE)
-            return
-        # The reply waits for the commit: the publishing worker gets its publication
-        # forwarded like every other (in offset order with the rest of the topic),
-        # not with its reply, which may come after later publications.
+        assert journal is not None
         pub, _ = self._publish(topic, data, sender, None)
 
         def answer(error: BaseException | None) -> None:
@@ -283,7 +287,9 @@ class Hub:
             # a worker watching through several patterns is matched (and sent it) once
             targets: Iterable[WorkerLink] = {id(w): w for w in index.match(topic)}.values()
         else:
-            targets = tuple(index.exact.get(topic, ()))
+            # iterated as it is: nothing below changes who watches (a failed link is
+            # forgotten by its own task, later)
+            targets = index.exact.get(topic, ())
         mine = False
         values: tuple[Any, ...] = ()
         size = 0
