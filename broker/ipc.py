@@ -33,8 +33,8 @@ Runs (:meth:`Link.send_run`) carry the hot path, one flat list of values per run
     ["pubs", [topic, offset, epoch, sender, data, ...]]     publications (data: JSON text)
 
 Batches: the hot messages (publish requests, their replies, forwarded publications) are queued
-with :meth:`Link.send_batched` or :meth:`Link.send_run`, and whatever was queued that way since the last
-message sent otherwise crosses as one ``batch`` message: one :func:`marshal.dumps` and one
+with :meth:`Link.send_batched` (or in runs, below), and whatever was queued that way since the
+last message sent otherwise crosses as one ``batch`` message: one :func:`marshal.dumps` and one
 length prefix for the lot, and one :func:`marshal.loads` and one dispatch per batch on the
 other side, instead of one of each per message (per publication, the marshal calls and the
 framing were most of what the link cost). A batch holds messages in the order they were sent
@@ -94,7 +94,8 @@ def encode(message: list[Any]) -> bytes:
 def worst_size(topic: str, data: str, sender: str | None) -> int:
     """An upper bound of the encoded bytes of a message carrying a publication's texts and a
     few small values (marshal: at most 4 bytes a character); what :meth:`Link.send_batched`
-    needs. Written out, not summed over a generator: it runs once per publication."""
+    and :meth:`Link.send_run` need. Written out, not summed over a generator: it runs once
+    per publication."""
     return 4 * (len(topic) + len(data) + (len(sender) if sender else 0)) + 64
 
 

@@ -4,9 +4,11 @@ arrive on the same link, in order. Requests the hub sends the other way (statist
 disconnect ordered through the HTTP API) go to ``control``.
 
 A publish request crosses batched (in a run of them, :meth:`broker.ipc.Link.call_run`), and
-its reply says whether this worker watches the topic: then the hub has not forwarded the publication here, and this worker delivers it to its own
-subscribers when the reply arrives, from the reader, at the place in the link's order where
-the forwarded publication would have been (see :mod:`broker.hub`)."""
+its reply says whether this worker watches the topic: then the hub has not forwarded the
+publication here, and this worker delivers it to its own subscribers when the reply arrives,
+from the reader, at the place in the link's order where the forwarded publication would have
+been (see :mod:`broker.hub`). Publications forwarded by the hub arrive in runs too, each run
+delivered in one loop."""
 
 from __future__ import annotations
 

@@ -118,6 +118,25 @@ async def test_a_refusal_reaches_the_worker_with_its_code(tmp_path: Path) -> Non
         assert hub.store.stats()["topics_refused"] == 2
 
 
+async def test_a_refusal_in_a_run_of_publications_answers_only_its_own(tmp_path: Path) -> None:
+    async with hub_and_bus(tmp_path / "hub.sock", LimitsConfig(max_topics=1)) as (hub, bus, _):
+        await bus.watch("a")
+        done: list[Any] = []
+        for topic in ("a", "b", "a", "c", "a"):  # one run: nothing else is sent between them
+            bus.publish_nowait(topic, "1", None, done.append)
+        await until(lambda: len(done) == 5)
+        assert [type(d).__name__ for d in done] == [
+            "Publication",
+            "FrameError",
+            "Publication",
+            "FrameError",
+            "Publication",
+        ]
+        assert [d.offset for d in done[::2]] == [1, 2, 3]
+        assert {d.code for d in done[1::2]} == {"too_many_topics"}
+        assert not hub.workers[0].link.closed
+
+
 async def raw_worker(path: Path, index: int, watch: str) -> socket.socket:
     """A worker that says hello and watches ``watch``, then is never read again."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
