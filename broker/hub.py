@@ -14,7 +14,9 @@ not forward the publication to it but flags the reply (``[offset, epoch, True]``
 worker, which still holds the publication's text, delivers it itself when the reply arrives.
 The reply takes the place the forwarded publication had in that link's order (the hub sends
 nothing between the two), so each worker still sees every topic in offset order. Publications,
-publish requests and their replies cross batched (:meth:`broker.ipc.Link.send_batched`).
+publish requests and their replies cross in runs (:meth:`broker.ipc.Link.send_run`): the hub
+handles a worker's batch of publish requests in one loop (:meth:`Hub._publish_run`), and each
+link gets its replies and forwarded publications as flat lists, one per run.
 
 The store is bounded as in the one-process broker (``[limits] history_max_bytes`` and
 ``max_topics``), so the supervisor never holds more history than that budget, and history
@@ -131,6 +133,9 @@ class Hub:
 
         def on_message(link: Link, message: list[Any]) -> None:
             assert wl is not None
+            if message[0] == "publish":
+                self._publish_run(wl, message[1])
+                return
             try:
                 self._dispatch(wl, message)
             except FrameError as exc:  # a refusal the client hears about (too_many_topics)
@@ -172,25 +177,7 @@ class Hub:
             return
         rid, method, args = message[1], message[2], message[3:]
         link = wl.link
-        if method == "publish":
-            journal = self.journal
-            if journal is None or not journal.ack_on_disk:  # no closure per publication
-                pub, mine = self._publish(args[0], args[1], args[2], wl)
-                link.send_batched(["res", rid, True, [pub.offset, pub.epoch, mine]], REPLY_SIZE)
-            else:
-                # The reply waits for the commit: the publishing worker gets its publication
-                # forwarded like every other (in offset order with the rest of the topic),
-                # not with its reply, which may come after later publications.
-                pub, _ = self._publish(args[0], args[1], args[2], None)
-
-                def answer(error: BaseException | None) -> None:
-                    if error is None:
-                        link.reply(rid, True, [pub.offset, pub.epoch, False])
-                    else:
-                        link.reply(rid, False, [COMMIT_FAILED.code, COMMIT_FAILED.message])
-
-                journal.when_durable(answer)
-        elif method == "position":
+        if method == "position":
             pos = self.store.position(args[0])
             link.reply(rid, True, [pos.offset, pos.epoch])
         elif method == "history":
@@ -235,6 +222,47 @@ class Hub:
         else:
             link.reply(rid, False, f"unknown method {method!r}")
 
+    def _publish_run(self, wl: WorkerLink, values: list[Any]) -> None:
+        """Handle a run of publish requests (``[id, topic, data, sender, ...]``) in one loop:
+        each is answered with ``[offset, epoch, mine]`` (``mine``: ``wl`` watches the topic
+        and delivers the publication itself), in a run of replies; a refusal or a failure
+        answers only its own request."""
+        link = wl.link
+        journal = self.journal
+        durable = journal is not None and journal.ack_on_disk
+        for i in range(0, len(values), 4):
+            rid = values[i]
+            try:
+                if durable:
+                    self._publish_durable(link, rid, values[i + 1], values[i + 2], values[i + 3])
+                else:  # no closure per publication
+                    pub, mine = self._publish(values[i + 1], values[i + 2], values[i + 3], wl)
+                    link.reply_run(rid, [pub.offset, pub.epoch, mine], REPLY_SIZE)
+            except FrameError as exc:  # a refusal the client hears about (too_many_topics)
+                link.reply(rid, False, [exc.code, exc.message])
+            except Exception as exc:  # a bad request must not take the hub down
+                log.exception("hub_request_failed", kind="publish")
+                link.reply(rid, False, f"internal: {exc}")
+
+    def _publish_durable(
+        self, link: Link, rid: int, topic: str, data: str, sender: str | None
+    ) -> None:
+        """Publish and answer request ``rid`` once the publication is on disk. The
+        publishing worker gets its publication forwarded like every other (in offset order
+        with the rest of the topic), not with its reply, which may come after later
+        publications."""
+        journal = self.journal
+        assert journal is not None
+        pub, _ = self._publish(topic, data, sender, None)
+
+        def answer(error: BaseException | None) -> None:
+            if error is None:
+                link.reply(rid, True, [pub.offset, pub.epoch, False])
+            else:
+                link.reply(rid, False, [COMMIT_FAILED.code, COMMIT_FAILED.message])
+
+        journal.when_durable(answer)
+
     # --- used by the hub's own requests and by the operations listener --------------------
 
     def history_stats(self) -> dict[str, Any]:
@@ -259,18 +287,20 @@ class Hub:
             # a worker watching through several patterns is matched (and sent it) once
             targets: Iterable[WorkerLink] = {id(w): w for w in index.match(topic)}.values()
         else:
-            targets = tuple(index.exact.get(topic, ()))
+            # iterated as it is: nothing below changes who watches (a failed link is
+            # forgotten by its own task, later)
+            targets = index.exact.get(topic, ())
         mine = False
-        message: list[Any] | None = None
+        values: tuple[Any, ...] = ()
         size = 0
         for w in targets:
             if w is source:
                 mine = True
                 continue
-            if message is None:
-                message = ["pub", pub.topic, pub.offset, pub.epoch, pub.sender, pub.data]
+            if not values:
+                values = (pub.topic, pub.offset, pub.epoch, pub.sender, pub.data)
                 size = worst_size(topic, data, sender)
-            w.link.send_batched(message, size)
+            w.link.send_run("pubs", values, size)
         return pub, mine
 
     def forward_presence(self, event: PresenceEvent) -> None:

@@ -21,14 +21,20 @@ Message shapes (the first element names the kind):
                                    ``[code, message]`` for a refusal with a protocol error code)
     ["part", id, [item...]]        ... or a page of a paged result's items, then
     ["end", id, [rest...]]         ... its end: the result is ``[all items, *rest]``
-    ["pub", topic, offset, epoch, sender, data]   a publication (data: JSON text)
     ["presence", topic, kind, client]             a join or leave
     ["hb"]                                        a worker's heartbeat
     ["batch", [message...]]                       several of the above, in order
+    [kind, [value...]]                            a run: many small messages of one kind
+
+Runs (:meth:`Link.send_run`) carry the hot path, one flat list of values per run:
+
+    ["publish", [id, topic, data, sender, ...]]             publish requests (4 values each)
+    ["oks", [id, result, ...]]                              successful replies (2 values each)
+    ["pubs", [topic, offset, epoch, sender, data, ...]]     publications (data: JSON text)
 
 Batches: the hot messages (publish requests, their replies, forwarded publications) are queued
-with :meth:`Link.send_batched` as lists, and whatever was queued that way since the last
-message sent otherwise crosses as one ``batch`` message: one :func:`marshal.dumps` and one
+with :meth:`Link.send_batched` (or in runs, below), and whatever was queued that way since the
+last message sent otherwise crosses as one ``batch`` message: one :func:`marshal.dumps` and one
 length prefix for the lot, and one :func:`marshal.loads` and one dispatch per batch on the
 other side, instead of one of each per message (per publication, the marshal calls and the
 framing were most of what the link cost). A batch holds messages in the order they were sent
@@ -36,6 +42,13 @@ and is sealed before any other message is queued, so batching never reorders a l
 is sealed when it reaches :data:`PAGE_BYTES` (by the callers' estimates), so it stays well
 under :data:`MAX_MESSAGE`; a message estimated larger than a page crosses alone (and one that
 passes :data:`MAX_MESSAGE` ends the link, as any other would).
+
+A run goes one step further: consecutive messages of one kind, queued with
+:meth:`Link.send_run`, are one message of the batch whose values are laid end to end in one
+flat list. The peer then handles a whole run in one loop, with no list and no dispatch per
+message (the hub's share of a publication was mostly such per-message overhead: a request
+list, a reply list, a forwarded list, each decoded, dispatched on its kind and taken apart).
+A run only ever grows at the end of the pending batch, so it keeps the link's order too.
 
 Every message is bounded by :data:`MAX_MESSAGE`: a result that could be larger (history) is
 sent with :meth:`Link.reply_paged`, in pages of at most :data:`PAGE_BYTES`. A link whose write
@@ -81,7 +94,8 @@ def encode(message: list[Any]) -> bytes:
 def worst_size(topic: str, data: str, sender: str | None) -> int:
     """An upper bound of the encoded bytes of a message carrying a publication's texts and a
     few small values (marshal: at most 4 bytes a character); what :meth:`Link.send_batched`
-    needs. Written out, not summed over a generator: it runs once per publication."""
+    and :meth:`Link.send_run` need. Written out, not summed over a generator: it runs once
+    per publication."""
     return 4 * (len(topic) + len(data) + (len(sender) if sender else 0)) + 64
 
 
@@ -116,6 +130,8 @@ class Link:
         self._queued = 0  # bytes in _out
         self._batch: list[list[Any]] = []  # messages for the next batch, in order
         self._batch_bytes = 0  # their estimated size
+        self._run: list[Any] | None = None  # the values of the run ending _batch, if one does
+        self._run_kind = ""
         self._sent = 0  # messages queued so far (the writer watches it to coalesce)
         self._wakeup = trio.Event()
         self._ids = itertools.count(1)
@@ -155,6 +171,7 @@ class Link:
         batch with the messages queued the same way around it; see the module's docstring."""
         if self.closed:
             return
+        self._run = None
         if self._batch and self._batch_bytes + size > PAGE_BYTES:
             self._seal()
         self._batch.append(message)
@@ -164,8 +181,28 @@ class Link:
             self._seal()
         self._wakeup.set()
 
+    def send_run(self, kind: str, values: tuple[Any, ...], size: int) -> None:
+        """Queue one message of ``kind`` made of ``values`` (``size``: an upper bound of their
+        encoded bytes), batched: appended to the run of ``kind`` that ends the pending batch,
+        or the start of a new run. The peer's handler receives ``[kind, [values...]]``, the
+        values of consecutive messages laid end to end; see the module's docstring."""
+        run = self._run
+        if run is not None and self._run_kind == kind and self._batch_bytes + size <= PAGE_BYTES:
+            run.extend(values)
+            self._batch_bytes += size
+            self._sent += 1
+            if self._batch_bytes >= PAGE_BYTES:
+                self._seal()
+            return  # the writer's wakeup is set: it was when the run began
+        run = list(values)
+        message = [kind, run]
+        self.send_batched(message, size)
+        if self._batch and self._batch[-1] is message:  # not sealed already: it may grow
+            self._run, self._run_kind = run, kind
+
     def _seal(self) -> None:
         """Queue the pending batch as one message (a lone message as itself)."""
+        self._run = None
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._push(encode(batch[0] if len(batch) == 1 else ["batch", batch]))
 
@@ -235,26 +272,30 @@ class Link:
             return result
         raise _failure(result)
 
-    def call_nowait(
+    def call_run(
         self,
         done: Callable[[Any | BaseException], None],
-        method: str,
-        *args: Any,
-        size: int | None = None,
+        kind: str,
+        values: tuple[Any, ...],
+        size: int,
     ) -> None:
-        """Send a request; ``done`` gets its result (or a :class:`BusError`) when the reply
-        comes, or :class:`BusUnavailable` if the link goes first. ``done`` runs in the
-        reader, at the reply's place in the link's order. With ``size`` (an upper bound of
-        the request's encoded bytes) the request crosses batched."""
+        """Send a request without waiting, batched in the run of ``kind`` (:meth:`send_run`:
+        the request's id followed by ``values``; ``size`` bounds their encoded bytes). ``done``
+        gets its result (or a :class:`BusError`, or :class:`FrameError` for a refusal) when
+        the reply comes, or :class:`BusUnavailable` if the link goes first; it runs in the
+        reader, at the reply's place in the link's order. The peer answers with
+        :meth:`reply_run`, or :meth:`reply` (a failure)."""
         if self.closed:
             done(BusUnavailable("the hub link is down"))
             return
         rid = next(self._ids)
         self._callbacks[rid] = done
-        if size is None:
-            self.send(["req", rid, method, *args])
-        else:
-            self.send_batched(["req", rid, method, *args], size)
+        self.send_run(kind, (rid, *values), size)
+
+    def reply_run(self, rid: int, result: Any, size: int) -> None:
+        """Answer request ``rid`` successfully with ``result`` (of at most ``size`` encoded
+        bytes), in the run of such replies (``["oks", [id, result, ...]]``)."""
+        self.send_run("oks", (rid, result), size)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read and write until the peer closes or fails, then fail every pending call."""
@@ -275,7 +316,7 @@ class Link:
         self.gone.set()
         self._parts.clear()
         self._out, self._queued = [], 0
-        self._batch, self._batch_bytes = [], 0
+        self._batch, self._batch_bytes, self._run = [], 0, None
         for event, _ in self._calls.values():
             event.set()
         callbacks, self._callbacks = self._callbacks, {}
@@ -356,6 +397,10 @@ class Link:
         elif kind == "part":
             if message[1] in self._calls or message[1] in self._callbacks:
                 self._parts.setdefault(message[1], []).extend(message[2])
+        elif kind == "oks":
+            values = message[1]
+            for i in range(0, len(values), 2):
+                self._resolve(values[i], True, values[i + 1])
         elif kind == "end":
             items = self._parts.pop(message[1], [])
             self._resolve(message[1], True, [items, *message[2]])

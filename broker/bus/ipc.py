@@ -3,10 +3,12 @@ hub (:mod:`broker.hub`) over a Unix socket; publications and presence events the
 arrive on the same link, in order. Requests the hub sends the other way (statistics, a
 disconnect ordered through the HTTP API) go to ``control``.
 
-A publish request crosses batched, and its reply says whether this worker watches the topic:
-then the hub has not forwarded the publication here, and this worker delivers it to its own
-subscribers when the reply arrives, from the reader, at the place in the link's order where
-the forwarded publication would have been (see :mod:`broker.hub`)."""
+A publish request crosses batched (in a run of them, :meth:`broker.ipc.Link.call_run`), and
+its reply says whether this worker watches the topic: then the hub has not forwarded the
+publication here, and this worker delivers it to its own subscribers when the reply arrives,
+from the reader, at the place in the link's order where the forwarded publication would have
+been (see :mod:`broker.hub`). Publications forwarded by the hub arrive in runs too, each run
+delivered in one loop."""
 
 from __future__ import annotations
 
@@ -67,17 +69,18 @@ class HubClient:
             nursery.cancel_scope.cancel()
         log.error("hub_link_lost")
 
-    def call_nowait(
+    def call_run(
         self,
         done: Callable[[Any | BaseException], None],
-        method: str,
-        *args: Any,
-        size: int | None = None,
+        kind: str,
+        values: tuple[Any, ...],
+        size: int,
     ) -> None:
+        """:meth:`broker.ipc.Link.call_run` on the link, once there is one."""
         if self.link is None:
             done(BusUnavailable("not connected to the hub"))
             return
-        self.link.call_nowait(done, method, *args, size=size)
+        self.link.call_run(done, kind, values, size)
 
     async def call(self, method: str, *args: Any) -> Any:
         if self.link is None:
@@ -138,9 +141,15 @@ class IpcBus(Bus):
 
     def _on_push(self, message: list[Any]) -> None:
         kind = message[0]
-        if kind == "pub":
-            _, topic, offset, epoch, sender, data = message
-            self.handlers.on_publication(Publication(topic, offset, epoch, sender, data))
+        if kind == "pubs":  # a run: [topic, offset, epoch, sender, data, ...]
+            values = message[1]
+            on_publication = self.handlers.on_publication
+            for i in range(0, len(values), 5):
+                on_publication(
+                    Publication(
+                        values[i], values[i + 1], values[i + 2], values[i + 3], values[i + 4]
+                    )
+                )
         elif kind == "presence":
             _, topic, what, client = message
             self.handlers.on_presence(PresenceEvent(topic, what, client))
@@ -197,7 +206,7 @@ class IpcBus(Bus):
         except FrameError as exc:
             done(exc)
             return True
-        self.client.call_nowait(reply, "publish", topic, data, sender, size=size)
+        self.client.call_run(reply, "publish", (topic, data, sender), size)
         return True
 
     async def position(self, topic: str) -> StreamPosition:

@@ -118,6 +118,25 @@ async def test_a_refusal_reaches_the_worker_with_its_code(tmp_path: Path) -> Non
         assert hub.store.stats()["topics_refused"] == 2
 
 
+async def test_a_refusal_in_a_run_of_publications_answers_only_its_own(tmp_path: Path) -> None:
+    async with hub_and_bus(tmp_path / "hub.sock", LimitsConfig(max_topics=1)) as (hub, bus, _):
+        await bus.watch("a")
+        done: list[Any] = []
+        for topic in ("a", "b", "a", "c", "a"):  # one run: nothing else is sent between them
+            bus.publish_nowait(topic, "1", None, done.append)
+        await until(lambda: len(done) == 5)
+        assert [type(d).__name__ for d in done] == [
+            "Publication",
+            "FrameError",
+            "Publication",
+            "FrameError",
+            "Publication",
+        ]
+        assert [d.offset for d in done[::2]] == [1, 2, 3]
+        assert {d.code for d in done[1::2]} == {"too_many_topics"}
+        assert not hub.workers[0].link.closed
+
+
 async def raw_worker(path: Path, index: int, watch: str) -> socket.socket:
     """A worker that says hello and watches ``watch``, then is never read again."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -204,15 +223,15 @@ async def test_the_publisher_hears_its_own_publication_once_in_offset_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "hub.sock"
-    forwarded: list[list[Any]] = []
-    real_send_batched = broker.ipc.Link.send_batched
+    forwarded: list[tuple[Any, ...]] = []
+    real_send_run = broker.ipc.Link.send_run
 
-    def spy(self: broker.ipc.Link, message: list[Any], size: int) -> None:
-        if message[0] == "pub":
-            forwarded.append(message)
-        real_send_batched(self, message, size)
+    def spy(self: broker.ipc.Link, kind: str, values: tuple[Any, ...], size: int) -> None:
+        if kind == "pubs":
+            forwarded.append(values)
+        real_send_run(self, kind, values, size)
 
-    monkeypatch.setattr(broker.ipc.Link, "send_batched", spy)
+    monkeypatch.setattr(broker.ipc.Link, "send_run", spy)
     async with two_workers(path) as (bus, received, other, other_seen):
         await bus.watch("t")
         await other.watch("t")
@@ -227,7 +246,7 @@ async def test_the_publisher_hears_its_own_publication_once_in_offset_order(
         assert [p.offset for p in other_seen] == list(range(1, 41))
         assert received == other_seen
         # every publication of "t" crossed the hub once, to the worker that did not send it
-        assert sorted(m[2] for m in forwarded) == list(range(1, 41))
+        assert sorted(v[1] for v in forwarded) == list(range(1, 41))
         assert all(isinstance(d, Publication) for d in done)
         # the awaited publish delivers locally too (also to a second watched topic)
         pub = await bus.publish("u", "1", None)

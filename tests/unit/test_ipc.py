@@ -23,10 +23,16 @@ from broker.ipc import MAX_MESSAGE, Link, encode
 
 def echo_peer(received: list[list[Any]]) -> Any:
     """An ``on_message`` that records pushes and answers requests: ``add`` sums its
-    arguments, ``fail`` fails, anything else is unknown."""
+    arguments, ``fail`` fails, anything else is unknown; a run of ``add2`` requests
+    (``[id, x, y, ...]``) is answered with a run of sums."""
 
     def on_message(link: Link, message: list[Any]) -> None:
         received.append(message)
+        if message[0] == "add2":
+            values = message[1]
+            for i in range(0, len(values), 3):
+                link.reply_run(values[i], values[i + 1] + values[i + 2], 64)
+            return
         if message[0] != "req":
             return
         rid, method, args = message[1], message[2], message[3:]
@@ -66,7 +72,7 @@ async def test_requests_replies_and_pushes_cross_in_order() -> None:
         assert not isinstance(failed.value, BusUnavailable)
 
         results: list[Any] = []
-        a.call_nowait(results.append, "add", 2, 3)
+        a.call_run(results.append, "add2", (2, 3), 64)
         # every shape the hub and the workers exchange: text with any character, JSON text
         # as a str, None, bools, nested lists and dicts
         pub = ["pub", "t.ü\u2028", 7, "e1", None, '{"x":[1,"\\u0000"]}']
@@ -160,7 +166,29 @@ async def test_batched_messages_cross_as_one_in_order_with_the_others() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_batch_is_sealed_at_a_page(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_runs_of_requests_replies_and_pushes_are_read_in_order() -> None:
+    async with running_pair() as (a, b, pushes, at_b):
+        results: list[Any] = []
+        for i in range(50):
+            a.call_run(results.append, "add2", (i, 1), 64)
+        b.send_run("pubs", ("t", 1), 64)
+        b.send_run("pubs", ("t", 2), 64)
+        b.send_batched(["res", 999, True, None], 64)  # a reply nobody waits for: dropped
+        b.send_run("oks", (998, None), 64)  # the same, in a run
+        b.send_run("pubs", ("t", 3), 64)
+        with trio.fail_after(5):
+            while len(results) < 50 or len(pushes) < 2:
+                await trio.testing.wait_all_tasks_blocked()
+        # the requests, in order, in runs (the writer may have flushed between them)
+        assert [v for m in at_b for v in m[1][::3]] == list(range(1, 51))
+        assert all(m[0] == "add2" for m in at_b)
+        assert results == [i + 1 for i in range(50)]
+        assert pushes == [["pubs", ["t", 1, "t", 2]], ["pubs", ["t", 3]]]
+
+
+async def test_a_batch_or_a_run_is_sealed_at_a_page_and_by_any_other_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(broker.ipc, "PAGE_BYTES", 1000)
     a_stream, raw = trio.testing.memory_stream_pair()
     a = Link(a_stream, lambda link, message: None)
@@ -170,6 +198,14 @@ async def test_a_batch_is_sealed_at_a_page(monkeypatch: pytest.MonkeyPatch) -> N
             a.send_batched(["pub", i], 400)  # two fit a page, the third does not
         a.send_batched(["big", 5], 5000)  # larger than a page: alone
         a.send_batched(["pub", 6], 400)
+        a.send(["sealed"])
+        for i in range(3):
+            a.send_run("r", (i, "x"), 400)  # two fit a page, the third does not
+        a.send_run("s", (3,), 100)  # another kind: another run, in the same batch
+        a.send_run("r", (4,), 100)
+        a.send(["presence", "t", "join", "c"])  # seals the batch before it: order kept
+        a.send_run("r", (5,), 5000)  # larger than a page: alone, and grows no further
+        a.send_run("r", (6,), 100)
         frames = read_frames(await drain(raw))
         assert frames == [
             ["batch", [["pub", 0], ["pub", 1]]],
@@ -177,37 +213,42 @@ async def test_a_batch_is_sealed_at_a_page(monkeypatch: pytest.MonkeyPatch) -> N
             ["pub", 4],
             ["big", 5],
             ["pub", 6],
+            ["sealed"],
+            ["r", [0, "x", 1, "x"]],
+            ["batch", [["r", [2, "x"]], ["s", [3]], ["r", [4]]]],
+            ["presence", "t", "join", "c"],
+            ["r", [5]],
+            ["r", [6]],
         ]
         nursery.cancel_scope.cancel()
 
 
-async def test_a_batch_of_requests_replies_and_pushes_is_read_in_order() -> None:
-    async with running_pair() as (a, b, pushes, at_b):
-        results: list[Any] = []
-        for i in range(50):
-            a.call_nowait(results.append, "add", i, 1, size=64)
-        b.send_batched(["pub", "t", 1], 64)
-        b.send_batched(["res", 999, True, None], 64)  # a reply nobody waits for: dropped
-        b.send_batched(["pub", "t", 2], 64)
-        with trio.fail_after(5):
-            while len(results) < 50 or len(pushes) < 2:
-                await trio.testing.wait_all_tasks_blocked()
-        assert [m[1] for m in at_b] == list(range(1, 51))  # the requests, in order
-        assert results == [i + 1 for i in range(50)]
-        assert pushes == [["pub", "t", 1], ["pub", "t", 2]]
+def _unrun(message: list[Any]) -> list[list[Any]]:
+    """The messages ``["m", i, text]`` a message read in the test below stands for (a run of
+    them carries ``[i, text, ...]``)."""
+    if message[0] == "run":
+        assert message[1]  # a run is never empty
+        values = message[1]
+        return [["m", values[k], values[k + 1]] for k in range(0, len(values), 2)]
+    return [message]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    plan=st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=1500)), max_size=40),
+    plan=st.lists(
+        st.tuples(
+            st.sampled_from(["plain", "batched", "run"]), st.integers(min_value=1, max_value=1500)
+        ),
+        max_size=40,
+    ),
     yields=st.lists(st.booleans(), max_size=40),
 )
-def test_any_mix_of_batched_and_plain_messages_arrives_whole_and_in_order(
-    plan: list[tuple[bool, int]], yields: list[bool]
+def test_any_mix_of_batched_run_and_plain_messages_arrives_whole_and_in_order(
+    plan: list[tuple[str, int]], yields: list[bool]
 ) -> None:
-    """Whatever is batched or not, of whatever size against a page, and whenever the writer
-    gets to run: the peer gets every message once, in the order sent, in frames of at most a
-    page of batched messages (or one message alone)."""
+    """Whatever is batched, in a run or neither, of whatever size against a page, and
+    whenever the writer gets to run: the peer gets every message once, in the order sent, in
+    frames of at most a page of batched messages (or one message alone)."""
     page = 1000
 
     async def main() -> tuple[list[list[Any]], list[list[Any]]]:
@@ -216,11 +257,13 @@ def test_any_mix_of_batched_and_plain_messages_arrives_whole_and_in_order(
         sent: list[list[Any]] = []
         async with trio.open_nursery() as nursery:
             await nursery.start(a.run)
-            for i, (batched, size) in enumerate(plan):
+            for i, (mode, size) in enumerate(plan):
                 message = ["m", i, "x" * (size // 8)]
                 sent.append(message)
-                if batched:
+                if mode == "batched":
                     a.send_batched(message, size)
+                elif mode == "run":
+                    a.send_run("run", (i, message[2]), size)
                 else:
                     a.send(message)
                 if i < len(yields) and yields[i]:
@@ -239,9 +282,13 @@ def test_any_mix_of_batched_and_plain_messages_arrives_whole_and_in_order(
     for frame in frames:
         if frame[0] == "batch":
             assert len(frame[1]) >= 2
-            assert sum(plan[m[1]][1] for m in frame[1]) <= page  # a batch stays within a page
-            assert all(plan[m[1]][0] for m in frame[1])  # only batched messages are batched
-            got.extend(frame[1])
+            inside = [m for each in frame[1] for m in _unrun(each)]
+            assert sum(plan[m[1]][1] for m in inside) <= page  # a batch stays within a page
+            assert all(plan[m[1]][0] != "plain" for m in inside)  # only batched ones batched
+            got.extend(inside)
         else:
-            got.append(frame)
+            alone = _unrun(frame)
+            if len(alone) > 1:  # a run sent as itself also stays within a page
+                assert sum(plan[m[1]][1] for m in alone) <= page
+            got.extend(alone)
     assert got == sent
