@@ -40,10 +40,13 @@ class BuildNative(build_ext):
     digests: dict[str, str] = {}
 
     def run(self) -> None:
-        target = HERE / "broker" if self.inplace else Path(self.build_lib) / "broker"
-        (target / native.MANIFEST).unlink(missing_ok=True)
         if not self.extensions:
+            # Not asked to compile: an in-place build of earlier stays as it is (its manifest
+            # still keeps it from running stale code).
             return
+        target = HERE / "broker" if self.inplace else Path(self.build_lib) / "broker"
+        # Gone until every extension is built: a build that fails halfway is not used.
+        (target / native.MANIFEST).unlink(missing_ok=True)
         try:
             super().run()
         except Exception as exc:  # the compiler's and the linker's errors, OSError
