@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit bench soak mutate system-packages clean
+.PHONY: run test lint typecheck unit compile bench soak mutate system-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,22 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-## test: install what the tests need (system packages too, when root) and run everything
-test: system-packages lint typecheck
-	$(BIN)/pytest -q
+## compile: build the hot modules (broker/native.py) with mypyc, in place; they are used
+## while they match their sources, and `make clean` removes them
+compile: $(VENV)/.installed-test
+	TRIO_PUBSUB_COMPILE=1 $(BIN)/python setup.py -q build_ext --inplace
+
+# What runs against the compiled modules too: their unit tests (all of tests/unit), the
+# fuzzers of frames and commands, and the broker from outside on the paths they serve.
+COMPILED_TESTS := tests/unit tests/fuzz/test_fuzz.py tests/integration/test_startup.py \
+	tests/integration/test_frame_limits.py tests/integration/test_delivery.py
+
+## test: install what the tests need (system packages too, when root) and run everything:
+## the compiled modules' tests compiled (TRIO_PUBSUB_COMPILED=1 refuses pure Python), then
+## the whole suite on pure Python
+test: system-packages lint typecheck compile
+	TRIO_PUBSUB_COMPILED=1 $(BIN)/pytest -q $(COMPILED_TESTS) -k "not atheris"
+	TRIO_PUBSUB_COMPILED=0 $(BIN)/pytest -q
 
 ## bench: the benchmark suite (bounded, writes bench/results/)
 bench: $(VENV)/.installed-test system-packages
@@ -55,4 +68,5 @@ mutate: $(VENV)/.installed-mutate
 	$(BIN)/python -m bench.mutate $(MUTATE_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .pubsub-dev mutants
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .pubsub-dev mutants build
+	rm -f broker/*.so broker/native.json

@@ -11,3 +11,9 @@ worker writes out. Several workers are run by :mod:`broker.supervisor`.
 """
 
 __version__ = "0.1.0"
+
+from broker import native
+
+# Before any compiled module is imported: run their extensions only while they match their
+# sources (broker/native.py).
+native.select()

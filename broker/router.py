@@ -29,11 +29,11 @@ import attrs
 
 from broker.bus.base import Bus, PresenceEvent, Publication
 from broker.protocol import encode_message, encode_presence_event, frame_text
+from broker.sendqueue import SendQueue  # at run time: see broker/native.py
 from broker.topics import SubscriptionIndex, is_wildcard
 
 if TYPE_CHECKING:
     from broker.config import Config
-    from broker.sendqueue import SendQueue
 
 __all__ = [
     "FRAME_OVERHEAD",

@@ -49,6 +49,7 @@ import trio
 import trio.lowlevel
 
 from broker.latest import LatestSlots
+from broker.native import mypyc_attr
 
 if TYPE_CHECKING:
     from broker.bus.base import Publication
@@ -130,6 +131,8 @@ class Flusher:
                 queue.flush()
 
 
+# Subclassable from Python when compiled: tests stand in for a queue with a subclass.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SendQueue:
     """The outbound bytes of one connection, bounded by ``max_bytes``.
 

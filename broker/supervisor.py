@@ -37,7 +37,7 @@ import attrs
 import structlog
 import trio
 
-from broker import gctune, rlimit, systemd
+from broker import gctune, native, rlimit, systemd
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
 from broker.config import Config, load_config, node_name, parse_hostport
 from broker.errors import ConfigError, ListenError
@@ -458,6 +458,7 @@ def run_broker(
         rlimit.raise_file_limit(), needed=needed_files(config) if one_process else None
     )
     gctune.tune()
+    native.log_status(log)
     overrides = overrides or {}
     try:
         if one_process:

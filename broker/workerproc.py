@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 import trio
 
-from broker import gctune, rlimit
+from broker import gctune, native, rlimit
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.ipc import HubClient, IpcBus
 from broker.config import Config, load_config, node_name
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     structlog.contextvars.bind_contextvars(worker=args.index)
     rlimit.log_file_limit(rlimit.raise_file_limit(), needed=needed_files(config))
+    native.log_status(log)
     fds = [int(f) for f in args.fds.split(",")]
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_worker, config, args.index, args.hub, fds, overrides)

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
+from broker import native
 from tests.support.broker import PRESENCE_EVERYWHERE, BrokerProcess
+
+
+def pytest_report_header() -> str:
+    """Which copy of the hot modules this run tests (broker/native.py)."""
+    status = native.status
+    return "broker hot modules: " + ("compiled" if status.compiled else f"pure ({status.reason})")
 
 
 @pytest.fixture

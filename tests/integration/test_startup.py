@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import native
 from broker.config import LimitsConfig
 from tests.support.broker import DEFAULT_CONFIG as BROKER_CONFIG
 from tests.support.broker import BrokerProcess, to_toml
@@ -144,6 +145,21 @@ def test_every_process_raises_its_open_file_limit(tmp_path: Path, workers: int) 
             assert open_file_soft_limit(pid) == hard
     finally:
         cm.__exit__(None, None, None)
+
+
+def test_every_process_says_whether_it_runs_the_compiled_modules(
+    tmp_path: Path, workers: int
+) -> None:
+    """One ``compiled_modules`` line per process, agreeing with this (test) process, which
+    makes the same choice from the same files and environment."""
+    with BrokerProcess.start(tmp_path, workers=workers) as b:
+        lines = b.events("compiled_modules")
+    assert len(lines) == (1 if workers == 1 else 1 + workers), lines
+    for line in lines:
+        assert line["compiled"] is native.status.compiled, line
+        assert line["reason"] == native.status.reason
+        assert line["modules"] == list(native.MODULES)
+        assert line["level"] == ("warning" if native.status.stale else "info")
 
 
 def child_pids(pid: int) -> list[int]:

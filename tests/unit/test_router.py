@@ -11,12 +11,14 @@ import pytest
 from broker.bus.base import PresenceEvent, Publication
 from broker.errors import BusUnavailable
 from broker.router import FRAME_OVERHEAD, Router, Subscription
+from broker.sendqueue import SendQueue
 
 
-class Queue:
-    """Stands in for a connection's SendQueue: records the frames sent to it."""
+class Queue(SendQueue):
+    """Stands in for a connection's SendQueue: records the frames sent to it. (A subclass,
+    and without the queue's own state: compiled, the router takes nothing else.)"""
 
-    def __init__(self, max_bytes: int = 1 << 20) -> None:
+    def __init__(self, max_bytes: int = 1 << 20) -> None:  # no flusher, no socket
         self.frames: list[bytes] = []
         self.max_bytes = max_bytes
 
@@ -65,8 +67,8 @@ def router() -> tuple[Router, Bus]:
 
 async def test_the_bus_watches_a_pattern_from_its_first_subscriber_to_its_last() -> None:
     r, bus = router()
-    a = Subscription(Queue(), "t.x")  # type: ignore[arg-type]
-    b = Subscription(Queue(), "t.x")  # type: ignore[arg-type]
+    a = Subscription(Queue(), "t.x")
+    b = Subscription(Queue(), "t.x")
     await r.add(a)
     await r.add(b)
     await r.remove(a)
@@ -81,9 +83,9 @@ async def test_each_session_gets_a_publication_once_and_deliveries_are_counted(
 ) -> None:
     r, _ = router()
     q1, q2, q3 = Queue(), Queue(), Queue()
-    subs = [Subscription(q1, "t.x"), Subscription(q2, "t.x")]  # type: ignore[arg-type]
+    subs = [Subscription(q1, "t.x"), Subscription(q2, "t.x")]
     if wildcards:
-        subs += [Subscription(q1, "t.*"), Subscription(q3, "t.>")]  # type: ignore[arg-type]
+        subs += [Subscription(q1, "t.*"), Subscription(q3, "t.>")]
     for sub in subs:
         await r.add(sub)
     r.on_publication(pub("t.x", 1))
@@ -99,9 +101,9 @@ async def test_each_session_gets_a_publication_once_and_deliveries_are_counted(
 async def test_a_pending_subscription_collects_unless_a_live_wildcard_delivers_it() -> None:
     r, _ = router()
     q_both, q_pending = Queue(), Queue()
-    exact_both = Subscription(q_both, "t.x", pending=[])  # type: ignore[arg-type]
-    exact_only = Subscription(q_pending, "t.x", pending=[])  # type: ignore[arg-type]
-    for sub in (exact_both, exact_only, Subscription(q_both, "t.*")):  # type: ignore[arg-type]
+    exact_both = Subscription(q_both, "t.x", pending=[])
+    exact_only = Subscription(q_pending, "t.x", pending=[])
+    for sub in (exact_both, exact_only, Subscription(q_both, "t.*")):
         await r.add(sub)
     r.on_publication(pub("t.x", 1))
     # Held back in pending, the seam would drop it as covered by the position announced:
@@ -119,10 +121,10 @@ async def test_what_a_pending_subscription_holds_is_bounded_by_its_queue(wildcar
     # the queue's bound they are dropped (history has them) and nothing more is held.
     r, _ = router()
     q = Queue(max_bytes=10 * (len("t.x") + 3 + FRAME_OVERHEAD))
-    sub = Subscription(q, "t.x", pending=[])  # type: ignore[arg-type]
+    sub = Subscription(q, "t.x", pending=[])
     await r.add(sub)
     if wildcards:
-        await r.add(Subscription(Queue(), "t.*"))  # type: ignore[arg-type]
+        await r.add(Subscription(Queue(), "t.*"))
     for offset in range(100, 110):
         r.on_publication(pub("t.x", offset))
     assert sub.pending is not None and len(sub.pending) == 10 and not sub.dropped
@@ -139,9 +141,9 @@ async def test_presence_events_reach_only_settled_presence_subscribers() -> None
     r, _ = router()
     watching, pending, silent = Queue(), Queue(), Queue()
     for sub in (
-        Subscription(watching, "room", presence=True),  # type: ignore[arg-type]
-        Subscription(pending, "room", presence=True, pending=[]),  # type: ignore[arg-type]
-        Subscription(silent, "room"),  # type: ignore[arg-type]
+        Subscription(watching, "room", presence=True),
+        Subscription(pending, "room", presence=True, pending=[]),
+        Subscription(silent, "room"),
     ):
         await r.add(sub)
     r.on_presence(PresenceEvent("room", "join", "bob"))
@@ -157,8 +159,8 @@ async def test_presence_events_reach_only_settled_presence_subscribers() -> None
 async def test_without_wildcards_a_pending_subscription_collects_and_is_not_counted() -> None:
     r, _ = router()
     live, settling = Queue(), Queue()
-    pending = Subscription(settling, "t.x", pending=[])  # type: ignore[arg-type]
-    await r.add(Subscription(live, "t.x"))  # type: ignore[arg-type]
+    pending = Subscription(settling, "t.x", pending=[])
+    await r.add(Subscription(live, "t.x"))
     await r.add(pending)
     r.on_publication(pub("t.x", 1))
     assert [m["offset"] for m in live.texts()] == [1]
@@ -173,7 +175,7 @@ async def test_a_subscription_the_bus_cannot_watch_is_not_left_in_the_index() ->
         raise BusUnavailable("down")
 
     bus.watch = unavailable  # type: ignore[method-assign]
-    sub = Subscription(Queue(), "t.x")  # type: ignore[arg-type]
+    sub = Subscription(Queue(), "t.x")
     with pytest.raises(BusUnavailable):
         await r.add(sub)
     assert len(r.index) == 0 and not r.index.has("t.x")
