@@ -338,7 +338,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Run {doc.get('started', '')}{' (quick)' if doc.get('quick') else ''}, "
         f"{doc.get('seconds', '?')} s; {m.get('cpus')} CPUs ({m.get('cpu_model', '')}), "
-        f"Python {m.get('python')}, {m.get('nats_server')}, node {m.get('node')}; "
+        f"Python {m.get('python')}, broker modules {m.get('broker_modules', 'not recorded')}, "
+        f"{m.get('nats_server')}, node {m.get('node')}; "
         f"`{doc.get('command', 'python -m bench.run')}`.",
         "Every server ran alone on 127.0.0.1 against the same raw-socket load generator. "
         "CPU is utime + stime of the server's whole process tree; ratios are "

@@ -88,7 +88,20 @@ def machine() -> dict[str, Any]:
         "nats_server": version(["nats-server", "--version"]),
         "node": version(["node", "--version"]),
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        "broker_modules": broker_modules(),
     }
+
+
+def broker_modules() -> str:
+    """Whether the brokers started by this run use the mypyc-compiled hot modules (they inherit
+    this process's environment and files), and if not, why."""
+    import broker
+    from broker import native
+
+    if os.environ.get(native.ENV) == "0":
+        return f"pure Python ({native.ENV}=0)"
+    status = native.check(Path(broker.__file__).parent)
+    return "compiled (mypyc)" if status.compiled else f"pure Python: {status.reason}"
 
 
 def background_cpu_pct(seconds: float = 1.0) -> float:
