@@ -78,7 +78,8 @@ def assert_same_as_wsproto(data: bytes) -> UpgradeRequest | None:
 
 
 def test_a_browser_request_takes_the_fast_path_and_reads_as_wsproto_reads_it() -> None:
-    firefox = replaced("Connection", "keep-alive, Upgrade") + [
+    firefox = [
+        *replaced("Connection", "keep-alive, Upgrade"),
         ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"),
         ("Origin", "  http://app.example  "),
         ("Sec-WebSocket-Protocol", "x, pubsub.v1,,y "),
