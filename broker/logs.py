@@ -6,13 +6,14 @@ connection's task binds stays with that connection. Tokens and message payloads 
 passed to a logger.
 
 Lines are written in batches inside a trio run (:class:`BatchedWriter`): the ``info`` and
-``debug`` lines of one scheduler batch go out in one write, at the start of the next batch,
-so that a reconnect storm's ``connect`` and ``disconnect`` lines (two per connection) cost a
-system call per batch, not two per connection (they were about a tenth of a connect's CPU,
-mostly that write). A line is never held longer than that: the writer's task runs in the very
-next batch. Warnings and errors are written at once (after the lines held before them, so the
-order stays), and so is every line outside a trio run or from another thread. At most the
-lines of the last scheduler batch are lost if the process is killed outright.
+``debug`` lines go out together at most :data:`HOLD` seconds after the first of them was
+held, so that a reconnect storm's ``connect`` and ``disconnect`` lines (two per connection)
+cost one system call per batch, not two per connection (those writes were about a tenth of a
+connect's CPU). One scheduler batch alone gathers too few of them: a connection's lines come
+from different batches. Warnings and errors are written at once (after the lines held before
+them, so the order stays), and so is every line outside a trio run or from another thread.
+At most the last :data:`HOLD` seconds of info lines are lost if the process is killed
+outright; a run that ends (a graceful stop, or an exception) writes them first.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import structlog
 import trio
 import trio.lowlevel
 
-__all__ = ["BatchedWriter", "configure_logging", "get_logger"]
+__all__ = ["HOLD", "BatchedWriter", "configure_logging", "get_logger"]
+
+#: How long an info line may be held before it is written, in seconds.
+HOLD = 0.01
 
 
 class BatchedWriter:
@@ -54,8 +58,8 @@ class BatchedWriter:
             self._file.flush()
 
     def hold(self, message: str) -> None:
-        """Write ``message`` with the next batch when called from a trio run's thread, else
-        at once."""
+        """Write ``message`` within :data:`HOLD` seconds when called from a trio run's
+        thread, else at once."""
         if not trio.lowlevel.in_trio_run():
             self.write_now(message)
             return
@@ -74,11 +78,12 @@ class BatchedWriter:
         self._wakeup.set()
 
     async def _writer(self, wakeup: trio.Event) -> None:
-        """Write what the previous batch held, once per batch that held anything; and what
-        is left when the run ends (the task is cancelled then)."""
+        """Write the held lines :data:`HOLD` seconds after the first was held; and what is
+        left when the run ends (the task is cancelled then)."""
         try:
             while True:
                 await wakeup.wait()
+                await trio.sleep(HOLD)  # (later lines find the event set already)
                 wakeup = self._wakeup = trio.Event()
                 self.flush()
         finally:
