@@ -23,11 +23,11 @@ Limits are enforced as bytes arrive, and every one of them holds however the cli
 bytes into reads:
 
 - the request head may be at most :data:`MAX_REQUEST_HEAD` bytes, counted here up to its blank
-  line (so that one large read cannot pass it either); over it, 431. A header wsproto must decode as ASCII and cannot (a non-ASCII
-  ``Host``, say) is a 400, not a traceback;
+  line (so that one large read cannot pass it either); over it, 431. A header wsproto must
+  decode as ASCII and cannot (a non-ASCII ``Host``, say) is a 400, not a traceback;
 - bytes that arrive behind the request head (frames a client pipelined after its upgrade
-  request) are not part of the request: they go to the frame reader, and are served once the upgrade is
-  accepted;
+  request) are not part of the request: they go to the frame reader, and are served once the
+  upgrade is accepted;
 - the frame reader refuses a frame whose header announces more than ``max_message`` (with the
   message's earlier fragments) before its payload comes, and bounds fragments (see
   :mod:`broker.frames`);
@@ -243,14 +243,16 @@ class ServerWebSocket:
         them (h11 judges a head only once its blank line is in, except one whose first byte
         cannot start a request line: that is handed over at once, as before)."""
         assert self._state == UPGRADING and self._key is None, "the upgrade was already read"
-        buf = b""
+        # A bytearray: a head that trickles in byte by byte is not copied whole per byte.
+        buf = bytearray()
         while True:
             data = await self._receive()
             if not data:
                 return None
             # A blank line may straddle two reads: search from the last two bytes on.
             start = max(0, len(buf) - 2)
-            buf = buf + data if buf else data
+            buf += data
+            del data
             match = _BLANK_LINE.search(buf, start)
             end = len(buf) if match is None else match.end()
             if end > MAX_REQUEST_HEAD:
@@ -265,16 +267,17 @@ class ServerWebSocket:
                 return None
             if match is None:
                 if buf[0] < 0x21:  # h11's "obviously invalid request line"
-                    return await self._general_request(buf)
+                    return await self._general_request(bytes(buf))
                 continue
             if end < len(buf):
                 # Frames the client sent right behind its request: kept for the frame reader.
                 self._reader = FrameReader(self.limits.max_message)
-                self._reader.feed(buf[end:])
-                buf = buf[:end]
-            request = parse_request(buf)
+                self._reader.feed(bytes(buf[end:]))
+            head = bytes(buf[:end])
+            del buf  # (the request's bytes hold the token)
+            request = parse_request(head)
             if request is None:
-                return await self._general_request(buf)
+                return await self._general_request(head)
             self._key = request.key
             return request
 
