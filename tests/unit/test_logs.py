@@ -1,15 +1,23 @@
 """The log writer (:class:`broker.logs.BatchedWriter`): inside a trio run the info lines held
 within HOLD seconds go out in one write, warnings at once and after what was held, nothing is
-left behind when the run ends, and outside a run every line is written at once."""
+left behind when the run ends, and outside a run every line is written at once. And the one
+processor that renders a line (:func:`broker.logs.render`) writes what structlog's own
+processors wrote."""
 
 from __future__ import annotations
 
 import io
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
 
+import pytest
+import structlog
 import trio
 import trio.testing
 
-from broker.logs import HOLD, BatchedWriter
+from broker.logs import HOLD, BatchedWriter, _Clock, render
 
 
 class Recorder(io.StringIO):
@@ -82,3 +90,55 @@ def test_nothing_is_left_held_when_a_run_ends() -> None:
     writer.info("after")  # outside any run again
     trio.run(main)  # and a new run gets a writer of its own
     assert out.writes == ["last words\n", "after\n", "last words\n"]
+
+
+def structlog_chain(method_name: str, event_dict: dict[str, Any]) -> str:
+    """What structlog's own processors made of ``event_dict`` (the chain ``render`` replaces)."""
+    for processor in (
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ):
+        event_dict = processor(None, method_name, event_dict)
+    rendered: str = structlog.processors.JSONRenderer(sort_keys=False)(
+        None, method_name, event_dict
+    )
+    return rendered
+
+
+def without_timestamp(line: str) -> dict[str, Any]:
+    fields: dict[str, Any] = json.loads(line)
+    assert isinstance(fields.pop("timestamp"), str)
+    return fields
+
+
+class Odd:
+    def __repr__(self) -> str:
+        return "<odd>"
+
+
+def test_render_writes_what_structlogs_processors_wrote() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("info", {"token_source": "query", "event": "connect", "worker": 0, "conn": 3}),
+        ("warn", {"event": "slow", "reason": "é \u2028", "obj": Odd(), "n": 1.5}),
+        ("exception", {"event": "connection_failed", "exc_info": exc_info}),
+        ("error", {"event": "e", "exc_info": False, "none": None}),
+    ]
+    for method_name, fields in events:
+        ours = without_timestamp(render(None, method_name, dict(fields)))
+        theirs = without_timestamp(structlog_chain(method_name, dict(fields)))
+        assert ours == theirs
+        assert list(ours) == list(theirs)  # the same order of fields too
+
+
+@pytest.mark.parametrize("now", [1764668843.0, 1764668843.25, 1764668843.5, 1767225599.75])
+def test_the_timestamp_is_isoformats(now: float) -> None:
+    expected = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+    assert _Clock().stamp(now) == expected
+    clock = _Clock()
+    clock.stamp(now - 1)  # a cached second before
+    assert clock.stamp(now) == expected
