@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -572,6 +573,9 @@ class Agent:
 
     def job_conn_done(self, conn: Conn, ok: bool) -> None:
         job = self.job
+        if job is not None and job["kind"] == "storm":
+            self.storm_conn_done(job, conn, ok)
+            return
         if job is None or job["kind"] not in ("connect", "churn"):
             return
         if ok:
@@ -613,10 +617,52 @@ class Agent:
                     elapsed=now - job["t0"],
                     errors=dict(self.errors.most_common(5)),
                 )
+        elif kind == "storm":
+            self.tick_storm(job, now)
         elif kind == "burst":
             self.tick_burst(job, now)
         elif kind == "rate":
             self.tick_rate(job, now)
+
+    def tick_storm(self, job: dict[str, Any], now: float) -> None:
+        """Clients coming back after a restart: client k first connects at a random moment
+        of [0, jitter] s after the start, and after each refusal (or failure) again after an
+        exponential backoff, ``backoff`` s doubling up to ``backoff_max``, each delay drawn from
+        its upper half. Done once every client is subscribed, or at ``timeout``."""
+        due = job.get("due")
+        if due is None:
+            rng = random.Random(job.get("seed", 0) + self.index)
+            due = job["due"] = [
+                (job["t0"] + rng.uniform(0, job["jitter"]), k, 0) for k in range(job["count"])
+            ]
+            heapq.heapify(due)
+            job["who"] = {}  # connection ident -> (client, attempt)
+            job["retries"] = 0
+            job["back"] = []  # when each client was back, seconds from the start
+        tokens, topics = job["tokens"], job["topics"]
+        while due and due[0][0] <= now:
+            _, k, attempt = heapq.heappop(due)
+            job["who"][self.next_ident] = (k, attempt)  # open_conn may fail at once
+            self.open_conn(tokens[k % len(tokens)], topics[k] if topics else [])
+        if job["ok"] >= job["count"] or now - job["t0"] > job["timeout"]:
+            self.reply(
+                ok=job["ok"],
+                failed=job["count"] - job["ok"],
+                retries=job["retries"],
+                back=job["back"],
+                errors=dict(self.errors.most_common(5)),
+            )
+
+    def storm_conn_done(self, job: dict[str, Any], conn: Conn, ok: bool) -> None:
+        k, attempt = job["who"].pop(conn.ident)
+        now = time.monotonic()
+        if ok:
+            job["ok"] += 1
+            job["back"].append(now - job["t0"])
+            return
+        job["retries"] += 1
+        delay = min(job["backoff_max"], job["backoff"] * 2**attempt) * random.uniform(0.5, 1)
+        heapq.heappush(job["due"], (now + delay, k, attempt + 1))
 
     def publisher(self) -> Conn | None:
         for conn in self.conns.values():
@@ -684,7 +730,7 @@ class Agent:
     def command(self) -> None:
         cmd = self.ctl.recv()
         kind = cmd["kind"]
-        if kind in ("connect", "churn", "burst", "rate"):
+        if kind in ("connect", "churn", "burst", "rate", "storm"):
             cmd.setdefault("timeout", 120.0)
             self.start_job(cmd)
         elif kind == "publish_once":

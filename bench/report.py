@@ -84,6 +84,16 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("server_cpu_pct", "server CPU %", False),
         ("rss_growth_mib", "server memory growth MiB", False),
     ],
+    "storm": [
+        ("all_back_s", "s until all back", False),
+        ("median_back_s", "s until the median client is back", False),
+        ("clients", "clients", True),
+        ("not_back", "not back at the timeout", False),
+        ("retries", "retries (refused or failed)", False),
+        ("server_cpu_us_per_client", "server CPU µs per client back", False),
+        ("loadgen_cpu_us_per_client", "loadgen CPU µs per client", False),
+        ("other_cpu_pct", "other CPU %", False),
+    ],
     "store": [
         ("committed_per_s", "publications/s committed", True),
         ("commit_ms_per_batch", "ms per commit", False),
@@ -139,6 +149,9 @@ TITLES = {
     "abuse": "6. Abuse: a bystander's ping round trips on a worker where one client pipelines "
     "history requests (1,000 per write, 100 x 1 KiB held) and another streams 1-byte "
     "fragments with pings in between; default limits",
+    "storm": "9. Reconnect storm: a restarted broker's clients (20,000, or as many as one "
+    "process may hold) come back at random within 5 s, each with a token it has not seen, "
+    "retrying with exponential backoff when refused (bench.storm)",
     "store": "7. History on disk: publications per second the store commits, 1,000 topics, "
     "64-byte payloads, one event loop publishing as fast as it can (bench.store)",
     "replay": "8. Replay: the latency workload (2,000 publications/s, 20 topics x 50 "
@@ -159,6 +172,7 @@ PRIMARY = {
     "topics_spread": "cpu_us_per_delivery",
     "abuse": "p99_ms",
     "replay": "p99_ratio",
+    "storm": "all_back_s",
 }
 
 

@@ -26,6 +26,10 @@ Workloads (see :mod:`bench.workloads`):
                   broker-2w-store beside broker-1w and broker-2w)
   8. replay       the latency workload's p99 with and without one reader replaying 50 MB of
                   history over and over; with 1 and 2 broker workers (the broker only)
+  9. storm        a restart's reconnect storm: 20,000 clients (or as many as one process may
+                  hold) come back within 5 s, retrying with backoff when refused; how long
+                  until all are subscribed, with 1 and 2 broker workers (bench.storm; the
+                  broker only)
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import abuse, replay, report, workloads
+from bench import abuse, replay, report, storm, workloads
 from bench.loadgen import machine_busy_seconds
 from bench.servers import Server, start_broker, start_nats, start_socketio
 
@@ -291,6 +295,18 @@ class Suite:
                 lambda s, a: replay.replay(s, a, history_mb=10 if q else 50, duration=duration),
                 60,
             ),
+            (
+                # bounded by the storm's own timeout (45 s) and the generator's start and stop
+                "storm",
+                ("broker-1w", "broker-2w"),
+                lambda s, a: storm.storm(
+                    s,
+                    a,
+                    clients=2000 if q else (20000 if s.extra.get("workers", 1) > 1 else idle_n),
+                    jitter=1.0 if q else 5.0,
+                ),
+                55,
+            ),
         ]
         for workload, names, run, needs in plan:
             if workload.split("_")[0] not in only:
@@ -319,7 +335,18 @@ class Suite:
             print(f"{'store':10} {name:16} {report.headline('store', runs[name])}", flush=True)
 
 
-WORKLOADS = ("fanout", "latency", "slow", "idle", "connect", "topics", "abuse", "store", "replay")
+WORKLOADS = (
+    "fanout",
+    "latency",
+    "slow",
+    "idle",
+    "connect",
+    "topics",
+    "abuse",
+    "store",
+    "replay",
+    "storm",
+)
 #: How a workload's broker is started, when not with the suite's defaults.
 BROKER_OPTIONS: dict[str, dict[str, Any]] = {"replay": replay.BROKER_OPTIONS}
 

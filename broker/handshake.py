@@ -54,7 +54,8 @@ def evaluate(
     at_capacity: bool,
 ) -> Accept | Reject:
     """Decide on one upgrade request. ``target`` is the request target (path and query),
-    ``headers`` the headers wsproto did not consume itself (lower-cased names)."""
+    ``headers`` the request's headers but Host and the Sec-WebSocket-Protocol and -Extensions
+    lists (lower-cased names; see :class:`broker.upgrade.UpgradeRequest`)."""
     try:
         url = urlsplit(target)
     except ValueError:

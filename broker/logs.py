@@ -4,33 +4,171 @@ Context that belongs to a task (the connection id, the worker) is bound with
 ``structlog.contextvars``; trio copies context variables into each new task, so what a
 connection's task binds stays with that connection. Tokens and message payloads are never
 passed to a logger.
+
+Lines are written in batches inside a trio run (:class:`BatchedWriter`): the ``info`` and
+``debug`` lines go out together at most :data:`HOLD` seconds after the first of them was
+held, so that a reconnect storm's ``connect`` and ``disconnect`` lines (two per connection)
+cost one system call per batch, not two per connection (those writes were about a tenth of a
+connect's CPU). One scheduler batch alone gathers too few of them: a connection's lines come
+from different batches. Warnings and errors are written at once (after the lines held before
+them, so the order stays), and so is every line outside a trio run or from another thread.
+At most the last :data:`HOLD` seconds of info lines are lost if the process is killed
+outright; a run that ends (a graceful stop, or an exception) writes them first.
+
+A line is rendered by one processor (:func:`render`) after structlog's
+``merge_contextvars``: the level, an ISO 8601 UTC timestamp, a formatted exception when there
+is one, then JSON, exactly as structlog's four processors for those did, for a third less
+CPU per line.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, TextIO
 
 import structlog
+import trio
+import trio.lowlevel
+from structlog.typing import EventDict
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["HOLD", "BatchedWriter", "configure_logging", "get_logger", "render"]
+
+#: How long an info line may be held before it is written, in seconds.
+HOLD = 0.01
+
+
+class BatchedWriter:
+    """A structlog logger (the output end) writing lines to ``file``, batched as the module
+    says. One per process: every bound logger shares it."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+        self._held: list[str] = []
+        self._wakeup: trio.Event | None = None  # set to have the writer task write
+        self._run: trio.lowlevel.TrioToken | None = None  # the run the writer task serves
+        self._writing = False  # whether that task still runs (not once the run winds down)
+
+    def write_now(self, message: str) -> None:
+        """Write ``message`` (after any held lines) at once."""
+        with self._lock:
+            held = self._held
+            if held:
+                held.append(message)
+                message = "\n".join(held)
+                held.clear()
+            self._file.write(message + "\n")
+            self._file.flush()
+
+    def hold(self, message: str) -> None:
+        """Write ``message`` within :data:`HOLD` seconds when called from a trio run's
+        thread, else at once."""
+        if not trio.lowlevel.in_trio_run():
+            self.write_now(message)
+            return
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._run:  # the first line of this run: start its writer task
+            self._run = token
+            self._wakeup = trio.Event()
+            self._writing = True
+            trio.lowlevel.spawn_system_task(self._writer, self._wakeup, name="log writer")
+        elif not self._writing:  # the run is ending: nothing would write it
+            self.write_now(message)
+            return
+        with self._lock:
+            self._held.append(message)
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    async def _writer(self, wakeup: trio.Event) -> None:
+        """Write the held lines :data:`HOLD` seconds after the first was held; and what is
+        left when the run ends (the task is cancelled then)."""
+        try:
+            while True:
+                await wakeup.wait()
+                await trio.sleep(HOLD)  # (later lines find the event set already)
+                wakeup = self._wakeup = trio.Event()
+                self.flush()
+        finally:
+            self._writing = False
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held lines now."""
+        with self._lock:
+            if not self._held:
+                return
+            text = "\n".join(self._held) + "\n"
+            self._held.clear()
+            self._file.write(text)
+            self._file.flush()
+
+    debug = info = msg = hold
+    log = warn = warning = error = err = critical = fatal = exception = failure = write_now
+
+
+def _json_fallback(obj: Any) -> Any:
+    """What JSON cannot hold: its ``__structlog__()``, else its ``repr`` (as structlog's
+    JSONRenderer does)."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+# One encoder for every line: json.dumps with ``default`` builds a new one per call.
+_ENCODE = json.JSONEncoder(default=_json_fallback).encode
+_LEVELS = {"warn": "warning", "exception": "error"}  # structlog's add_log_level mapping
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps as ``datetime.isoformat`` writes them, with the date and time
+    of the current second formatted once per second rather than once per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def stamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        micros = int((now - second) * 1_000_000)
+        # isoformat leaves the fraction out when it is zero
+        return f"{self._prefix}.{micros:06d}Z" if micros else f"{self._prefix}Z"
+
+
+_clock = _Clock()
+
+
+def render(logger: Any, method_name: str, event_dict: EventDict) -> str:
+    """structlog's ``add_log_level``, ``TimeStamper(fmt="iso", utc=True)``,
+    ``format_exc_info`` and ``JSONRenderer`` in one processor, with the same output: those
+    four cost about a third more per line (a processor call each, the timestamp's date
+    formatted every time, a JSON encoder made per line)."""
+    event_dict["level"] = _LEVELS.get(method_name, method_name)
+    event_dict["timestamp"] = _clock.stamp(time.time())
+    if "exc_info" in event_dict:
+        structlog.processors.format_exc_info(logger, method_name, event_dict)
+    return _ENCODE(event_dict)
 
 
 def configure_logging(level: str = "info") -> None:
     """Send structlog events as JSON lines to stderr at ``level`` and above."""
+    writer = BatchedWriter(sys.stderr)
+    atexit.register(writer.flush)  # should a run end without its writer task's last pass
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ],
+        processors=[structlog.contextvars.merge_contextvars, render],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=True,
     )
 

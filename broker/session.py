@@ -233,8 +233,9 @@ class Session:
                 reason=remote[1] if remote else "",
                 initiator="client",
             )
-            with trio.move_on_after(min(grace, CLOSE_GRACE)):
-                await self.queue.wait_drained()  # our answer to its close frame
+            if self.queue.queued:  # (no cancel scope for a client that is simply gone)
+                with trio.move_on_after(min(grace, CLOSE_GRACE)):
+                    await self.queue.wait_drained()  # our answer to its close frame
         else:
             log.info("disconnect", code=code, reason=self.close_reason, initiator="server")
             self.worker.count_close(code)
@@ -251,6 +252,8 @@ class Session:
         # this connection from now on, and nothing of it stays in the index.
         for sub in subs:
             self.worker.router.detach(sub)
+        if not subs:
+            return
         with trio.move_on_after(CLEANUP_TIMEOUT):
             for sub in subs:
                 await self._release(sub)

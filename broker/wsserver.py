@@ -1,4 +1,4 @@
-"""The server side of one WebSocket connection: the upgrade on wsproto, then messages.
+"""The server side of one WebSocket connection: the upgrade request, then messages.
 
 Theory of operation
 -------------------
@@ -14,20 +14,20 @@ Why not trio-websocket on the server side: it gives every connection a reader ta
 a nursery, a memory channel for messages and three events, and keeps the finished HTTP
 handshake. With tens of thousands of idle connections that was about half of a connection's
 memory (docs/performance.md has the figures). Here an idle connection is one task waiting for
-its socket, a frame reader and a few counters. wsproto (with h11) does the HTTP upgrade and is
-dropped once it is answered; :mod:`broker.frames` does the frames. (The SDK's client side uses
-trio-websocket as it is.)
+its socket, a frame reader and a few counters. :mod:`broker.upgrade` reads a plainly valid
+upgrade request and writes the answers; any other request goes to wsproto (with h11), which
+judges and answers it as it always did, and is dropped once it has; :mod:`broker.frames` does
+the frames. (The SDK's client side uses trio-websocket as it is.)
 
 Limits are enforced as bytes arrive, and every one of them holds however the client splits its
 bytes into reads:
 
 - the request head may be at most :data:`MAX_REQUEST_HEAD` bytes, counted here up to its blank
-  line (h11 checks only a head that is still incomplete after a read, so one large read could
-  pass it); over it, 431. A header wsproto must decode as ASCII and cannot (a non-ASCII
-  ``Host``, say) is a 400, not a traceback;
+  line (so that one large read cannot pass it either); over it, 431. A header wsproto must
+  decode as ASCII and cannot (a non-ASCII ``Host``, say) is a 400, not a traceback;
 - bytes that arrive behind the request head (frames a client pipelined after its upgrade
-  request) are not for h11: they go to the frame reader, and are served once the upgrade is
-  accepted;
+  request) are not part of the request: they go to the frame reader, and are served once the
+  upgrade is accepted;
 - the frame reader refuses a frame whose header announces more than ``max_message`` (with the
   message's earlier fragments) before its payload comes, and bounds fragments (see
   :mod:`broker.frames`);
@@ -87,6 +87,7 @@ from broker.frames import (
 from broker.handshake import Reject
 from broker.protocol import CloseCode
 from broker.sendqueue import SendQueue
+from broker.upgrade import UpgradeRequest, accept_response, parse_request, reject_response
 
 __all__ = [
     "MAX_REQUEST_HEAD",
@@ -148,6 +149,7 @@ class ServerWebSocket:
     # Slots: a worker holds tens of thousands of these.
     __slots__ = (
         "_handshake",
+        "_key",
         "_reader",
         "_state",
         "_unparsed",
@@ -174,9 +176,11 @@ class ServerWebSocket:
         self.last_receive = trio.current_time()
         self.bytes_received = 0
         self._state = UPGRADING
-        # The HTTP side (h11) lives only until the upgrade is answered; then only the frame
-        # reader is kept.
-        self._handshake: WSConnection | None = WSConnection(ConnectionType.SERVER)
+        # Until the upgrade is answered: the request's key when broker.upgrade read it, or
+        # h11 and wsproto when they had to (see receive_request); then only the frame reader
+        # is kept.
+        self._key: bytes | None = None
+        self._handshake: WSConnection | None = None
         # Made by accept(), or earlier when frames came right behind the upgrade request.
         self._reader: FrameReader | None = None
         self._unparsed: memoryview | None = None  # the rest of a read, past PARSE_SIZE
@@ -229,22 +233,29 @@ class ServerWebSocket:
         self.bytes_received += len(data)
         return data
 
-    async def receive_request(self) -> Request | None:
+    async def receive_request(self) -> UpgradeRequest | None:
         """Read the upgrade request. Returns None if the client went away first, or sent
         something that is not a valid WebSocket upgrade (then the error response, a 400, 426
-        or 431, is already sent)."""
-        handshake = self._handshake
-        assert handshake is not None, "the upgrade was already read"
-        head = 0  # bytes of the request head so far
-        tail = b""  # the end of the previous read: a blank line may straddle two reads
+        or 431, is already sent).
+
+        A plainly valid request is read by :func:`broker.upgrade.parse_request`; any other
+        goes to h11 and wsproto, with the bytes they were always given, and is answered by
+        them (h11 judges a head only once its blank line is in, except one whose first byte
+        cannot start a request line: that is handed over at once, as before)."""
+        assert self._state == UPGRADING and self._key is None, "the upgrade was already read"
+        # A bytearray: a head that trickles in byte by byte is not copied whole per byte.
+        buf = bytearray()
         while True:
             data = await self._receive()
             if not data:
                 return None
-            match = _BLANK_LINE.search(tail + data)
-            end = len(data) if match is None else match.end() - len(tail)
-            head += end
-            if head > MAX_REQUEST_HEAD:
+            # A blank line may straddle two reads: search from the last two bytes on.
+            start = max(0, len(buf) - 2)
+            buf += data
+            del data
+            match = _BLANK_LINE.search(buf, start)
+            end = len(buf) if match is None else match.end()
+            if end > MAX_REQUEST_HEAD:
                 await self._refuse_request(
                     Reject(
                         431,
@@ -254,39 +265,55 @@ class ServerWebSocket:
                     )
                 )
                 return None
-            if match is not None and end < len(data):
+            if match is None:
+                if buf[0] < 0x21:  # h11's "obviously invalid request line"
+                    return await self._general_request(bytes(buf))
+                continue
+            if end < len(buf):
                 # Frames the client sent right behind its request: kept for the frame reader.
                 self._reader = FrameReader(self.limits.max_message)
-                self._reader.feed(data[end:])
-                data = data[:end]
-            tail = data[-2:]
-            try:
-                handshake.receive_data(data)
-            except RemoteProtocolError as exc:
-                hint = exc.event_hint
-                if isinstance(hint, RejectConnection):
-                    # e.g. a proxy that dropped the Upgrade header: say which header is wrong
-                    log.info("rejected", status=hint.status_code, reason=str(exc))
-                    self.queue.send(handshake.send(hint))
-                    await self._close_write_and_drain()
-                return None
-            except UnicodeError:
-                # wsproto decodes Host as IDNA and Connection, Upgrade and the
-                # Sec-WebSocket-* lists as ASCII, and lets the error escape.
-                await self._refuse_request(
-                    Reject(
-                        400,
-                        "bad_request",
-                        "Host, Connection and Sec-WebSocket-* headers must be ASCII",
-                        "header_encoding",
-                    )
+                self._reader.feed(bytes(buf[end:]))
+            head = bytes(buf[:end])
+            del buf  # (the request's bytes hold the token)
+            request = parse_request(head)
+            if request is None:
+                return await self._general_request(head)
+            self._key = request.key
+            return request
+
+    async def _general_request(self, head: bytes) -> UpgradeRequest | None:
+        """Let h11 and wsproto judge ``head``, which :func:`~broker.upgrade.parse_request`
+        did not take: the request they read, or None once they have refused it (answered)
+        or found none."""
+        handshake = self._handshake = WSConnection(ConnectionType.SERVER)
+        try:
+            handshake.receive_data(head)
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            if isinstance(hint, RejectConnection):
+                # e.g. a proxy that dropped the Upgrade header: say which header is wrong
+                log.info("rejected", status=hint.status_code, reason=str(exc))
+                self.queue.send(handshake.send(hint))
+                await self._close_write_and_drain()
+            return None
+        except UnicodeError:
+            # wsproto decodes Host as IDNA and Connection, Upgrade and the
+            # Sec-WebSocket-* lists as ASCII, and lets the error escape.
+            await self._refuse_request(
+                Reject(
+                    400,
+                    "bad_request",
+                    "Host, Connection and Sec-WebSocket-* headers must be ASCII",
+                    "header_encoding",
                 )
-                return None
-            for event in handshake.events():
-                if isinstance(event, Request):
-                    return event
-            if match is not None:  # a whole head and no request: nothing more will come
-                return None
+            )
+            return None
+        for event in handshake.events():
+            if isinstance(event, Request):
+                return UpgradeRequest(event.target, event.extra_headers, tuple(event.subprotocols))
+        # A whole head and no request: nothing more will come. (A head cut short is only
+        # handed over when h11 refuses its first byte, which it always does.)
+        return None
 
     async def _refuse_request(self, refusal: Reject) -> None:
         """Answer the upgrade request with ``refusal``, then close as after a violation."""
@@ -395,23 +422,32 @@ class ServerWebSocket:
 
     def accept(self, subprotocol: str | None) -> None:
         """Queue the 101 response; from now on the connection speaks frames."""
-        handshake = self._handshake
-        assert handshake is not None, "the upgrade was already answered"
-        self.queue.send_control(handshake.send(AcceptConnection(subprotocol=subprotocol)))
+        assert self._state == UPGRADING, "the upgrade was already answered"
+        if self._key is not None:
+            self.queue.send_control(accept_response(self._key, subprotocol))
+        else:
+            handshake = self._handshake
+            assert handshake is not None, "no upgrade request was read"
+            self.queue.send_control(handshake.send(AcceptConnection(subprotocol=subprotocol)))
         if self._reader is None:
             self._reader = FrameReader(self.limits.max_message)
         self._state = OPEN
         # h11's state, the request's headers (the token among them): nothing needs them now.
-        self._handshake = None
+        self._handshake = self._key = None
 
     async def reject(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """Send an HTTP error response with ``body`` and wait until it is written."""
-        handshake = self._handshake
-        assert handshake is not None, "the upgrade was already answered"
+        assert self._state == UPGRADING, "the upgrade was already answered"
         headers = [*headers, (b"Content-Length", str(len(body)).encode())]
-        data = handshake.send(RejectConnection(status_code=status, headers=headers, has_body=True))
-        data += handshake.send(RejectData(data=body))
-        self._handshake = None
+        handshake = self._handshake
+        if handshake is None:  # as h11 writes it for a request of the fast path (or none)
+            data = reject_response(status, headers, body)
+        else:
+            data = handshake.send(
+                RejectConnection(status_code=status, headers=headers, has_body=True)
+            )
+            data += handshake.send(RejectData(data=body))
+        self._handshake = self._key = None
         self._state = CLOSED
         self.queue.send_control(data)
         await self.queue.wait_drained()

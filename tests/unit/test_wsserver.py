@@ -568,3 +568,67 @@ async def test_another_accept_failure_is_raised() -> None:
             await worker._accept_from(listener, nursery)
         nursery.cancel_scope.cancel()
     assert listener.closed
+
+
+class FlakySocket(socket.socket):
+    """A listening socket whose ``accept`` fails with each of ``errors`` in turn first."""
+
+    errors: list[int]
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.errors:
+            raise OSError(self.errors.pop(0), "refused")
+        return super().accept()
+
+
+def flaky_listener(errors: list[int]) -> FlakySocket:
+    sock = FlakySocket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.errors = errors
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock
+
+
+async def test_a_plain_socket_serves_every_waiting_connection_and_goes_on_after_failures() -> None:
+    import errno
+
+    # (no autojump clock: the clients run in threads, and the handshake timeout would jump)
+
+    worker = make_worker()
+    # out of descriptors twice, then a connection that went away: logged, retried, skipped
+    sock = flaky_listener([errno.EMFILE, errno.ECONNABORTED, errno.ENFILE])
+    port = sock.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        async with running(worker) as nursery:
+            with structlog.testing.capture_logs() as logs:
+                nursery.start_soon(worker._accept_plain, sock, nursery)
+
+                def talk(c: socket.socket) -> int:
+                    c.settimeout(10)
+                    c.sendall(http_request(f"/ws?token={token()}", port=port))
+                    return read_response(c)[0]
+
+                for c in clients:  # all three waited in the backlog before the loop started
+                    assert await trio.to_thread.run_sync(talk, c) == 101
+            assert [e["event"] for e in logs if e["event"] == "accept_failed"] == [
+                "accept_failed"
+            ] * 2
+            nursery.cancel_scope.cancel()
+    finally:
+        for c in clients:
+            c.close()
+    assert sock.fileno() == -1  # closed with the loop
+
+
+async def test_another_accept_failure_of_a_plain_socket_is_raised() -> None:
+    import errno
+
+    worker = make_worker()
+    sock = flaky_listener([errno.EBADF])
+    async with running(worker) as nursery:
+        socket.create_connection(sock.getsockname()).close()  # something to accept
+        with pytest.raises(OSError):
+            await worker._accept_plain(sock, nursery)
+        nursery.cancel_scope.cancel()
+    assert sock.fileno() == -1
