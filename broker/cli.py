@@ -173,7 +173,7 @@ trio-pubsub development broker (config: {path})
   WebSocket:  {url}
   token (user "dev-user", 24 h, may publish, subscribe and read presence everywhere):
     {token}
-  try it, in two more terminals:
+  try it in two more terminals, each with the export line first:
     export PUBSUB_URL={url} PUBSUB_TOKEN={token}
     .venv/bin/pubsub sub 'chat.>'
     .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
