@@ -88,3 +88,16 @@ def test_browser_snippet_runs_as_written(
             assert time.monotonic() < deadline, f"never printed {missing}: {console}"
             time.sleep(0.05)
     assert page.js_errors == []
+
+
+def test_the_documented_options_are_the_clients() -> None:
+    """docs/browser.md's table of options lists exactly the defaults the client starts from."""
+    source = (ROOT / "client_sdk" / "js" / "pubsub.js").read_text(encoding="utf-8")
+    defaults = source.split("this.options = {", 1)[1].split("...options", 1)[0]
+    in_code = set(re.findall(r"^\s*(\w+):", defaults, re.MULTILINE))
+    doc = (ROOT / "docs" / "browser.md").read_text(encoding="utf-8")
+    table = doc.split("Options of `new PubSubClient(url, options)`:", 1)[1].split("\n\n", 2)[1]
+    documented = {
+        name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])
+    }
+    assert documented == in_code
