@@ -173,7 +173,7 @@ trio-pubsub development broker (config: {path})
   WebSocket:  {url}
   token (user "dev-user", 24 h, may publish, subscribe and read presence everywhere):
     {token}
-  try it, in two more terminals:
+  try it in two more terminals, each with the export line first:
     export PUBSUB_URL={url} PUBSUB_TOKEN={token}
     .venv/bin/pubsub sub 'chat.>'
     .venv/bin/pubsub pub chat.room1 '{{"text": "hello"}}'
@@ -223,14 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", help='number of worker processes, or "auto" (overrides server.workers)'
     )
 
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("--config", required=True)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and exit",
+        description="Validate a configuration file as serve would read it (environment "
+        "variables included) and exit: 0 and one JSON line, or 2 and the key at fault.",
+    )
+    check.add_argument("--config", required=True, help="TOML configuration file")
 
-    token = sub.add_parser("token", help="print a signed token (development and tests)")
-    token.add_argument("--config", required=True)
+    token = sub.add_parser(
+        "token",
+        help="print a signed token (development and tests)",
+        # What a newcomer trips on: naming one permission takes away the defaults for the others.
+        description="Print an HS256 token signed with the configuration's auth.jwt_secret. "
+        "Without --publish, --subscribe and --presence it may do what the configuration's "
+        "default_publish, default_subscribe and default_presence allow; given any of them, "
+        "it may do only what they list (with --publish alone it cannot subscribe).",
+    )
+    token.add_argument("--config", required=True, help="TOML configuration file")
     token.add_argument("--sub", required=True, help="the client id")
     token.add_argument(
-        "--ttl", type=float, default=3600, help="seconds until it expires (0: no exp claim)"
+        "--ttl",
+        type=float,
+        default=3600,
+        help="seconds until it expires (default 3600; 0: no exp claim)",
     )
     token.add_argument(
         "--publish",

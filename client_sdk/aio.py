@@ -12,7 +12,7 @@
 Theory of operation: the client's connection logic (reconnects, recovery with ``since``, gaps,
 token refresh, requests and their replies) is written once against anyio and runs unchanged on
 asyncio; this driver only opens the WebSocket. It uses the ``websockets`` library (installed by
-``pip install trio-pubsub[aio]``): asyncio-native, maintained since 2013, with its own
+the ``aio`` extra: ``pip install -e '.[aio]'``): asyncio-native, maintained since 2013, with its own
 protocol implementation, a bounded receive queue and a size limit per message, and the
 handshake details the broker needs (subprotocol, ``Authorization`` header, HTTP rejection
 bodies). Its own keepalive is turned off: the client's keepalive follows the broker's
@@ -47,7 +47,8 @@ try:
     from websockets.typing import Subprotocol
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "client_sdk.aio needs the 'websockets' package: pip install 'trio-pubsub[aio]'"
+        "client_sdk.aio needs the 'websockets' package, the project's 'aio' extra: "
+        "pip install -e '.[aio]' in the repository (make run's: .venv/bin/pip install -e '.[aio]')"
     ) from exc
 
 __all__ = ["Client", "Subscription", "connect"]

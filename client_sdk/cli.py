@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from client_sdk._protocol import parse_url
 from client_sdk._recovery import is_pattern
 from client_sdk.client import Client, Subscription, connect
 from client_sdk.errors import (
@@ -44,7 +45,7 @@ EXIT_INTERRUPTED = 130
 
 EPILOG = """\
 examples:
-  export PUBSUB_URL=ws://127.0.0.1:8765/ws PUBSUB_TOKEN=$(pubsub-broker token --config broker.toml --sub alice)
+  export PUBSUB_URL=ws://127.0.0.1:8765/ws PUBSUB_TOKEN=$(pubsub-broker token --config .pubsub-dev/broker.toml --sub alice)
   pubsub sub chat.room1                      # print each message as one JSON line, until Ctrl-C
   pubsub sub 'chat.>' news.today --count 10  # several topics or patterns; stop after 10 messages
   pubsub sub chat.room1 --since 41           # first replay what came after offset 41, then live
@@ -84,6 +85,18 @@ class _Usage(Exception):
     """A usage error found after parsing (exit 1)."""
 
 
+def _ws_url(text: str) -> str:
+    """``--url`` (or ``PUBSUB_URL``) checked when the command line is read: a usage error
+    (exit 1) that says what is expected, rather than a traceback from inside the client."""
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc}: give the broker's WebSocket URL (--url or PUBSUB_URL), such as {DEFAULT_URL}"
+        ) from None
+    return text
+
+
 def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     # On the subcommands, SUPPRESS keeps an option given before the subcommand from being
     # overwritten by the subcommand's default.
@@ -92,6 +105,7 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
     parser.add_argument(
         "--url",
+        type=_ws_url,
         default=default(os.environ.get("PUBSUB_URL", DEFAULT_URL)),
         help=f"broker URL (env PUBSUB_URL; default {DEFAULT_URL})",
     )

@@ -1,8 +1,8 @@
 """The asyncio client, for FastAPI, Starlette, aiohttp and other asyncio code.
 
-    pip install 'trio-pubsub[aio]'
+    .venv/bin/pip install -e '.[aio]'     # in the repository: adds the websockets library
     export PUBSUB_URL=ws://127.0.0.1:8765/ws PUBSUB_TOKEN=...   # see `pubsub-broker token`
-    python examples/asyncio_usage.py
+    .venv/bin/python examples/asyncio_usage.py
 
 The same client as on trio (``client_sdk.connect``), over the ``websockets`` library: one
 subscription read with ``async for``, one served by an ``async`` callback, then history and
@@ -36,6 +36,10 @@ async def main() -> None:
                     print(f"#{event.offset}: {event.data}")
                     if event.data == {"i": 2}:
                         break
+            try:
+                print("here now:", await client.presence("demo.aio"))  # subscribers of the topic
+            except (Forbidden, NotTracked) as exc:  # presence is opt-in on the broker
+                print("presence not available:", exc)
 
         done = asyncio.Event()
 
@@ -51,10 +55,6 @@ async def main() -> None:
 
         history = await client.history("demo.aio", limit=10)
         print("history:", [m.data for m in history.messages])
-        try:
-            print("here now:", await client.presence("demo.aio"))
-        except (Forbidden, NotTracked) as exc:  # presence is opt-in on the broker
-            print("presence not available:", exc)
 
 
 asyncio.run(main())

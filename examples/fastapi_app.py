@@ -1,9 +1,9 @@
 """A FastAPI application on the broker: it publishes from a request handler and relays the
 rooms to its own browser clients as server-sent events.
 
-    pip install 'trio-pubsub[aio]' fastapi uvicorn
+    .venv/bin/pip install -e '.[aio]' fastapi uvicorn     # in the repository
     export PUBSUB_URL=ws://127.0.0.1:8765/ws PUBSUB_TOKEN=...   # see `pubsub-broker token`
-    python examples/fastapi_app.py --port 8000     # or: uvicorn examples.fastapi_app:app
+    .venv/bin/python examples/fastapi_app.py --port 8000   # or: .venv/bin/uvicorn examples.fastapi_app:app
 
     curl -N localhost:8000/rooms/lobby/events                   # one SSE stream per browser tab
     curl localhost:8000/rooms/lobby/messages -H 'content-type: application/json' \\

@@ -9,6 +9,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -323,6 +325,16 @@ def test_asyncio_example(presence_broker: BrokerProcess) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:4] == ["connected as aio", "#1: {'i': 0}", "#2: {'i': 1}", "#3: {'i': 2}"]
-    assert lines[4:6] == ["callback #1: first", "callback #2: last"]
-    assert "history: [{'i': 0}, {'i': 1}, {'i': 2}]" in lines
-    assert lines[-1] == "here now: ()"  # its subscriptions are closed by then
+    assert lines[4] == "here now: ('aio',)"  # asked while it is subscribed
+    assert lines[5:7] == ["callback #1: first", "callback #2: last"]
+    assert lines[-1] == "history: [{'i': 0}, {'i': 1}, {'i': 2}]"
+
+
+def test_without_websockets_the_import_error_says_how_to_install_it() -> None:
+    hide = "import sys; sys.modules['websockets'] = None; import client_sdk.aio"
+    done = subprocess.run(
+        [sys.executable, "-c", hide], cwd=Path(__file__).parents[2], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    # The project is installed from its repository: a name on a package index is no help.
+    assert "pip install -e '.[aio]'" in done.stderr.splitlines()[-1]

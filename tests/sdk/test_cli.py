@@ -199,6 +199,20 @@ def test_exit_codes(broker: BrokerProcess, args: list[str], code: int) -> None:
         assert done.stderr.strip(), "a failure always says why on stderr"
 
 
+def test_a_url_that_is_not_a_websocket_one_is_a_usage_error() -> None:
+    # The operations listener's http:// address is the easy mistake; it used to end in a
+    # traceback from inside the client (also exit code 1, hence the checks on stderr).
+    for args, env in (
+        (["pub", "a", "1", "--url", "http://127.0.0.1:8766/ws"], dict(os.environ)),
+        (["pub", "a", "1"], {**os.environ, "PUBSUB_URL": "127.0.0.1:8765"}),
+    ):
+        done = run(args, env)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "not a ws:// or wss:// URL" in done.stderr
+        assert "such as ws://127.0.0.1:8765/ws" in done.stderr
+
+
 def test_help_shows_examples_and_exit_codes() -> None:
     done = run(["--help"], dict(os.environ))
     assert done.returncode == 0

@@ -82,3 +82,14 @@ def test_the_banner_without_an_operations_listener_or_an_api_key(
     out, config, _ = run_dev(tmp_path, monkeypatch, capsys, "--http-listen", "127.0.0.1:0")
     assert config.api_keys == ()
     assert "HTTP API:   no key: add [api] keys" in out and "curl" not in out
+
+
+def test_the_token_command_says_what_a_token_may_do(capsys: pytest.CaptureFixture[str]) -> None:
+    # The banner sends newcomers to `pubsub-broker token` for more tokens; its help must say
+    # that naming one permission drops the configured defaults for the others.
+    with pytest.raises(SystemExit) as exited:
+        main(["token", "--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default 3600" in help_text
+    assert "given any of them, it may do only what they list" in help_text
