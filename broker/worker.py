@@ -442,7 +442,14 @@ class Worker:
                         self.count_auth_failure(verdict.reason)
                     elif verdict.status == 503:
                         self.slots.refuse(CAPACITY)
-                    log.info("rejected", status=verdict.status, reason=verdict.reason)
+                    # detail: what the client was told (e.g. which origin was refused), so the
+                    # operator can act on the line; it never holds the token
+                    log.info(
+                        "rejected",
+                        status=verdict.status,
+                        reason=verdict.reason,
+                        detail=verdict.message,
+                    )
                     await ws.reject(
                         verdict.status, [(b"Content-Type", b"application/json")], verdict.body()
                     )

@@ -57,6 +57,8 @@ def test_origin_is_checked_before_the_token(tmp_path: Path, workers: int) -> Non
             status, body = refused(b, "/ws?token=garbage", {"Origin": origin})
             assert status == 403, origin
             assert body["error"]["code"] == "forbidden"  # type: ignore[index]
+        # the operator can tell which origin to allow from the log line alone
+        b.wait_for("rejected", detail="origin 'null' is not allowed", status=403)
         dup = [("Origin", "https://app.example.com"), ("Origin", "https://app.example.com")]
         assert refused(b, f"/ws?token={b.token('a')}", dup)[0] == 400
         status, _, _, sock = handshake(
