@@ -44,10 +44,13 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if one is there; False (nothing spent) if not."""
-        self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        # _refill inlined: once per publication.
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
             return True
+        self.tokens = tokens
         return False
 
     def has_credit(self, now: float) -> bool:

@@ -168,10 +168,6 @@ _dumps: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allo
 _dumps_str: Final = json.encoder.encode_basestring
 
 
-def _dumps_optional_str(value: str | None) -> str:
-    return "null" if value is None else _dumps_str(value)
-
-
 # json.loads without its three Python-level steps around the C scanner (a type check, the
 # decoder's decode and raw_decode, and a whitespace regex twice): a client's frame rarely has
 # whitespace around it, and when it has, or is not JSON, json.loads takes it over.
@@ -387,9 +383,10 @@ def encode_welcome(
 
 def encode_message(topic: str, offset: int, epoch: str, sender: str | None, data: str) -> str:
     """A publication push. ``data`` is already JSON text and is inserted as is."""
+    fro = "null" if sender is None else _dumps_str(sender)  # once per publication: inlined
     return (
         f'{{"op":"message","topic":{_dumps_str(topic)},"offset":{offset},'
-        f'"epoch":{_dumps_str(epoch)},"from":{_dumps_optional_str(sender)},"data":{data}}}'
+        f'"epoch":{_dumps_str(epoch)},"from":{fro},"data":{data}}}'
     )
 
 
