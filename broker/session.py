@@ -507,7 +507,9 @@ class Session:
         if not identity.publish.allows_topic(topic):
             raise FrameError("forbidden", f"not allowed to publish to {topic}")
         limits = self.worker.config.limits
-        p.check_data_size(cmd.data, limits.max_data_size)
+        data = cmd.data
+        if len(data) > limits.max_data_size or not data.isascii():  # else it passes
+            p.check_data_size(data, limits.max_data_size)
         # Refilled up to when the frame was read, not now: never later than now, so never
         # looser, and without a clock read per publication.
         if not self.bucket.take(self.ws.last_receive):
@@ -531,7 +533,7 @@ class Session:
 
         taken = False
         try:
-            taken = self.worker.bus.publish_nowait(topic, cmd.data, identity.client, done)
+            taken = self.worker.bus.publish_nowait(topic, data, identity.client, done)
         finally:
             if not taken:  # to be awaited (_execute), or failed: not pipelined after all
                 self.publishing -= 1

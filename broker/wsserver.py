@@ -302,7 +302,10 @@ class ServerWebSocket:
         reader = self._reader
         assert reader is not None and self._state != UPGRADING, "accept() first"
         while self.remote_close is None:
-            event = self._parse(reader)
+            try:
+                event = reader.next()  # what _parse does, a call fewer per message
+            except WebSocketViolation as exc:
+                raise self._violation(exc) from None
             if event is None:
                 return None
             if isinstance(event, str | bytes):
