@@ -44,8 +44,10 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if one is there; False (nothing spent) if not."""
-        # _refill inlined: once per publication.
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        # _refill inlined (and its min): once per publication.
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
         self.stamp = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0

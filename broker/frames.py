@@ -171,7 +171,10 @@ class FrameReader:
                 start = pos + 14
             opcode = b0 & 0x0F
             head = start - pos
-            self._check_header(b0, b1, opcode, length, head)
+            if b0 != 0x81 or not b1 & 0x80 or self._opcode or length > self.max_message:
+                # Anything but the usual frame (a whole, masked text message within the
+                # limit, none open), which passes every check, is judged in full.
+                self._check_header(b0, b1, opcode, length, head)
             end = start + length
             if end > n:
                 break
