@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 A session is one task, the *reader*: it takes the client's messages from
 :class:`~broker.wsserver.ServerWebSocket`, parses them with :mod:`broker.protocol` and
-executes them. Its deadlines (the idle timeout, the next server ping, the in-band
+executes them. The hot path, a publication the bus takes without waiting, is served in plain
+calls from the bytes already read (:meth:`Session._serve_now`): no coroutine, and no closure
+when it has no ``id``; everything else is awaited. Its deadlines (the idle timeout, the next server ping, the in-band
 authentication deadline and the token's expiry) are kept by the worker's one
 :class:`~broker.timers.Deadlines` task, which calls :meth:`Session.on_deadline`. Replies and
 pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;

@@ -6,7 +6,8 @@ A connection is one task. It calls :meth:`ServerWebSocket.receive_request` for t
 request, answers with :meth:`~ServerWebSocket.accept` or :meth:`~ServerWebSocket.reject`,
 then calls :meth:`~ServerWebSocket.next_message` in a loop: that reads from the stream, feeds
 the connection's :class:`~broker.frames.FrameReader`, answers pings and the client's close
-frame, and returns each complete message. Everything written (the 101, pongs, close frames and
+frame, and returns each complete message (:meth:`~ServerWebSocket.buffered_message` returns
+one the last read holds without a coroutine, which a burst of publications makes common). Everything written (the 101, pongs, close frames and
 all the session sends) goes into the connection's :class:`~broker.sendqueue.SendQueue`, the one
 writer of the socket, so nothing here ever waits for the client to read.
 
