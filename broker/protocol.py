@@ -267,7 +267,7 @@ def parse_command(text: str | bytes) -> Command:
     non-objects, unknown ops and missing or mistyped fields. Topic syntax is *not* checked
     here (the session knows whether a wildcard is allowed): see :mod:`broker.topics`.
     """
-    if isinstance(text, bytes | bytearray):
+    if not isinstance(text, str) and isinstance(text, bytes | bytearray):  # text: one test
         raise FrameError("bad_request", "binary frames are not supported; send JSON text frames")
     try:
         frame = _loads(text)

@@ -309,7 +309,8 @@ class ServerWebSocket:
                 raise self._violation(exc) from None
             if event is None:
                 return None
-            if isinstance(event, str | bytes):
+            # Not isinstance(event, str | bytes): a union costs five times one type.
+            if isinstance(event, str) or isinstance(event, bytes):  # noqa: SIM101
                 return event
             if isinstance(event, Ping):
                 # Through the bounded path: a client that pings and never reads becomes a
