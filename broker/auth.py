@@ -61,6 +61,12 @@ class Permissions:
 
     allow: tuple[str, ...]
     deny: tuple[str, ...]
+    #: ``>`` allowed and nothing denied, the usual grant: every topic, known without matching.
+    everything: bool = attrs.field(init=False, eq=False, repr=False)
+
+    @everything.default
+    def _allows_everything(self) -> bool:
+        return not self.deny and ">" in self.allow
 
     @classmethod
     def from_list(cls, patterns: Iterable[str]) -> Permissions:
@@ -74,6 +80,8 @@ class Permissions:
         """Whether the exact ``topic`` is allowed."""
         # Plain loops: checked on every publish, and a generator per call costs more than
         # the usual one or two patterns themselves.
+        if self.everything:
+            return True
         for d in self.deny:
             if pattern_matches(d, topic):
                 return False

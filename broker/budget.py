@@ -44,10 +44,15 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if one is there; False (nothing spent) if not."""
-        self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        # _refill inlined (and its min): once per publication.
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
             return True
+        self.tokens = tokens
         return False
 
     def has_credit(self, now: float) -> bool:

@@ -112,8 +112,20 @@ def new_epoch() -> str:
 def entry_bytes(pub: Publication) -> int:
     """The bytes one held publication costs: its data and sender strings as Python holds them
     (up to 4 bytes a character) plus :data:`ENTRY_OVERHEAD`."""
-    sender = 0 if pub.sender is None else sys.getsizeof(pub.sender)
-    return sys.getsizeof(pub.data) + sender + ENTRY_OVERHEAD
+    return _entry_bytes(pub.data, pub.sender)
+
+
+#: What ``sys.getsizeof`` says of an empty str; of an ASCII one, this plus its length.
+_EMPTY_STR = sys.getsizeof("")
+
+
+def _entry_bytes(data: str, sender: str | None) -> int:
+    # sys.getsizeof costs a method lookup and call per string; an ASCII string's size (the
+    # usual data and sender) is known from its length (str.isascii reads a flag).
+    size = _EMPTY_STR + len(data) if data.isascii() else sys.getsizeof(data)
+    if sender is not None:
+        size += _EMPTY_STR + len(sender) if sender.isascii() else sys.getsizeof(sender)
+    return size + ENTRY_OVERHEAD
 
 
 class Journal(Protocol):
@@ -243,8 +255,11 @@ class TopicStore:
         self._tombstone_limit = tombstone_limit
         self._secret = secrets.token_bytes(16)
         self._generations = array("Q", bytes(8 * EPOCH_BUCKETS))
-        # Every kept entry in publication order, as (topic, offset); see the module docstring.
-        self._order: deque[tuple[_Topic, int]] = deque()
+        # Every kept entry in publication order, as (topic, offset) in two deques side by side
+        # (a tuple per publication costs an allocation the collector then tracks); see the
+        # module docstring.
+        self._order: deque[_Topic] = deque()
+        self._order_offsets: deque[int] = deque()
         self.bytes = 0
         self.entries = 0
         self.evicted = dict.fromkeys(EVICTION_REASONS, 0)
@@ -268,6 +283,11 @@ class TopicStore:
 
     def __len__(self) -> int:
         return len(self._topics)
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Read the time from ``clock`` from now on: the same clock, called more cheaply (the
+        store reads it once per publication)."""
+        self._clock = clock
 
     def now(self) -> float:
         """The store's clock (the times :meth:`restore` and :meth:`persisted_states` use)."""
@@ -340,8 +360,10 @@ class TopicStore:
 
     def _evict_oldest(self) -> None:
         """Evict the oldest entry held anywhere (for the global budget)."""
-        while self._order:
-            t, offset = self._order.popleft()
+        order, offsets = self._order, self._order_offsets
+        while order:
+            t = order.popleft()
+            offset = offsets.popleft()
             if t.buffer and t.buffer[0][1].offset == offset:
                 self._evict_first(t, "budget")
                 if not t.buffer:
@@ -367,6 +389,14 @@ class TopicStore:
         self.bytes += TOPIC_OVERHEAD
         return t
 
+    def _set_order(self, marks: Iterable[tuple[_Topic, int]]) -> None:
+        """Make ``marks`` (topic, offset), oldest first, the global order of entries."""
+        self._order = deque()
+        self._order_offsets = deque()
+        for t, offset in marks:
+            self._order.append(t)
+            self._order_offsets.append(offset)
+
     def publish(self, topic: str, data: str, sender: str | None) -> Publication:
         """Assign the next offset of ``topic`` and keep the publication as its rule says.
         Raises :class:`FrameError` (``too_many_topics``) when a new topic would pass
@@ -388,12 +418,13 @@ class TopicStore:
             t = self._admit(topic, rule, now)
         else:
             self._topics.move_to_end(topic)
-            if t.buffer and t.buffer[0][0] <= now - t.rule.ttl:
+            buf = t.buffer
+            if buf and buf[0][0] <= now - t.rule.ttl:
                 self._expire(t, now)
         t.touched = now
-        t.offset += 1
-        pub = Publication(t.name, t.offset, t.epoch, sender, data)
-        n = entry_bytes(pub)
+        offset = t.offset = t.offset + 1
+        pub = Publication(t.name, offset, t.epoch, sender, data)
+        n = _entry_bytes(data, sender)
         buf = t.buffer
         buf.append((now, pub, n))
         if journal is not None:
@@ -401,19 +432,25 @@ class TopicStore:
         t.bytes += n
         self.bytes += n
         self.entries += 1
-        self._order.append((t, t.offset))
+        self._order.append(t)
+        self._order_offsets.append(offset)
         rule = t.rule
-        while len(buf) > rule.size:
-            self._evict_first(t, "size")
-        while buf and t.bytes > rule.max_bytes:
-            self._evict_first(t, "topic_cap")
-        if not buf:
-            self._drop(t, "topic_cap")
-        while self.bytes > self.max_bytes and self._order:
-            self._evict_oldest()
+        # The bounds, each checked once on the way (a publication rarely passes one).
+        if len(buf) > rule.size or t.bytes > rule.max_bytes:
+            while len(buf) > rule.size:
+                self._evict_first(t, "size")
+            while buf and t.bytes > rule.max_bytes:
+                self._evict_first(t, "topic_cap")
+            if not buf:
+                self._drop(t, "topic_cap")
+        if self.bytes > self.max_bytes:
+            while self.bytes > self.max_bytes and self._order:
+                self._evict_oldest()
         if len(self._order) > 2 * self.entries + 1024:
-            self._order = deque(
-                (tt, off) for tt, off in self._order if tt.buffer and off >= tt.buffer[0][1].offset
+            self._set_order(
+                (tt, off)
+                for tt, off in zip(self._order, self._order_offsets, strict=True)
+                if tt.buffer and off >= tt.buffer[0][1].offset
             )
         return pub
 
@@ -555,7 +592,7 @@ class TopicStore:
             ),
             key=lambda e: e[:3],
         )
-        self._order = deque((t, off) for _, _, off, t in order)
+        self._set_order((t, off) for _, _, off, t in order)
         while len(self._topics) > self.max_topics:
             self._drop(next(iter(self._topics.values())), "budget")
         while self.bytes > self.max_bytes and self._order:

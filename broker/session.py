@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 A session is one task, the *reader*: it takes the client's messages from
 :class:`~broker.wsserver.ServerWebSocket`, parses them with :mod:`broker.protocol` and
-executes them. Its deadlines (the idle timeout, the next server ping, the in-band
+executes them. The hot path, a publication the bus takes without waiting, is served in plain
+calls from the bytes already read (:meth:`Session._serve_now`): no coroutine, and no closure
+when it has no ``id``; everything else is awaited. Its deadlines (the idle timeout, the next server ping, the in-band
 authentication deadline and the token's expiry) are kept by the worker's one
 :class:`~broker.timers.Deadlines` task, which calls :meth:`Session.on_deadline`. Replies and
 pushes are framed here and appended to the connection's :class:`~broker.sendqueue.SendQueue`;
@@ -36,6 +38,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -121,7 +124,11 @@ class Session:
         now = trio.current_time()
         self.started = now
         self.subs: dict[str, Subscription] = {}
-        self.bucket = TokenBucket(cfg.limits.publish_rate, cfg.limits.publish_burst, now)
+        # Refilled to when each publication's frame was read (_publish): full from the last
+        # read before the session, so that its clock never runs backwards.
+        self.bucket = TokenBucket(
+            cfg.limits.publish_rate, cfg.limits.publish_burst, ws.last_receive
+        )
         # The budget of history replies and `since` replays, in bytes: made on first use,
         # since most connections never ask for either.
         self.reads: TokenBucket | None = None
@@ -161,15 +168,21 @@ class Session:
                         await self._await_close()
                         break
                     try:
-                        message = await ws.next_message()
+                        # What the last read holds is taken without a coroutine: a burst of
+                        # publications costs no await per message.
+                        message = ws.buffered_message()
+                        if message is None:
+                            message = await ws.next_message()
                     except WebSocketViolation as exc:
                         self.close(exc.code, exc.reason)
                         break
                     if message is None:  # the client closed, or went away
                         break
-                    await self._serve(message)
+                    left = self._serve_now(message)
+                    if left is not None:
+                        await left
                     # Not kept while the connection waits, idle, for its next message.
-                    del message
+                    del message, left
                     served += 1
                     if served >= TURN_MESSAGES or queue.appended - turn_start >= TURN_BYTES:
                         # The turn ends: others run (and a session closed meanwhile stops).
@@ -351,23 +364,59 @@ class Session:
 
     # --- input --------------------------------------------------------------------------
 
-    async def _serve(self, message: str | bytes) -> None:
-        """Parse and carry out one client frame; every failure becomes an error reply."""
+    def _serve_now(self, message: str | bytes) -> Coroutine[Any, Any, None] | None:
+        """Parse and carry out one client frame as far as that needs no waiting; every failure
+        becomes an error reply. Returns what is left, to be awaited at once (None when
+        nothing is): a publication the bus takes without waiting, the hot path, is served
+        here whole, without a coroutine."""
         try:
             command = p.parse_command(message)
         except FrameError as exc:
-            await self._settle_publishes()
-            self.error(exc.frame_id, exc.code, exc.message)
-            return
+            return self._fail(exc.frame_id, exc, "parse")
+        if type(command) is not p.Publish or self.identity is None:
+            return self._serve(command)
+        try:
+            if self._publish(command):
+                return None
+        except Exception as exc:
+            return self._fail(command.id, exc, "publish")
+        return self._serve(command)
+
+    async def _serve(self, command: p.Command) -> None:
+        """Carry out ``command`` (a publication here only when the bus must be awaited)."""
         try:
             await self._execute(command)
-        except FrameError as exc:
-            self.error(command.id, exc.code, exc.message)
-        except BusUnavailable:
-            self.error(command.id, "unavailable", "the message bus is unavailable; try again")
-        except Exception:
-            log.exception("internal_error", op=type(command).__name__.lower())
-            self.error(command.id, "internal", "internal error; the request was not carried out")
+        except Exception as exc:
+            left = self._fail(command.id, exc, type(command).__name__.lower())
+            if left is not None:
+                await left
+
+    def _fail(
+        self, frame_id: p.FrameId, exc: BaseException, op: str
+    ) -> Coroutine[Any, Any, None] | None:
+        """Answer a request that failed with ``exc`` (:meth:`_answer_failure`) once every
+        pipelined publication is answered, so that replies stay in request order: returns the
+        wait for those, to be awaited at once, when some are unanswered."""
+        if self.publishing:
+            return self._fail_in_order(frame_id, exc, op)
+        self._answer_failure(frame_id, exc, op)
+        return None
+
+    async def _fail_in_order(self, frame_id: p.FrameId, exc: BaseException, op: str) -> None:
+        await self._settle_publishes()
+        self._answer_failure(frame_id, exc, op)
+
+    def _answer_failure(self, frame_id: p.FrameId, exc: BaseException, op: str) -> None:
+        """The error reply to a request that failed with ``exc``: :class:`FrameError` with its
+        code, :class:`BusUnavailable` with ``unavailable``, anything else (logged once) with
+        ``internal``."""
+        if isinstance(exc, FrameError):
+            self.error(frame_id, exc.code, exc.message)
+        elif isinstance(exc, BusUnavailable):
+            self.error(frame_id, "unavailable", "the message bus is unavailable; try again")
+        else:
+            log.error("internal_error", op=op, exc_info=exc)
+            self.error(frame_id, "internal", "internal error; the request was not carried out")
 
     async def _settle_publishes(self) -> None:
         """Wait until every pipelined publication has been answered (replies stay in order)."""
@@ -377,11 +426,16 @@ class Session:
 
     async def _execute(self, command: p.Command) -> None:
         if isinstance(command, p.Publish) and self.identity is not None:
+            # The bus must be awaited (_serve_now did the rest): one publication at a time.
+            self.publishing += 1
             try:
-                await self._publish(command)
-            except FrameError:
-                await self._settle_publishes()
-                raise
+                pub = await self.worker.bus.publish(
+                    command.topic, command.data, self.identity.client
+                )
+            finally:
+                # Answered here or by _fail, never by _on_published.
+                self._settle()
+            self._on_published(command.id, pub)
             return
         await self._settle_publishes()
         if isinstance(command, p.Auth):
@@ -447,50 +501,69 @@ class Session:
                     return
         self.reply(cmd.id, client=identity.client, expires_at=identity.expires_at)
 
-    async def _publish(self, cmd: p.Publish) -> None:
-        assert self.identity is not None
+    def _publish(self, cmd: p.Publish) -> bool:
+        """Check ``cmd`` and hand it to the bus without waiting, if the bus can: True then
+        (the bus answers through :meth:`_on_published`, in order), False when the caller must
+        await the bus instead (:meth:`_execute`). Raises :class:`FrameError` (``bad_topic``,
+        ``forbidden``, ``too_large``, ``rate_limited``) when it is refused."""
+        identity = self.identity
+        assert identity is not None
         topic = validate_topic(cmd.topic)
-        if not self.identity.publish.allows_topic(topic):
+        if not identity.publish.allows_topic(topic):
             raise FrameError("forbidden", f"not allowed to publish to {topic}")
         limits = self.worker.config.limits
-        p.check_data_size(cmd.data, limits.max_data_size)
-        if not self.bucket.take(trio.current_time()):
+        data = cmd.data
+        if len(data) > limits.max_data_size or not data.isascii():  # else it passes
+            p.check_data_size(data, limits.max_data_size)
+        # Refilled up to when the frame was read, not now: never later than now, so never
+        # looser, and without a clock read per publication.
+        if not self.bucket.take(self.ws.last_receive):
             raise FrameError(
                 "rate_limited", f"publish rate limit is {limits.publish_rate:g}/s; slow down"
             )
-        frame_id = cmd.id
-
-        def settle() -> None:
-            self.publishing -= 1
-            if not self.publishing and self._published is not None:
-                self._published.set()
-
-        def done(result: Publication | BaseException) -> None:
-            settle()
-            if isinstance(result, Publication):
-                self.reply(frame_id, offset=result.offset, epoch=result.epoch)
-            elif isinstance(result, BusUnavailable):
-                self.error(frame_id, "unavailable", "the message bus is unavailable; try again")
-            elif isinstance(result, FrameError):  # the bus refused it (too_many_topics)
-                self.error(frame_id, result.code, result.message)
-            else:
-                log.error("publish_failed", error=str(result))
-                self.error(frame_id, "internal", "internal error; the request was not carried out")
-
         # Pipelined where the bus allows it: the reader goes on with the next frame while the
         # publication travels, so a burst of publications reaches the bus (and then every
         # subscriber) together. The bus answers publications in order, and any other op waits
-        # for them first (_execute), so replies still come in request order.
+        # for them first (_execute), so replies still come in request order. Without an id
+        # nothing but the count needs answering, and no closure is made.
+        frame_id = cmd.id
         self.publishing += 1
-        if not self.worker.bus.publish_nowait(topic, cmd.data, self.identity.client, done):
-            try:
-                pub = await self.worker.bus.publish(topic, cmd.data, self.identity.client)
-            except BaseException:
-                # Answered by _serve's error handling instead of done(); counted as settled,
-                # or every later op would wait for it in _settle_publishes forever.
-                settle()
-                raise
-            done(pub)
+        if frame_id is None:
+            done: Callable[[Publication | BaseException], None] = self._on_published_anonymous
+        else:
+
+            def done(result: Publication | BaseException) -> None:
+                self._settle()
+                self._on_published(frame_id, result)
+
+        taken = False
+        try:
+            taken = self.worker.bus.publish_nowait(topic, data, identity.client, done)
+        finally:
+            if not taken:  # to be awaited (_execute), or failed: not pipelined after all
+                self.publishing -= 1
+        return taken
+
+    def _settle(self) -> None:
+        """One pipelined publication is answered."""
+        self.publishing -= 1
+        if not self.publishing and self._published is not None:
+            self._published.set()
+
+    def _on_published_anonymous(self, result: Publication | BaseException) -> None:
+        self._settle()
+        if type(result) is not Publication:
+            self._on_published(None, result)
+
+    def _on_published(self, frame_id: p.FrameId, result: Publication | BaseException) -> None:
+        """Answer a publication the bus has settled with ``result``."""
+        if isinstance(result, Publication):
+            if frame_id is not None:
+                self.send_text(p.encode_published(frame_id, result.offset, result.epoch))
+        else:
+            # too_many_topics from the bus, or a failure. Its turn is now: the bus answers in
+            # order, so every publication before it is answered already.
+            self._answer_failure(frame_id, result, "publish")
 
     async def _subscribe(self, cmd: p.Subscribe) -> None:
         assert self.identity is not None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from broker.bus.base import (
     Bus,
@@ -43,6 +44,8 @@ class LocalBus(Bus):
         self.journal = make_journal(store)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # trio.current_time() is three calls deep to this clock's method: ask it directly.
+        self.store.set_clock(trio.lowlevel.current_clock().current_time)
         async with trio.open_nursery() as nursery:
             if self.journal is not None:
                 self.journal.start(self.store)

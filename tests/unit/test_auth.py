@@ -441,3 +441,22 @@ def test_the_cache_counts_are_a_metric_per_worker() -> None:
     text = render(snapshot_from_stats({"worker": 1, "token_cache": {"hit": 7, "evicted": 2}}))
     assert 'pubsub_token_cache_total{result="hit",worker="1"} 7' in text
     assert 'pubsub_token_cache_total{result="evicted",worker="1"} 2' in text
+
+
+@pytest.mark.parametrize(
+    ("patterns", "everything"),
+    [([">"], True), (["a.>", ">"], True), (["a.>"], False), ([">", "!a.>"], False), ([], False)],
+)
+def test_a_grant_of_every_topic_is_known_without_matching(
+    patterns: list[str], everything: bool
+) -> None:
+    perms = Permissions.from_list(patterns)
+    assert perms.everything is everything
+    topics = ["a.b", "x", "a", "b.c.d"]
+    expected = [any(pattern_matches(p, t) for p in perms.allow) for t in topics]
+    expected = [
+        e and not any(pattern_matches(d, t) for d in perms.deny)
+        for e, t in zip(expected, topics, strict=True)
+    ]
+    assert [perms.allows_topic(t) for t in topics] == expected
+    assert perms == Permissions(perms.allow, perms.deny)  # not part of its value

@@ -342,3 +342,13 @@ def test_leaving_what_was_never_joined_changes_nothing() -> None:
     assert not s.leave("elsewhere", "alice", k)
     assert s.members("t") == ["alice"]
     assert s.leave("t", "alice", k) and s.members("t") == []
+
+
+@pytest.mark.parametrize("data", ['"x"', "1" * 5000, '"é"', '"😀"', '"\\u00e9 ascii"'])
+@pytest.mark.parametrize("sender", [None, "alice", "ünïcode"])
+def test_entry_bytes_are_what_python_holds(data: str, sender: str | None) -> None:
+    held = sys.getsizeof(data) + (0 if sender is None else sys.getsizeof(sender))
+    assert entry_bytes(Publication("t", 1, "e", sender, data)) == held + ENTRY_OVERHEAD
+    store = TopicStore(lambda topic: HistoryRule(">", 10, 60.0), lambda: 0.0)
+    store.publish("t", data, sender)
+    assert store.bytes == held + ENTRY_OVERHEAD + TOPIC_OVERHEAD

@@ -156,3 +156,31 @@ def test_publish_data_with_a_lone_surrogate_is_refused_by_the_size_check() -> No
     with pytest.raises(FrameError) as info:
         p.check_data_size('"\ud800"', 100)
     assert info.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("fid", [0, -7, 2**63 - 1, "", "x", 'quote " and \\ and \n', "é😀"])
+def test_the_publish_reply_is_encode_reply_to_the_byte(fid: int | str) -> None:
+    assert p.encode_published(fid, 12, "ab12") == p.encode_reply(fid, offset=12, epoch="ab12")
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (' {"op":"ping","id":1}', p.Ping(1)),
+        ('{"op":"ping","id":2} \r\n\t', p.Ping(2)),
+        ('\n{"op":"publish","topic":"a","data":"é"}\n', p.Publish(None, "a", '"é"')),
+        ('{"op":"ping","id":3} {}', None),
+        ('{"op":"ping","id":4}\x0c', None),  # not JSON whitespace
+        ('\ufeff{"op":"ping","id":5}', None),
+        ("", None),
+        ("  ", None),
+    ],
+)
+def test_whitespace_and_trailing_text_are_judged_as_json_loads_does(
+    frame: str, expected: p.Command | None
+) -> None:
+    if expected is not None:
+        assert p.parse_command(frame) == expected
+        return
+    with pytest.raises(FrameError, match="not valid JSON"):
+        p.parse_command(frame)

@@ -395,3 +395,53 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector() -> Non
     finally:
         gc.set_debug(0)
         gc.enable()
+
+
+async def test_replies_keep_request_order_while_publications_are_pipelined(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bus that answers later (as the hub does): a refusal and the requests after it are
+    # answered only once the publications before them are, in request order; a publication
+    # without an id is answered only when it fails.
+    worker = make_worker()
+    waiting: list[Any] = []
+
+    def publish_nowait(topic: str, data: str, sender: str | None, done: Any) -> bool:
+        waiting.append(done)
+        return True
+
+    async with running(worker) as nursery:
+        ws = await connect(worker, nursery, f"/ws?token={token()}")
+        await recv(ws)
+        bus = worker.bus
+        publish = bus.publish_nowait
+        monkeypatch.setattr(bus, "publish_nowait", publish_nowait)
+        frames: list[dict[str, Any]] = [
+            {"op": "publish", "topic": "t", "data": 1, "id": 1},
+            {"op": "publish", "topic": "t", "data": 2},
+            {"op": "publish", "topic": "bad topic", "data": 3, "id": 3},
+            {"op": "publish", "topic": "t", "data": 4, "id": 4},
+            {"op": "nope", "id": 5},
+            {"op": "ping", "id": 6},
+        ]
+        for frame in frames:
+            await ws.send_message(json.dumps(frame))
+        await trio.sleep(1)
+        assert len(waiting) == 2  # the refusal of 3 waits, and the reader with it
+        publish("t", "1", "alice", waiting[0])  # the real bus settles it
+        waiting[1](BusUnavailable("lost"))
+        await trio.sleep(1)
+        assert len(waiting) == 3  # 4 was read, and 5's error waits for it
+        publish("t", "4", "alice", waiting[2])
+        replies = [await recv(ws) for _ in range(6)]
+        assert [(r["id"], r["ok"]) for r in replies] == [
+            (1, True),
+            (None, False),
+            (3, False),
+            (4, True),
+            (5, False),
+            (6, True),
+        ]
+        assert replies[0]["offset"] == 1 and replies[3]["offset"] == 2
+        codes = [r["error"]["code"] for r in replies if not r["ok"]]
+        assert codes == ["unavailable", "bad_topic", "bad_request"]
