@@ -19,6 +19,8 @@ publication where nothing is delivered) and the ratio to nats-server's:
                     16 KiB
   wildcard          2,000 topics in 20 groups, reached only through 100 subscribers of
                     ``bench.wild.G.*`` or ``bench.wild.G.>`` (5 a topic)
+  topics_monitor    2,000 topics x 5 subscribers over 200 connections, and one more
+                    connection subscribed to ``>`` (a monitor: every publication, 6 a topic)
   own_topics        32 publishers, each on its own topic with 2 subscribers
   nobody            one publisher, 20,000 publications/s over 100 topics nobody subscribes
                     to: CPU per publication
@@ -74,6 +76,9 @@ SHAPES: dict[str, Shape] = {
     "topics_1k": _topics(1024),
     "topics_16k": _topics(16384),
     "wildcard": lambda s, a, t: workloads.wildcard_topics(s, a, duration=t),
+    "topics_monitor": lambda s, a, t: workloads.many_topics(
+        s, a, topics=2000, connections=200, monitors=1, duration=t
+    ),
     "own_topics": lambda s, a, t: workloads.many_topics(
         s, a, topics=32, per_topic=2, connections=64, publishers=32, own=True, duration=t
     ),

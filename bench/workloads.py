@@ -391,13 +391,15 @@ def many_topics(
     publishers: int = 1,
     size: int = 64,
     own: bool = False,
+    monitors: int = 0,
 ) -> dict[str, Any]:
     """``topics`` topics with ``per_topic`` subscribers each, held by ``connections``
     connections (topics * per_topic / connections subscriptions each); closed-loop publisher
     bursts of ``size``-byte payloads spread round-robin over all topics, taking turns over
     ``publishers`` connections (the kernel spreads those over a broker's workers: with 8,
     every one of 2 workers holds some but once in 128 runs). With ``own``, publisher k
-    publishes only to topic k (set ``topics`` to ``publishers``)."""
+    publishes only to topic k (set ``topics`` to ``publishers``). With ``monitors``, that many more
+    connections subscribe to ``>`` and get every publication too."""
     names = [f"bench.many.{i}" for i in range(topics)]
     subs_each = topics * per_topic // connections
     # connection k holds topics k*subs_each/per_topic...: each topic lands on per_topic
@@ -406,7 +408,9 @@ def many_topics(
     for slot in range(topics * per_topic):
         t, j = divmod(slot, per_topic)
         plan[(t + j * (connections // per_topic)) % connections].append(names[t])
-    job = _burst_job(names, burst, per_topic, 200 * burst * per_topic, size, own)
+    plan += [[">"]] * monitors
+    fanout = per_topic + monitors
+    job = _burst_job(names, burst, fanout, 200 * burst * fanout, size, own)
     result = _spread_run(server, adapter, plan, job, publishers, sub_procs, pace, warmup, duration)
     result.update(
         topics=topics,
@@ -414,6 +418,7 @@ def many_topics(
         payload_bytes=size,
         per_topic=per_topic,
         subscriptions_per_connection=subs_each,
+        monitors=monitors,
     )
     return result
 
