@@ -410,7 +410,10 @@ def many_topics(
         plan[(t + j * (connections // per_topic)) % connections].append(names[t])
     plan += [[">"]] * monitors
     fanout = per_topic + monitors
-    job = _burst_job(names, burst, fanout, 200 * burst * fanout, size, own)
+    # A monitor may lag by the whole window: keep it under the broker's default send queue
+    # (1 MiB), or the run measures a slow consumer's close instead of the fan-out.
+    window = (20 if monitors else 200) * burst * fanout
+    job = _burst_job(names, burst, fanout, window, size, own)
     result = _spread_run(server, adapter, plan, job, publishers, sub_procs, pace, warmup, duration)
     result.update(
         topics=topics,
