@@ -687,19 +687,23 @@ class Agent:
         received = sum(self.shared)
         topics = job["topics"]
         adapter = self.adapter
+        burst = job["burst"]
+        # with ``own``, publisher k publishes only to topics[k] (a topic per publisher)
+        own = job.get("own", False)
         # several bursts per tick when the window allows (the loop ticks about once a
         # millisecond, which would otherwise cap small fan-outs)
         for _ in range(64):
             expected = job["published"] * job["fanout"] + job["base"]
             if expected - received > job["window"]:
                 return
+            # bursts take turns over the publishers (with several, spread over the workers)
+            k = (job["published"] + burst) // burst % len(conns)
             frames = []
-            for _ in range(job["burst"]):
-                topic = topics[job["published"] % len(topics)]
+            for _ in range(burst):
+                topic = topics[k % len(topics) if own else job["published"] % len(topics)]
                 job["published"] += 1
                 frames.append(client_frame(adapter.publish(topic, make_payload(job["size"]))))
-            # bursts take turns over the publishers (with several, spread over the workers)
-            self.send(conns[job["published"] // job["burst"] % len(conns)], b"".join(frames))
+            self.send(conns[k], b"".join(frames))
 
     def tick_rate(self, job: dict[str, Any], now: float) -> None:
         """Open loop: ``rate`` publications per second, spread round-robin over the topics."""

@@ -14,7 +14,16 @@ from typing import Any
 from bench.loadgen import Generator, machine_busy_seconds
 from bench.servers import Server, make_tokens
 
-__all__ = ["connect_rate", "fanout", "idle_connections", "latency", "many_topics", "tokens_for"]
+__all__ = [
+    "connect_rate",
+    "fanout",
+    "idle_connections",
+    "latency",
+    "many_topics",
+    "publish_only",
+    "tokens_for",
+    "wildcard_topics",
+]
 
 HOST = "127.0.0.1"
 
@@ -113,7 +122,7 @@ def _measure(
 
 
 def _burst_job(
-    topics: list[str], burst: int, fanout: int, window: int, size: int
+    topics: list[str], burst: int, fanout: int, window: int, size: int, own: bool = False
 ) -> dict[str, Any]:
     return {
         "kind": "burst",
@@ -122,6 +131,7 @@ def _burst_job(
         "fanout": fanout,
         "window": window,
         "size": size,
+        "own": own,
     }
 
 
@@ -379,12 +389,17 @@ def many_topics(
     sub_procs: int = 1,
     pace: float = 0.005,
     publishers: int = 1,
+    size: int = 64,
+    own: bool = False,
+    monitors: int = 0,
 ) -> dict[str, Any]:
     """``topics`` topics with ``per_topic`` subscribers each, held by ``connections``
     connections (topics * per_topic / connections subscriptions each); closed-loop publisher
-    bursts spread round-robin over all topics, taking turns over ``publishers`` connections
-    (the kernel spreads those over a broker's workers: with 8, every one of 2 workers holds
-    some but once in 128 runs)."""
+    bursts of ``size``-byte payloads spread round-robin over all topics, taking turns over
+    ``publishers`` connections (the kernel spreads those over a broker's workers: with 8,
+    every one of 2 workers holds some but once in 128 runs). With ``own``, publisher k
+    publishes only to topic k (set ``topics`` to ``publishers``). With ``monitors``, that many more
+    connections subscribe to ``>`` and get every publication too."""
     names = [f"bench.many.{i}" for i in range(topics)]
     subs_each = topics * per_topic // connections
     # connection k holds topics k*subs_each/per_topic...: each topic lands on per_topic
@@ -393,17 +408,98 @@ def many_topics(
     for slot in range(topics * per_topic):
         t, j = divmod(slot, per_topic)
         plan[(t + j * (connections // per_topic)) % connections].append(names[t])
-    with Generator(adapter, HOST, server.port, sub_procs) as gen:
-        _connect(gen, server, connections, plan, publishers)
-        job = _burst_job(names, burst, per_topic, 200 * burst * per_topic, 64)
-        result = _closed_loop(gen, server, job, pace, warmup, duration)
-        stats = gen.stats()
+    plan += [[">"]] * monitors
+    fanout = per_topic + monitors
+    # A monitor may lag by the whole window: keep it under the broker's default send queue
+    # (1 MiB), or the run measures a slow consumer's close instead of the fan-out.
+    window = (20 if monitors else 200) * burst * fanout
+    job = _burst_job(names, burst, fanout, window, size, own)
+    result = _spread_run(server, adapter, plan, job, publishers, sub_procs, pace, warmup, duration)
     result.update(
         topics=topics,
         publishers=publishers,
+        payload_bytes=size,
         per_topic=per_topic,
-        connections=connections,
         subscriptions_per_connection=subs_each,
+        monitors=monitors,
+    )
+    return result
+
+
+def _spread_run(
+    server: Server,
+    adapter: str,
+    plan: list[list[str]],
+    job: dict[str, Any],
+    publishers: int,
+    sub_procs: int,
+    pace: float,
+    warmup: float,
+    duration: float,
+) -> dict[str, Any]:
+    """Connect ``publishers`` and one subscriber per entry of ``plan`` (its topics or
+    patterns), then measure one closed-loop run of ``job``."""
+    with Generator(adapter, HOST, server.port, sub_procs) as gen:
+        _connect(gen, server, len(plan), plan, publishers)
+        result = _closed_loop(gen, server, job, pace, warmup, duration)
+        stats = gen.stats()
+    result.update(connections=len(plan), errors=stats["errors"], closes=stats["closes"])
+    return result
+
+
+def wildcard_topics(
+    server: Server,
+    adapter: str,
+    topics: int = 2000,
+    groups: int = 20,
+    connections: int = 100,
+    burst: int = 20,
+    duration: float = 6.0,
+    warmup: float = 1.5,
+    pace: float = 0.005,
+) -> dict[str, Any]:
+    """Many topics reached only through wildcards: ``topics`` topics ``bench.wild.G.I`` in
+    ``groups`` groups, each of ``connections`` connections subscribed to one group's pattern
+    (``bench.wild.G.*`` for even connections, ``bench.wild.G.>`` for odd ones), so every topic
+    has ``connections / groups`` subscribers and no exact subscription; closed-loop bursts
+    spread round-robin over all topics."""
+    names = [f"bench.wild.{i % groups}.{i}" for i in range(topics)]
+    plan = [[f"bench.wild.{k % groups}.{'*>'[k // groups % 2]}"] for k in range(connections)]
+    per_topic = connections // groups
+    job = _burst_job(names, burst, per_topic, 200 * burst * per_topic, 64)
+    result = _spread_run(server, adapter, plan, job, 1, 1, pace, warmup, duration)
+    result.update(topics=topics, groups=groups, per_topic=per_topic)
+    return result
+
+
+def publish_only(
+    server: Server,
+    adapter: str,
+    rate: float = 20000.0,
+    topics: int = 100,
+    size: int = 64,
+    duration: float = 6.0,
+    warmup: float = 1.5,
+) -> dict[str, Any]:
+    """A publisher nobody listens to: ``rate`` publications per second (open loop) over
+    ``topics`` topics without subscribers; the server's CPU per publication."""
+    names = [f"bench.nobody.{i}" for i in range(topics)]
+    with Generator(adapter, HOST, server.port, 1) as gen:
+        _connect(gen, server, 0, None)
+        job = {"kind": "rate", "topics": names, "rate": rate, "size": size}
+        gen.call(0, timeout=warmup + 60, duration=warmup, **job)
+        time.sleep(0.3)
+        result = _measure(gen, server, {**job, "duration": duration}, 0)
+        stats = gen.stats()
+    published = result["published"]
+    result.update(
+        topics=topics,
+        rate=rate,
+        payload_bytes=size,
+        achieved_rate=round(published / duration),
+        cpu_us_per_publication=round(1e6 * result["server_cpu_s"] / published, 3)
+        if published
+        else None,
         errors=stats["errors"],
         closes=stats["closes"],
     )

@@ -206,12 +206,16 @@ class Router:
         # A session whose exact subscription is being set up (pending) but which also
         # matches through a live wildcard gets it live now: held back in pending, the seam
         # would drop it as covered by the announced position.
-        targets: dict[int, Subscription] = {}
-        for sub in self.index.match(topic):
-            qid = id(sub.queue)
-            held = targets.get(qid)
-            if held is None or (held.pending is not None and sub.pending is None):
-                targets[qid] = sub
+        buckets = self.index.buckets(topic)
+        if len(buckets) < 2:  # one pattern at most: each session is in it once
+            return buckets[0] if buckets else ()
+        targets = {id(sub.queue): sub for sub in buckets[0]}
+        for bucket in buckets[1:]:
+            for sub in bucket:
+                qid = id(sub.queue)
+                held = targets.get(qid)
+                if held is None or (held.pending is not None and sub.pending is None):
+                    targets[qid] = sub
         return targets.values()
 
     def _deliver_latest(self, pub: Publication) -> None:

@@ -244,28 +244,45 @@ class SubscriptionIndex(Generic[K]):
         """Yield the keys whose pattern matches ``topic``: exact ones first, then wildcard
         ones. A key registered under several matching patterns may be yielded more than once;
         callers that need each key once dedupe."""
+        for keys in self.buckets(topic):
+            yield from list(keys)
+
+    def buckets(self, topic: str) -> list[dict[K, None]]:
+        """The key sets of every pattern that matches ``topic``, exact first, each non-empty,
+        in :meth:`match`'s order. Within one set each key is there once; a key may be in
+        several. The sets are the index's own, not copies: a caller may iterate one while it
+        does not add or remove keys meanwhile.
+
+        Why not only :meth:`match`: a publication's fan-out asks this once per publication,
+        and a generator that copies each set and yields key by key was most of what a
+        wildcard subscription cost there; with one set (the usual case) there is nothing to
+        dedupe and the set itself is the answer."""
+        found: list[dict[K, None]] = []
         keys = self.exact.get(topic)
         if keys:
-            yield from list(keys)
+            found.append(keys)
         if not self._wild_count:
-            return
+            return found
         segments = topic.split(".")
         n = len(segments)
         stack: list[tuple[_Node[K], int]] = [(self._root, 0)]
         while stack:
             node, i = stack.pop()
-            if node.rest and i < n:
-                yield from list(node.rest)
             if i == n:
                 if node.here:
-                    yield from list(node.here)
+                    found.append(node.here)
                 continue
-            child = node.children.get(segments[i])
-            if child is not None:
-                stack.append((child, i + 1))
-            star = node.children.get("*")
-            if star is not None:
-                stack.append((star, i + 1))
+            if node.rest:
+                found.append(node.rest)
+            children = node.children
+            if children:
+                child = children.get(segments[i])
+                if child is not None:
+                    stack.append((child, i + 1))
+                star = children.get("*")
+                if star is not None:
+                    stack.append((star, i + 1))
+        return found
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.exact.values()) + self._wild_count

@@ -7,11 +7,14 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.bus.base import PresenceEvent, Publication
 from broker.errors import BusUnavailable
 from broker.router import FRAME_OVERHEAD, Router, Subscription
 from broker.sendqueue import SendQueue
+from tests.support.topicref import reference_match
 
 
 class Queue(SendQueue):
@@ -96,6 +99,30 @@ async def test_each_session_gets_a_publication_once_and_deliveries_are_counted(
         assert [m["offset"] for m in q.texts()] == [1, 2]
     assert r.publications_in == 3
     assert r.deliveries == 2 * len(expected)
+
+
+PATTERNS = ["t.x", "t.y", "t.*", "t.>", "*.x", ">", "*.*", "u.x"]
+
+
+@settings(max_examples=150)
+@given(st.lists(st.sets(st.sampled_from(PATTERNS), max_size=4), min_size=1, max_size=6))
+def test_whatever_the_patterns_each_session_gets_a_matching_publication_once(
+    sessions: list[set[str]],
+) -> None:
+    r = Router()
+    queues = [Queue() for _ in sessions]
+    for q, patterns in zip(queues, sessions, strict=True):
+        for pattern in sorted(patterns):  # a session subscribes to a pattern at most once
+            r.index.add(pattern, Subscription(q, pattern))  # type: ignore[arg-type]
+    topics = ["t.x", "t.y", "u.x", "v.w.z"]
+    for offset, topic in enumerate(topics, 1):
+        r.on_publication(pub(topic, offset))
+    for q, patterns in zip(queues, sessions, strict=True):
+        wanted = [
+            o for o, t in enumerate(topics, 1) if any(reference_match(p, t) for p in patterns)
+        ]
+        assert [m["offset"] for m in q.texts()] == wanted
+    assert r.deliveries == sum(len(q.frames) for q in queues)
 
 
 async def test_a_pending_subscription_collects_unless_a_live_wildcard_delivers_it() -> None:

@@ -67,6 +67,23 @@ def test_index_finds_exactly_the_matching_keys(entries: list[tuple[str, int]], t
     assert not index.has_wildcards
 
 
+@settings(max_examples=200)
+@given(st.lists(st.tuples(patterns() | topics, st.integers(0, 5)), max_size=25), topics)
+def test_buckets_are_the_matching_patterns_key_sets(
+    entries: list[tuple[str, int]], topic: str
+) -> None:
+    index: SubscriptionIndex[int] = SubscriptionIndex()
+    for pattern, key in entries:
+        index.add(pattern, key)
+    buckets = index.buckets(topic)
+    matching = {pattern for pattern, _ in entries if reference_match(pattern, topic)}
+    # one non-empty set per matching pattern, holding exactly that pattern's keys
+    assert sorted(sorted(b) for b in buckets) == sorted(
+        sorted({k for p, k in entries if p == pattern}) for pattern in matching
+    )
+    assert [k for b in buckets for k in b] == list(index.match(topic))
+
+
 @pytest.mark.parametrize(
     "topic",
     ["a", "chat.room1", "a-b_c.D9", "x" * 255, ".".join(["s"] * 100)],
