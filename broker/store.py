@@ -577,11 +577,13 @@ class DiskJournal:
 
     def stats(self) -> dict[str, Any]:
         """Figures for the metrics: the queue (topics to read and publications held since the
-        last batch; publishes waiting for a commit), batches, rows, commit seconds, failures,
-        refusals, bytes."""
+        last batch; publishes waiting for a commit), batches, rows (publications written),
+        entries compacted (written again), commit seconds, failures, refusals, entries in the
+        journal, bytes."""
         return {
             **self.stats_counts,
             "queued_topics": len(self._dirty) + len(self._pending),
             "waiting": len(self._waiting),
+            "journal_entries": self._on_disk,
             "bytes": self.db.size() if self.db is not None else 0,
         }
