@@ -22,8 +22,8 @@ what they add may repeat entries already written: a start reads a topic's entrie
 chunk, keeps those of its row's epoch, orders them by offset and drops repeats.
 
 A topic's *row* (epoch, position, offset reservation, gap) is written only when it is new,
-its epoch or gap changes, or half of its reservation has been used (:meth:`publishing` notes
-that while it checks the reservation anyway), and at a graceful stop: rows are few per batch.
+its epoch or gap changes, or half of its reservation has been used, and at a graceful stop:
+rows are few per batch.
 
 **Compaction** keeps the file bounded. Chunks are deleted oldest first; while the journal holds
 more than twice the entries history holds, each flush reads the oldest chunks back (at most
@@ -42,9 +42,13 @@ publication evicted before its batch is not written.
 Crash safety rests on two things written with every batch:
 
 - **An offset reservation per topic.** A topic's row carries ``reserved``, a mark past its
-  offset (:data:`RESERVE_MIN` or four batches' worth of its publications, whichever is more).
-  An offset past the mark the disk holds is refused (``unavailable``) until a batch moves it:
-  so every offset the broker ever used is at most its topic's reserved mark on disk. A topic
+  offset (:data:`RESERVE_MIN` or four batches' worth of its publications, whichever is more),
+  a multiple of the *block* (a tenth of :data:`RESERVE_MIN`). An offset past the mark the disk
+  holds is refused (``unavailable``) until a batch moves it: so every offset the broker ever
+  used is at most its topic's reserved mark on disk. Offsets grow by one, so the first offset
+  past a mark is the first of a block: :meth:`DiskJournal.publishing` looks a topic's row up
+  only there (once per block, not per publication: with many topics the look-up is a walk
+  over cold memory), and notes there the topics past half their reservation or without a row. A topic
   without a row yet gets a new epoch after a crash (epochs of unsaved topics come from a
   per-process secret), so its offsets need no reservation; its row is written with its first
   entries, in the same transaction.
@@ -201,8 +205,9 @@ class DiskJournal:
         self._evicted: dict[str, int] = {}
         self._forgotten: set[str] = set()
         # Topics whose row the next batch checks: without a row on disk, or past half their
-        # reservation (noted by publishing(), which looks the row up anyway).
+        # reservation (noted by publishing() at the first offset of a block).
         self._low: set[str] = set()
+        self._block = max(1, RESERVE_MIN // 10)
         # The newest offset on disk of topics read from history (at a start, and after a
         # batch that read them); it may lag for the others: what lags is written again.
         self._written: dict[str, int] = {}
@@ -213,7 +218,7 @@ class DiskJournal:
         # a failed batch).
         self._chunks: deque[tuple[int, int]] = deque()
         self._on_disk = 0
-        self._doomed: list[int] = []
+        self._doomed: list[tuple[int, int]] = []
         self._carry: list[Entry] = []
         self._next_chunk = 1
         self._waiting: list[Callable[[BaseException | None], None]] = []
@@ -234,6 +239,11 @@ class DiskJournal:
     # --- the Journal protocol (on the event loop, never blocking) ---------------------------
 
     def publishing(self, topic: str, offset: int) -> None:
+        # Only the first offset of a block can pass a reservation (a multiple of the block),
+        # and every topic starts at one: a topic without a row is seen at its first offset
+        # (the others known to the store have one on disk, or in the batch being committed).
+        if (offset - 1) % self._block:
+            return
         row = self._rows.get(topic)
         if row is None or offset > row[3]:
             if row is not None and offset > row[1]:
@@ -352,7 +362,7 @@ class DiskJournal:
         )
         if self._on_disk > 2 * store.entries:  # compact what was read anyway, at once
             self._compacted(_still_held(store, (e for es in by_topic.values() for e in es)))
-            self._doomed.extend(cid for cid, _ in self._chunks)
+            self._doomed.extend(self._chunks)
             self._chunks.clear()
             self._on_disk = 0
         del by_topic
@@ -390,6 +400,7 @@ class DiskJournal:
         rows: list[RowValues] = []
         final = clean is not None
         rows_on_disk = self._rows
+        block = self._block
 
         def row(
             topic: str, epoch: str, offset: int, gap: tuple[int, int] | None, pace: int
@@ -402,7 +413,11 @@ class DiskJournal:
                 or old[2] != gap
                 or old[1] - offset < max(RESERVE_MIN // 2, 2 * pace)
             ):
-                reserved = max(old[1] if old else 0, offset + max(RESERVE_MIN, 4 * pace))
+                # Two blocks more: publishing() notes a topic up to a block past its half mark.
+                reserved = max(
+                    old[1] if old else 0, offset + max(RESERVE_MIN, 4 * pace + 2 * block)
+                )
+                reserved = -(-reserved // block) * block  # a multiple of the block
                 gap_from, gap_to = gap or (None, None)
                 rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
 
@@ -454,7 +469,7 @@ class DiskJournal:
             return
         self._on_disk -= read
         self._compacted(_still_held(store, entries))
-        self._doomed.extend(ids)
+        self._doomed.extend(taken)
 
     def _compacted(self, entries: list[Entry]) -> None:
         self._carry.extend(entries)
@@ -478,11 +493,15 @@ class DiskJournal:
             log.info("store_recovered", path=self.config.path)
 
     def _failed(self, batch: Batch, exc: BaseException) -> None:
-        """Keep ``batch``'s work for the next one; log the first failure of a run."""
-        self._dirty.update(r[0] for r in batch.rows)  # rewritten with the next batch
+        """Have the next batch redo ``batch``'s work; log the first failure of a run. Its
+        topics are read from history then (not its entries kept: what waits for the disk
+        stays bounded however long commits fail), and its compaction is undone: the chunks
+        stay, with what they hold."""
+        self._dirty.update(r[0] for r in batch.rows)
+        self._dirty.update(e[0] for e in batch.entries)
         self._forgotten.update(batch.forget)
-        self._doomed[:0] = batch.deletes
-        self._carry[:0] = batch.entries
+        self._chunks.extendleft(reversed(batch.deletes))
+        self._on_disk += sum(count for _, count in batch.deletes)
         self._note_failure("store_commit_failed", exc)
 
     def _note_failure(self, event: str, exc: BaseException) -> None:

@@ -94,15 +94,15 @@ class Row:
 
 @attrs.frozen
 class Batch:
-    """One transaction: topics to forget, topic rows to write, journal chunks to delete (ids,
-    oldest first), and the new chunk ``chunk`` holding ``entries`` (none: no chunk); ``clean``
+    """One transaction: topics to forget, topic rows to write, journal chunks to delete
+    (``(id, entries)``, oldest first), and the new chunk ``chunk`` holding ``entries`` (none: no chunk); ``clean``
     sets the clean-stop marker when not None. ``count`` is how many of the entries are new
-    publications (the rest are written again: compaction, a failed batch), ``written`` the
+    publications (the rest are written again by compaction), ``written`` the
     newest offset written for each topic read from history."""
 
     forget: list[str]
     rows: list[RowValues]
-    deletes: list[int]
+    deletes: list[tuple[int, int]]
     chunk: int
     entries: list[Entry]
     clean: bool | None = None
@@ -226,7 +226,7 @@ class Database:
             if batch.deletes:
                 c.execute(
                     "DELETE FROM journal WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(batch.deletes),),
+                    (json.dumps([cid for cid, _ in batch.deletes]),),
                 )
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
             if blob is not None:

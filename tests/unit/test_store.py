@@ -141,18 +141,45 @@ def test_a_topic_never_written_gets_a_new_epoch_after_a_crash(tmp_path: Path) ->
 async def test_offsets_past_the_reservation_wait_for_the_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "RESERVE_MIN", 5)
+    monkeypatch.setattr(store_module, "RESERVE_MIN", 5)  # blocks of 1 offset
     s, j = open_store(tmp_path / "h.db")
     s.publish("t", "1", None)
-    await j.flush(s)  # reserved on disk: up to 1 + 5
-    for _ in range(5):
+    await j.flush(s)  # reserved on disk: up to 1 + 6 (4 batches at 1 a batch, 2 blocks)
+    for _ in range(6):
         s.publish("t", "1", None)
     with pytest.raises(FrameError) as refused:
         s.publish("t", "1", None)
     assert refused.value.code == "unavailable" and j.stats()["refused"] == 1
     await j.flush(s)
-    assert s.publish("t", "1", None).offset == 7
+    assert s.publish("t", "1", None).offset == 8
     j.close(s)
+
+
+async def test_reservations_are_whole_blocks_checked_at_their_first_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "RESERVE_MIN", 50)  # blocks of 5 offsets
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    s.publish("t", "1", None)
+    await j.flush(s)
+    with pytest.raises(FrameError):
+        for _ in range(100):
+            s.publish("t", "1", None)
+    used = s.position("t").offset
+    epoch = s.position("t").epoch
+    crash(j)
+    # 1 + 50, up to a whole block: every offset used is within what the disk reserved.
+    assert used == 55 and sql(path, "SELECT reserved FROM topics") == [(55,)]
+    s2, j2 = open_store(path)
+    assert s2.position("t") == StreamPosition(55, epoch)
+    for _ in range(45):  # up to 100: past half of the new reservation (105)
+        s2.publish("t", "2", None)
+    await j2.flush(s2)  # noted at the first offset of a block past half: renewed
+    for _ in range(10):
+        s2.publish("t", "3", None)
+    assert s2.position("t").offset == 110
+    j2.close(s2)
 
 
 def journal(path: Path) -> list[tuple[str, int]]:
