@@ -220,6 +220,15 @@ class Database:
         c = self.conn
         # Marshalled here, in the writer thread: the event loop only gathered the tuples.
         blob = marshal.dumps(batch.entries) if batch.entries else None
+        if (
+            blob is not None
+            and not (batch.forget or batch.deletes or batch.rows)
+            and batch.clean is None
+        ):
+            # Most batches: one statement, a transaction of its own. Every statement hands the
+            # interpreter lock to this thread and back twice (the event loop waits each time).
+            c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.entries), blob))
+            return
         c.execute("BEGIN IMMEDIATE")
         try:
             c.executemany("DELETE FROM topics WHERE topic=?", [(t,) for t in batch.forget])
