@@ -25,14 +25,15 @@ A topic's *row* (epoch, position, offset reservation, gap) is written only when 
 its epoch or gap changes, or half of its reservation has been used, and at a graceful stop:
 rows are few per batch.
 
-**Compaction** keeps the file bounded. Chunks are deleted oldest first; while the journal holds
-more than twice the entries history holds, each flush reads the oldest chunks back (at most
-:data:`COMPACT_ENTRIES` entries, in the thread), keeps for the next chunk the entries history
-still holds (same epoch, not older than the topic's oldest held offset) and deletes the chunks
-in the same transaction that writes them again, so nothing held is ever missing from the file.
-Each entry is so read about once per turn of the journal and copied at most once, and the file
-holds at most about twice what memory holds (plus what a batch adds). A start that finds more
-than that rewrites what it loaded at once. What the file holds beyond memory are real
+**Compaction** keeps the file bounded. Chunks are deleted oldest first; once the journal holds
+more than twice the entries history holds plus :data:`COMPACT_SLACK`, a flush reads the oldest
+chunks back until it holds twice what history holds (at most :data:`COMPACT_ENTRIES` entries a
+flush, in the thread), keeps for the next chunk the entries history still holds (same epoch,
+not older than the topic's oldest held offset) and deletes the chunks in the same transaction
+that writes them again, so nothing held is ever missing from the file. Each entry is so read
+about once per turn of the journal and copied at most once, and the file holds at most about
+twice what memory holds (plus the slack and what a batch adds). A start that finds more than
+twice what it loads rewrites it at once. What the file holds beyond memory are real
 publications: a start applies the rules (ttl, size, bytes) to them again.
 
 What waits for the disk is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their
@@ -48,10 +49,10 @@ Crash safety rests on two things written with every batch:
   used is at most its topic's reserved mark on disk. Offsets grow by one, so the first offset
   past a mark is the first of a block: :meth:`DiskJournal.publishing` looks a topic's row up
   only there (once per block, not per publication: with many topics the look-up is a walk
-  over cold memory), and notes there the topics past half their reservation or without a row. A topic
-  without a row yet gets a new epoch after a crash (epochs of unsaved topics come from a
-  per-process secret), so its offsets need no reservation; its row is written with its first
-  entries, in the same transaction.
+  over cold memory), and notes there the topics past half their reservation or without a
+  row. A topic without a row yet gets a new epoch after a crash (epochs of unsaved topics
+  come from a per-process secret), so its offsets need no reservation; its row is written
+  with its first entries, in the same transaction.
 - **A clean-stop marker.** A graceful stop writes everything and marks the file clean; the
   first batch of every start marks it not clean. After an unclean stop each topic resumes at
   its reserved mark, and the offsets between its last saved one and the mark become its
@@ -113,16 +114,19 @@ PENDING_MAX_BYTES = 64 * 1024 * 1024
 RESERVE_MIN = 10_000
 MAINTAIN_EVERY = 10.0  # seconds between checkpoints and incremental vacuums
 
-#: Entries one compaction reads back at most (one per flush while the file holds more than
-#: twice what history holds): what it does on the event loop stays bounded.
+#: Entries one compaction reads back at most: what it does on the event loop stays bounded.
 COMPACT_ENTRIES = 50_000
+#: Entries the journal may hold beyond twice what history holds before a flush compacts it
+#: (back to twice): a compaction is a read and a transaction more, so one per flush would
+#: cost a topic published to thousands of times a second, whose history is small, a few %.
+COMPACT_SLACK = 10_000
 
 
 def _contiguous_tail(entries: list[Held]) -> list[Held]:
-    """The newest run of consecutive offsets of a topic's entries on disk. Older chunks may
-    outlive evictions for a while (trims are periodic), and a chunk may end where the next
-    begins much later (what was evicted before being written): only the newest run is
-    history without a hole."""
+    """The newest run of consecutive offsets of a topic's entries on disk (ordered, each
+    once). Entries outlive their eviction on disk until compaction reaches them, and one may
+    be followed by a much later one (what was evicted before being written): only the newest
+    run is history without a hole."""
     start = len(entries) - 1
     while start > 0 and entries[start - 1][0] == entries[start][0] - 1:
         start -= 1
@@ -539,7 +543,7 @@ class DiskJournal:
             await self._flush(store)
 
     async def _flush(self, store: TopicStore) -> None:
-        if self._on_disk > 2 * store.entries:
+        if self._on_disk > 2 * store.entries + COMPACT_SLACK:
             await self._compact(store)
         if not (
             self._dirty

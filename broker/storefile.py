@@ -95,10 +95,10 @@ class Row:
 @attrs.frozen
 class Batch:
     """One transaction: topics to forget, topic rows to write, journal chunks to delete
-    (``(id, entries)``, oldest first), and the new chunk ``chunk`` holding ``entries`` (none: no chunk); ``clean``
-    sets the clean-stop marker when not None. ``count`` is how many of the entries are new
-    publications (the rest are written again by compaction), ``written`` the
-    newest offset written for each topic read from history."""
+    (``(id, entries)``, oldest first), and the new chunk ``chunk`` holding ``entries`` (none:
+    no chunk); ``clean`` sets the clean-stop marker when not None. ``count`` is how many of
+    the entries are new publications (the rest are written again by compaction), ``written``
+    the newest offset written for each topic read from history."""
 
     forget: list[str]
     rows: list[RowValues]

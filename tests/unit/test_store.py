@@ -431,6 +431,7 @@ async def test_compaction_keeps_what_history_holds_and_bounds_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "COMPACT_ENTRIES", 100)
+    monkeypatch.setattr(store_module, "COMPACT_SLACK", 20)
     path = tmp_path / "h.db"
     s, j = open_store(path, size=5)
     s.publish("quiet", '"once"', None)  # held all along: compaction must write it again
