@@ -77,6 +77,7 @@ names the file.
 from __future__ import annotations
 
 import contextlib
+import marshal
 import sqlite3
 import sys
 import time
@@ -448,7 +449,9 @@ class DiskJournal:
         chunk = 0
         if entries:
             chunk, self._next_chunk = self._next_chunk, self._next_chunk + 1
-        return Batch(forget, rows, deletes, chunk, entries, clean, count, written)
+        # Marshalled here, on the event loop, not in the writer thread: see Database.commit.
+        blob = marshal.dumps(entries) if entries else None
+        return Batch(forget, rows, deletes, chunk, entries, clean, count, written, blob)
 
     async def _compact(self, store: TopicStore) -> None:
         """While the journal holds more than twice what history holds: read its oldest chunks
@@ -466,7 +469,8 @@ class DiskJournal:
         assert self.db is not None
         ids = [cid for cid, _ in taken]
         try:
-            entries = await trio.to_thread.run_sync(self.db.read, ids)
+            blobs = await trio.to_thread.run_sync(self.db.read, ids)
+            entries = [e for blob in blobs for e in marshal.loads(blob)]
         except (sqlite3.Error, *UNDECODABLE) as exc:
             chunks.extendleft(reversed(taken))  # left as they are; tried again next flush
             self._note_failure("store_compaction_failed", exc)

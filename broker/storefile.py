@@ -98,7 +98,8 @@ class Batch:
     (``(id, entries)``, oldest first), and the new chunk ``chunk`` holding ``entries`` (none:
     no chunk); ``clean`` sets the clean-stop marker when not None. ``count`` is how many of
     the entries are new publications (the rest are written again by compaction), ``written``
-    the newest offset written for each topic read from history."""
+    the newest offset written for each topic read from history, ``blob`` the entries
+    marshalled."""
 
     forget: list[str]
     rows: list[RowValues]
@@ -108,6 +109,7 @@ class Batch:
     clean: bool | None = None
     count: int = 0
     written: dict[str, int] = attrs.field(factory=dict)
+    blob: bytes | None = None
 
 
 class Database:
@@ -204,22 +206,23 @@ class Database:
                     mine.append(entry)
         return clean, rows, chunks, by_topic
 
-    def read(self, ids: list[int]) -> list[Entry]:
-        """The entries of the chunks ``ids`` (compaction). Raises :class:`sqlite3.Error` or one
-        of ``UNDECODABLE``."""
-        entries: list[Entry] = []
-        for (blob,) in self.conn.execute(
-            "SELECT entries FROM journal WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids),),
-        ):
-            entries.extend(marshal.loads(blob))
-        return entries
+    def read(self, ids: list[int]) -> list[bytes]:
+        """The marshalled entries of the chunks ``ids`` (compaction; decoded by the caller, see
+        :meth:`commit`). Raises :class:`sqlite3.Error`."""
+        return [
+            blob
+            for (blob,) in self.conn.execute(
+                "SELECT entries FROM journal WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
+            )
+        ]
 
     def commit(self, batch: Batch) -> None:
-        """Write ``batch`` in one transaction."""
+        """Write ``batch`` in one transaction. Its chunk comes marshalled (``blob``): this
+        thread holds the interpreter lock as little as it can, as the event loop, which
+        releases it at every write to a socket, would then wait for it at the next."""
         c = self.conn
-        # Marshalled here, in the writer thread: the event loop only gathered the tuples.
-        blob = marshal.dumps(batch.entries) if batch.entries else None
+        blob = batch.blob
         if (
             blob is not None
             and not (batch.forget or batch.deletes or batch.rows)
