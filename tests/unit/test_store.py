@@ -529,3 +529,29 @@ def test_a_file_of_the_previous_layout_is_converted(
     j.close(s)
     assert sql(path, "SELECT value FROM meta WHERE key = 'format'") == [(2,)]
     assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'chunks'") == []
+
+
+async def test_a_compaction_whose_commit_fails_leaves_the_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=2)
+    for r in range(5):
+        for t in range(3):
+            s.publish(f"t{t}", str(r), None)
+        await j.flush(s)  # the journal holds 15 entries, history 6
+    s.publish("t0", "5", None)
+    batches = spy_commits(monkeypatch, fail_first=True)
+    await j.flush(s)  # compacts, and the commit fails: nothing was deleted
+    assert batches[0].deletes and j.stats()["failures"] == 1
+    await j.flush(s)  # compacted again, and committed
+    first = batches[0].deletes  # the chunks it meant to delete are still to be compacted
+    assert len(batches) == 2 and batches[1].deletes[: len(first)] == first
+    held = {t: [p.data for p in s.history(t, None, None).publications] for t in ("t0", "t1")}
+    crash(j)
+    assert len(journal(path)) <= 2 * 6 + 3
+    s2, j2 = open_store(path, size=2)
+    assert {t: [p.data for p in s2.history(t, None, None).publications] for t in held} == held
+    assert held == {"t0": ["4", "5"], "t1": ["3", "4"]}
+    j2.close(s2)
