@@ -6,32 +6,53 @@ Theory of operation
 The event loop never waits for the disk. :class:`DiskJournal` is handed every publication the
 store keeps (:meth:`kept`: one list append, while its objects are fresh in the processor's
 cache) and told of every eviction (:meth:`evicted`) and of topics changed otherwise
-(:meth:`touched`: a publication not kept, a gap closed; and every topic at a start); every
-``flush_interval`` its flusher task turns the publications kept since the last batch, grouped
-by topic, and the state of the touched topics read from the store (their position, gap and the
-held entries newer than what was written last time) into a :class:`Batch` of plain tuples, and
-a worker thread commits the batch in one transaction (:class:`Database`; WAL mode). Reading
-every changed topic's state from history instead cost a few µs a topic (a walk over cold
-memory), with many topics as much as the rest of a publication's path. What waits for the disk
-is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their topics are read from
-history instead, so what is queued is then their names only. A publication evicted before its
-batch is not written. A batch appends one *chunk* per changed topic (its new entries,
-marshalled), so SQLite writes new pages in order however many topics a batch touches; a topic's
-row (position, reservation, gap) is rewritten only when its reservation runs low or its epoch
-or gap changes, and at a graceful stop. Every :data:`TRIM_EVERY` seconds, chunks whose entries
-have all left history are deleted, and forgotten topics' at once, so the file holds what memory
-holds plus at most a few seconds of evictions and a partly evicted chunk per topic (it is
-vacuumed incrementally). What the file holds beyond memory are real publications contiguous
-with the held ones; a start applies the rules to them again.
+(:meth:`touched`: a publication not kept, a gap closed; and every topic at a start). Every
+``flush_interval`` its flusher task makes a :class:`Batch` and a worker thread commits it in
+one transaction (:class:`Database`; WAL mode).
+
+The file is a *journal* in publication order: a batch appends **one chunk** holding every
+entry kept since the last one, whatever its topic, as ``(topic, epoch, offset, time, sender,
+data)`` tuples marshalled together. Building it is one pass over the publications in the order
+they were kept (no grouping by topic), and the writer thread inserts one row however many topics
+changed: with many topics a publication costs the store about the same as with one. (One chunk
+per changed topic and batch, the previous layout, cost a row insert and a marshalled chunk per
+topic, which with 10,000 topics was most of the store's cost.) Topics changed otherwise than by
+a kept publication are read from history instead (:meth:`TopicStore.persisted_states`), and
+what they add may repeat entries already written: a start reads a topic's entries from every
+chunk, keeps those of its row's epoch, orders them by offset and drops repeats.
+
+A topic's *row* (epoch, position, offset reservation, gap) is written only when it is new,
+its epoch or gap changes, or half of its reservation has been used, and at a graceful stop:
+rows are few per batch.
+
+**Compaction** keeps the file bounded. Chunks are deleted oldest first; once the journal holds
+more than twice the entries history holds plus :data:`COMPACT_SLACK`, a flush reads the oldest
+chunks back until it holds twice what history holds (at most :data:`COMPACT_ENTRIES` entries a
+flush, in the thread), keeps for the next chunk the entries history still holds (same epoch,
+not older than the topic's oldest held offset) and deletes the chunks in the same transaction
+that writes them again, so nothing held is ever missing from the file. Each entry is so read
+about once per turn of the journal and copied at most once, and the file holds at most about
+twice what memory holds (plus the slack and what a batch adds). A start that finds more than
+twice what it loads rewrites it at once. What the file holds beyond memory are real
+publications: a start applies the rules (ttl, size, bytes) to them again.
+
+What waits for the disk is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their
+topics are read from history instead, so what is queued is then their names only. A
+publication evicted before its batch is not written.
 
 Crash safety rests on two things written with every batch:
 
 - **An offset reservation per topic.** A topic's row carries ``reserved``, a mark past its
-  offset (:data:`RESERVE_MIN` or four batches' worth of its publications, whichever is more).
-  An offset past the mark the disk holds is refused (``unavailable``) until a batch moves it:
-  so every offset the broker ever used is at most its topic's reserved mark on disk. A topic
-  without a row yet gets a new epoch after a crash (epochs of unsaved topics come from a
-  per-process secret), so its offsets need no reservation.
+  offset (:data:`RESERVE_MIN` or four batches' worth of its publications, whichever is more),
+  a multiple of the *block* (a tenth of :data:`RESERVE_MIN`). An offset past the mark the disk
+  holds is refused (``unavailable``) until a batch moves it: so every offset the broker ever
+  used is at most its topic's reserved mark on disk. Offsets grow by one, so the first offset
+  past a mark is the first of a block: :meth:`DiskJournal.publishing` looks a topic's row up
+  only there (once per block, not per publication: with many topics the look-up is a walk
+  over cold memory), and notes there the topics past half their reservation or without a
+  row. A topic without a row yet gets a new epoch after a crash (epochs of unsaved topics
+  come from a per-process secret), so its offsets need no reservation; its row is written
+  with its first entries, in the same transaction.
 - **A clean-stop marker.** A graceful stop writes everything and marks the file clean; the
   first batch of every start marks it not clean. After an unclean stop each topic resumes at
   its reserved mark, and the offsets between its last saved one and the mark become its
@@ -44,34 +65,43 @@ With ``ack = "disk"`` a publish is answered once the batch holding it is committ
 survive a power loss). With ``ack = "memory"`` (the default) a commit survives the process,
 not the machine (``synchronous=NORMAL``).
 
-A file that is not an SQLite database or fails its integrity check at start is moved aside
-(``<name>.corrupt-<time>``) and a new one started: every topic gets a new epoch, which clients
-are told, and one error is logged. A file that cannot be opened or is held by another broker
-is :class:`StoreError`, a start-up error that names the file.
+A file of the previous layout (format 1: one chunk per topic and batch) is converted at start,
+in one transaction, and the conversion is logged (``store_migrated``): epochs and history are
+kept. A file that is not an SQLite database or fails its integrity check at start is moved
+aside (``<name>.corrupt-<time>``) and a new one started: every topic gets a new epoch, which
+clients are told, and one error is logged. A file that cannot be opened, is held by another
+broker, or whose contents cannot be decoded is :class:`StoreError`, a start-up error that
+names the file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import marshal
-import os
 import sqlite3
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from itertools import chain
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import attrs
 import structlog
 import trio
 
 from broker.bus.base import Publication
 from broker.config import StoreConfig
-from broker.errors import BrokerError, FrameError
+from broker.errors import FrameError
 from broker.history import TopicStore
+from broker.storefile import (
+    UNDECODABLE,
+    Batch,
+    Database,
+    Entry,
+    Held,
+    RowValues,
+    StoreError,
+    open_database,
+)
 
 __all__ = ["RESERVE_MIN", "Batch", "Database", "DiskJournal", "StoreError", "make_journal"]
 
@@ -83,214 +113,21 @@ log = structlog.get_logger()
 PENDING_MAX_BYTES = 64 * 1024 * 1024
 #: The fewest offsets reserved ahead of a topic's latest one (see the module docstring).
 RESERVE_MIN = 10_000
-FORMAT = 1
 MAINTAIN_EVERY = 10.0  # seconds between checkpoints and incremental vacuums
-#: Seconds between deletions of evicted entries: one per topic then, not one per batch (what a
-#: topic evicts meanwhile stays on disk, at most this long).
-TRIM_EVERY = 5.0
-CACHE_KIB = 32768  # SQLite's page cache, per store
-VACUUM_PAGES = 2048  # pages given back per incremental vacuum (8 MiB of 4 KiB pages)
 
-#: SQLite's result codes for a file that is not a (sound) database.
-_CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS topics (
-    topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, offset INTEGER NOT NULL,
-    reserved INTEGER NOT NULL, gap_from INTEGER, gap_to INTEGER
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY, topic TEXT NOT NULL, last INTEGER NOT NULL, entries BLOB NOT NULL
-);
-"""
-
-#: An entry as a chunk holds it: (offset, wall time, sender, data).
-Entry = tuple[int, float, str | None, str]
+#: Entries one compaction reads back at most: what it does on the event loop stays bounded.
+COMPACT_ENTRIES = 50_000
+#: Entries the journal may hold beyond twice what history holds before a flush compacts it
+#: (back to twice): a compaction is a read and a transaction more, so one per flush would
+#: cost a topic published to thousands of times a second, whose history is small, a few %.
+COMPACT_SLACK = 10_000
 
 
-class StoreError(BrokerError):
-    """The store file cannot be used (unreadable, not writable, held by another broker)."""
-
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"history store {path}: {problem}")
-        self.path = path
-        self.problem = problem
-
-
-@attrs.frozen
-class Row:
-    """A topic's row as saved: position, reservation, gap."""
-
-    topic: str
-    epoch: str
-    offset: int
-    reserved: int
-    gap: tuple[int, int] | None
-
-
-@attrs.frozen
-class Batch:
-    """One transaction: topics to forget, topic rows ``(topic, epoch, offset, reserved,
-    gap_from, gap_to)``, chunks to delete ``(id, topic, last offset)``, new chunks ``(id,
-    topic, last offset, marshalled entries)``; ``clean`` sets the clean-stop marker when not
-    None. ``topics`` are the changed topics it was built from, ``count`` its new entries."""
-
-    forget: list[str]
-    rows: list[tuple[str, str, int, int, int | None, int | None]]
-    deletes: list[tuple[int, str, int]]
-    chunks: list[tuple[int, str, int, bytes]]
-    clean: bool | None = None
-    topics: tuple[str, ...] = ()
-    count: int = 0
-
-
-#: Chunks inserted per statement: SQLite steps once per statement, and each step lets the
-#: event loop's thread take the interpreter lock; one step per row (a thousand topics changed)
-#: made the writer and the loop trade the lock a thousand times a batch.
-INSERT_ROWS = 200
-_INSERT_ONE = "INSERT INTO chunks VALUES (?,?,?,?)"
-_INSERT_MANY = "INSERT INTO chunks VALUES " + ",".join(["(?,?,?,?)"] * INSERT_ROWS)
-
-
-def _insert_chunks(c: sqlite3.Connection, chunks: list[tuple[int, str, int, bytes]]) -> None:
-    whole = len(chunks) - len(chunks) % INSERT_ROWS
-    c.executemany(
-        _INSERT_MANY,
-        (
-            list(chain.from_iterable(chunks[i : i + INSERT_ROWS]))
-            for i in range(0, whole, INSERT_ROWS)
-        ),
-    )
-    c.executemany(_INSERT_ONE, chunks[whole:])
-
-
-class Database:
-    """The SQLite file. Used by one thread at a time (the flusher hands it to a worker
-    thread per commit and waits); raises :class:`StoreError` or :class:`sqlite3.Error`."""
-
-    def __init__(self, path: str, *, durable: bool) -> None:
-        self.path = path
-        try:
-            self.conn = sqlite3.connect(
-                path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(path, f"cannot open: {exc}") from None
-        c = self.conn
-        # Exclusive locking: a second broker on the same file fails at start, and WAL needs
-        # no shared-memory file. auto_vacuum must be set before the tables exist.
-        c.execute("PRAGMA locking_mode=EXCLUSIVE")
-        c.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        c.execute("PRAGMA journal_size_limit=67108864")
-        c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        ok = c.execute("PRAGMA quick_check").fetchone()[0]
-        if ok != "ok":
-            raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
-        c.executescript(_SCHEMA)
-        fmt = c.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-        if fmt is None:
-            c.execute("INSERT INTO meta VALUES ('format', ?), ('clean', 1)", (FORMAT,))
-        elif fmt[0] != FORMAT:
-            raise StoreError(path, f"format {fmt[0]} is not {FORMAT}, the one this broker reads")
-
-    def load(self) -> tuple[bool, list[Row], dict[str, list[tuple[int, int, list[Entry]]]]]:
-        """Whether the last stop was clean, every topic row, and every topic's chunks ``(id,
-        last offset, entries)`` oldest first. Raises :class:`sqlite3.DatabaseError` (or
-        :class:`ValueError` for a chunk that does not decode)."""
-        c = self.conn
-        clean = bool(c.execute("SELECT value FROM meta WHERE key='clean'").fetchone()[0])
-        rows = [
-            Row(t, e, o, r, None if gf is None else (gf, gt))
-            for t, e, o, r, gf, gt in c.execute("SELECT * FROM topics")
-        ]
-        chunks: dict[str, list[tuple[int, int, list[Entry]]]] = {}
-        for cid, topic, last, blob in c.execute("SELECT * FROM chunks ORDER BY id"):
-            chunks.setdefault(topic, []).append((cid, last, marshal.loads(blob)))
-        return clean, rows, chunks
-
-    def commit(self, batch: Batch) -> None:
-        """Write ``batch`` in one transaction."""
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.executemany("DELETE FROM topics WHERE topic=?", [(t,) for t in batch.forget])
-            # One statement for every deleted chunk: SQLite walks the list without the
-            # interpreter lock (a statement per id traded it with the event loop per row).
-            ids = json.dumps([d[0] for d in batch.deletes])
-            c.execute("DELETE FROM chunks WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-            c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
-            _insert_chunks(c, batch.chunks)
-            if batch.clean is not None:
-                c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
-            c.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
-            raise
-
-    def maintain(self) -> None:
-        """Give freed pages back to the file system and keep the WAL short."""
-        self.conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-
-    def size(self) -> int:
-        """Bytes the store takes on disk (the file and its WAL)."""
-        total = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                total += os.stat(self.path + suffix).st_size
-        return total
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def open_database(path: str, *, durable: bool) -> Database:
-    """Open (or create) the store at ``path``. A corrupt file is moved aside and a new one
-    started (logged once); raises :class:`StoreError` for anything else."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        _create_private(path)
-    except OSError as exc:
-        raise StoreError(path, f"cannot be created: {exc.strerror}") from None
-    try:
-        return Database(path, durable=durable)
-    except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorcode", None) not in _CORRUPT_CODES and "integrity" not in str(
-            exc
-        ):
-            if "locked" in str(exc):
-                raise StoreError(path, "held by another broker process; stop it first") from None
-            raise StoreError(path, str(exc)) from None
-    aside = f"{path}.corrupt-{int(time.time())}"
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path + suffix, aside + suffix)
-    log.error(
-        "store_corrupt",
-        path=path,
-        moved_to=aside,
-        action="started a new store: every topic gets a new epoch, which clients are told; "
-        "the old file is kept for inspection and may be deleted",
-    )
-    _create_private(path)
-    return Database(path, durable=durable)
-
-
-def _create_private(path: str) -> None:
-    """Create ``path`` if missing, readable by the broker's user only: history is what
-    clients published."""
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-
-
-def _contiguous_tail(entries: list[Entry]) -> list[Entry]:
-    """The newest run of consecutive offsets of a topic's entries on disk. Older chunks may
-    outlive evictions for a while (trims are periodic), and a chunk may end where the next
-    begins much later (what was evicted before being written): only the newest run is
-    history without a hole."""
+def _contiguous_tail(entries: list[Held]) -> list[Held]:
+    """The newest run of consecutive offsets of a topic's entries on disk (ordered, each
+    once). Entries outlive their eviction on disk until compaction reaches them, and one may
+    be followed by a much later one (what was evicted before being written): only the newest
+    run is history without a hole."""
     start = len(entries) - 1
     while start > 0 and entries[start - 1][0] == entries[start][0] - 1:
         start -= 1
@@ -298,8 +135,8 @@ def _contiguous_tail(entries: list[Entry]) -> list[Entry]:
 
 
 def _across_gap(
-    entries: list[Entry], tail: list[Entry], gap: tuple[int, int] | None
-) -> tuple[list[Entry], tuple[int, int] | None]:
+    entries: list[Held], tail: list[Held], gap: tuple[int, int] | None
+) -> tuple[list[Held], tuple[int, int] | None]:
     """``tail`` (the newest run of ``entries``) and, when a crash's ``gap`` recorded earlier
     lies right before it, the run that ends right before the gap too, with that gap: what
     preceded a crash stays recoverable across restarts until it is evicted."""
@@ -309,6 +146,39 @@ def _across_gap(
     if not before or before[-1][0] != gap[0] - 1:
         return tail, None
     return before + tail, gap
+
+
+def _still_held(store: TopicStore, entries: Iterable[Entry]) -> list[Entry]:
+    """The ``entries`` that ``store`` still holds: of its topic's epoch and not older than the
+    oldest it holds (what is held is contiguous from there, but for a gap the file never
+    held). One look-up per topic, not per entry."""
+    heads: dict[str, tuple[str, int]] = {}
+    kept: list[Entry] = []
+    for entry in entries:
+        topic = entry[0]
+        head = heads.get(topic)
+        if head is None:
+            head = heads[topic] = (store.position(topic).epoch, store.first_held(topic))
+        if entry[1] == head[0] and entry[2] >= head[1]:
+            kept.append(entry)
+    return kept
+
+
+class _NothingNew(Mapping[str, int]):
+    """Every topic written up to its latest offset: :meth:`TopicStore.persisted_states` then
+    reads positions only (a row to write, no entries)."""
+
+    def __getitem__(self, topic: str) -> int:
+        return sys.maxsize
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_NOTHING_NEW = _NothingNew()
 
 
 def make_journal(config: StoreConfig | None) -> DiskJournal | None:
@@ -331,24 +201,30 @@ class DiskJournal:
         self.ack_on_disk = config.ack == "disk"
         self.db: Database | None = None
         self._dirty: set[str] = set()  # topics whose state the next batch reads from history
-        # Publications held since the last batch, as (time kept, publication): the next
-        # batch's new entries, but for the topics it reads from history.
+        # Publications held since the last batch, as (time kept, publication), in order: the
+        # next chunk's entries, but for the topics it reads from history.
         self._pending: list[tuple[float, Publication]] = []
         self._pending_bytes = 0
         # Each topic's newest evicted offset since the last batch: older pending
         # publications are not written (what memory no longer holds is not history).
         self._evicted: dict[str, int] = {}
         self._forgotten: set[str] = set()
-        self._written: dict[str, int] = {}  # the newest offset of each topic on disk
-        # Each topic's row on disk: (epoch, reserved mark, gap).
-        self._rows: dict[str, tuple[str, int, tuple[int, int] | None]] = {}
-        self._last_trim = 0.0
-        # Each topic's chunks on disk, oldest first, as (id, last offset); the chunks to
-        # delete with the next batch (of forgotten topics, or wholly evicted) as (id, topic,
-        # last offset); topics forgotten while a batch was being committed.
-        self._chunks: dict[str, deque[tuple[int, int]]] = {}
-        self._doomed: list[tuple[int, str, int]] = []
-        self._forgot_meanwhile: set[str] = set()
+        # Topics whose row the next batch checks: without a row on disk, or past half their
+        # reservation (noted by publishing() at the first offset of a block).
+        self._low: set[str] = set()
+        self._block = max(1, RESERVE_MIN // 10)
+        # The newest offset on disk of topics read from history (at a start, and after a
+        # batch that read them); it may lag for the others: what lags is written again.
+        self._written: dict[str, int] = {}
+        # Each topic's row on disk: (epoch, reserved mark, gap, mark past which it is low).
+        self._rows: dict[str, tuple[str, int, tuple[int, int] | None, int]] = {}
+        # The journal's chunks on disk, oldest first, as (id, entries) and their entries in
+        # all; the chunks the next batch deletes; the entries it writes again (compaction,
+        # a failed batch).
+        self._chunks: deque[tuple[int, int]] = deque()
+        self._on_disk = 0
+        self._doomed: list[tuple[int, int]] = []
+        self._carry: list[Entry] = []
         self._next_chunk = 1
         self._waiting: list[Callable[[BaseException | None], None]] = []
         self._failing = False
@@ -357,6 +233,7 @@ class DiskJournal:
         self.stats_counts = {
             "batches": 0,
             "rows": 0,
+            "compacted": 0,
             "failures": 0,
             "refused": 0,
             "commit_seconds": 0.0,
@@ -367,10 +244,19 @@ class DiskJournal:
     # --- the Journal protocol (on the event loop, never blocking) ---------------------------
 
     def publishing(self, topic: str, offset: int) -> None:
+        # Only the first offset of a block can pass a reservation (a multiple of the block),
+        # and every topic starts at one: a topic without a row is seen at its first offset
+        # (the others known to the store have one on disk, or in the batch being committed).
+        if (offset - 1) % self._block:
+            return
         row = self._rows.get(topic)
-        if row is not None and offset > row[1]:
-            self.stats_counts["refused"] += 1
-            raise FrameError("unavailable", "the history store is behind; try again in a moment")
+        if row is None or offset > row[3]:
+            if row is not None and offset > row[1]:
+                self.stats_counts["refused"] += 1
+                raise FrameError(
+                    "unavailable", "the history store is behind; try again in a moment"
+                )
+            self._low.add(topic)
 
     def kept(self, when: float, pub: Publication, size: int) -> None:
         self._pending.append((when, pub))
@@ -387,11 +273,11 @@ class DiskJournal:
         self._dirty.add(topic)
 
     def forget(self, topic: str) -> None:
+        # Its entries on disk are of an epoch no row names any more: a start ignores them
+        # and compaction deletes them.
         self._forgotten.add(topic)
-        self._forgot_meanwhile.add(topic)
         self._dirty.discard(topic)
         self._written.pop(topic, None)
-        self._doomed.extend((cid, topic, last) for cid, last in self._chunks.pop(topic, ()))
 
     def when_durable(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback`` (with None, or the error) once everything published so far is
@@ -432,25 +318,26 @@ class DiskJournal:
 
     def start(self, store: TopicStore) -> None:
         """Open the file, bring its topics back into ``store`` and commit the first batch
-        (marking the file not clean, renewing reservations). Blocks: call before serving.
-        Raises :class:`StoreError`."""
+        (marking the file not clean, renewing reservations; rewriting the journal when it
+        holds more than twice what is loaded). Blocks: call before serving. Raises
+        :class:`StoreError`."""
         self.db = open_database(self.config.path, durable=self.config.ack == "disk")
         try:
-            clean, rows, chunks = self.db.load()
-        except (sqlite3.DatabaseError, ValueError, EOFError, TypeError) as exc:
+            clean, rows, chunks, by_topic = self.db.load()
+        except (sqlite3.DatabaseError, *UNDECODABLE) as exc:
             raise StoreError(
                 self.config.path, f"cannot be read ({exc}); move it away to start afresh"
             ) from None
         store.journal = self
         to_local = store.now() - time.time()  # wall time -> the store's clock
-        self._next_chunk = 1 + max((c[0] for cs in chunks.values() for c in cs), default=0)
-        known = {row.topic for row in rows}
-        for topic in set(chunks) - known:  # left by a forget that did not commit
-            self._doomed.extend((cid, topic, last) for cid, last, _ in chunks.pop(topic))
+        self._chunks = deque(chunks)
+        self._on_disk = sum(count for _, count in chunks)
+        self._next_chunk = 1 + max((cid for cid, _ in chunks), default=0)
         for row in rows:
-            mine = chunks.get(row.topic, [])
-            self._chunks[row.topic] = deque((cid, last) for cid, last, _ in mine)
-            entries = [e for _, _, es in mine for e in es]
+            # The row's epoch only (older ones were forgotten), by offset, each once (what was
+            # read from history or compacted may be written twice).
+            mine = {e[2]: e for e in by_topic.get(row.topic, ()) if e[1] == row.epoch}
+            entries = [e[2:] for _, e in sorted(mine.items())]
             held = _contiguous_tail(entries)
             offset, gap = row.offset, None
             saved = held[-1][0] if held else row.offset
@@ -462,7 +349,8 @@ class DiskJournal:
             else:
                 held, gap = _across_gap(entries, held, row.gap)
             self._written[row.topic] = saved
-            self._rows[row.topic] = (row.epoch, offset, gap)
+            # Reserved up to the offset it resumes at: the first batch writes its row.
+            self._rows[row.topic] = (row.epoch, offset, gap, offset)
             local = [(at + to_local, o, s, d) for o, at, s, d in held]
             store.restore(row.topic, row.epoch, offset, gap, local)
             self._dirty.add(row.topic)
@@ -475,119 +363,137 @@ class DiskJournal:
             clean=clean,
             topics=len(rows),
             entries=self.stats_counts["loaded_entries"],
+            journal_entries=self._on_disk,
         )
+        if self._on_disk > 2 * store.entries:  # compact what was read anyway, at once
+            self._compacted(_still_held(store, (e for es in by_topic.values() for e in es)))
+            self._doomed.extend(self._chunks)
+            self._chunks.clear()
+            self._on_disk = 0
+        del by_topic
         self._commit_now(store, clean=False)
 
-    def build(self, store: TopicStore, *, clean: bool | None = None, trim: bool = False) -> Batch:
-        """The batch of everything changed since the last one (on the event loop). A topic's
-        row is written only when it is new, its epoch or gap changed, or its reservation runs
-        low (else it is stale until a stop, ``clean``); trims are done with ``trim`` or
-        ``clean`` (between them the file holds some evicted entries, which are real
-        publications, contiguous with what is held: a load applies the rules to them again)."""
+    def build(self, store: TopicStore, *, clean: bool | None = None) -> Batch:
+        """The batch of everything changed since the last one (on the event loop): one chunk
+        of the publications kept since, in order, and of the topics read from history; the
+        rows that changed (every row with ``clean``, a stop); the compacted chunks."""
         dirty, self._dirty = self._dirty, set()
         pending, self._pending = self._pending, []
         evicted, self._evicted = self._evicted, {}
+        low, self._low = self._low, set()
         self._pending_bytes = 0
         forget, self._forgotten = list(self._forgotten), set()
-        self._forgot_meanwhile = set()
-        rows: list[tuple[str, str, int, int, int | None, int | None]] = []
-        chunks: list[tuple[int, str, int, bytes]] = []
-        count = 0
+        for topic in forget:  # a batch committed since may have noted its old epoch
+            self._written.pop(topic, None)
+        # A forgotten topic is read from history: its pending publications may be of the
+        # forgotten epoch, and its evicted offsets of either.
+        dirty.update(forget)
+        wall = time.time() - store.now()
+        # The hot loop: one tuple per publication, in the order kept.
+        if dirty or evicted:
+            gone = evicted.get
+            entries = [
+                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data)
+                for when, p in pending
+                if p.offset > gone(p.topic, 0) and p.topic not in dirty
+            ]
+        else:
+            entries = [
+                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data) for when, p in pending
+            ]
+        count = len(entries)
+        rows: list[RowValues] = []
         final = clean is not None
         rows_on_disk = self._rows
-        cid = self._next_chunk
-        dumps = marshal.dumps
-        wall = time.time() - store.now()
+        block = self._block
 
-        def add(
-            topic: str, epoch: str, offset: int, gap: tuple[int, int] | None, new: list[Entry]
+        def row(
+            topic: str, epoch: str, offset: int, gap: tuple[int, int] | None, pace: int
         ) -> None:
-            nonlocal cid, count
-            pace = len(new)
-            if pace:
-                # One chunk per topic and batch, appended: SQLite writes new pages in order,
-                # however many topics a batch touches.
-                chunks.append((cid, topic, new[-1][0], dumps(new)))
-                cid += 1
-                count += pace
-            row = rows_on_disk.get(topic)
+            old = rows_on_disk.get(topic)
             if (
                 final
-                or row is None
-                or row[0] != epoch
-                or row[2] != gap
-                or row[1] - offset < max(RESERVE_MIN // 2, 2 * pace)
+                or old is None
+                or old[0] != epoch
+                or old[2] != gap
+                or old[1] - offset < max(RESERVE_MIN // 2, 2 * pace)
             ):
-                old = row[1] if row is not None else 0
-                reserved = max(old, offset + max(RESERVE_MIN, 4 * pace))
+                # Two blocks more: publishing() notes a topic up to a block past its half mark.
+                reserved = max(
+                    old[1] if old else 0, offset + max(RESERVE_MIN, 4 * pace + 2 * block)
+                )
+                reserved = -(-reserved // block) * block  # a multiple of the block
                 gap_from, gap_to = gap or (None, None)
                 rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
 
-        # At a stop every row is rewritten: between stops a row's offset may lag.
-        if final:
-            dirty |= set(rows_on_disk)
-        # Publications held since the last batch, by topic (in order: offsets ascending).
-        # Read from these, not from history: their objects are fresh, while reading each
-        # changed topic's state from history is a walk over cold memory, a few µs a topic.
-        groups: dict[str, list[tuple[float, Publication]]] = {}
-        for item in pending:
-            group = groups.get(item[1].topic)
-            if group is None:
-                groups[item[1].topic] = [item]
-            else:
-                group.append(item)
-        # A topic forgotten since is read from history too: its pending publications may
-        # be of the forgotten epoch, and its evicted offsets of either.
-        dirty |= set(forget).intersection(groups)
-        for topic, group in groups.items():
-            if topic in dirty:
-                continue  # read from history below, these with it
-            last = group[-1][1]
-            row = rows_on_disk.get(topic)
-            gone = evicted.get(topic, 0)
-            new = [
-                (p.offset, when + wall, p.sender, p.data) for when, p in group if p.offset > gone
-            ]
-            # A gap changes only at a start or when an eviction closes it, and both make
-            # the topic one read from history: the gap on disk is the topic's (a new epoch
-            # has none).
-            gap = row[2] if row is not None and row[0] == last.epoch else None
-            add(topic, last.epoch, last.offset, gap, new)
-        for state in store.persisted_states(dirty, self._written, wall):
-            add(*state)
-        self._next_chunk = cid
-        if trim or final:
-            self._trim(store)
+        written: dict[str, int] = {}
+        for topic, epoch, offset, gap, new in store.persisted_states(dirty, self._written, wall):
+            if new:
+                entries.extend((topic, epoch, *e) for e in new)
+                count += len(new)
+                written[topic] = new[-1][0]
+            row(topic, epoch, offset, gap, len(new))
+        # Rows only: topics low on reservation (or new on disk), and at a stop every one.
+        others = (set(rows_on_disk) | low if final else low) - dirty
+        if others:
+            paces = dict.fromkeys(others, 0)
+            for _, p in pending:
+                if p.topic in paces:
+                    paces[p.topic] += 1
+            for topic, epoch, offset, gap, _ in store.persisted_states(others, _NOTHING_NEW, 0):
+                row(topic, epoch, offset, gap, paces[topic])
+        if self._carry:
+            entries.extend(self._carry)
+            self._carry = []
         deletes, self._doomed = self._doomed, []
-        return Batch(forget, rows, deletes, chunks, clean, (*dirty, *groups), count)
+        chunk = 0
+        if entries:
+            chunk, self._next_chunk = self._next_chunk, self._next_chunk + 1
+        # Marshalled here, on the event loop, not in the writer thread: see Database.commit.
+        blob = marshal.dumps(entries) if entries else None
+        return Batch(forget, rows, deletes, chunk, entries, clean, count, written, blob)
 
-    def _trim(self, store: TopicStore) -> None:
-        """Doom the chunks whose entries have all left history (a pass over the topics on
-        disk: every :data:`TRIM_EVERY` seconds and at a stop, not every batch)."""
-        for topic, held in self._chunks.items():
-            if held:
-                first = store.first_held(topic)
-                while held and held[0][1] < first:
-                    cid, last = held.popleft()
-                    self._doomed.append((cid, topic, last))
+    async def _compact(self, store: TopicStore) -> None:
+        """While the journal holds more than twice what history holds: read its oldest chunks
+        back (at most :data:`COMPACT_ENTRIES` entries) and have the next batch write again
+        what history still holds of them and delete them."""
+        read = 0
+        bound = 2 * store.entries
+        chunks = self._chunks
+        taken: list[tuple[int, int]] = []
+        while chunks and read < COMPACT_ENTRIES and self._on_disk - read > bound:
+            taken.append(chunks.popleft())
+            read += taken[-1][1]
+        if not taken:
+            return
+        assert self.db is not None
+        ids = [cid for cid, _ in taken]
+        try:
+            blobs = await trio.to_thread.run_sync(self.db.read, ids)
+            entries = [e for blob in blobs for e in marshal.loads(blob)]
+        except (sqlite3.Error, *UNDECODABLE) as exc:
+            chunks.extendleft(reversed(taken))  # left as they are; tried again next flush
+            self._note_failure("store_compaction_failed", exc)
+            return
+        self._on_disk -= read
+        self._compacted(_still_held(store, entries))
+        self._doomed.extend(taken)
+
+    def _compacted(self, entries: list[Entry]) -> None:
+        self._carry.extend(entries)
+        self.stats_counts["compacted"] += len(entries)
 
     def _committed(self, batch: Batch) -> None:
         """Record what ``batch`` put on disk (on the event loop, after the commit)."""
         for topic in batch.forget:
             self._rows.pop(topic, None)
-        for topic, epoch, _offset, reserved, gap_from, gap_to in batch.rows:
+        for topic, epoch, offset, reserved, gap_from, gap_to in batch.rows:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
-            self._rows[topic] = (epoch, reserved, gap)
-        on_disk, written, forgot = self._chunks, self._written, self._forgot_meanwhile
-        for cid, topic, last, _blob in batch.chunks:
-            if forgot and topic in forgot:  # of the epoch that was forgotten: it goes
-                self._doomed.append((cid, topic, last))
-                continue
-            held = on_disk.get(topic)
-            if held is None:
-                on_disk[topic] = held = deque()
-            held.append((cid, last))
-            written[topic] = last
+            self._rows[topic] = (epoch, reserved, gap, reserved - (reserved - offset) // 2)
+        if batch.entries:
+            self._chunks.append((batch.chunk, len(batch.entries)))
+            self._on_disk += len(batch.entries)
+        self._written.update(batch.written)
         self.stats_counts["batches"] += 1
         self.stats_counts["rows"] += batch.count
         if self._failing:
@@ -595,15 +501,23 @@ class DiskJournal:
             log.info("store_recovered", path=self.config.path)
 
     def _failed(self, batch: Batch, exc: BaseException) -> None:
-        """Keep ``batch``'s topics for the next one; log the first failure of a run."""
-        self._dirty.update(batch.topics)
-        self._dirty.update(r[0] for r in batch.rows)  # rewritten with the next batch
+        """Have the next batch redo ``batch``'s work; log the first failure of a run. Its
+        topics are read from history then (not its entries kept: what waits for the disk
+        stays bounded however long commits fail), and its compaction is undone: the chunks
+        stay, with what they hold."""
+        self._dirty.update(r[0] for r in batch.rows)
+        self._dirty.update(e[0] for e in batch.entries)
         self._forgotten.update(batch.forget)
-        self._doomed.extend(batch.deletes)
+        self._chunks.extendleft(reversed(batch.deletes))
+        self._on_disk += sum(count for _, count in batch.deletes)
+        self._note_failure("store_commit_failed", exc)
+
+    def _note_failure(self, event: str, exc: BaseException) -> None:
+        """Count a failure; log the first of a run (the next commit ends the run)."""
         self.stats_counts["failures"] += 1
         if not self._failing:
             self._failing = True
-            log.error("store_commit_failed", path=self.config.path, error=str(exc))
+            log.error(event, path=self.config.path, error=str(exc))
 
     def _timed_commit(self, batch: Batch) -> float:
         assert self.db is not None
@@ -633,13 +547,19 @@ class DiskJournal:
             await self._flush(store)
 
     async def _flush(self, store: TopicStore) -> None:
-        if not (self._dirty or self._pending or self._forgotten or self._waiting):
+        if self._on_disk > 2 * store.entries + COMPACT_SLACK:
+            await self._compact(store)
+        if not (
+            self._dirty
+            or self._pending
+            or self._forgotten
+            or self._waiting
+            or self._low
+            or self._carry
+            or self._doomed
+        ):
             return
-        now = trio.current_time()
-        trim = now - self._last_trim > TRIM_EVERY
-        if trim:
-            self._last_trim = now
-        batch = self.build(store, trim=trim)
+        batch = self.build(store)
         waiting, self._waiting = self._waiting, []
         try:
             seconds = await trio.to_thread.run_sync(self._timed_commit, batch)
@@ -684,11 +604,13 @@ class DiskJournal:
 
     def stats(self) -> dict[str, Any]:
         """Figures for the metrics: the queue (topics to read and publications held since the
-        last batch; publishes waiting for a commit), batches, rows, commit seconds, failures,
-        refusals, bytes."""
+        last batch; publishes waiting for a commit), batches, rows (publications written),
+        entries compacted (written again), commit seconds, failures, refusals, entries in the
+        journal, bytes."""
         return {
             **self.stats_counts,
             "queued_topics": len(self._dirty) + len(self._pending),
             "waiting": len(self._waiting),
+            "journal_entries": self._on_disk,
             "bytes": self.db.size() if self.db is not None else 0,
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import marshal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from broker.config import HistoryRule, StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
 from broker.store import DiskJournal, StoreError
+from broker.storefile import Batch, Database
 from tests.unit.test_dev_banner import run_dev
 
 
@@ -139,18 +141,54 @@ def test_a_topic_never_written_gets_a_new_epoch_after_a_crash(tmp_path: Path) ->
 async def test_offsets_past_the_reservation_wait_for_the_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "RESERVE_MIN", 5)
+    monkeypatch.setattr(store_module, "RESERVE_MIN", 5)  # blocks of 1 offset
     s, j = open_store(tmp_path / "h.db")
     s.publish("t", "1", None)
-    await j.flush(s)  # reserved on disk: up to 1 + 5
-    for _ in range(5):
+    await j.flush(s)  # reserved on disk: up to 1 + 6 (4 batches at 1 a batch, 2 blocks)
+    for _ in range(6):
         s.publish("t", "1", None)
     with pytest.raises(FrameError) as refused:
         s.publish("t", "1", None)
     assert refused.value.code == "unavailable" and j.stats()["refused"] == 1
     await j.flush(s)
-    assert s.publish("t", "1", None).offset == 7
+    assert s.publish("t", "1", None).offset == 8
     j.close(s)
+
+
+async def test_reservations_are_whole_blocks_checked_at_their_first_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "RESERVE_MIN", 50)  # blocks of 5 offsets
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    s.publish("t", "1", None)
+    await j.flush(s)
+    with pytest.raises(FrameError):
+        for _ in range(100):
+            s.publish("t", "1", None)
+    used = s.position("t").offset
+    epoch = s.position("t").epoch
+    crash(j)
+    # 1 + 50, up to a whole block: every offset used is within what the disk reserved.
+    assert used == 55 and sql(path, "SELECT reserved FROM topics") == [(55,)]
+    s2, j2 = open_store(path)
+    assert s2.position("t") == StreamPosition(55, epoch)
+    for _ in range(45):  # up to 100: past half of the new reservation (105)
+        s2.publish("t", "2", None)
+    await j2.flush(s2)  # noted at the first offset of a block past half: renewed
+    for _ in range(10):
+        s2.publish("t", "3", None)
+    assert s2.position("t").offset == 110
+    j2.close(s2)
+
+
+def journal(path: Path) -> list[tuple[str, int]]:
+    """``(topic, offset)`` of every entry the file's journal holds, in the order written."""
+    return [
+        (e[0], e[2])
+        for (blob,) in sql(path, "SELECT entries FROM journal ORDER BY id")
+        for e in marshal.loads(blob)  # type: ignore[arg-type]
+    ]
 
 
 def test_ttl_and_budgets_apply_to_what_is_loaded_and_to_the_file(tmp_path: Path) -> None:
@@ -161,16 +199,16 @@ def test_ttl_and_budgets_apply_to_what_is_loaded_and_to_the_file(tmp_path: Path)
         s.publish("old", "1", None)
     j.close(s)
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
-        ((cid, blob),) = c.execute("SELECT id, entries FROM chunks WHERE topic = 'old'")
-        aged = [(o, at - 1000, s, d) for o, at, s, d in marshal.loads(blob)]
-        c.execute("UPDATE chunks SET entries = ? WHERE id = ?", (marshal.dumps(aged), cid))
+        for cid, blob in c.execute("SELECT id, entries FROM journal").fetchall():
+            aged = [(*e[:3], e[3] - 1000 * (e[0] == "old"), *e[4:]) for e in marshal.loads(blob)]
+            c.execute("UPDATE journal SET entries = ? WHERE id = ?", (marshal.dumps(aged), cid))
     s2, j2 = open_store(path, size=4, ttl=600)
     assert offsets(s2.history("kept", None, None)) == [7, 8, 9, 10]
     old = s2.history("old", StreamPosition(10, s2.position("old").epoch), None)
     assert old.recovered and offsets(old) == [] and s2.position("old").offset == 10
     j2.close(s2)
-    # What memory no longer holds leaves the file too (in whole chunks: "old"'s is gone).
-    assert sql(path, "SELECT topic FROM chunks") == [("kept",)]
+    # The file held far more than memory now holds: the start rewrote what is held, alone.
+    assert journal(path) == [("kept", o) for o in (7, 8, 9, 10)]
 
 
 def test_forgotten_topics_leave_the_file(tmp_path: Path) -> None:
@@ -314,7 +352,10 @@ async def test_a_topic_forgotten_and_published_again_between_batches_keeps_only_
 ) -> None:
     path = tmp_path / "h.db"
     s, j = open_store(path, tombstones=1)
-    s.publish("a", "1", None)
+    for _ in range(3):  # on disk, in the journal, with offsets the new epoch will use too
+        s.publish("a", "1", None)
+    for _ in range(10):  # held: the file is not compacted, "a"'s old entries stay in it
+        s.publish("c", "1", None)
     await j.flush(s)
     s.publish("a", "old", None)  # held for the next batch, then the topic is forgotten:
     s._drop(s._topics["a"], "ttl")  # its last entry goes (as if aged out) ...
@@ -345,4 +386,172 @@ async def test_when_commits_fall_behind_a_batch_reads_history_instead(
     assert [p.data for p in s2.history("t1", None, None).publications] == [
         str(i) for i in range(81, 100, 4)
     ]
+    j2.close(s2)
+
+
+def spy_commits(monkeypatch: pytest.MonkeyPatch, *, fail_first: bool = False) -> list[Batch]:
+    """Every batch committed from now on (the first one failing, with ``fail_first``)."""
+    batches: list[Batch] = []
+    original = Database.commit
+
+    def commit(self: Database, batch: Batch) -> None:
+        batches.append(batch)
+        if fail_first and len(batches) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        original(self, batch)
+
+    monkeypatch.setattr(Database, "commit", commit)
+    return batches
+
+
+async def test_a_batch_is_one_chunk_and_rows_only_where_they_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    batches = spy_commits(monkeypatch)
+    for i in range(300):
+        s.publish(f"t{i % 100}", str(i), None)
+    await j.flush(s)
+    for i in range(300):
+        s.publish(f"t{i % 100}", str(i), None)
+    await j.flush(s)
+    new, known = batches
+    # New topics get their row with their first entries; known ones, far from the end of
+    # their reservation, none. Every entry goes into one chunk, in publication order.
+    assert len(new.rows) == 100 and known.rows == []
+    assert [(e[0], e[2]) for e in known.entries] == [
+        (f"t{i % 100}", 4 + i // 100) for i in range(300)
+    ]
+    j.close(s)
+    assert len(journal(path)) == 600 and rows(path, "journal") == 2
+
+
+async def test_compaction_keeps_what_history_holds_and_bounds_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_ENTRIES", 100)
+    monkeypatch.setattr(store_module, "COMPACT_SLACK", 20)
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=5)
+    s.publish("quiet", '"once"', None)  # held all along: compaction must write it again
+    for r in range(200):
+        for t in range(10):
+            s.publish(f"t{t}", str(r), None)
+        await j.flush(s)
+        assert j.stats()["journal_entries"] <= 4 * s.entries
+    assert j.stats()["compacted"] > 0
+    before = {
+        t: [(p.offset, p.data) for p in s.history(t, None, None).publications]
+        for t in ("quiet", "t3")
+    }
+    epochs = {t: s.position(t).epoch for t in before}
+    held = s.entries
+    crash(j)
+    on_disk = journal(path)
+    assert len(on_disk) <= 4 * held and ("quiet", 1) in on_disk
+    s2, j2 = open_store(path, size=5)
+    for t, held in before.items():
+        assert s2.position(t).epoch == epochs[t]
+        assert [(p.offset, p.data) for p in s2.history(t, None, None).publications] == held
+    j2.close(s2)
+
+
+async def test_a_failed_commit_is_written_with_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "h.db"
+    s, j = open_store(path)
+    s.publish("a", "1", None)
+    await j.flush(s)
+    s.publish("a", "2", None)
+    s.publish("b", "1", None)
+    s.publish("b", "2", None)
+    batches = spy_commits(monkeypatch, fail_first=True)
+    await j.flush(s)
+    assert j.stats()["failures"] == 1 and len(batches) == 1
+    s.publish("a", "3", None)
+    await j.flush(s)
+    epochs = {t: s.position(t).epoch for t in ("a", "b")}
+    crash(j)
+    s2, j2 = open_store(path)
+    assert {t: s2.position(t).epoch for t in ("a", "b")} == epochs
+    # Each offset once, though the retry wrote some twice.
+    assert [p.data for p in s2.history("a", None, None).publications] == ["1", "2", "3"]
+    assert [p.data for p in s2.history("b", None, None).publications] == ["1", "2"]
+    j2.close(s2)
+
+
+_FORMAT_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE topics (
+    topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, offset INTEGER NOT NULL,
+    reserved INTEGER NOT NULL, gap_from INTEGER, gap_to INTEGER
+) WITHOUT ROWID;
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY, topic TEXT NOT NULL, last INTEGER NOT NULL, entries BLOB NOT NULL
+);
+"""
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_a_file_of_the_previous_layout_is_converted(
+    tmp_path: Path, clean: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "h.db"
+    at = time.time()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.executescript(_FORMAT_1)
+        c.execute("INSERT INTO meta VALUES ('format', 1), ('clean', ?)", (int(clean),))
+        c.execute("INSERT INTO topics VALUES ('a', 'e1', 3, 10003, NULL, NULL)")
+        chunks = [
+            ("a", 2, [(1, at, "x", '"1"'), (2, at, None, '"2"')]),
+            ("a", 3, [(3, at, None, '"3"')]),
+        ]
+        chunks.append(("forgotten", 1, [(1, at, None, '"f"')]))
+        for cid, (topic, last, entries) in enumerate(chunks, 1):
+            c.execute(
+                "INSERT INTO chunks VALUES (?,?,?,?)", (cid, topic, last, marshal.dumps(entries))
+            )
+    s, j = open_store(path)
+    assert "store_migrated" in capsys.readouterr().out
+    r = s.history("a", StreamPosition(1, "e1"), None)
+    assert [(p.offset, p.sender, p.data) for p in r.publications] == [
+        (2, None, '"2"'),
+        (3, None, '"3"'),
+    ]
+    if clean:
+        assert r.recovered and s.position("a") == StreamPosition(3, "e1")
+    else:  # the reservation of the previous layout holds: resumes past it, says what is gone
+        assert s.position("a") == StreamPosition(10003, "e1")
+        assert s.history("a", StreamPosition(3, "e1"), None).missed == (4, 10003)
+    assert s.history("forgotten", None, None).publications == ()
+    j.close(s)
+    assert sql(path, "SELECT value FROM meta WHERE key = 'format'") == [(2,)]
+    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'chunks'") == []
+
+
+async def test_a_compaction_whose_commit_fails_leaves_the_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
+    path = tmp_path / "h.db"
+    s, j = open_store(path, size=2)
+    for r in range(5):
+        for t in range(3):
+            s.publish(f"t{t}", str(r), None)
+        await j.flush(s)  # the journal holds 15 entries, history 6
+    s.publish("t0", "5", None)
+    batches = spy_commits(monkeypatch, fail_first=True)
+    await j.flush(s)  # compacts, and the commit fails: nothing was deleted
+    assert batches[0].deletes and j.stats()["failures"] == 1
+    await j.flush(s)  # compacted again, and committed
+    first = batches[0].deletes  # the chunks it meant to delete are still to be compacted
+    assert len(batches) == 2 and batches[1].deletes[: len(first)] == first
+    held = {t: [p.data for p in s.history(t, None, None).publications] for t in ("t0", "t1")}
+    crash(j)
+    assert len(journal(path)) <= 2 * 6 + 3
+    s2, j2 = open_store(path, size=2)
+    assert {t: [p.data for p in s2.history(t, None, None).publications] for t in held} == held
+    assert held == {"t0": ["4", "5"], "t1": ["3", "4"]}
     j2.close(s2)

@@ -1,0 +1,308 @@
+"""The history store's SQLite file (:mod:`broker.store` keeps history in it): its layout, the
+conversion of the previous one, and its transactions.
+
+Layout (format 2)
+-----------------
+``meta`` holds the format and the clean-stop marker; ``topics`` one row per topic (epoch,
+offset, reserved mark, gap); ``journal`` the chunks, in the order written, each the
+marshalled list of its entries ``(topic, epoch, offset, wall time, sender, data)``. Format 1
+(one chunk of ``(offset, time, sender, data)`` per topic and batch, in a ``chunks`` table) is
+converted when opened. The file is opened with an exclusive lock (a second broker fails) in WAL
+mode with incremental vacuum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import marshal
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import attrs
+import structlog
+
+from broker.errors import BrokerError
+
+__all__ = [
+    "FORMAT",
+    "UNDECODABLE",
+    "Batch",
+    "Database",
+    "Entry",
+    "Held",
+    "Row",
+    "RowValues",
+    "StoreError",
+    "open_database",
+]
+
+log = structlog.get_logger()
+
+#: The layout this broker writes; 1 (one chunk per topic and batch) is converted at start.
+FORMAT = 2
+#: Entries a converted format-1 file's chunks hold at most.
+MIGRATE_ENTRIES = 50_000
+CACHE_KIB = 32768  # SQLite's page cache, per store
+VACUUM_PAGES = 2048  # pages given back per incremental vacuum (8 MiB of 4 KiB pages)
+
+#: SQLite's result codes for a file that is not a (sound) database.
+_CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS topics (
+    topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, offset INTEGER NOT NULL,
+    reserved INTEGER NOT NULL, gap_from INTEGER, gap_to INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY, count INTEGER NOT NULL, entries BLOB NOT NULL
+);
+"""
+
+#: An entry as the journal holds it: (topic, epoch, offset, wall time, sender, data).
+Entry = tuple[str, str, int, float, str | None, str]
+#: A topic's entry as its state holds it: (offset, wall time, sender, data).
+Held = tuple[int, float, str | None, str]
+#: A topic row as written: (topic, epoch, offset, reserved, gap_from, gap_to).
+RowValues = tuple[str, str, int, int, int | None, int | None]
+#: What a chunk that cannot be decoded raises (besides SQLite's own errors).
+UNDECODABLE = (ValueError, EOFError, TypeError, IndexError)
+
+
+class StoreError(BrokerError):
+    """The store file cannot be used (unreadable, not writable, held by another broker)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"history store {path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@attrs.frozen
+class Row:
+    """A topic's row as saved: position, reservation, gap."""
+
+    topic: str
+    epoch: str
+    offset: int
+    reserved: int
+    gap: tuple[int, int] | None
+
+
+@attrs.frozen
+class Batch:
+    """One transaction: topics to forget, topic rows to write, journal chunks to delete
+    (``(id, entries)``, oldest first), and the new chunk ``chunk`` holding ``entries`` (none:
+    no chunk); ``clean`` sets the clean-stop marker when not None. ``count`` is how many of
+    the entries are new publications (the rest are written again by compaction), ``written``
+    the newest offset written for each topic read from history, ``blob`` the entries
+    marshalled."""
+
+    forget: list[str]
+    rows: list[RowValues]
+    deletes: list[tuple[int, int]]
+    chunk: int
+    entries: list[Entry]
+    clean: bool | None = None
+    count: int = 0
+    written: dict[str, int] = attrs.field(factory=dict)
+    blob: bytes | None = None
+
+
+class Database:
+    """The SQLite file. Used by one thread at a time (the flusher hands it to a worker
+    thread per commit and waits); raises :class:`StoreError` or :class:`sqlite3.Error`."""
+
+    def __init__(self, path: str, *, durable: bool) -> None:
+        self.path = path
+        try:
+            self.conn = sqlite3.connect(
+                path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(path, f"cannot open: {exc}") from None
+        c = self.conn
+        # Exclusive locking: a second broker on the same file fails at start, and WAL needs
+        # no shared-memory file. auto_vacuum must be set before the tables exist.
+        c.execute("PRAGMA locking_mode=EXCLUSIVE")
+        c.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        c.execute("PRAGMA journal_size_limit=67108864")
+        c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        ok = c.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
+        c.executescript(_SCHEMA)
+        fmt = c.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        if fmt is None:
+            c.execute("INSERT INTO meta VALUES ('format', ?), ('clean', 1)", (FORMAT,))
+        elif fmt[0] == 1:
+            self._convert_format_1()
+        elif fmt[0] != FORMAT:
+            raise StoreError(path, f"format {fmt[0]} is not {FORMAT}, the one this broker reads")
+
+    def _convert_format_1(self) -> None:
+        """Rewrite a format-1 file (a ``chunks`` table: one chunk of ``(offset, time, sender,
+        data)`` per topic and batch) as a journal, in one transaction. Its chunks belong to
+        their topic row's epoch (that layout deleted a forgotten topic's chunks with its row);
+        those of topics without a row are left out."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            epochs = dict(c.execute("SELECT topic, epoch FROM topics").fetchall())
+            entries: list[Entry] = []
+            chunks = 0
+            for topic, blob in c.execute("SELECT topic, entries FROM chunks ORDER BY id"):
+                epoch = epochs.get(topic)
+                if epoch is not None:
+                    entries.extend((topic, epoch, *e) for e in marshal.loads(blob))
+                if len(entries) >= MIGRATE_ENTRIES:
+                    chunks += 1
+                    self._insert(chunks, entries)
+                    entries = []
+            if entries:
+                chunks += 1
+                self._insert(chunks, entries)
+            c.execute("DROP TABLE chunks")
+            c.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
+            c.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            if isinstance(exc, UNDECODABLE):
+                raise StoreError(self.path, f"cannot be converted ({exc})") from None
+            raise
+        log.info("store_migrated", path=self.path, from_format=1, to_format=FORMAT, chunks=chunks)
+
+    def _insert(self, chunk: int, entries: list[Entry]) -> None:
+        self.conn.execute(
+            "INSERT INTO journal VALUES (?,?,?)", (chunk, len(entries), marshal.dumps(entries))
+        )
+
+    def load(self) -> tuple[bool, list[Row], list[tuple[int, int]], dict[str, list[Entry]]]:
+        """Whether the last stop was clean, every topic row, the journal's chunks ``(id,
+        entries)`` oldest first, and every topic's entries in the order written. Raises
+        :class:`sqlite3.DatabaseError` (or one of ``UNDECODABLE`` for a chunk that does not
+        decode)."""
+        c = self.conn
+        clean = bool(c.execute("SELECT value FROM meta WHERE key='clean'").fetchone()[0])
+        rows = [
+            Row(t, e, o, r, None if gf is None else (gf, gt))
+            for t, e, o, r, gf, gt in c.execute("SELECT * FROM topics")
+        ]
+        chunks: list[tuple[int, int]] = []
+        by_topic: dict[str, list[Entry]] = {}
+        for cid, count, blob in c.execute("SELECT id, count, entries FROM journal ORDER BY id"):
+            chunks.append((cid, count))
+            for entry in marshal.loads(blob):
+                mine = by_topic.get(entry[0])
+                if mine is None:
+                    by_topic[entry[0]] = [entry]
+                else:
+                    mine.append(entry)
+        return clean, rows, chunks, by_topic
+
+    def read(self, ids: list[int]) -> list[bytes]:
+        """The marshalled entries of the chunks ``ids`` (compaction; decoded by the caller, see
+        :meth:`commit`). Raises :class:`sqlite3.Error`."""
+        return [
+            blob
+            for (blob,) in self.conn.execute(
+                "SELECT entries FROM journal WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
+            )
+        ]
+
+    def commit(self, batch: Batch) -> None:
+        """Write ``batch`` in one transaction. Its chunk comes marshalled (``blob``): this
+        thread holds the interpreter lock as little as it can, as the event loop, which
+        releases it at every write to a socket, would then wait for it at the next."""
+        c = self.conn
+        blob = batch.blob
+        if (
+            blob is not None
+            and not (batch.forget or batch.deletes or batch.rows)
+            and batch.clean is None
+        ):
+            # Most batches: one statement, a transaction of its own. Every statement hands the
+            # interpreter lock to this thread and back twice (the event loop waits each time).
+            c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.entries), blob))
+            return
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany("DELETE FROM topics WHERE topic=?", [(t,) for t in batch.forget])
+            if batch.deletes:
+                c.execute(
+                    "DELETE FROM journal WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps([cid for cid, _ in batch.deletes]),),
+                )
+            c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
+            if blob is not None:
+                c.execute(
+                    "INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.entries), blob)
+                )
+            if batch.clean is not None:
+                c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
+            c.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            raise
+
+    def maintain(self) -> None:
+        """Give freed pages back to the file system and keep the WAL short."""
+        self.conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def size(self) -> int:
+        """Bytes the store takes on disk (the file and its WAL)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(self.path + suffix).st_size
+        return total
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_database(path: str, *, durable: bool) -> Database:
+    """Open (or create) the store at ``path``. A corrupt file is moved aside and a new one
+    started (logged once); raises :class:`StoreError` for anything else."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
+    except OSError as exc:
+        raise StoreError(path, f"cannot be created: {exc.strerror}") from None
+    try:
+        return Database(path, durable=durable)
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _CORRUPT_CODES and "integrity" not in str(
+            exc
+        ):
+            if "locked" in str(exc):
+                raise StoreError(path, "held by another broker process; stop it first") from None
+            raise StoreError(path, str(exc)) from None
+    aside = f"{path}.corrupt-{int(time.time())}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, aside + suffix)
+    log.error(
+        "store_corrupt",
+        path=path,
+        moved_to=aside,
+        action="started a new store: every topic gets a new epoch, which clients are told; "
+        "the old file is kept for inspection and may be deleted",
+    )
+    _create_private(path)
+    return Database(path, durable=durable)
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` if missing, readable by the broker's user only: history is what
+    clients published."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
