@@ -279,37 +279,62 @@ def idle_connections(
     connections: int = 20000,
     sub_procs: int = 2,
     broadcasts: int = 3,
+    sources: list[str] | None = None,
+    timeout: float = 120.0,
 ) -> dict[str, Any]:
     """``connections`` authenticated, subscribed, idle connections: the server's memory per
-    connection (over its baseline with no clients), and how long one publication takes to reach
-    every one of them."""
+    connection (over its baseline with no clients), how long they took to connect, and how
+    long one publication takes to reach every one of them, with the CPU the server and the
+    generator spent meanwhile. ``sources`` are the generator's local addresses (see
+    :class:`~bench.loadgen.Generator`); ``timeout`` bounds connecting and each broadcast."""
     topic = "bench.idle"
     time.sleep(0.3)
     base = server.memory_kib()
-    with Generator(adapter, HOST, server.port, sub_procs) as gen:
-        _connect(gen, server, connections, [[topic]] * connections)
+    tokens = tokens_for(server, connections + 1)
+    with Generator(adapter, HOST, server.port, sub_procs, sources) as gen:
+        gen.connect_publisher(tokens[connections % len(tokens)])
+        up = gen.connect_subscribers(
+            connections, tokens, [[topic]] * connections, concurrency=400, timeout=timeout
+        )
+        if up["ok"] != connections:
+            raise RuntimeError(f"{up['ok']} of {connections} subscribers connected: {up['errors']}")
         time.sleep(1.0)
         mem = server.memory_kib()
-        times = []
+        pids = server.pids()
+        runs = []
         for _ in range(broadcasts):
-            r0 = gen.received()
+            r0, c0, g0 = gen.received(), server.cpu_seconds(pids), gen.cpu_seconds()
             reply = gen.call(0, kind="publish_once", topic=topic, size=64)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + timeout
             while gen.received() < r0 + connections and time.monotonic() < deadline:
                 time.sleep(0.0005)
-            got = gen.received() - r0
-            times.append((time.monotonic() - reply["t"], got))
+            elapsed = time.monotonic() - reply["t"]
+            runs.append(
+                (
+                    elapsed,
+                    gen.received() - r0,
+                    server.cpu_seconds(pids) - c0,
+                    gen.cpu_seconds() - g0,
+                )
+            )
             time.sleep(0.2)
         stats = gen.stats()
+    middle = sorted(runs)[len(runs) // 2]  # the median broadcast (the upper one of two)
     return {
         "connections": connections,
+        "generator_processes": 1 + sub_procs,
+        "connect_s": round(up["elapsed"], 1),
+        "connects_per_s": round(connections / up["elapsed"]),
         "baseline_kib": base,
         "loaded_kib": mem,
         "rss_kib_per_connection": round((mem["rss"] - base["rss"]) / connections, 2),
         "pss_kib_per_connection": round((mem["pss"] - base["pss"]) / connections, 2),
-        "broadcast_ms": [round(t * 1000, 1) for t, _ in times],
-        "broadcast_median_ms": round(statistics.median(t for t, _ in times) * 1000, 1),
-        "broadcast_reached": min(g for _, g in times),
+        "broadcast_ms": [round(t * 1000, 1) for t, *_ in runs],
+        "broadcast_median_ms": round(statistics.median(t for t, *_ in runs) * 1000, 1),
+        "broadcast_reached": min(g for _, g, *_ in runs),
+        # CPU seconds spent during the median broadcast: every server process, the generator
+        "broadcast_server_cpu_s": round(middle[2], 3),
+        "broadcast_loadgen_cpu_s": round(middle[3], 3),
         "errors": stats["errors"],
         "closes": stats["closes"],
     }
