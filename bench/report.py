@@ -64,6 +64,10 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("connect_s", "all connected in, s", False),
         ("broadcast_server_cpu_s", "broadcast: server CPU s", False),
         ("broadcast_loadgen_cpu_s", "broadcast: loadgen CPU s", False),
+        ("broadcast_other_cpu_pct", "broadcast: other CPU %", False),
+        ("paced_broadcast_median_ms", "readers every 5 ms: broadcast ms", False),
+        ("paced_broadcast_server_cpu_s", "readers every 5 ms: server CPU s", False),
+        ("kernel_kib_per_connection", "kernel KiB/conn (both ends)", False),
         ("broadcast_reached", "reached", True),
     ],
     "connect": [
