@@ -16,9 +16,9 @@ not enough on either side. Three per-process or per-address limits decide how th
 - **ephemeral ports**: loopback has about 28,000 local ports per (source address, server
   address, server port). Each generator process connects from an address of its own
   (127.0.0.2, 127.0.0.3, ...), so none comes near that.
-- **memory**: about 9 KiB per connection in the broker, and as much again in the kernel and the
-  generator; :func:`plan` allows :data:`KIB_PER_CONNECTION` per connection of the available
-  memory.
+- **memory**: about 9 KiB per connection in the broker, and nearly as much again in the kernel
+  and the generator; :func:`plan` allows :data:`KIB_PER_CONNECTION` per connection of the
+  available memory.
 
 :func:`plan` takes the number asked for and returns the number that fits, with the reason when
 it is smaller; the row records both. The row is bounded in time: connecting has ``timeout``
@@ -53,7 +53,8 @@ PER_AGENT = 12_500
 RESERVED_FDS = 128
 PENDING = 1000
 #: Broker, kernel and generator memory to allow per connection, KiB (measured: about 9 in
-#: the broker, 10 in the kernel's two socket ends, 4 in the generator).
+#: the broker, 7-8 in the kernel for both socket ends, under 1 in the generator; twice that
+#: leaves the machine room for everything else).
 KIB_PER_CONNECTION = 40
 #: The broadcasts are repeated with subscribers that read every 5 ms (as in the fan-out row).
 READ_PACE = 0.005
