@@ -17,6 +17,12 @@ shared by every process of the machine).
 :class:`Generator` runs several agent processes (forked) and talks to them over pipes; the
 agents publish their delivery counts in shared memory, so a closed-loop publisher in one agent
 can keep a bounded number of deliveries in flight across all of them.
+
+Loopback has about 28,000 ephemeral ports per (source address, server address, server port)
+(``net.ipv4.ip_local_port_range``). For more connections than that, give the
+:class:`Generator` several ``sources`` (127.0.0.2, 127.0.0.3, ...: all of 127.0.0.0/8 is
+loopback): each agent binds its sockets to one of them before connecting, with
+``IP_BIND_ADDRESS_NO_PORT`` so that the port is still chosen per destination at connect.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 LINGER_RST = struct.pack("ii", 1, 0)
+# Linux: a bind() to port 0 leaves the port to connect(), which picks it per destination
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def make_payload(size: int = 64) -> str:
@@ -303,6 +311,7 @@ class Agent:
         adapter: str,
         host: str,
         port: int,
+        source: str = "",
     ) -> None:
         self.index = index
         self.ctl = ctl
@@ -310,6 +319,7 @@ class Agent:
         self.adapter = ADAPTERS[adapter]()
         self.host = host
         self.port = port
+        self.source = source  # the local address to connect from ("": the kernel's choice)
         self.ep = select.epoll()
         self.ep.register(ctl.fileno(), EPOLLIN)
         self.conns: dict[int, Conn] = {}
@@ -337,6 +347,9 @@ class Agent:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock, self.next_ident, token, topics)
         self.next_ident += 1
+        if self.source:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
         err = sock.connect_ex((self.host, self.port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -809,13 +822,13 @@ class Agent:
 
 
 def _agent_main(
-    index: int, ctl: Connection, shared: Any, adapter: str, host: str, port: int
+    index: int, ctl: Connection, shared: Any, adapter: str, host: str, port: int, source: str
 ) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.suppress(KeyboardInterrupt, EOFError, BrokenPipeError):
-        Agent(index, ctl, shared, adapter, host, port).run()
+        Agent(index, ctl, shared, adapter, host, port, source).run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,9 +837,16 @@ def _agent_main(
 
 class Generator:
     """Agent processes for one server. Agent 0 holds the publisher; subscribers are spread
-    over agents 1..n."""
+    over agents 1..n. With ``sources``, agent i connects from ``sources[i % len(sources)]``."""
 
-    def __init__(self, adapter: str, host: str, port: int, sub_procs: int = 1) -> None:
+    def __init__(
+        self,
+        adapter: str,
+        host: str,
+        port: int,
+        sub_procs: int = 1,
+        sources: list[str] | None = None,
+    ) -> None:
         ctx = mp.get_context("fork")
         self.nagents = 1 + sub_procs
         self.shared = ctx.Array("q", self.nagents, lock=False)
@@ -834,8 +854,11 @@ class Generator:
         self.procs: list[Any] = []
         for i in range(self.nagents):
             parent, child = ctx.Pipe()
+            source = sources[i % len(sources)] if sources else ""
             p = ctx.Process(
-                target=_agent_main, args=(i, child, self.shared, adapter, host, port), daemon=True
+                target=_agent_main,
+                args=(i, child, self.shared, adapter, host, port, source),
+                daemon=True,
             )
             p.start()
             child.close()

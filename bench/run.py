@@ -16,6 +16,8 @@ Workloads (see :mod:`bench.workloads`):
                   the readers' latency and completeness, the server's memory growth
   3. idle         20,000 authenticated subscribed idle connections (or as many as the file
                   descriptor limit allows): memory per connection, time for one broadcast
+  3b. idle100k    the same with 100,000 connections (or as many as the open-file limit and
+                  memory allow) over 8 broker workers (bench.scale; the broker only)
   4. connect      handshakes with token verification per second, 2 broker workers
   5. topics       10,000 topics x 5 subscribers, publications spread over all of them
   6. abuse        a bystander's ping round trips on a worker where one client pipelines
@@ -53,7 +55,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import abuse, replay, report, storm, workloads
+from bench import abuse, replay, report, scale, storm, workloads
 from bench.loadgen import machine_busy_seconds
 from bench.servers import Server, start_broker, start_nats, start_socketio
 
@@ -254,6 +256,12 @@ class Suite:
                 60,
             ),
             (
+                "idle100k",
+                ("broker-8w",),
+                lambda s, a: scale.idle_many(s, a, 5000 if q else scale.CONNECTIONS),
+                180,
+            ),
+            (
                 "connect",
                 ("broker-2w", "broker-1w", *PEERS),
                 lambda s, a: workloads.connect_rate(s, a, connections=2000 if q else 6000),
@@ -340,6 +348,7 @@ WORKLOADS = (
     "latency",
     "slow",
     "idle",
+    "idle100k",
     "connect",
     "topics",
     "abuse",
@@ -348,7 +357,10 @@ WORKLOADS = (
     "storm",
 )
 #: How a workload's broker is started, when not with the suite's defaults.
-BROKER_OPTIONS: dict[str, dict[str, Any]] = {"replay": replay.BROKER_OPTIONS}
+BROKER_OPTIONS: dict[str, dict[str, Any]] = {
+    "replay": replay.BROKER_OPTIONS,
+    "idle100k": scale.BROKER_OPTIONS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ __all__ = [
     "idle_connections",
     "latency",
     "many_topics",
+    "meminfo_kib",
     "publish_only",
     "tokens_for",
     "wildcard_topics",
@@ -283,43 +284,97 @@ def slow_subscribers(
     }
 
 
+def meminfo_kib(key: str) -> int:
+    """One figure of ``/proc/meminfo`` (``Slab``: the kernel's objects, sockets among them;
+    ``MemAvailable``), machine-wide, in KiB; 0 where there is none."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _broadcasts(
+    gen: Generator, server: Server, topic: str, expected: int, count: int, timeout: float
+) -> dict[str, Any]:
+    """Publish once to ``topic`` ``count`` times; each time, how long until all ``expected``
+    deliveries arrived, and the CPU the server, the generator and the rest of the machine
+    spent meanwhile (those of the median broadcast)."""
+    pids = server.pids()
+    runs = []
+    for _ in range(count):
+        r0, c0, g0 = gen.received(), server.cpu_seconds(pids), gen.cpu_seconds()
+        m0 = machine_busy_seconds()
+        reply = gen.call(0, kind="publish_once", topic=topic, size=64)
+        deadline = time.monotonic() + timeout
+        while gen.received() < r0 + expected and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        elapsed = time.monotonic() - reply["t"]
+        server_cpu, gen_cpu = server.cpu_seconds(pids) - c0, gen.cpu_seconds() - g0
+        other = machine_busy_seconds() - m0 - server_cpu - gen_cpu
+        runs.append((elapsed, gen.received() - r0, server_cpu, gen_cpu, other))
+        time.sleep(0.2)
+    middle = sorted(runs)[len(runs) // 2]  # the median broadcast (the upper one of two)
+    return {
+        "broadcast_ms": [round(t * 1000, 1) for t, *_ in runs],
+        "broadcast_median_ms": round(statistics.median(t for t, *_ in runs) * 1000, 1),
+        "broadcast_reached": min(g for _, g, *_ in runs),
+        "broadcast_server_cpu_s": round(middle[2], 3),
+        "broadcast_loadgen_cpu_s": round(middle[3], 3),
+        "broadcast_other_cpu_pct": round(100 * middle[4] / middle[0], 1),
+    }
+
+
 def idle_connections(
     server: Server,
     adapter: str,
     connections: int = 20000,
     sub_procs: int = 2,
     broadcasts: int = 3,
+    sources: list[str] | None = None,
+    timeout: float = 120.0,
+    paced: float = 0.0,
 ) -> dict[str, Any]:
     """``connections`` authenticated, subscribed, idle connections: the server's memory per
-    connection (over its baseline with no clients), and how long one publication takes to reach
-    every one of them."""
+    connection (over its baseline with no clients; ``kernel_kib_per_connection`` is the
+    machine's slab growth, both ends of each loopback connection), how long they took to
+    connect, and how long one publication takes to reach every one of them, with the CPU the
+    server and the generator spent meanwhile. ``sources`` are the generator's local addresses
+    (see :class:`~bench.loadgen.Generator`); ``timeout`` bounds connecting (each broadcast
+    has 30 s).
+    With ``paced`` (seconds), the broadcasts are repeated with subscribers that read every
+    ``paced`` seconds (``paced_*`` figures): woken by every delivery, as they are otherwise,
+    the generator's processes charge their wake-ups to the server's writes on loopback."""
     topic = "bench.idle"
     time.sleep(0.3)
-    base = server.memory_kib()
-    with Generator(adapter, HOST, server.port, sub_procs) as gen:
-        _connect(gen, server, connections, [[topic]] * connections)
+    base, slab = server.memory_kib(), meminfo_kib("Slab")
+    tokens = tokens_for(server, connections + 1)
+    with Generator(adapter, HOST, server.port, sub_procs, sources) as gen:
+        gen.connect_publisher(tokens[connections % len(tokens)])
+        up = gen.connect_subscribers(
+            connections, tokens, [[topic]] * connections, concurrency=400, timeout=timeout
+        )
+        if up["ok"] != connections:
+            raise RuntimeError(f"{up['ok']} of {connections} subscribers connected: {up['errors']}")
         time.sleep(1.0)
-        mem = server.memory_kib()
-        times = []
-        for _ in range(broadcasts):
-            r0 = gen.received()
-            reply = gen.call(0, kind="publish_once", topic=topic, size=64)
-            deadline = time.monotonic() + 30
-            while gen.received() < r0 + connections and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            got = gen.received() - r0
-            times.append((time.monotonic() - reply["t"], got))
-            time.sleep(0.2)
+        mem, slab = server.memory_kib(), meminfo_kib("Slab") - slab
+        result = _broadcasts(gen, server, topic, connections, broadcasts, 30.0)
+        if paced:
+            gen.call_all(gen.subscriber_agents, kind="pace", seconds=paced)
+            again = _broadcasts(gen, server, topic, connections, broadcasts, 30.0)
+            result.update({f"paced_{k}": v for k, v in again.items()}, read_pace_s=paced)
         stats = gen.stats()
     return {
         "connections": connections,
+        "generator_processes": 1 + sub_procs,
+        "connect_s": round(up["elapsed"], 1),
+        "connects_per_s": round(connections / up["elapsed"]),
         "baseline_kib": base,
         "loaded_kib": mem,
         "rss_kib_per_connection": round((mem["rss"] - base["rss"]) / connections, 2),
         "pss_kib_per_connection": round((mem["pss"] - base["pss"]) / connections, 2),
-        "broadcast_ms": [round(t * 1000, 1) for t, _ in times],
-        "broadcast_median_ms": round(statistics.median(t for t, _ in times) * 1000, 1),
-        "broadcast_reached": min(g for _, g in times),
+        "kernel_kib_per_connection": round(slab / connections, 2),
+        **result,
         "errors": stats["errors"],
         "closes": stats["closes"],
     }
