@@ -18,7 +18,7 @@ import trio
 
 from broker.bus.base import HistoryResult, Publication, StreamPosition
 from broker.errors import BusUnavailable, FrameError
-from broker.history import select_history
+from broker.historyread import select_history
 from broker.http import HttpLimits, serve_http
 from broker.metrics import broker_metrics, merge, render, stats_from_snapshot
 
