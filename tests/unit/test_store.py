@@ -313,7 +313,8 @@ async def test_entries_evicted_before_they_were_written_leave_no_silent_hole(
 
 
 def test_the_store_has_metrics_beside_history() -> None:
-    from broker.metrics import history_snapshot, render
+    from broker.brokermetrics import history_snapshot
+    from broker.metrics import render
 
     stats = {"history_bytes": 1, "store": {"batches": 3, "rows": 40, "failures": 1, "bytes": 9}}
     text = render(history_snapshot(stats))
