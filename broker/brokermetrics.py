@@ -329,11 +329,22 @@ def _store_metrics(r: Registry, store: Mapping[str, Any] | None) -> None:
         ),
         ("pubsub_store_waiting", "Publishes waiting for a commit (ack = disk).", "waiting"),
         ("pubsub_store_bytes", "Bytes the history store takes on disk (file and WAL).", "bytes"),
+        (
+            "pubsub_store_journal_entries",
+            "Publications the history store's file holds, evicted ones included until "
+            "compaction deletes them (at most about twice what history holds, plus 10,000).",
+            "journal_entries",
+        ),
     ):
         r.gauge(name, help_text).set(store.get(key, 0))
     for name, help_text, key in (
         ("pubsub_store_batches_total", "Batches committed to the history store.", "batches"),
         ("pubsub_store_rows_total", "Publications written to the history store.", "rows"),
+        (
+            "pubsub_store_compacted_total",
+            "Publications written again by compaction: still held, in a chunk it deleted.",
+            "compacted",
+        ),
         (
             "pubsub_store_commit_seconds_total",
             "Seconds spent committing batches (in a worker thread, off the event loop).",
