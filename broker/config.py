@@ -122,8 +122,8 @@ class BusConfig:
 @attrs.frozen
 class HistoryRule:
     """History kept for topics matching ``pattern``: at most ``size`` publications and at most
-    ``max_bytes`` bytes of them (counted as :func:`broker.history.entry_bytes` does), each kept
-    at most ``ttl`` seconds. ``size == 0`` keeps none (offsets are still assigned)."""
+    ``max_bytes`` bytes of them (counted as :func:`broker.historytable.entry_bytes` does), each
+    kept at most ``ttl`` seconds. ``size == 0`` keeps none (offsets are still assigned)."""
 
     pattern: str
     size: int

@@ -192,7 +192,7 @@ COMMIT_FAILED = FrameError("unavailable", "the history store could not save it; 
 
 class DiskJournal:
     """Keeps a :class:`TopicStore` on disk (see the module docstring). Implements
-    :class:`broker.history.Journal`; :meth:`run` is the flusher task."""
+    :class:`broker.journal.Journal`; :meth:`run` is the flusher task."""
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config

@@ -38,18 +38,13 @@ import structlog
 import trio
 
 from broker import gctune, native, rlimit, systemd
+from broker.brokermetrics import history_snapshot, hub_presence_snapshot, snapshot_from_stats
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
 from broker.config import Config, load_config, node_name, parse_hostport
 from broker.errors import ConfigError, ListenError
 from broker.hub import Hub
 from broker.logs import configure_logging
-from broker.metrics import (
-    history_snapshot,
-    hub_presence_snapshot,
-    merge,
-    render,
-    snapshot_from_stats,
-)
+from broker.metrics import merge, render
 from broker.protocol import check_data_size
 from broker.store import StoreError
 from broker.topics import validate_pattern, validate_topic

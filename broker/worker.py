@@ -26,10 +26,10 @@ import trio.lowlevel
 
 from broker import handshake
 from broker.auth import TokenVerifier
+from broker.brokermetrics import HANDSHAKE_BUCKETS
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.local import LocalBus
 from broker.config import Config, node_name, parse_hostport
-from broker.metrics import HANDSHAKE_BUCKETS
 from broker.protocol import CloseCode
 from broker.router import Router, latest_topics
 from broker.sendqueue import Flusher, SendQueue
@@ -139,7 +139,7 @@ class Worker:
         self._ids = itertools.count(1)
         self.closes: Counter[int] = Counter()
         self.auth_failures: Counter[str] = Counter()
-        # Handshake latency, as per-bucket counts of broker.metrics.HANDSHAKE_BUCKETS.
+        # Handshake latency, as per-bucket counts of broker.brokermetrics.HANDSHAKE_BUCKETS.
         self.handshake_counts = [0] * (len(HANDSHAKE_BUCKETS) + 1)
         self.handshake_sum = 0.0
         self.connections_total = 0

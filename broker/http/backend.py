@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from broker.brokermetrics import snapshot_from_stats
 from broker.bus.base import HistoryResult, Publication, StreamPosition
-from broker.metrics import merge, render, snapshot_from_stats
+from broker.metrics import merge, render
 from broker.protocol import check_data_size
 from broker.topics import validate_pattern, validate_topic
 

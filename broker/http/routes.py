@@ -60,7 +60,7 @@ class OpsBackend(Protocol):
     async def stats(self) -> dict[str, Any]:
         """Per-worker figures for the status page: ``{"workers": [{"worker": "0",
         "connections", "subscriptions", "topics", "publications_in", "deliveries_out"}, ...]}``
-        (counters cumulative; :func:`broker.metrics.stats_from_snapshot` builds it)."""
+        (counters cumulative; :func:`broker.brokermetrics.stats_from_snapshot` builds it)."""
 
     async def publish(self, topic: str, data_json: str) -> Publication:
         """Publish the JSON text ``data_json`` on the exact topic ``topic`` with no sender.

@@ -16,11 +16,12 @@ from typing import Any
 import attrs
 import trio
 
+from broker.brokermetrics import broker_metrics, stats_from_snapshot
 from broker.bus.base import HistoryResult, Publication, StreamPosition
 from broker.errors import BusUnavailable, FrameError
-from broker.history import select_history
+from broker.historyread import select_history
 from broker.http import HttpLimits, serve_http
-from broker.metrics import broker_metrics, merge, render, stats_from_snapshot
+from broker.metrics import merge, render
 
 API_KEY = "test-api-key"
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"

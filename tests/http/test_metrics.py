@@ -10,15 +10,13 @@ import pickle
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.metrics import (
+from broker.brokermetrics import (
     HANDSHAKE_BUCKETS,
-    Registry,
     broker_metrics,
-    merge,
-    render,
     snapshot_from_stats,
     stats_from_snapshot,
 )
+from broker.metrics import Registry, merge, render
 
 
 def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

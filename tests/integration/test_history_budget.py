@@ -108,6 +108,21 @@ def test_reads_create_no_topic_and_new_topics_past_the_cap_are_refused(
         assert publish_all(conn, [{"topic": "t.0", "data": 1}])[0]["offset"] == 2
 
 
+def test_the_history_store_on_disk_reports_its_journal_in_metrics(
+    tmp_path: Path, workers: int
+) -> None:
+    # With ack = "disk" a publish is answered once committed, so every answered publication
+    # is in the file when /metrics is read; too few for a compaction.
+    config = {
+        "history": [{"pattern": ">", "size": 100, "ttl": 600}],
+        "store": {"path": str(tmp_path / "history.db"), "ack": "disk"},
+    }
+    with BrokerProcess.start(tmp_path, config, workers=workers) as b, ws_client(b, "pub") as pub:
+        assert all(r["ok"] for r in publish_all(pub, [{"topic": "t", "data": 1}] * 30))
+        assert samples(b, "pubsub_store_journal_entries") == {"": 30}
+        assert samples(b, "pubsub_store_compacted_total") == {"": 0}
+
+
 def test_history_larger_than_a_hub_message_arrives_whole(tmp_path: Path) -> None:
     # Each history item is estimated at up to 4 bytes a character: 60 kB items fill a 4 MiB
     # page at 17, so 100 of them cross the hub link in several pages.

@@ -436,7 +436,8 @@ def test_a_new_verifier_starts_empty_and_keeps_the_counts() -> None:
 
 
 def test_the_cache_counts_are_a_metric_per_worker() -> None:
-    from broker.metrics import render, snapshot_from_stats
+    from broker.brokermetrics import snapshot_from_stats
+    from broker.metrics import render
 
     text = render(snapshot_from_stats({"worker": 1, "token_cache": {"hit": 7, "evicted": 2}}))
     assert 'pubsub_token_cache_total{result="hit",worker="1"} 7' in text

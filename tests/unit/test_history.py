@@ -11,7 +11,8 @@ import trio.testing
 from broker.bus.base import ConnKey, Publication, StreamPosition
 from broker.config import HistoryRule
 from broker.errors import FrameError
-from broker.history import ENTRY_OVERHEAD, TOPIC_OVERHEAD, TopicStore, entry_bytes
+from broker.history import TopicStore
+from broker.historytable import ENTRY_OVERHEAD, TOPIC_OVERHEAD, entry_bytes
 
 
 class Clock:

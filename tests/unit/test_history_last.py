@@ -9,7 +9,8 @@ import pytest
 
 from broker.bus.base import Publication, StreamPosition, recovery
 from broker.config import HistoryRule
-from broker.history import TopicStore, select_history
+from broker.history import TopicStore
+from broker.historyread import select_history
 
 EPOCH = "e1"
 

@@ -12,10 +12,11 @@ import trio
 import trio.testing
 
 from broker.auth import TokenVerifier
+from broker.brokermetrics import hub_presence_snapshot, snapshot_from_stats
 from broker.cli import main, make_token
 from broker.config import AuthConfig, PresenceConfig, parse_config
 from broker.errors import ConfigError, FrameError
-from broker.metrics import hub_presence_snapshot, merge, render, snapshot_from_stats
+from broker.metrics import merge, render
 from tests.support.inmemory import call, closed_with, connect, make_worker, recv, running, token
 from tests.unit.test_dev_banner import run_dev
 

@@ -10,8 +10,8 @@ from typing import Any
 import trio
 import trio_websocket
 
+from broker.brokermetrics import snapshot_from_stats
 from broker.bus.base import Bus, StreamPosition
-from broker.metrics import snapshot_from_stats
 from broker.replay import FIRST_PAGE, MAX_PAGE, PAGE_BYTES, HistoryPager, reply_budget
 from broker.worker import Worker
 from tests.support.inmemory import call, connect, make_worker, running, token

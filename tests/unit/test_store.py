@@ -313,9 +313,11 @@ async def test_entries_evicted_before_they_were_written_leave_no_silent_hole(
 
 
 def test_the_store_has_metrics_beside_history() -> None:
-    from broker.metrics import history_snapshot, render
+    from broker.brokermetrics import history_snapshot
+    from broker.metrics import render
 
-    stats = {"history_bytes": 1, "store": {"batches": 3, "rows": 40, "failures": 1, "bytes": 9}}
+    store = {"batches": 3, "rows": 40, "failures": 1, "bytes": 9}
+    stats = {"history_bytes": 1, "store": {**store, "compacted": 12, "journal_entries": 31}}
     text = render(history_snapshot(stats))
     for line in (
         "pubsub_store_batches_total 3",
@@ -323,6 +325,8 @@ def test_the_store_has_metrics_beside_history() -> None:
         "pubsub_store_failures_total 1",
         "pubsub_store_bytes 9",
         "pubsub_store_refused_total 0",
+        "pubsub_store_compacted_total 12",
+        "pubsub_store_journal_entries 31",
     ):
         assert line in text
     assert "pubsub_store" not in render(history_snapshot({"history_bytes": 1}))
