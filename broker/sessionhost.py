@@ -4,8 +4,9 @@ A :class:`~broker.session.Session` needs its worker's shared parts (configuratio
 verifier, router, bus, deadlines, connection slots) and reports to it (statistics, a slow
 consumer). The worker creates sessions, so it imports :mod:`broker.session`; the session names
 its worker only through :class:`SessionHost`, which :class:`~broker.worker.Worker` satisfies
-structurally. The imports thus go one way (worker -> session -> this module), and a session
-can be driven by any object with these members.
+structurally. The imports thus go one way (worker -> session and the layers it is built from,
+:mod:`broker.connstate` last -> this module), and a session can be driven by any object with
+these members.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-from broker.session import TokenBucket
+from broker.budget import TokenBucket
 from tests.support.inmemory import connect, make_worker, recv, running, token
 
 HOUR = 3600.0
