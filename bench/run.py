@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--only fanout,latency,...] [--skip-peers]
 
 Runs every workload against a freshly started server each time (all on 127.0.0.1), bounded by
-a time budget (default 680 s; a step that would not fit is recorded as skipped), and writes
+a time budget (default 1200 s; a step that would not fit is recorded as skipped), and writes
 ``bench/results/latest.json``, ``latest.md`` (tables, with every figure also as a ratio to the
 peers) and ``fanout.png``.
 
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
     parser.add_argument("--quick", action="store_true", help="smaller and shorter (a smoke run)")
     parser.add_argument("--skip-peers", action="store_true", help="only this broker")
-    parser.add_argument("--budget", type=float, default=680.0, help="seconds for all workloads")
+    parser.add_argument("--budget", type=float, default=1200.0, help="seconds for all workloads")
     parser.add_argument(
         "--wait-quiet",
         type=float,
