@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.config import AuthConfig
 from broker.errors import AuthError, ConfigError, FrameError
+from broker.jwtcheck import make_decoder
 from broker.protocol import is_valid_unicode
 from broker.topics import pattern_covers, pattern_matches, patterns_overlap, validate_pattern
 
@@ -186,6 +187,9 @@ class TokenVerifier:
         else:
             self._key = cfg.jwt_secret
             self._algorithms = ["HS256"]
+        # PyJWT's check with the key prepared once (``broker/jwtcheck.py``): a first connect
+        # to each worker pays the check, so with more workers there are more of them.
+        self._decoder = make_decoder(self._algorithms[0], self._key)
         self._default_publish = Permissions.from_list(cfg.default_publish)
         self._default_subscribe = Permissions.from_list(cfg.default_subscribe)
         self._default_presence = Permissions.from_list(cfg.default_presence)
@@ -242,7 +246,7 @@ class TokenVerifier:
             required.append("exp")
         options: jwt.types.Options = {"require": required, "verify_aud": bool(self._cfg.audience)}
         try:
-            claims = jwt.decode(
+            claims = self._decoder.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,

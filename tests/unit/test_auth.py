@@ -359,13 +359,13 @@ class Clock:
 def counting_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every signature check (PyJWT's decode) from here on."""
     checked: list[str] = []
-    real_decode = jwt.decode
+    real_decode = jwt.PyJWT.decode
 
-    def decode(token: str, *args: object, **kwargs: object) -> object:
+    def decode(self: jwt.PyJWT, token: str, *args: object, **kwargs: object) -> object:
         checked.append(token)
-        return real_decode(token, *args, **kwargs)  # type: ignore[arg-type]
+        return real_decode(self, token, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(jwt, "decode", decode)
+    monkeypatch.setattr(jwt.PyJWT, "decode", decode)
     return checked
 
 
