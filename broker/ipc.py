@@ -81,6 +81,9 @@ PAGE_BYTES = 4 * 1024 * 1024
 #: supervisor kills it): past it the link ends rather than the holder's memory growing.
 MAX_QUEUED = 4 * MAX_MESSAGE
 MAX_COALESCE_PASSES = 32
+#: The most messages queued since the last write that the writer sends after a single quiet
+#: scheduler pass instead of two: a lone publication's request, or its reply and its forward.
+LONE_MESSAGES = 2
 _LEN = struct.Struct("!I")
 
 
@@ -133,6 +136,7 @@ class Link:
         self._run: list[Any] | None = None  # the values of the run ending _batch, if one does
         self._run_kind = ""
         self._sent = 0  # messages queued so far (the writer watches it to coalesce)
+        self._written = 0  # _sent when the writer last took the queue
         self._wakeup = trio.Event()
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[trio.Event, list[Any]]] = {}
@@ -326,20 +330,26 @@ class Link:
     async def _writer(self) -> None:
         while True:
             await self._wakeup.wait()
-            self._wakeup = trio.Event()
             # Yield while messages keep being queued (two quiet passes end it, at most
             # MAX_COALESCE_PASSES): a burst of publications crosses in one write, and the peer
-            # then handles (and flushes to its clients) the whole burst at once.
+            # then handles (and flushes to its clients) the whole burst at once. At a low rate
+            # messages come alone, and the second quiet pass only costs a turn of the run loop
+            # and delays the message: at most LONE_MESSAGES since the last write and one quiet
+            # pass, and it goes.
             queued = self._sent
             quiet = 0
             for _ in range(MAX_COALESCE_PASSES):
                 await trio.lowlevel.checkpoint()
                 quiet = quiet + 1 if self._sent == queued else 0
                 queued = self._sent
-                if quiet >= 2:
+                if quiet >= 2 or (quiet and queued - self._written <= LONE_MESSAGES):
                     break
+            self._written = queued
             if self._batch:
                 self._seal()
+            # A fresh event only now: made before the seal, the seal's own _push would set it
+            # and wake the writer again, for a round of passes with nothing to write.
+            self._wakeup = trio.Event()
             out, self._out = self._out, []
             self._queued = 0
             if out:

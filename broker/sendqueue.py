@@ -59,6 +59,10 @@ __all__ = ["Flusher", "SendQueue"]
 log = structlog.get_logger()
 
 IOV_MAX = 1024
+#: The most dirty queues a lone publication may leave and still be written after a single
+#: scheduler pass (:class:`Flusher`): past it, the write costs enough that waiting for the
+#: next publications to share it is worth the passes.
+LONE_QUEUES = 8
 
 
 def _mark(waiter: tuple[int, trio.Event]) -> int:
@@ -88,6 +92,13 @@ class Flusher:
     burst of publications coalesces into one write per connection. Latency stays low because
     nothing waits for a timer, only for work that is already there. (Asking trio how many tasks
     are runnable would be simpler, but ``current_statistics()`` walks every registered socket.)
+
+    Those passes pay off only under load. A wake-up that brought at most one publication since
+    the last flush, for at most ``lone_queues`` connections, and after which one pass brought
+    nothing more, is written after that one pass: at a low rate every publication arrives
+    alone, and each extra pass is a turn of trio's run loop (an ``epoll_wait`` and the
+    scheduler) that coalesces nothing, costs CPU and delays the frame. A fan-out (many dirty
+    queues) or a burst (a second publication before the write) still gets every pass.
     """
 
     def __init__(
@@ -96,10 +107,13 @@ class Flusher:
         *,
         min_passes: int = 3,
         max_passes: int = 64,
+        lone_queues: int = LONE_QUEUES,
     ) -> None:
         self.progress = progress
         self.min_passes = min_passes
         self.max_passes = max_passes
+        self.lone_queues = lone_queues
+        self._flushed_at = 0  # progress() when the last flush began
         self._dirty: list[SendQueue] = []
         self._wakeup = trio.Event()
         self.writes = 0  # statistics: writev calls
@@ -126,6 +140,11 @@ class Flusher:
                 seen = now
                 if i + 1 >= self.min_passes and quiet >= 2:
                     break
+                # A lone publication (or only control frames) to a few connections: nothing
+                # is coming to coalesce with, so write now rather than after the extra passes.
+                if quiet and now - self._flushed_at <= 1 and len(self._dirty) <= self.lone_queues:
+                    break
+            self._flushed_at = seen
             dirty, self._dirty = self._dirty, []
             for queue in dirty:
                 queue.flush()

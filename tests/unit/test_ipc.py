@@ -292,3 +292,50 @@ def test_any_mix_of_batched_run_and_plain_messages_arrives_whole_and_in_order(
                 assert sum(plan[m[1]][1] for m in alone) <= page
             got.extend(alone)
     assert got == sent
+
+
+async def writer_passes(
+    monkeypatch: pytest.MonkeyPatch, script: list[int]
+) -> tuple[list[list[Any]], int]:
+    """Queue one batched message on a fresh link, then ``script[i]`` more before the writer's
+    pass ``i + 1`` (as other tasks would between its passes), and return the messages that
+    crossed and how many passes the writer made. Only the writer calls
+    ``trio.lowlevel.checkpoint`` here, so counting those calls counts its passes."""
+    passes = 0
+    sent = [1]
+    checkpoint = trio.lowlevel.checkpoint
+    a_stream, raw = trio.testing.memory_stream_pair()
+    a = Link(a_stream, lambda link, message: None)
+
+    async def counting() -> None:
+        nonlocal passes
+        for _ in range(script[passes] if passes < len(script) else 0):
+            sent.append(len(sent) + 1)
+            a.send_batched(["pub", "t", sent[-1]], 64)
+        passes += 1
+        await checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", counting)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.testing.wait_all_tasks_blocked()
+        a.send_batched(["pub", "t", 1], 64)
+        frames = read_frames(await drain(raw))
+        nursery.cancel_scope.cancel()
+    return frames, passes
+
+
+async def test_a_lone_message_is_written_after_one_quiet_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert await writer_passes(monkeypatch, []) == ([["pub", "t", 1]], 1)
+
+
+async def test_a_burst_with_quiet_passes_between_its_messages_crosses_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three messages, then one before every other pass: past LONE_MESSAGES, one quiet pass
+    # does not end the burst.
+    frames, passes = await writer_passes(monkeypatch, [2, 0, 1, 0, 1])
+    assert frames == [["batch", [["pub", "t", i] for i in range(1, 6)]]]
+    assert passes == 7  # the last message came before pass 5, then two quiet passes

@@ -348,3 +348,76 @@ async def test_waiting_for_a_low_water_mark_wakes_as_the_peer_reads() -> None:
         assert verdicts == []
         peer.close()
         nursery.cancel_scope.cancel()
+
+
+# --- how many scheduler passes the flusher waits: few for a lone frame, many for a burst -----
+
+
+class Arrivals:
+    """The flusher's ``progress`` counter, scripted per pass: the flusher reads it once when it
+    wakes and once after each pass, and each read first sends that read's arrivals (the next
+    number of ``script``, none once it is used up) to every queue, as publications delivered
+    between two passes would be. ``reads`` counts the reads: the wake-up and the passes."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = script
+        self.queues: list[SendQueue] = []
+        self.count = 0
+        self.reads = 0
+
+    def __call__(self) -> int:
+        arriving = self.script[self.reads] if self.reads < len(self.script) else 0
+        self.reads += 1
+        for _ in range(arriving):
+            self.count += 1
+            for queue in self.queues:
+                queue.send(b"%03d;" % self.count)
+        return self.count
+
+
+async def run_script(
+    script: list[int], connections: int = 1, **kw: int
+) -> tuple[Flusher, Arrivals, list[bytes]]:
+    """Send one publication to ``connections`` queues, let the flusher write with ``script``'s
+    arrivals (:class:`Arrivals`), and return what each peer received."""
+    arrivals = Arrivals(script)
+    flusher = Flusher(arrivals, **kw)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        peers = []
+        for _ in range(connections):
+            queue, peer, _ = await pair(nursery, flusher)
+            arrivals.queues.append(queue)
+            peers.append(peer)
+        await trio.testing.wait_all_tasks_blocked()
+        arrivals.count = 1
+        for queue in arrivals.queues:
+            queue.send(b"001;")
+        await trio.testing.wait_all_tasks_blocked()
+        got = []
+        for peer in peers:
+            peer.setblocking(False)
+            got.append(peer.recv(65536))
+        nursery.cancel_scope.cancel()
+    return flusher, arrivals, got
+
+
+async def test_a_lone_publication_is_written_after_one_pass() -> None:
+    flusher, arrivals, got = await run_script([])
+    assert got == [b"001;"] and flusher.writes == 1
+    assert arrivals.reads == 2  # the wake-up and one pass, not the three of a burst
+
+
+async def test_a_lone_publication_to_many_connections_waits_for_more() -> None:
+    # Past lone_queues the writes cost enough that the passes are worth it.
+    flusher, arrivals, got = await run_script([], connections=3, lone_queues=2)
+    assert got == [b"001;"] * 3 and flusher.writes == 3
+    assert arrivals.reads == 4  # the wake-up and min_passes
+
+
+async def test_a_burst_with_quiet_passes_between_its_publications_still_coalesces() -> None:
+    # A publication every other pass: a quiet pass alone must not end a burst.
+    flusher, arrivals, got = await run_script([0, 1, 0, 1, 0, 1, 0, 1])
+    assert got == [b"".join(b"%03d;" % i for i in range(1, 6))]
+    assert flusher.writes == 1
+    assert arrivals.reads == 10  # the last arrival, then two quiet passes
