@@ -157,17 +157,26 @@ def test_dead_workers_presence_is_forgotten_at_once(tmp_path: Path) -> None:
         async def main() -> None:
             watchers = []
             victims = []
+            tries = 0
             while not watchers or not victims:
-                ws, welcome = await open_client(b, f"w{len(watchers) + len(victims)}")
+                tries += 1
+                name = f"w{tries}"
+                ws, welcome = await open_client(b, name)
                 if welcome["worker"] == 1 and not watchers:
                     watchers.append(ws)
                 elif welcome["worker"] == 0 and not victims:
-                    victims.append(ws)
+                    victims.append((ws, name))
                 else:
                     await ws.close()
-            watcher, victim = watchers[0], victims[0]
+            watcher, (victim, victim_name) = watchers[0], victims[0]
             assert (await call(watcher, op="subscribe", topic="room", presence=True, id=1))["ok"]
             assert (await call(victim, op="subscribe", topic="room", id=1))["ok"]
+            # the victim is listed just after its reply (protocol.md section 9): its join says when
+            async with asyncio.timeout(5):
+                while True:
+                    push = json.loads(await watcher.recv())
+                    if push.get("op") == "join" and push.get("client") == victim_name:
+                        break
             assert len((await call(watcher, op="presence", topic="room", id=2))["clients"]) == 2
             os.kill(worker_pids(b)[0], signal.SIGKILL)
             async with asyncio.timeout(5):
