@@ -17,7 +17,7 @@ from broker.config import HistoryRule, StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
 from broker.store import DiskJournal, StoreError
-from broker.storefile import Batch, Database
+from broker.storefile import PAGE_SIZE, Batch, Database
 from tests.unit.test_dev_banner import run_dev
 
 
@@ -218,6 +218,27 @@ def test_forgotten_topics_leave_the_file(tmp_path: Path) -> None:
         s.publish(topic, "1", None)
     j.close(s)
     assert rows(path, "topics") == 2
+
+
+def test_a_new_file_has_large_pages_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
+    # Large pages: a commit writes its changed pages to the WAL two system calls a page.
+    s, j = open_store(tmp_path / "new.db")
+    assert j.db is not None and j.db.page_size() == PAGE_SIZE > 4096
+    j.close(s)
+    assert sql(tmp_path / "new.db", "PRAGMA page_size") == [(PAGE_SIZE,)]
+
+    old = tmp_path / "old.db"
+    sql(old, "PRAGMA page_size=4096")
+    sql(old, "PRAGMA journal_mode=WAL")  # fixes the page size, as older brokers made it
+    s, j = open_store(old)
+    s.publish("a", "1", None)
+    epoch = s.position("a").epoch
+    j.close(s)
+    s, j = open_store(old)
+    assert s.position("a") == StreamPosition(1, epoch)
+    assert j.db is not None and j.db.page_size() == 4096
+    j.db.maintain()  # counts its vacuum in the file's own pages
+    j.close(s)
 
 
 async def test_many_publications_make_few_commits(tmp_path: Path) -> None:
