@@ -11,9 +11,9 @@ drops what it holds and holds nothing more (``dropped``): those publications are
 and the session reads them from there once the replay is sent.
 
 A topic delivered ``latest`` (its ``[[delivery]]`` rule, looked up once per publication through
-``latest``, which is None while no rule says ``latest``) goes to each queue's
-:meth:`~broker.sendqueue.SendQueue.send` with the publication, which the queue needs only once
-it is past its limit; every other topic takes the unchanged path. The router also tells each
+``latest``, which is None while no rule says ``latest``) goes through the same fan-out loop,
+each queue's :meth:`~broker.sendqueue.SendQueue.send` given the publication as well, which the
+queue needs only once it is past its limit; for every other topic that argument is None. The router also tells each
 queue that it receives such topics (``receives_latest``, which spares it ``write_timeout``):
 when an exact subscription is added or a reload makes its topic ``latest``, and for a
 wildcard subscription when a publication reaches it, so that the per-delivery path of an
@@ -171,35 +171,29 @@ class Router:
 
     def on_publication(self, pub: Publication) -> None:
         self.publications_in += 1
-        if self.is_latest(pub.topic):
-            self._deliver_latest(pub)
-            return
         index = self.index
-        frame: bytes | None = None
-        delivered = 0
-        if not index.has_wildcards:
-            subs = index.exact.get(pub.topic)
-            if not subs:
-                return
-            frame = message_frame(pub)
-            waiting = 0
-            for sub in subs:  # the per-delivery loop: keep it to the one call
-                if sub.pending is None:
-                    sub.queue.send(frame)
-                else:
-                    sub.hold(pub)
-                    waiting += 1
-            self.deliveries += len(subs) - waiting
+        latest = self.is_latest(pub.topic)
+        subs: Collection[Subscription]
+        if index.has_wildcards:
+            subs = self._targets(pub.topic)
+            if latest:
+                for sub in subs:  # a wildcard subscription learns only now what it receives
+                    sub.queue.receives_latest = True
+        else:
+            subs = index.exact.get(pub.topic) or ()
+        if not subs:
             return
-        for sub in self._targets(pub.topic):
-            if sub.pending is not None:
+        frame = message_frame(pub)
+        # The queue needs the publication itself only for a `latest` topic, past its limit.
+        policy_pub = pub if latest else None
+        waiting = 0
+        for sub in subs:  # the per-delivery loop: keep it to the one call
+            if sub.pending is None:
+                sub.queue.send(frame, policy_pub)
+            else:
                 sub.hold(pub)
-                continue
-            if frame is None:
-                frame = message_frame(pub)
-            sub.queue.send(frame)
-            delivered += 1
-        self.deliveries += delivered
+                waiting += 1
+        self.deliveries += len(subs) - waiting
 
     def _targets(self, topic: str) -> Collection[Subscription]:
         """The subscriptions ``topic`` reaches through the whole index, each session once."""
@@ -217,29 +211,6 @@ class Router:
                 if held is None or (held.pending is not None and sub.pending is None):
                     targets[qid] = sub
         return targets.values()
-
-    def _deliver_latest(self, pub: Publication) -> None:
-        """Fan out a publication of a ``latest`` topic: for a subscriber that keeps up, the
-        same append as any other topic's."""
-        index = self.index
-        subs: Collection[Subscription]
-        if index.has_wildcards:
-            subs = self._targets(pub.topic)
-            for sub in subs:  # a wildcard subscription learns only now what it receives
-                sub.queue.receives_latest = True
-        else:
-            subs = index.exact.get(pub.topic) or ()
-        if not subs:
-            return
-        frame = message_frame(pub)
-        waiting = 0
-        for sub in subs:  # the per-delivery loop: as on_publication's, one call
-            if sub.pending is None:
-                sub.queue.send(frame, pub)
-            else:
-                sub.hold(pub)
-                waiting += 1
-        self.deliveries += len(subs) - waiting
 
     def is_latest(self, topic: str) -> bool:
         """Whether ``topic`` is delivered under the ``latest`` policy."""

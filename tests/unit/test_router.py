@@ -25,7 +25,7 @@ class Queue(SendQueue):
         self.frames: list[bytes] = []
         self.max_bytes = max_bytes
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes, pub: Publication | None = None) -> bool:
         self.frames.append(frame)
         return True
 
