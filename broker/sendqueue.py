@@ -272,7 +272,7 @@ class SendQueue:
             if pub.topic in latest.held or (over and self.queued):
                 return self._hold(latest, pub, frame)
         if over:
-            self._overflow("send_queue_max_bytes")
+            self.overflow("send_queue_max_bytes")
             return False
         self._append(frame)
         return True
@@ -281,7 +281,7 @@ class SendQueue:
         """Hold ``frame`` as its topic's newest; past the held bytes' limit, overflow."""
         replaced = latest.hold(pub.topic, frame, pub.offset, pub.epoch, self.max_bytes)
         if replaced is None:
-            self._overflow("send_queue_max_bytes")
+            self.overflow("send_queue_max_bytes")
             return False
         self._flusher.skipped += replaced
         self._room = -1  # every frame takes _past_room until the held ones are released
@@ -336,11 +336,9 @@ class SendQueue:
         await event.wait()
 
     def overflow(self, reason: str) -> None:
-        """Make the connection a slow consumer now, as if its queue had overflowed: drop what
-        is queued, refuse further frames and report ``reason`` to ``on_slow`` (once)."""
-        self._overflow(reason)
-
-    def _overflow(self, reason: str) -> None:
+        """Make the connection a slow consumer now (its queue overflowed, or the caller says
+        it is one): drop what is queued, refuse further frames and report ``reason`` to
+        ``on_slow`` (once)."""
         if self._state in (CLOSED, OVERFLOWED):
             return
         # Keep only a partly written frame (its tail must still go out, or the stream would be
@@ -502,7 +500,7 @@ class SendQueue:
                         # Even the close frame cannot go out: give up on this socket.
                         self._fail("write_timeout")
                         return
-                    self._overflow("write_timeout")
+                    self.overflow("write_timeout")
                     if self._socket is None:
                         # A cancelled send_all leaves a stream that is not a plain socket
                         # (TLS) in an unknown state: nothing more may be written to it.
