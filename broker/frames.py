@@ -25,7 +25,8 @@ Why our own reader and not wsproto's: a publisher's frames are the broker's hot 
 wsproto's general machinery (an event generator per read, named tuples per frame, an
 incremental UTF-8 decoder per message, its extension hooks) was a third of a publishing
 worker's time. The broker negotiates no extension, so the server side of the frame layer is
-small enough to own; wsproto still does the HTTP upgrade. The encoding side,
+small enough to own (the HTTP upgrade is :mod:`broker.upgrade`'s, with h11 and wsproto for
+unusual requests). The encoding side,
 :func:`encode_frame` and :func:`close_frame`, builds unmasked server frames.
 """
 
