@@ -73,6 +73,10 @@ export async function tokenIdentity(token) {
 const CONNECTING = 0;
 const OPEN = 1;
 const CLOSED = 3;
+// How long a SharedWorker may take to say hello before this page does without one: a worker
+// whose script does not load fires `error`, but not in every tab that asked for it when several
+// ask at once (seen in Chromium), and such a tab would otherwise wait for ever.
+const WORKER_HELLO_MS = 10000;
 
 /** What PubSubClient uses as its WebSocket in shared mode: it opens a virtual connection on
  * the hub that serves this URL and user. */
@@ -226,11 +230,17 @@ class WorkerChannel extends Channel {
     worker.onerror = () => {
       if (this.hub === null) this._fail();
     };
-    this.port = worker.port;
-    this.port.onmessage = (event) => {
+    const port = (this.port = worker.port);
+    const deadline = setTimeout(() => {
+      if (this.hub === null && this.port === port) this._fail();
+    }, WORKER_HELLO_MS);
+    port.onmessage = (event) => {
+      if (this.failed) return; // this page went on without a worker
       const msg = event.data;
-      if (msg.type === "hello") this._watch(msg.hub, msg.lock);
-      else this._dispatch(msg);
+      if (msg.type === "hello") {
+        clearTimeout(deadline);
+        this._watch(msg.hub, msg.lock);
+      } else this._dispatch(msg);
     };
     this.port.start();
     this.ready.then(() => this.port.postMessage({ type: "hello", tab: this.tabId, key: this.key }));
