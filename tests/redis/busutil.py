@@ -62,3 +62,15 @@ async def running_bus(
             yield bus, recorder
         finally:
             nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def two_buses(
+    url: str, **kwargs: Any
+) -> AsyncIterator[tuple[tuple[RedisBus, Recorder], tuple[RedisBus, Recorder]]]:
+    """Two nodes, "a" and "b", on one Redis, each with its :class:`Recorder`."""
+    async with (
+        running_bus(url, node="a", **kwargs) as a,
+        running_bus(url, node="b", **kwargs) as b,
+    ):
+        yield a, b

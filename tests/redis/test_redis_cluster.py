@@ -13,13 +13,13 @@ from .busutil import running_bus, wait_until
 from .conftest import RedisCluster
 
 
-def topics_on_each_shard() -> list[str]:
-    """One topic per master (``redis-cli --cluster create`` splits the slots in three equal
-    ranges, in the order the nodes were given)."""
+def topics_on_each_shard(stem: str = "room.n") -> list[str]:
+    """One topic per master, each ``stem`` and a number (``redis-cli --cluster create`` splits
+    the slots in three equal ranges, in the order the nodes were given)."""
     found: dict[int, str] = {}
     i = 0
     while len(found) < 3:
-        topic = f"room.n{i}"
+        topic = f"{stem}{i}"
         slot = hash_slot(f"ps:{topic}".encode())
         found.setdefault(min(2, slot * 3 // 16384), topic)
         i += 1
@@ -75,6 +75,24 @@ async def test_cluster_sharded_delivery_history_and_presence(redis_cluster: Redi
         # Unwatching unsubscribes from the shard.
         await a.unwatch(topics[0])
         assert redis_cluster.servers[0].cli("PUBSUB", "SHARDCHANNELS").split() == []
+
+
+async def test_cluster_reads_of_unknown_topics_store_nothing(redis_cluster: RedisCluster) -> None:
+    topics = topics_on_each_shard("unknown.")
+    async with (
+        running_bus(redis_cluster.url, node="a", cluster=True) as (a, _),
+        running_bus(redis_cluster.url, node="b", cluster=True) as (b, _),
+    ):
+        announced = [await a.position(t) for t in topics]
+        for t in topics:
+            await b.history(t, StreamPosition(3, "elsewhere"), None)
+            await a.watch(t)
+        assert [int(s.cli("DBSIZE")) for s in redis_cluster.servers] == [0, 0, 0]
+        for t, position in zip(topics, announced, strict=True):
+            pub = await b.publish(t, "1", None)
+            assert (position.offset, pub.offset, pub.epoch) == (0, 1, position.epoch)
+            resumed = await a.history(t, position, None)
+            assert resumed.recovered and [p.data for p in resumed.publications] == ["1"]
 
 
 async def test_cluster_node_restart_restores_every_subscription(

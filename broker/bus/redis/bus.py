@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +68,8 @@ class RedisBus(Bus):
     topic's :class:`~broker.config.HistoryRule` (or a ``(size, ttl_seconds)`` tuple); a topic's
     position (offset and epoch) is kept ``position_ttl`` seconds after its last publication,
     and at least as long as its history, so that clients coming back learn exactly what they
-    lost. ``presence_ttl`` is how long a presence entry lives without a refresh. ``timeout``
+    lost; reading a topic nobody has published to stores nothing, and announces the epoch its
+    first publication will carry (every node must then have the same ``position_ttl``). ``presence_ttl`` is how long a presence entry lives without a refresh. ``timeout``
     bounds every Redis command (publishes fail with ``BusUnavailable`` after it at worst, at
     once when Redis is known to be down); ``reconnect_max`` caps the reconnection backoff.
     ``prefix`` starts every key and channel name (no ``{``, ``}`` or ``|``). ``queue_size``
@@ -101,6 +101,8 @@ class RedisBus(Bus):
             raise ValueError(f"bad Redis key prefix {prefix!r}")
         if presence_ttl <= 0:
             raise ValueError("presence_ttl must be positive")
+        if not 0 < position_ttl < math.inf:
+            raise ValueError("position_ttl must be positive and finite")
         self.url = url
         self.node = node
         self.cluster = cluster
@@ -109,6 +111,9 @@ class RedisBus(Bus):
         self._history_rule = history_rule
         self._max_tracked = max_tracked_topics
         self._position_ttl = position_ttl
+        # The window of the epochs that topics without one are announced and created with
+        # (see the scripts' "Epochs"): every node of a deployment must use the same one.
+        self._epoch_window_ms = max(1, int(position_ttl * 1000))
         self._names = Names(prefix, cluster)
         self._conn = Connection(
             url,
@@ -339,7 +344,7 @@ class RedisBus(Bus):
                 data,
                 sender or "",
                 "0" if sender is None else "1",
-                secrets.token_hex(6),
+                self._epoch_window_ms,
                 size,
                 ttl_ms,
                 self._names.channel(topic),
@@ -354,7 +359,7 @@ class RedisBus(Bus):
     async def _read(
         self, topic: str, since: StreamPosition | None, limit: int | None, newest: bool = False
     ) -> HistoryResult:
-        _, ttl_ms, meta_ttl_ms, _ = self._rule(topic)
+        _, ttl_ms, _, _ = self._rule(topic)
         offset, epoch_raw, first, entries = await self._conn.script(
             "history",
             [self._names.key(topic, "meta"), self._names.key(topic, "hist")],
@@ -362,9 +367,8 @@ class RedisBus(Bus):
                 "" if since is None else since.epoch,
                 0 if since is None else max(0, since.offset),
                 0 if limit is None else limit,
-                secrets.token_hex(6),
+                self._epoch_window_ms,
                 ttl_ms,
-                meta_ttl_ms,
                 "1" if newest else "0",
             ],
         )

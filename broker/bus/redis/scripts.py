@@ -24,9 +24,21 @@ nodes never hand out the same offset, and what is delivered is exactly what hist
 Redis Cluster uses ``SPUBLISH`` (sharded pub/sub: the message stays on the topic's shard) and,
 for wildcard subscribers, also a plain ``PUBLISH`` on ``ps:w:TOPIC``.
 
-**Reading** history (:data:`HISTORY_LUA`) trims what expired first, and gives a topic without
-an epoch one at once, so that a position handed out before the first publication still names
-the epoch that publication will carry.
+**Reading** history (:data:`HISTORY_LUA`) trims what expired first. A read of a topic without
+an epoch writes nothing, so that reads of made-up topic names cost Redis no memory: it answers
+offset 0 and the epoch the topic's next publication will create.
+
+**Epochs** of new topics are derived, not stored: both scripts compute one with
+``fresh_epoch``, a digest of the topic's meta key name, the Redis server's ``run_id``, its count
+of evicted keys, and the number of the current window of ``position_ttl`` (Redis time). So every
+node announces the same epoch for a topic nobody has published to, and its first publication
+carries it. A topic never gets an epoch it had before, because its meta key can vanish only by
+expiring (at least ``position_ttl`` after it was created, so the next epoch falls in a later
+window), by eviction (``evicted_keys`` moves on) or with the data of a Redis that restarts (a
+new ``run_id``). When one of those changes between a read and the first publication, the
+publication carries another epoch than the read announced: a client then learns of a gap that
+names no offsets, never misses one. Keys deleted by hand (``DEL``, ``FLUSHALL``) or statistics
+reset (``CONFIG RESETSTAT``) while nodes run escape this reasoning; restart Redis instead.
 
 **Presence** scripts keep one zset entry per connection and one per client (the expiry of its
 longest-lived connection). :data:`PRESENCE_JOIN_LUA` publishes ``join`` when a client's first
@@ -86,13 +98,22 @@ local function trim_expired(hist, cutoff)
     if #old < 64 then return freed end
   end
 end
+-- The epoch a topic without one gets (see "Epochs" in the module): the same from every node
+-- for one Redis, one eviction count and one window of window_ms, and so the one its next
+-- publication will carry.
+local function fresh_epoch(meta, window_ms)
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+  local evicted = string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''
+  local window = string.format('%d', math.floor(now_ms() / window_ms))
+  return string.sub(redis.sha1hex(table.concat({meta, run, evicted, window}, '|')), 1, 12)
+end
 """.replace("ENTRY_OVERHEAD", str(REDIS_ENTRY_OVERHEAD))
 
 PUBLISH_LUA = (
     _LUA_COMMON
     + """
 -- KEYS: meta, hist
--- ARGV: topic, data, sender, has_sender, new_epoch, size, ttl_ms, channel, publish_cmd,
+-- ARGV: topic, data, sender, has_sender, epoch_window_ms, size, ttl_ms, channel, publish_cmd,
 --       wildcard_channel ('' = none), position_ttl_ms (0 = none), max_bytes
 local meta, hist = KEYS[1], KEYS[2]
 local size, ttl, meta_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[11])
@@ -105,7 +126,7 @@ if epoch then
   -- The stream expires on its own (PEXPIRE): then it holds nothing any more.
   if redis.call('EXISTS', hist) == 1 then held = tonumber(current[3] or 0) end
 else
-  epoch = ARGV[5]
+  epoch = fresh_epoch(meta, tonumber(ARGV[5]))
   redis.call('DEL', hist)
 end
 -- Scripts are not transactions: a command that fails leaves the earlier writes in place.
@@ -150,22 +171,17 @@ HISTORY_LUA = (
     _LUA_COMMON
     + """
 -- KEYS: meta, hist
--- ARGV: since_epoch ('' = none), since_offset, limit (0 = all, -1 = none), new_epoch, ttl_ms,
---       position_ttl_ms, newest ('1': the newest limit entries after since, not the oldest)
+-- ARGV: since_epoch ('' = none), since_offset, limit (0 = all, -1 = none), epoch_window_ms,
+--       ttl_ms, newest ('1': the newest limit entries after since, not the oldest)
 -- Returns {offset, epoch, first held offset (0 = none), entries}
 local meta, hist = KEYS[1], KEYS[2]
-local limit, ttl, meta_ttl = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local epoch = redis.call('HGET', meta, 'e')
-local offset = 0
+local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[5])
+local current = redis.call('HMGET', meta, 'e', 'o')
+local epoch, offset = current[1], tonumber(current[2] or 0)
 if not epoch then
-  -- A topic without an epoch gets one now, so that a position handed out before the first
-  -- publication still names the epoch that publication will carry.
-  epoch = ARGV[4]
-  redis.call('DEL', hist)
-  redis.call('HSET', meta, 'e', epoch, 'o', 0)
-  if meta_ttl > 0 then redis.call('PEXPIRE', meta, meta_ttl) end
-else
-  offset = tonumber(redis.call('HGET', meta, 'o'))
+  -- Nothing is written for a topic without an epoch (a stream left behind belongs to a lost
+  -- one): offset 0, in the epoch its first publication will carry.
+  return {0, fresh_epoch(meta, tonumber(ARGV[4])), 0, {}}
 end
 if ttl > 0 then
   local freed = trim_expired(hist, now_ms() - ttl)
@@ -178,7 +194,7 @@ local entries = {}
 if limit >= 0 then
   local start = '-'
   if ARGV[1] == epoch then start = string.format('%d-0', tonumber(ARGV[2]) + 1) end
-  if limit > 0 and ARGV[7] == '1' then
+  if limit > 0 and ARGV[6] == '1' then
     -- Newest first from the end, then back into offset order.
     local rev = redis.call('XREVRANGE', hist, '+', start, 'COUNT', limit)
     for i = #rev, 1, -1 do entries[#entries + 1] = rev[i] end
