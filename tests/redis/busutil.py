@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,6 +12,11 @@ import trio
 
 from broker.bus.base import BusHandlers, PresenceEvent, Publication
 from broker.bus.redis import RedisBus
+
+from .conftest import RedisServer
+
+#: A node's default ``position_ttl``: the window that new topics' epochs are derived in.
+DAY = 86_400.0
 
 
 @attrs.define
@@ -74,3 +80,20 @@ async def two_buses(
         running_bus(url, node="b", **kwargs) as b,
     ):
         yield a, b
+
+
+def epoch_window(redis: RedisServer, position_ttl: float = DAY) -> int:
+    """The window (of ``position_ttl`` seconds, Redis time) that new epochs are derived in."""
+    seconds, micros = redis.cli("TIME").split()
+    return (int(seconds) * 1000 + int(micros) // 1000) // int(position_ttl * 1000)
+
+
+def clear_of_a_window_change(redis: RedisServer, within: int = 60) -> None:
+    """Return once the epoch window of a node's default ``position_ttl`` (a day, from midnight
+    UTC) will not change for ``within`` seconds, so that a test may expect a topic's first
+    publication to carry the epoch a read announced before it."""
+    while True:
+        seconds = int(redis.cli("TIME").split()[0])
+        if seconds // int(DAY) == (seconds + within) // int(DAY):
+            return
+        time.sleep(1.0)

@@ -9,7 +9,7 @@ from broker.bus.base import ConnKey, PresenceEvent, StreamPosition
 from broker.bus.redis import RedisBus
 from broker.errors import BusUnavailable
 
-from .busutil import running_bus, wait_until
+from .busutil import clear_of_a_window_change, running_bus, wait_until
 from .conftest import RedisCluster
 
 
@@ -79,6 +79,7 @@ async def test_cluster_sharded_delivery_history_and_presence(redis_cluster: Redi
 
 async def test_cluster_reads_of_unknown_topics_store_nothing(redis_cluster: RedisCluster) -> None:
     topics = topics_on_each_shard("unknown.")
+    clear_of_a_window_change(redis_cluster.servers[0])
     async with (
         running_bus(redis_cluster.url, node="a", cluster=True) as (a, _),
         running_bus(redis_cluster.url, node="b", cluster=True) as (b, _),

@@ -13,7 +13,7 @@ import pytest
 from broker.bus.base import StreamPosition
 from tests.support.broker import BrokerProcess
 
-from .busutil import running_bus, two_buses, wait_until
+from .busutil import clear_of_a_window_change, running_bus, two_buses, wait_until
 from .conftest import RedisServer
 from .test_redis_nodes import Client, open_ws, two_nodes
 
@@ -23,6 +23,7 @@ def key_count(redis: RedisServer) -> int:
 
 
 async def test_reads_of_unknown_topics_store_nothing(redis_server: RedisServer) -> None:
+    clear_of_a_window_change(redis_server)
     async with two_buses(redis_server.url) as ((a, _), (b, _)):
         announced = {}
         for i in range(100):
@@ -47,6 +48,7 @@ async def test_reads_of_unknown_topics_store_nothing(redis_server: RedisServer) 
 async def test_a_position_read_before_the_first_publication_resumes_exactly(
     redis_server: RedisServer,
 ) -> None:
+    clear_of_a_window_change(redis_server)
     async with two_buses(redis_server.url) as ((a, ra), (b, _)):
         await a.watch("feed")
         before = await a.position("feed")
@@ -120,5 +122,6 @@ async def reads_then_resume(
 def test_brokers_read_unknown_topics_without_keys_and_resume_exactly(
     tmp_path: Path, redis_server: RedisServer, workers: int
 ) -> None:
+    clear_of_a_window_change(redis_server)
     with two_nodes(tmp_path, redis_server, workers=workers) as (node_a, node_b):
         asyncio.run(asyncio.wait_for(reads_then_resume(node_a, node_b, redis_server), 60))
