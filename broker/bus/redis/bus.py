@@ -69,8 +69,9 @@ class RedisBus(Bus):
     position (offset and epoch) is kept ``position_ttl`` seconds after its last publication,
     and at least as long as its history, so that clients coming back learn exactly what they
     lost; reading a topic nobody has published to stores nothing, and announces the epoch its
-    first publication will carry (every node must then have the same ``position_ttl``). ``presence_ttl`` is how long a presence entry lives without a refresh. ``timeout``
-    bounds every Redis command (publishes fail with ``BusUnavailable`` after it at worst, at
+    first publication will carry (every node must then have the same ``position_ttl``).
+    ``presence_ttl`` is how long a presence entry lives without a refresh. ``timeout`` bounds
+    every Redis command (publishes fail with ``BusUnavailable`` after it at worst, at
     once when Redis is known to be down); ``reconnect_max`` caps the reconnection backoff.
     ``prefix`` starts every key and channel name (no ``{``, ``}`` or ``|``). ``queue_size``
     bounds the received messages waiting for delivery, ``max_tracked_topics`` the topics whose
