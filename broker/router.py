@@ -174,7 +174,7 @@ class Router:
         index = self.index
         latest = self.is_latest(pub.topic)
         subs: Collection[Subscription]
-        if index.has_wildcards:
+        if index.wildcards:
             subs = self._targets(pub.topic)
             if latest:
                 for sub in subs:  # a wildcard subscription learns only now what it receives
