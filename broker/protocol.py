@@ -127,11 +127,29 @@ class Unsubscribe:
     topic: str
 
 
-@attrs.frozen
 class Publish:
-    id: FrameId
-    topic: str
-    data: str  # the JSON text of the value, encoded once here
+    """A publication, the one command made per publication: a plain class, not attrs, so that
+    compiled it is a native one (mypyc leaves an attrs class a Python class, whose frozen
+    ``__init__`` costs 0.35 µs against 0.02). Immutable as the attrs commands are: ``Final``
+    for the type checker, read-only attributes once compiled."""
+
+    __slots__ = ("data", "id", "topic")
+
+    def __init__(self, id: FrameId, topic: str, data: str) -> None:
+        self.id: Final = id
+        self.topic: Final = topic
+        self.data: Final = data  # the JSON text of the value, encoded once here
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Publish:
+            return NotImplemented
+        return (self.id, self.topic, self.data) == (other.id, other.topic, other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.topic, self.data))
+
+    def __repr__(self) -> str:
+        return f"Publish(id={self.id!r}, topic={self.topic!r}, data={self.data!r})"
 
 
 @attrs.frozen
