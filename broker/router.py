@@ -23,7 +23,7 @@ exact subscription carries nothing but the append.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
@@ -45,11 +45,11 @@ __all__ = [
 ]
 
 # Topics whose policy LatestTopics remembers; past it, it forgets them all and starts over.
-POLICY_CACHE = 10_000
+POLICY_CACHE: Final = 10_000
 
 #: Bytes a held publication counts for besides its data and topic: the rest of its frame
 #: (op, offset, epoch, sender, the WebSocket header), generously.
-FRAME_OVERHEAD = 128
+FRAME_OVERHEAD: Final = 128
 
 
 @attrs.define(eq=False)
