@@ -25,8 +25,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
-import attrs
-
 from broker.bus.base import Bus, PresenceEvent, Publication
 from broker.protocol import encode_message, encode_presence_event, frame_text
 from broker.sendqueue import SendQueue  # at run time: see broker/native.py
@@ -52,19 +50,32 @@ POLICY_CACHE: Final = 10_000
 FRAME_OVERHEAD: Final = 128
 
 
-@attrs.define(eq=False)
 class Subscription:
     """One session's subscription to one topic or pattern. ``presence``: it receives join and
     leave events; ``tracked``: its client was (or is being) joined to the topic's presence, so
-    it must leave when the subscription goes (whatever a reload says about the topic since)."""
+    it must leave when the subscription goes (whatever a reload says about the topic since).
 
-    queue: SendQueue
-    pattern: str
-    presence: bool = False
-    pending: list[Publication] | None = None
-    tracked: bool = False
-    held: int = 0  # bytes put in pending since it was (re)started
-    dropped: bool = False  # pending went over its bound: what it held was dropped
+    A plain class, not attrs: compiled, it is a native class, whose attributes the per-delivery
+    loop reads as fields of a struct (an attrs class stays a Python class, read by name).
+    Compared by identity, as ``attrs.define(eq=False)`` did."""
+
+    __slots__ = ("dropped", "held", "pattern", "pending", "presence", "queue", "tracked")
+
+    def __init__(
+        self,
+        queue: SendQueue,
+        pattern: str,
+        presence: bool = False,
+        pending: list[Publication] | None = None,
+        tracked: bool = False,
+    ) -> None:
+        self.queue = queue
+        self.pattern = pattern
+        self.presence = presence
+        self.pending = pending
+        self.tracked = tracked
+        self.held = 0  # bytes put in pending since it was (re)started
+        self.dropped = False  # pending went over its bound: what it held was dropped
 
     def hold(self, pub: Publication) -> None:
         """Keep ``pub`` in ``pending`` until the subscription's replay is sent. Past the
