@@ -181,9 +181,10 @@ class SessionDispatch(SessionReads):
 
     def _publish(self, cmd: p.Publish) -> bool:
         """Check ``cmd`` and hand it to the bus without waiting, if the bus can: True then
-        (the bus answers through :meth:`_on_published`, in order), False when the caller must
-        await the bus instead (:meth:`_execute`). Raises :class:`FrameError` (``bad_topic``,
-        ``forbidden``, ``too_large``, ``rate_limited``) when it is refused."""
+        (answered here when the bus settles it at once, else by the bus through
+        :meth:`_on_published`, in order), False when the caller must await the bus instead
+        (:meth:`_execute`). Raises :class:`FrameError` (``bad_topic``, ``forbidden``,
+        ``too_large``, ``rate_limited``, ``too_many_topics``) when it is refused."""
         identity = self.identity
         assert identity is not None
         topic = validate_topic(cmd.topic)
@@ -205,6 +206,13 @@ class SessionDispatch(SessionReads):
         # for them first (_execute), so replies still come in request order. Without an id
         # nothing but the count needs answering, and no closure is made.
         frame_id = cmd.id
+        bus = self.worker.bus
+        if not self.publishing:  # nothing before it left to answer: its reply may go now
+            pub = bus.publish_now(topic, data, identity.client)
+            if pub is not None:
+                if frame_id is not None:
+                    self.send_text(p.encode_published(frame_id, pub.offset, pub.epoch))
+                return True
         self.publishing += 1
         if frame_id is None:
             done: Callable[[Publication | BaseException], None] = self._on_published_anonymous
@@ -216,7 +224,7 @@ class SessionDispatch(SessionReads):
 
         taken = False
         try:
-            taken = self.worker.bus.publish_nowait(topic, data, identity.client, done)
+            taken = bus.publish_nowait(topic, data, identity.client, done)
         finally:
             if not taken:  # to be awaited (_execute), or failed: not pipelined after all
                 self.publishing -= 1

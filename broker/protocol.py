@@ -127,11 +127,29 @@ class Unsubscribe:
     topic: str
 
 
-@attrs.frozen
 class Publish:
-    id: FrameId
-    topic: str
-    data: str  # the JSON text of the value, encoded once here
+    """A publication, the one command made per publication: a plain class, not attrs, so that
+    compiled it is a native one (mypyc leaves an attrs class a Python class, whose frozen
+    ``__init__`` costs 0.35 µs against 0.02). Immutable as the attrs commands are: ``Final``
+    for the type checker, read-only attributes once compiled."""
+
+    __slots__ = ("data", "id", "topic")
+
+    def __init__(self, id: FrameId, topic: str, data: str) -> None:
+        self.id: Final = id
+        self.topic: Final = topic
+        self.data: Final = data  # the JSON text of the value, encoded once here
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Publish:
+            return NotImplemented
+        return (self.id, self.topic, self.data) == (other.id, other.topic, other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.topic, self.data))
+
+    def __repr__(self) -> str:
+        return f"Publish(id={self.id!r}, topic={self.topic!r}, data={self.data!r})"
 
 
 @attrs.frozen
@@ -184,6 +202,59 @@ def _loads(text: str) -> Any:
     if end != len(text):  # trailing whitespace, or more after the value (refused there)
         return json.loads(text)
     return value
+
+
+# The usual publication, as both SDKs write it: these keys in this order, no whitespace, an
+# integer id last if any. It is read without the scanner's dict of the whole frame: string
+# comparisons for the op, the topic and the id, the scanner for the data alone. What
+# _usual_publish returns is what the general path returns for the same text (a property test
+# compares them); it leaves everything else to that path: other keys, order or spacing, an
+# escape anywhere (a lone surrogate needs one, and without any the text of a string is what
+# the encoder writes for it), an id that is not a plain integer, data that is not JSON.
+_PUBLISH_HEAD: Final = '{"op":"publish","topic":"'
+_TOPIC_START: Final = len(_PUBLISH_HEAD)
+_DATA_KEY: Final = '","data":'
+_ID_KEY: Final = ',"id":'
+
+
+def _usual_publish(text: str) -> Publish | None:
+    """The :class:`Publish` of ``text`` if it is the usual publication (above), else None."""
+    if not text.startswith(_PUBLISH_HEAD) or "\\" in text:
+        return None
+    quote = text.find('"', _TOPIC_START)  # no escape: the topic's end
+    if quote < 0 or not text.startswith(_DATA_KEY, quote):
+        return None
+    topic = text[_TOPIC_START:quote]
+    if not topic.isprintable():  # a control character, refused there as invalid JSON
+        return None
+    start = quote + len(_DATA_KEY)
+    last = len(text) - 1
+    try:
+        data, end = _scan(text, start)
+        if text[last] != "}":
+            return None
+        fid: int | None = None
+        if end != last:
+            if not text.startswith(_ID_KEY, end):
+                return None
+            fid = _plain_int(text[end + len(_ID_KEY) : last])
+            if fid is None:
+                return None
+        # Without an escape a string's text is the encoder's: the frame's own slice.
+        encoded = text[start:end] if type(data) is str else _dumps(data)
+    except (StopIteration, ValueError, RecursionError):  # the general path says what is wrong
+        return None
+    return Publish(fid, topic, encoded)
+
+
+def _plain_int(text: str) -> int | None:
+    """``text`` as an int if it is a JSON integer of at most 18 digits (within 64 bits)."""
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        return None
+    if digits[0] == "0" and len(digits) > 1:  # JSON has no leading zeros
+        return None
+    return int(text)
 
 
 def is_valid_unicode(text: str) -> bool:
@@ -269,6 +340,14 @@ def parse_command(text: str | bytes) -> Command:
     """
     if not isinstance(text, str) and isinstance(text, bytes | bytearray):  # text: one test
         raise FrameError("bad_request", "binary frames are not supported; send JSON text frames")
+    usual = _usual_publish(text)
+    if usual is not None:
+        return usual
+    return _parse_frame(text)
+
+
+def _parse_frame(text: str) -> Command:
+    """:func:`parse_command` of any text frame, through the scanner's dict of it."""
     try:
         frame = _loads(text)
     except (ValueError, RecursionError):

@@ -23,9 +23,7 @@ exact subscription carries nothing but the append.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
-
-import attrs
+from typing import TYPE_CHECKING, Final
 
 from broker.bus.base import Bus, PresenceEvent, Publication
 from broker.protocol import encode_message, encode_presence_event, frame_text
@@ -45,26 +43,39 @@ __all__ = [
 ]
 
 # Topics whose policy LatestTopics remembers; past it, it forgets them all and starts over.
-POLICY_CACHE = 10_000
+POLICY_CACHE: Final = 10_000
 
 #: Bytes a held publication counts for besides its data and topic: the rest of its frame
 #: (op, offset, epoch, sender, the WebSocket header), generously.
-FRAME_OVERHEAD = 128
+FRAME_OVERHEAD: Final = 128
 
 
-@attrs.define(eq=False)
 class Subscription:
     """One session's subscription to one topic or pattern. ``presence``: it receives join and
     leave events; ``tracked``: its client was (or is being) joined to the topic's presence, so
-    it must leave when the subscription goes (whatever a reload says about the topic since)."""
+    it must leave when the subscription goes (whatever a reload says about the topic since).
 
-    queue: SendQueue
-    pattern: str
-    presence: bool = False
-    pending: list[Publication] | None = None
-    tracked: bool = False
-    held: int = 0  # bytes put in pending since it was (re)started
-    dropped: bool = False  # pending went over its bound: what it held was dropped
+    A plain class, not attrs: compiled, it is a native class, whose attributes the per-delivery
+    loop reads as fields of a struct (an attrs class stays a Python class, read by name).
+    Compared by identity, as ``attrs.define(eq=False)`` did."""
+
+    __slots__ = ("dropped", "held", "pattern", "pending", "presence", "queue", "tracked")
+
+    def __init__(
+        self,
+        queue: SendQueue,
+        pattern: str,
+        presence: bool = False,
+        pending: list[Publication] | None = None,
+        tracked: bool = False,
+    ) -> None:
+        self.queue = queue
+        self.pattern = pattern
+        self.presence = presence
+        self.pending = pending
+        self.tracked = tracked
+        self.held = 0  # bytes put in pending since it was (re)started
+        self.dropped = False  # pending went over its bound: what it held was dropped
 
     def hold(self, pub: Publication) -> None:
         """Keep ``pub`` in ``pending`` until the subscription's replay is sent. Past the
@@ -174,7 +185,7 @@ class Router:
         index = self.index
         latest = self.is_latest(pub.topic)
         subs: Collection[Subscription]
-        if index.has_wildcards:
+        if index.wildcards:
             subs = self._targets(pub.topic)
             if latest:
                 for sub in subs:  # a wildcard subscription learns only now what it receives

@@ -42,7 +42,7 @@ import bisect
 import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
@@ -58,11 +58,11 @@ __all__ = ["Flusher", "SendQueue"]
 
 log = structlog.get_logger()
 
-IOV_MAX = 1024
+IOV_MAX: Final = 1024
 #: The most dirty queues a lone publication may leave and still be written after a single
 #: scheduler pass (:class:`Flusher`): past it, the write costs enough that waiting for the
 #: next publications to share it is worth the passes.
-LONE_QUEUES = 8
+LONE_QUEUES: Final = 8
 
 
 def _mark(waiter: tuple[int, trio.Event]) -> int:
@@ -74,12 +74,13 @@ def _ignore(_: object) -> None:
 
 
 # Queue states. Plain module constants, not an Enum: the send path checks them per delivery,
-# and an enum member lookup costs several times a global's on CPython 3.11.
-IDLE = 0  # nothing queued
-DIRTY = 1  # queued, waiting for the flusher
-BLOCKED = 2  # the drainer owns the writing (socket full, or not a plain socket)
-OVERFLOWED = 3  # slow consumer: only control frames are accepted now
-CLOSED = 4
+# and an enum member lookup costs several times a global's on CPython 3.11. Final, so that
+# compiled they are integers in the code, not a look-up in the module's dict each time.
+IDLE: Final = 0  # nothing queued
+DIRTY: Final = 1  # queued, waiting for the flusher
+BLOCKED: Final = 2  # the drainer owns the writing (socket full, or not a plain socket)
+OVERFLOWED: Final = 3  # slow consumer: only control frames are accepted now
+CLOSED: Final = 4  # the last: send() refuses from OVERFLOWED on with one comparison
 
 
 class Flusher:
@@ -227,11 +228,11 @@ class SendQueue:
 
     @property
     def closed(self) -> bool:
-        return self._state is CLOSED
+        return self._state == CLOSED
 
     @property
     def overflowed(self) -> bool:
-        return self._state is OVERFLOWED
+        return self._state == OVERFLOWED
 
     def send(self, frame: bytes, pub: Publication | None = None) -> bool:
         """Queue one complete frame without blocking. With ``pub``, the frame is that
@@ -242,7 +243,7 @@ class SendQueue:
         # The hottest function of the broker (once per delivery): every attribute read and
         # call here is paid a million times a second under fan-out, whatever the policy.
         state = self._state
-        if state is CLOSED or state is OVERFLOWED:
+        if state >= OVERFLOWED:  # or CLOSED: the two states past it
             return False
         n = len(frame)
         queued = self.queued + n
@@ -251,7 +252,7 @@ class SendQueue:
         self._chunks.append(frame)
         self.queued = queued
         self.appended += n
-        if state is IDLE:
+        if state == IDLE:
             self._state = DIRTY
             self._flusher.mark(self)
         return True
@@ -307,7 +308,7 @@ class SendQueue:
         self._chunks.append(data)
         self.queued += len(data)
         self.appended += len(data)
-        if self._state is IDLE:
+        if self._state == IDLE:
             self._state = DIRTY
             self._flusher.mark(self)
 
@@ -317,10 +318,10 @@ class SendQueue:
         close frame that tells a slow consumer why must still go out. Dropped only once the
         queue is closed."""
         state = self._state
-        if state is CLOSED:
+        if state == CLOSED:
             return
         self._append(data)
-        if state is OVERFLOWED:
+        if state == OVERFLOWED:
             self._start_drainer()
 
     async def wait_drained(self, below: int = 0) -> None:
@@ -328,7 +329,7 @@ class SendQueue:
         (everything, by default), or the queue dropped them or closed. A replay waits for a
         low-water mark this way between its frames (:mod:`broker.replay`)."""
         mark = self.appended - below
-        if self._state is CLOSED or self.settled >= mark:
+        if self._state == CLOSED or self.settled >= mark:
             return
         event = trio.Event()
         # Kept in order of their marks, which _settle wakes from the front.
@@ -355,7 +356,7 @@ class SendQueue:
             self.queued = len(keep) - self._head
         else:
             self._head = 0
-        blocked = self._state is BLOCKED
+        blocked = self._state == BLOCKED
         self._state = OVERFLOWED
         self.on_slow(reason)
         if self._chunks and not blocked:
@@ -446,7 +447,7 @@ class SendQueue:
 
     def flush(self) -> None:
         """Called by the flusher: write what is queued, or hand over to the drainer."""
-        if self._state is not DIRTY:
+        if self._state != DIRTY:
             return
         if self._socket is None:
             self._start_drainer()
@@ -461,7 +462,7 @@ class SendQueue:
         self._state = IDLE
 
     def _start_drainer(self) -> None:
-        if self._state is DIRTY:
+        if self._state == DIRTY:
             self._state = BLOCKED
         if self._drain_scope is None:
             # At most one drainer: two tasks may not wait on one socket (and must not
@@ -483,9 +484,9 @@ class SendQueue:
 
     async def _drain_loop(self) -> None:
         try:
-            while self._chunks and self._state is not CLOSED:
+            while self._chunks and self._state != CLOSED:
                 # A connection receiving `latest` topics may read as slowly as it likes.
-                tolerant = self.receives_latest and self._state is not OVERFLOWED
+                tolerant = self.receives_latest and self._state != OVERFLOWED
                 timeout = math.inf if tolerant else self.write_timeout
                 with trio.move_on_after(timeout) as scope:
                     if self._socket is not None:
@@ -496,7 +497,7 @@ class SendQueue:
                     else:
                         await self._send_batch()
                 if scope.cancelled_caught:
-                    if self._state is OVERFLOWED:
+                    if self._state == OVERFLOWED:
                         # Even the close frame cannot go out: give up on this socket.
                         self._fail("write_timeout")
                         return
@@ -509,7 +510,7 @@ class SendQueue:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(str(exc) or "stream closed")
             return
-        if self._state is BLOCKED:
+        if self._state == BLOCKED:
             self._state = IDLE
             if self._chunks:  # appended while the last write was in flight
                 self._state = DIRTY

@@ -154,7 +154,9 @@ class SubscriptionIndex(Generic[K]):
     def __init__(self) -> None:
         self.exact: dict[str, dict[K, None]] = {}
         self._root: _Node[K] = _Node()
-        self._wild_count = 0
+        #: Keys registered under wildcard patterns (read it, never set it): an attribute, not
+        #: a property, as every publication asks (the router: any wildcard to look at?).
+        self.wildcards = 0
 
     def add(self, pattern: str, key: K) -> bool:
         """Add ``key`` under ``pattern``. Returns True if the pattern had no key before."""
@@ -175,7 +177,7 @@ class SubscriptionIndex(Generic[K]):
             bucket = node.here
         first = not bucket
         if key not in bucket:
-            self._wild_count += 1
+            self.wildcards += 1
         bucket[key] = None
         return first
 
@@ -211,7 +213,7 @@ class SubscriptionIndex(Generic[K]):
             bucket = node.here
         if key in bucket:
             del bucket[key]
-            self._wild_count -= 1
+            self.wildcards -= 1
         empty = not bucket
         # Prune empty branches so a churn of patterns does not grow the trie forever.
         while path and not (node.children or node.here or node.rest):
@@ -238,7 +240,7 @@ class SubscriptionIndex(Generic[K]):
 
     @property
     def has_wildcards(self) -> bool:
-        return self._wild_count > 0
+        return self.wildcards > 0
 
     def match(self, topic: str) -> Iterator[K]:
         """Yield the keys whose pattern matches ``topic``: exact ones first, then wildcard
@@ -261,7 +263,7 @@ class SubscriptionIndex(Generic[K]):
         keys = self.exact.get(topic)
         if keys:
             found.append(keys)
-        if not self._wild_count:
+        if not self.wildcards:
             return found
         segments = topic.split(".")
         n = len(segments)
@@ -285,4 +287,4 @@ class SubscriptionIndex(Generic[K]):
         return found
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.exact.values()) + self._wild_count
+        return sum(len(v) for v in self.exact.values()) + self.wildcards

@@ -164,6 +164,13 @@ class Bus(abc.ABC):
         the watchers, and return it. ``data`` is the JSON text of the value. Raises
         :class:`~broker.errors.FrameError` (``too_many_topics``) when a new topic is refused."""
 
+    def publish_now(self, topic: str, data: str, sender: str | None) -> Publication | None:
+        """:meth:`publish` settled before it returns, when this bus can (the in-process bus
+        without acknowledgements from disk): the publication, delivered here already. None
+        when it cannot (then the caller uses :meth:`publish_nowait` or :meth:`publish`).
+        Raises what :meth:`publish` raises."""
+        return None
+
     def publish_nowait(
         self,
         topic: str,

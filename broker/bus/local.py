@@ -66,6 +66,14 @@ class LocalBus(Bus):
             await self.journal.acknowledged()
         return pub
 
+    def publish_now(self, topic: str, data: str, sender: str | None) -> Publication | None:
+        journal = self.journal
+        if journal is not None and journal.ack_on_disk:
+            return None  # settled once on disk: publish_nowait
+        pub = self.store.publish(topic, data, sender)
+        self.handlers.on_publication(pub)
+        return pub
+
     def publish_nowait(
         self,
         topic: str,

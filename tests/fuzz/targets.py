@@ -54,7 +54,10 @@ def command(data: bytes) -> None:
         json.loads(protocol.encode_error(exc.frame_id, exc.code, exc.message).encode())
     else:
         # Whatever the command carries can be echoed, published or answered in UTF-8.
-        for value in attrs.astuple(cmd):
+        values = (
+            (cmd.id, cmd.topic, cmd.data) if type(cmd) is protocol.Publish else attrs.astuple(cmd)
+        )
+        for value in values:
             if isinstance(value, str):
                 value.encode()
         protocol.encode_reply(cmd.id).encode()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker import frames
 from broker.errors import WebSocketViolation
 from broker.frames import (
     HEADER_ALLOWANCE,
@@ -130,6 +131,14 @@ def test_the_buffer_is_let_go_once_everything_is_read() -> None:
 def test_unmasking_matches_the_definition(payload: bytes, split: int) -> None:
     # rawws masks with a fresh random key, byte by byte as RFC 6455 5.3 defines it
     assert read_all(client_frame(payload, opcode=0x2), step=split) == [payload]
+
+
+@given(payload=st.binary(max_size=300), mask=st.binary(min_size=4, max_size=4))
+def test_both_ways_of_unmasking_match_the_definition(payload: bytes, mask: bytes) -> None:
+    # RFC 6455 5.3, byte by byte: the C routine (when built) and the pure-Python fallback
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert frames._xor_unmask(bytearray(payload), bytearray(mask)) == expected
+    assert frames._unmask(bytearray(payload), bytearray(mask)) == expected
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from broker import protocol as p
 from broker.errors import FrameError
@@ -184,3 +186,89 @@ def test_whitespace_and_trailing_text_are_judged_as_json_loads_does(
         return
     with pytest.raises(FrameError, match="not valid JSON"):
         p.parse_command(frame)
+
+
+# JSON values as clients send them (strings of any characters, nesting, numbers of every form).
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def _publish_texts(draw: st.DrawFn) -> str:
+    """Publication frames as the SDKs write them (keys in order, compact, an integer id last),
+    and near misses: other spacing and escaping, ids of other kinds and forms, text after."""
+    compact = draw(st.booleans())
+    ascii_only = draw(st.booleans())
+
+    def text_of(value: object) -> str:
+        if not compact:
+            return json.dumps(value, ensure_ascii=ascii_only)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=ascii_only)
+
+    topic = text_of(draw(st.text() | st.sampled_from(["a", "bench.many.7", "é.x", ""])))
+    data = text_of(draw(_json_values)) if draw(st.booleans()) else draw(st.text(max_size=12))
+    frame = '{"op":"publish","topic":' + topic + ',"data":' + data
+    kind = draw(st.sampled_from(["none", "int", "text", "other"]))
+    if kind == "int":
+        frame += ',"id":' + str(draw(st.integers(min_value=-(2**64), max_value=2**64)))
+    elif kind == "text":
+        frame += ',"id":' + draw(st.sampled_from(["-0", "007", "0", "-", "1e3", "1.0", "²", ""]))
+    elif kind == "other":
+        frame += ',"id":' + text_of(draw(_json_values))
+    return frame + draw(st.sampled_from(["}", "}", " }", "} ", "}}", ',"x":1}', ""]))
+
+
+@given(_publish_texts())
+@example('{"op":"publish","topic":"a","data":{"k": [1, 2.50]},"id":-0}')
+@example('{"op":"publish","topic":"a","data":"\\ud800"}')
+@example('{"op":"publish","topic":"a\tb","data":1}')
+@example('{"op":"publish","topic":"a","data":NaN,"id":007}')
+def test_the_usual_publication_reads_as_the_general_path_does(text: str) -> None:
+    # The frame read without the scanner's dict gives what the general path gives; whatever it
+    # declines the general path answers (its command, or its error).
+    usual = p._usual_publish(text)
+    try:
+        general: object = p._parse_frame(text)
+    except FrameError as exc:
+        general = exc
+    if usual is not None:
+        assert usual == general
+
+
+@given(
+    topic=st.text(),
+    data=_json_values,
+    fid=st.none() | st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1),
+)
+def test_every_sdk_publication_without_an_escape_takes_the_usual_path(
+    topic: str, data: object, fid: int | None
+) -> None:
+    frame = {"op": "publish", "topic": topic, "data": data}
+    if fid is not None:
+        frame["id"] = fid
+    try:
+        text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return  # NaN: no SDK sends it
+    usual = p._usual_publish(text)
+    if "\\" in text or not topic.isprintable():
+        assert usual is None
+    else:
+        assert usual is not None and usual == p._parse_frame(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"op":"publish","topic":"a.b","data":"x"}',
+        '{"op":"publish","topic":"a.b","data":{"k":[1,"é"]},"id":17}',
+        '{"op":"publish","topic":"é","data":null,"id":-0}',
+        '{"op":"publish","topic":"a","data":"x","id":999999999999999999}',
+    ],
+)
+def test_the_sdks_publications_take_the_usual_path(text: str) -> None:
+    usual = p._usual_publish(text)
+    assert usual is not None and usual == p._parse_frame(text)

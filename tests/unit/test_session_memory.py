@@ -331,9 +331,15 @@ async def test_a_publication_the_bus_fails_is_answered_with_an_error(
     async def publish(topic: str, data: str, sender: str | None) -> None:
         raise failure
 
+    def publish_now(topic: str, data: str, sender: str | None) -> None:
+        raise failure
+
     async with running(worker) as nursery:
         ws = await connect(worker, nursery, f"/ws?token={token()}")
         await recv(ws)
+        monkeypatch.setattr(worker.bus, "publish_now", publish_now)  # failed at once
+        assert (await call(ws, op="publish", topic="t", data=1, id=0))["error"]["code"] == code
+        monkeypatch.setattr(worker.bus, "publish_now", lambda *args: None)  # settled later
         monkeypatch.setattr(worker.bus, "publish_nowait", publish_nowait)
         assert (await call(ws, op="publish", topic="t", data=1, id=1))["error"]["code"] == code
         monkeypatch.setattr(worker.bus, "publish_nowait", lambda *args: False)
@@ -415,6 +421,7 @@ async def test_replies_keep_request_order_while_publications_are_pipelined(
         await recv(ws)
         bus = worker.bus
         publish = bus.publish_nowait
+        monkeypatch.setattr(bus, "publish_now", lambda *args: None)  # never settled at once
         monkeypatch.setattr(bus, "publish_nowait", publish_nowait)
         frames: list[dict[str, Any]] = [
             {"op": "publish", "topic": "t", "data": 1, "id": 1},
