@@ -121,8 +121,45 @@ def _json_fallback(obj: Any) -> Any:
         return repr(obj)
 
 
-# One encoder for every line: json.dumps with ``default`` builds a new one per call.
-_ENCODE = json.JSONEncoder(default=_json_fallback).encode
+class _Encoder:
+    """``json.dumps(obj, default=_json_fallback)`` with one encoder for every line: json.dumps
+    with ``default`` builds a JSONEncoder per call, and JSONEncoder.encode builds its C
+    encoder per call too (about 0.6 µs of a line's 1.5 for the usual fields). Pure-Python
+    builds of ``json`` get JSONEncoder.encode itself."""
+
+    def __init__(self) -> None:
+        self._make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+        self._slow = json.JSONEncoder(default=_json_fallback).encode
+        self._encode = self._new() if self._make is not None else None
+
+    def _new(self) -> Any:
+        # JSONEncoder's own arguments for its defaults (ensure_ascii, check_circular,
+        # allow_nan, no indent, ", " and ": ", keys unsorted and never skipped)
+        return self._make(
+            {},
+            _json_fallback,
+            json.encoder.encode_basestring_ascii,
+            None,
+            ": ",
+            ", ",
+            False,
+            False,
+            True,
+        )
+
+    def __call__(self, obj: Any) -> str:
+        encode = self._encode
+        if encode is None or not isinstance(obj, dict):
+            return self._slow(obj)
+        try:
+            return "".join(encode(obj, 0))
+        except BaseException:
+            # The circular-reference markers of a call that failed may be left in it.
+            self._encode = self._new()
+            raise
+
+
+_ENCODE = _Encoder()
 _LEVELS = {"warn": "warning", "exception": "error"}  # structlog's add_log_level mapping
 
 

@@ -17,7 +17,7 @@ import structlog
 import trio
 import trio.testing
 
-from broker.logs import HOLD, BatchedWriter, _Clock, render
+from broker.logs import _ENCODE, HOLD, BatchedWriter, _Clock, render
 
 
 class Recorder(io.StringIO):
@@ -142,3 +142,14 @@ def test_the_timestamp_is_isoformats(now: float) -> None:
     clock = _Clock()
     clock.stamp(now - 1)  # a cached second before
     assert clock.stamp(now) == expected
+
+
+def test_the_shared_encoder_writes_what_json_dumps_writes() -> None:
+    circular: dict[str, Any] = {"event": "loop"}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular reference"):
+        _ENCODE(circular)
+    nested = {"a": [1, {"b": None}], "c": 'é \u2028"', "d": 1.5, "e": float("inf"), "o": Odd()}
+    for obj in ({}, {"event": "connect", "conn": 3}, nested, nested, ["not", "a", "dict"]):
+        # (twice the same containers: a failed or finished call leaves no marker behind)
+        assert _ENCODE(obj) == json.dumps(obj, default=repr)
