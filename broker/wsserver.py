@@ -192,16 +192,12 @@ class ServerWebSocket:
 
     # --- reading --------------------------------------------------------------------------
 
-    async def _receive(self, yield_after_read: bool = True) -> bytes:
+    async def _receive(self) -> bytes:
         """The next bytes from the client; ``b""`` once it has gone away.
 
         A plain socket is read directly, with ``SocketStream.receive_some``'s checkpoints
         (cancellable only before anything is read, a shielded yield after an immediate read)
-        but not its three layers of coroutines, which every idle connection would hold.
-        Without ``yield_after_read`` an immediate read does not yield: for the first read of
-        the upgrade request, nearly always there whole when the connection is accepted, that
-        yield was a turn of the scheduler per connect, and what follows it (judging the
-        request, the 101 and the welcome) is bounded work that ends in the next read."""
+        but not its three layers of coroutines, which every idle connection would hold."""
         sock = self.socket
         data: bytes | bytearray
         if sock is None:
@@ -232,7 +228,7 @@ class ServerWebSocket:
                 except trio.ClosedResourceError:
                     return b""
                 waited = True
-            if not waited and yield_after_read:
+            if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.last_receive = trio.current_time()
         self.bytes_received += len(data)
@@ -251,9 +247,7 @@ class ServerWebSocket:
         # A bytearray: a head that trickles in byte by byte is not copied whole per byte.
         buf = bytearray()
         while True:
-            # The first read does not yield (see _receive); the next ones do, so that a head
-            # that trickles in cannot hold the worker for longer than one read.
-            data = await self._receive(yield_after_read=bool(buf))
+            data = await self._receive()
             if not data:
                 return None
             # A blank line may straddle two reads: search from the last two bytes on.
