@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -171,8 +171,11 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._cfg = cfg
-        # token text -> who it names; insertion order is recency
-        self._cache: dict[str, Identity] = {}
+        # token text -> who it names, least recently used first. An OrderedDict, not a dict:
+        # taking a dict's first entry walks past every entry deleted before it (each hit
+        # moves its token to the end, each eviction takes the first), about 2 µs of CPU an
+        # eviction at 10,000 entries, where the OrderedDict's linked list takes 0.3.
+        self._cache: OrderedDict[str, Identity] = OrderedDict()
         #: ``hit``, ``miss`` (verified and remembered) and ``evicted``; the worker passes the
         #: same counter to each new verifier, so the counts outlive reloads.
         self.counts: Counter[str] = Counter() if counts is None else counts
@@ -211,20 +214,21 @@ class TokenVerifier:
         """Check ``token``'s signature and claims, or find it remembered; return who it names.
         Raises as :meth:`check` does."""
         cache = self._cache
-        identity = cache.pop(token, None)
+        identity = cache.get(token)
         if identity is not None:
             # PyJWT's own rule (expired once int(exp) <= now, no leeway): a remembered token
             # expires exactly when the check would refuse it.
             exp = identity.expires_at
             if exp is None or exp > self._clock():
-                cache[token] = identity  # the most recently used again
+                cache.move_to_end(token)  # the most recently used again
                 self.counts["hit"] += 1
                 return identity
+            del cache[token]
         identity = self._check(token)
         size = self._cfg.token_cache_size
         if size:
             if len(cache) >= size:
-                del cache[next(iter(cache))]
+                cache.popitem(last=False)
                 self.counts["evicted"] += 1
             cache[token] = identity
             self.counts["miss"] += 1
