@@ -30,7 +30,8 @@ to steps that do not need to run per token, or not in that form:
   refused as PyJWT refuses it, with ``InvalidSignatureError``. At most
   :data:`PLAIN_HEADERS` plain header segments are remembered, and only from tokens whose
   signature was valid (so only the issuer's own); a client making up headers only costs
-  itself a header decode more before PyJWT's check. About 12 µs a check instead of 19.
+  itself a header decode more before PyJWT's check. A full check of a fresh token by
+  :class:`~broker.auth.TokenVerifier` takes about 12 µs of CPU in a loop instead of 19.
 
 Everything hooks into PyJWT through its decoder objects (``PyJWS.register_algorithm``, the
 ``_decode_base64url_segment`` step, ``PyJWT._jws``, ``_merge_options`` and

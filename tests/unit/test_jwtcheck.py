@@ -76,7 +76,7 @@ def test_a_secret_pyjwt_refuses_is_refused_per_token() -> None:
 # --- the direct HS256 check answers as PyJWT does -------------------------------------------
 
 OTHER_SECRET = "t" * 40
-NOW = int(time.time())
+NOW = int(time.time())  # claims 1,000 s either side of it: valid for a long test run
 
 
 def b64(data: bytes) -> bytes:
@@ -176,17 +176,18 @@ def test_a_token_is_answered_exactly_as_pyjwt_answers_it(
 
 def test_a_plain_token_is_checked_without_pyjwts_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     decoder = make_decoder("HS256", SECRET)
+    now = int(time.time())  # (not NOW: the suite may have run for minutes since import)
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("PyJWT's own check ran")
 
     monkeypatch.setattr(jwt.PyJWS, "decode_complete", refuse)
-    token = jwt.encode({"sub": "a", "exp": NOW + 60}, SECRET, algorithm="HS256")
+    token = jwt.encode({"sub": "a", "exp": now + 60}, SECRET, algorithm="HS256")
     assert decoder.decode(token, SECRET, algorithms=["HS256"])["sub"] == "a"
     with pytest.raises(jwt.InvalidSignatureError):
         decoder.decode(token[:-2] + "AA", SECRET, algorithms=["HS256"])
     with pytest.raises(jwt.ExpiredSignatureError):
-        expired = jwt.encode({"sub": "a", "exp": NOW - 60}, SECRET, algorithm="HS256")
+        expired = jwt.encode({"sub": "a", "exp": now - 60}, SECRET, algorithm="HS256")
         decoder.decode(expired, SECRET, algorithms=["HS256"])
     # an unusual header is PyJWT's to judge
     unusual = jwt.encode({"sub": "a"}, SECRET, algorithm="HS256", headers={"jku": "x"})
