@@ -117,8 +117,13 @@ def _claimed(claim: Any, key: str, default: Permissions) -> Permissions:
     value = claim.get(key) if isinstance(claim, Mapping) else None
     if value is None:
         return _permissions((), key)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list):
         raise AuthError(f"the pubsub.{key} claim must be a list of patterns", reason="bad_claims")
+    for v in value:  # (a loop, not all() over a generator: once per claim of a fresh token)
+        if not isinstance(v, str) or not v:
+            raise AuthError(
+                f"the pubsub.{key} claim must be a list of patterns", reason="bad_claims"
+            )
     return _permissions(tuple(value), key)
 
 
@@ -193,6 +198,9 @@ class TokenVerifier:
         # PyJWT's check with the key prepared once (``broker/jwtcheck.py``): a first connect
         # to each worker pays the check, so with more workers there are more of them.
         self._decoder = make_decoder(self._algorithms[0], self._key)
+        # PyJWT's options, the same for every token (PyJWT copies them; nothing changes them)
+        required = ["sub", "exp"] if cfg.require_exp else ["sub"]
+        self._options: jwt.types.Options = {"require": required, "verify_aud": bool(cfg.audience)}
         self._default_publish = Permissions.from_list(cfg.default_publish)
         self._default_subscribe = Permissions.from_list(cfg.default_subscribe)
         self._default_presence = Permissions.from_list(cfg.default_presence)
@@ -245,10 +253,6 @@ class TokenVerifier:
         of our own after it could only decide if the clock passed ``exp`` in between, and the
         session then closes the connection at once with 4003 anyway.
         """
-        required = ["sub"]
-        if self._cfg.require_exp:
-            required.append("exp")
-        options: jwt.types.Options = {"require": required, "verify_aud": bool(self._cfg.audience)}
         try:
             claims = self._decoder.decode(
                 token,
@@ -256,7 +260,7 @@ class TokenVerifier:
                 algorithms=self._algorithms,
                 audience=self._cfg.audience or None,
                 issuer=self._cfg.issuer or None,
-                options=options,
+                options=self._options,
                 leeway=0,
             )
         except jwt.ExpiredSignatureError:

@@ -141,6 +141,9 @@ class _HS256Decoder(jwt.PyJWT):
         self._prepared = prepared
         # header segment -> the plain header it holds (only those of validly signed tokens)
         self._plain: dict[bytes, dict[str, Any]] = {}
+        # The last options given and what PyJWT merged them into (they rarely change)
+        self._options: dict[str, Any] | None = None
+        self._merged = self._merge_options(None)
 
     def decode_complete(  # type: ignore[override]
         self,
@@ -168,7 +171,10 @@ class _HS256Decoder(jwt.PyJWT):
         ):
             decoded = self._plain_token(jwt.encode("utf-8"))
             if decoded is not None:
-                merged = self._merge_options(options)
+                if options != self._options:  # (the caller's usually are the same each time)
+                    self._options = None if options is None else dict(options)
+                    self._merged = self._merge_options(options)
+                merged = self._merged
                 self._validate_claims(
                     decoded["payload"],
                     merged,
@@ -219,7 +225,12 @@ class _HS256Decoder(jwt.PyJWT):
             # made-up ones.
             known[header_segment] = header
         try:
-            claims = json.loads(payload)
+            if payload[:1] == b"{" and payload[1:2] != b"\x00":
+                # What json.loads does with bytes that start so (json.detect_encoding says
+                # UTF-8), without finding that out again
+                claims = json.loads(payload.decode("utf-8", "surrogatepass"))
+            else:
+                claims = json.loads(payload)
         except (ValueError, RecursionError):
             return None
         if not isinstance(claims, dict):
