@@ -31,6 +31,7 @@ from broker.brokermetrics import HANDSHAKE_BUCKETS
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.local import LocalBus
 from broker.config import Config, node_name, parse_hostport
+from broker.logs import info_line
 from broker.protocol import CloseCode
 from broker.router import Router, latest_topics
 from broker.sendqueue import Flusher, SendQueue
@@ -500,7 +501,7 @@ class Worker:
         identity = verdict.identity
         if identity is not None:
             structlog.contextvars.bind_contextvars(client=identity.client)
-        log.info("connect", token_source=verdict.token_source)
+        info_line("connect", token_source=verdict.token_source)  # (log.info's line, for less)
         session = Session(self, conn_id, ws, identity)
         if identity is None:
             self.slots.wait_for_auth(conn_id, session.make_room)
