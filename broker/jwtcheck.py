@@ -55,7 +55,7 @@ from jwt.exceptions import DecodeError, InvalidSignatureError
 
 __all__ = ["PLAIN_HEADERS", "decode_segment", "make_decoder"]
 
-#: Header segments remembered as plain (or not) per decoder.
+#: Plain header segments remembered per decoder (only from tokens whose signature was valid).
 PLAIN_HEADERS = 16
 
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
@@ -252,8 +252,11 @@ def make_decoder(algorithm: str, key: Any) -> jwt.PyJWT:
         else:
             jws.unregister_algorithm(algorithm)
             jws.register_algorithm(algorithm, prepared)
-            if prepared.check_key_length(prepared._prepared) is None:
-                # (a short secret: PyJWT warns on every check, so it checks them all)
+            if prepared.check_key_length(prepared._prepared) is None and all(
+                hasattr(jwt.PyJWT, hook) for hook in ("_merge_options", "_validate_claims")
+            ):
+                # (a short secret: PyJWT warns on every check, so it checks them all; and
+                # without the hooks, PyJWT's own steps)
                 decoder = _HS256Decoder(key, prepared._prepared)
     decoder._jws = jws
     return decoder

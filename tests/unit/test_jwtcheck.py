@@ -13,6 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import HMACAlgorithm
+from jwt.warnings import InsecureKeyLengthWarning
 
 from broker.jwtcheck import PLAIN_HEADERS, decode_segment, make_decoder
 
@@ -209,3 +210,13 @@ def test_only_headers_of_validly_signed_tokens_are_remembered() -> None:
     token = jwt.encode({"sub": "a"}, SECRET, algorithm="HS256")
     decoder.decode(token, SECRET, algorithms=["HS256"])
     assert list(decoder._plain) == [token.encode().split(b".")[0]]  # type: ignore[attr-defined]
+
+
+def test_a_short_secret_is_checked_by_pyjwt_with_its_warning() -> None:
+    short = "s" * 8
+    with pytest.warns(InsecureKeyLengthWarning):
+        token = jwt.encode({"sub": "a"}, short, algorithm="HS256")
+    decoder = make_decoder("HS256", short)
+    with pytest.warns(InsecureKeyLengthWarning):
+        assert decoder.decode(token, short, algorithms=["HS256"])["sub"] == "a"
+    assert not hasattr(decoder, "_plain")
