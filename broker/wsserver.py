@@ -154,6 +154,7 @@ class ServerWebSocket:
         "_reader",
         "_state",
         "_unparsed",
+        "_wait_first",
         "bytes_received",
         "last_receive",
         "limits",
@@ -185,6 +186,8 @@ class ServerWebSocket:
         # Made by accept(), or earlier when frames came right behind the upgrade request.
         self._reader: FrameReader | None = None
         self._unparsed: memoryview | None = None  # the rest of a read, past PARSE_SIZE
+        # Set by accept(): the next read waits for the socket first (see _receive).
+        self._wait_first = False
         #: the client's close frame (code, reason), once it has sent one
         self.remote_close: tuple[int, str] | None = None
         #: set when the client broke the protocol: its further bytes are never parsed
@@ -210,6 +213,17 @@ class ServerWebSocket:
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
             waited = False
+            if self._wait_first:
+                # The first read after the 101 was queued: the client has not seen it yet, so
+                # what it sends next is nearly never there, and a read that finds nothing
+                # costs a system call and an exception. (A client that sent more right behind
+                # its request is woken for at once.)
+                self._wait_first = False
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return b""
+                waited = True
             while True:
                 fd = sock.fileno()  # -1 once closed: never read a number that was reused
                 if fd < 0:
@@ -448,6 +462,7 @@ class ServerWebSocket:
             self.queue.send_control(handshake.send(AcceptConnection(subprotocol=subprotocol)))
         if self._reader is None:
             self._reader = FrameReader(self.limits.max_message)
+        self._wait_first = True
         self._state = OPEN
         # h11's state, the request's headers (the token among them): nothing needs them now.
         self._handshake = self._key = None

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import structlog
+import structlog.testing
 import trio
 import trio.testing
 
-from broker.logs import HOLD, BatchedWriter, _Clock, render
+from broker import logs
+from broker.logs import _ENCODE, HOLD, BatchedWriter, _Clock, info_line, render
 
 
 class Recorder(io.StringIO):
@@ -142,3 +144,48 @@ def test_the_timestamp_is_isoformats(now: float) -> None:
     clock = _Clock()
     clock.stamp(now - 1)  # a cached second before
     assert clock.stamp(now) == expected
+
+
+def test_the_shared_encoder_writes_what_json_dumps_writes() -> None:
+    circular: dict[str, Any] = {"event": "loop"}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular reference"):
+        _ENCODE(circular)
+    nested = {"a": [1, {"b": None}], "c": 'é \u2028"', "d": 1.5, "e": float("inf"), "o": Odd()}
+    for obj in ({}, {"event": "connect", "conn": 3}, nested, nested, ["not", "a", "dict"]):
+        # (twice the same containers: a failed or finished call leaves no marker behind)
+        assert _ENCODE(obj) == json.dumps(obj, default=repr)
+
+
+def test_info_line_writes_the_line_log_info_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = Recorder()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(logs, "_installed", None)
+    logs.configure_logging()
+    try:
+
+        async def main() -> None:
+            structlog.contextvars.bind_contextvars(worker=1, conn=7, client="c")
+            structlog.get_logger().info("connect", token_source="header", n=None)
+            info_line("connect", token_source="header", n=None)
+            with structlog.testing.capture_logs() as captured:  # another configuration
+                info_line("disconnect", code=1006)
+            assert captured == [{"event": "disconnect", "code": 1006, "log_level": "info"}]
+
+        trio.run(main)
+        theirs, ours = "".join(out.writes).splitlines()
+        assert without_timestamp(ours) == without_timestamp(theirs)
+        assert list(json.loads(ours)) == list(json.loads(theirs))  # the same order of fields
+        assert list(json.loads(ours))[:2] == ["token_source", "n"]  # (and the right line)
+
+        # With info lines off, it writes nothing, as log.info does.
+        logs.configure_logging("warning")
+        trio.run(info_line_alone)
+        assert len("".join(out.writes).splitlines()) == 2
+    finally:
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
+
+
+async def info_line_alone() -> None:
+    info_line("connect", token_source="header")
