@@ -40,7 +40,7 @@ import trio
 from broker import gctune, native, rlimit, systemd
 from broker.brokermetrics import history_snapshot, hub_presence_snapshot, snapshot_from_stats
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
-from broker.bus.sharded import ShardedBus
+from broker.bus.sharded import PEER_WAIT, ShardedBus
 from broker.config import Config, load_config, node_name, parse_hostport
 from broker.errors import ConfigError, ListenError
 from broker.hub import Hub
@@ -273,6 +273,9 @@ class Supervisor:
                 if waited.cancelled_caught:
                     log.error("workers_not_ready", ready=len(self.hub.workers), expected=self.count)
                     raise SystemExit(3)
+                if isinstance(self.ops_bus, ShardedBus):  # the HTTP API reaches every owner
+                    with trio.move_on_after(PEER_WAIT):
+                        await self.ops_bus.wait_connected()
                 http_port, self.http = await _serve_http(
                     nursery, self.config, SupervisorBackend(self), self.listeners.http
                 )

@@ -58,7 +58,7 @@ log = structlog.get_logger()
 
 #: Seconds between attempts to reach an owner's socket: doubling from the first to the last.
 RECONNECT_MIN = 0.05
-RECONNECT_MAX = 1.0
+RECONNECT_MAX = 0.5
 #: Seconds a starting worker waits for its links to every other owner before it serves.
 PEER_WAIT = 10.0
 #: The request id of requests whose answer nobody waits for (a link's ids start at 1).
@@ -167,9 +167,13 @@ class ShardedBus(LinkBus):
                 nursery.start_soon(shard.run)
             if self.wait_for_peers:
                 with trio.move_on_after(PEER_WAIT):
-                    for shard in self.shards.values():
-                        await shard.connected.wait()
+                    await self.wait_connected()
             task_status.started()
+
+    async def wait_connected(self) -> None:
+        """Return once every other owner has been reached (once: not whether it is now)."""
+        for shard in self.shards.values():
+            await shard.connected.wait()
 
     @property
     def is_up(self) -> bool:
