@@ -160,15 +160,25 @@ class TopicOwner:
     async def serve(
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Read the store (with ``[store] path``), listen on the Unix socket ``path`` and
-        serve every peer that connects, until cancelled; then write the store and mark it
-        clean. Raises :class:`~broker.store.StoreError` when the store cannot be used."""
+        """Listen on the Unix socket ``path`` and serve every peer that connects
+        (:meth:`handle`), with :meth:`services`, until cancelled."""
         _remove_stale(path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(str(path))
         os.chmod(path, 0o600)
         sock.listen(128)
         listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.services)
+            task_status.started()
+            await trio.serve_listeners(self.handle, [listener], handler_nursery=nursery)
+
+    async def services(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read the store (with ``[store] path``), then keep it (the flusher, the sweeper)
+        until cancelled; then write the store and mark it clean. Raises
+        :class:`~broker.store.StoreError` when the store cannot be used."""
         # trio.current_time() is three calls deep to this clock's method: ask it directly.
         self.store.set_clock(trio.lowlevel.current_clock().current_time)
         async with trio.open_nursery() as nursery:
@@ -177,14 +187,14 @@ class TopicOwner:
                 nursery.start_soon(self.journal.run, self.store)
             nursery.start_soon(self._sweeper)
             task_status.started()
-            await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
 
     async def _sweeper(self) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
             self.store.sweep()
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one peer's link on ``stream`` until it goes; then forget the peer."""
         peer: Peer | None = None
 
         def on_message(link: Link, message: list[Any]) -> None:

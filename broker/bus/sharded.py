@@ -29,8 +29,9 @@ The supervisor's operations listener uses this bus too, with no shard of its own
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +67,23 @@ UNANSWERED = 0
 
 
 class ShardLink(Caller):
-    """This process's link to one owner's socket, reconnected whenever it is lost.
+    """This process's link to one owner, reconnected whenever it is lost.
 
-    ``hello`` is ``(index, pid, node)``, what this process tells the owner it is; messages
+    ``connect`` opens a stream to the owner (its socket) or raises :class:`OSError`; ``hello`` is ``(index, pid, node)``, what this process tells the owner it is; messages
     the owner pushes go to ``on_push``; ``on_connect(owner, link)`` runs as each new link is
     up (before anything else is sent on it), ``on_lost(owner)`` after each is gone.
     """
 
     def __init__(
         self,
-        path: str,
+        connect: Callable[[], Awaitable[trio.abc.Stream]],
         owner: int,
         hello: tuple[int, int, str],
         on_push: Callable[[list[Any]], None],
         on_connect: Callable[[int, Link], None],
         on_lost: Callable[[int], None],
     ) -> None:
-        self.path = path
+        self.connect = connect
         self.owner = owner
         self.hello = hello
         self.on_push = on_push
@@ -97,7 +98,7 @@ class ShardLink(Caller):
         backoff = RECONNECT_MIN
         while True:
             try:
-                stream = await trio.open_unix_socket(self.path)
+                stream = await self.connect()
             except OSError:
                 await trio.sleep(backoff)
                 backoff = min(2 * backoff, RECONNECT_MAX)
@@ -125,7 +126,9 @@ class ShardedBus(LinkBus):
     """The bus of a worker among ``len(paths)`` owners (``paths``: their sockets, by index),
     itself owner ``index`` through ``owner``; or, with ``index`` None and no ``owner``, a
     client of every owner (the operations listener). ``wait_for_peers``: :meth:`run` reports
-    started once every other owner is reached (or after :data:`PEER_WAIT` seconds)."""
+    started once every other owner is reached (or after :data:`PEER_WAIT` seconds).
+    ``connect(i)``, when given, opens a stream to owner ``i`` instead of its socket, and this
+    worker's owner serves no socket (whoever connects calls its ``handle``)."""
 
     def __init__(
         self,
@@ -136,6 +139,7 @@ class ShardedBus(LinkBus):
         node: str,
         owner: TopicOwner | None = None,
         wait_for_peers: bool = True,
+        connect: Callable[[int], Awaitable[trio.abc.Stream]] | None = None,
     ) -> None:
         self.handlers = handlers
         self.paths = paths
@@ -147,8 +151,19 @@ class ShardedBus(LinkBus):
         )
         self.wait_for_peers = wait_for_peers
         hello = (-1 if index is None else index, os.getpid(), node)
+        # Tests connect owners otherwise (memory streams): then nothing listens on a socket.
+        self.connect = connect
         self.shards: dict[int, ShardLink] = {
-            i: ShardLink(path, i, hello, self._on_push, self._resync, self._lost)
+            i: ShardLink(
+                functools.partial(connect, i)
+                if connect is not None
+                else functools.partial(trio.open_unix_socket, path),
+                i,
+                hello,
+                self._on_push,
+                self._resync,
+                self._lost,
+            )
             for i, path in enumerate(paths)
             if i != index
         }
@@ -162,7 +177,10 @@ class ShardedBus(LinkBus):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.owner is not None and self.index is not None:
-                await nursery.start(self.owner.serve, Path(self.paths[self.index]))
+                if self.connect is None:
+                    await nursery.start(self.owner.serve, Path(self.paths[self.index]))
+                else:
+                    await nursery.start(self.owner.services)
             for shard in self.shards.values():
                 nursery.start_soon(shard.run)
             if self.wait_for_peers:
