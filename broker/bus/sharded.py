@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,8 @@ class ShardedBus(LinkBus):
         # patterns it watches, and its connections' presence by topic.
         self._watches: set[str] = set()
         self._joined: dict[str, dict[ConnKey, str]] = {}
+        # Publications not answered yet, in the order made: [done, result once known].
+        self._answers: deque[list[Any]] = deque()
 
     # --- links ------------------------------------------------------------------------------
 
@@ -230,8 +233,10 @@ class ShardedBus(LinkBus):
         sender: str | None,
         done: Callable[[Publication | BaseException], None],
     ) -> bool:
+        # Answered in the order published (what a connection's replies rely on), though
+        # owners answer at their own pace: while an answer is outstanding, later ones wait.
         if not self._owns(topic):
-            return super().publish_nowait(topic, data, sender, done)
+            return super().publish_nowait(topic, data, sender, self._in_order(done))
         owner = self.owner
         assert owner is not None
         journal = owner.journal
@@ -239,16 +244,36 @@ class ShardedBus(LinkBus):
             if journal is not None and journal.ack_on_disk:
                 # Delivered here like anywhere else, answered once it is on disk.
                 pub, _ = owner.publish_from(topic, data, sender, None)
-                journal.when_durable(lambda error: done(pub if error is None else COMMIT_FAILED))
+                answer = self._in_order(done)
+                journal.when_durable(lambda error: answer(pub if error is None else COMMIT_FAILED))
                 return True
             pub, mine = owner.publish_from(topic, data, sender, self.local)
         except FrameError as exc:  # too_many_topics, unavailable: answered like any result
-            done(exc)
+            self._in_order(done)(exc)
             return True
         if mine:
             self.handlers.on_publication(pub)
-        done(pub)
+        if self._answers:
+            self._in_order(done)(pub)
+        else:  # nothing outstanding: no closure
+            done(pub)
         return True
+
+    def _in_order(
+        self, done: Callable[[Publication | BaseException], None]
+    ) -> Callable[[Publication | BaseException], None]:
+        """``done``, called once every publication made before it is answered."""
+        entry: list[Any] = [done, None]
+        self._answers.append(entry)
+
+        def answer(result: Publication | BaseException) -> None:
+            entry[1] = result
+            answers = self._answers
+            while answers and answers[0][1] is not None:
+                first, outcome = answers.popleft()
+                first(outcome)
+
+        return answer
 
     async def position(self, topic: str) -> StreamPosition:
         if self._owns(topic):

@@ -97,20 +97,28 @@ def test_every_topic_has_one_offset_sequence_whoever_publishes_and_subscribes(
                 assert (await call(ws, op="subscribe", topic="room.*", id="w"))["ok"]
             # Every publisher sends everything at once, without waiting: requests of every
             # worker for every owner cross at the same time.
+            ids = [f"{k}/{topic}" for k in range(rounds) for topic in topics]
             for k in range(rounds):
                 for p, ws in enumerate(publishers):
                     for topic in topics:
-                        frame = {"op": "publish", "topic": topic, "data": [p, k], "id": f"{k}"}
+                        frame = {
+                            "op": "publish",
+                            "topic": topic,
+                            "data": [p, k],
+                            "id": f"{k}/{topic}",
+                        }
                         await ws.send(json.dumps(frame))
             acked: dict[str, list[int]] = {t: [] for t in topics}
             sent: dict[tuple[str, int], list[int]] = {}
             for ws in publishers:
-                replies = 0
+                replies = []
                 async with asyncio.timeout(30):
-                    while replies < rounds * len(topics):
+                    while len(replies) < len(ids):
                         reply = json.loads(await ws.recv())
                         assert reply.get("ok"), reply
-                        replies += 1
+                        replies.append(reply["id"])
+                # Owned here or elsewhere, answered in request order (protocol.md 4.3).
+                assert replies == ids
             total = rounds * workers * len(topics)
             for ws in exact + wild:
                 got = await messages(ws, total)
