@@ -23,6 +23,8 @@ from websockets.asyncio.client import ClientConnection
 
 from broker.owner import owner_index
 from broker.shards import store_files
+from tests.http.brokerkit import ws_client
+from tests.integration.test_history_budget import publish_all, samples
 from tests.integration.test_store import (
     TOPIC,
     Publisher,
@@ -386,3 +388,16 @@ def test_history_moves_between_layouts_when_the_owners_change(tmp_path: Path) ->
             assert present == sorted(store_files(str(path), owners)), present
         assert b.events("store_resharded"), "the layout changes were logged"
     assert all(len(v) == 5 and len({e for e, _, _ in v}) == 1 for v in expected.values())
+
+
+def test_each_owner_holds_its_share_of_the_history_budgets(tmp_path: Path) -> None:
+    config = merge(OWNED, {"limits": {"max_topics": 4}})  # 2 topics a worker
+    topics = topics_of_every_owner(2, 3)
+    with BrokerProcess.start(tmp_path, config, workers=2) as b, ws_client(b, "p") as conn:
+        replies = publish_all(conn, [{"topic": t, "data": 1} for t in topics])
+        refused = [t for t, r in zip(topics, replies, strict=True) if not r["ok"]]
+        assert {r["error"]["code"] for r in replies if not r["ok"]} == {"too_many_topics"}
+        # Each owner took the first two of its topics, and refused its third.
+        assert sorted(owner_index(t, 2) for t in refused) == [0, 1]
+        assert samples(b, "pubsub_topics_refused_total")[""] == 2
+        assert samples(b, "pubsub_history_topics")[""] == 4
