@@ -197,6 +197,18 @@ class LinkBus(Bus):
         sender: str | None,
         done: Callable[[Publication | BaseException], None],
     ) -> bool:
+        return self._publish_through(self._caller(topic), topic, data, sender, done)
+
+    def _publish_through(
+        self,
+        caller: Caller,
+        topic: str,
+        data: str,
+        sender: str | None,
+        done: Callable[[Publication | BaseException], None],
+    ) -> bool:
+        """:meth:`publish_nowait` through ``caller``, the topic's :meth:`_caller`."""
+
         def reply(result: Any | BaseException) -> None:
             if isinstance(result, BaseException):
                 done(result)
@@ -211,7 +223,7 @@ class LinkBus(Bus):
         except FrameError as exc:
             done(exc)
             return True
-        self._caller(topic).call_run(reply, "publish", (topic, data, sender), size)
+        caller.call_run(reply, "publish", (topic, data, sender), size)
         return True
 
     async def position(self, topic: str) -> StreamPosition:

@@ -235,8 +235,9 @@ class ShardedBus(LinkBus):
     ) -> bool:
         # Answered in the order published (what a connection's replies rely on), though
         # owners answer at their own pace: while an answer is outstanding, later ones wait.
-        if not self._owns(topic):
-            return super().publish_nowait(topic, data, sender, self._in_order(done))
+        at = owner_index(topic, self.count)
+        if at != self.index:
+            return self._publish_through(self.shards[at], topic, data, sender, self._in_order(done))
         owner = self.owner
         assert owner is not None
         journal = owner.journal
@@ -249,15 +250,24 @@ class ShardedBus(LinkBus):
                 return True
             pub, mine = owner.publish_from(topic, data, sender, self.local)
         except FrameError as exc:  # too_many_topics, unavailable: answered like any result
-            self._in_order(done)(exc)
+            self._answer_now(done, exc)
             return True
         if mine:
             self.handlers.on_publication(pub)
-        if self._answers:
-            self._in_order(done)(pub)
-        else:  # nothing outstanding: no closure
-            done(pub)
+        self._answer_now(done, pub)
         return True
+
+    def _answer_now(
+        self,
+        done: Callable[[Publication | BaseException], None],
+        result: Publication | BaseException,
+    ) -> None:
+        """Call ``done`` with ``result`` now, or, while answers of publications made before
+        it are outstanding, after them."""
+        if self._answers:
+            self._answers.append([done, result])
+        else:
+            done(result)
 
     def _in_order(
         self, done: Callable[[Publication | BaseException], None]
