@@ -9,7 +9,11 @@ With several, this process is the *supervisor*. It owns the listening sockets (o
 ``SO_REUSEPORT`` socket per worker on the same port, so the kernel spreads connections and a
 restarted worker finds its queue of pending connections intact; or the one socket systemd
 passed), runs the hub of the local IPC bus and the operations listener, and starts each worker
-as ``python -m broker.workerproc`` with its socket passed as a file descriptor. It restarts a
+as ``python -m broker.workerproc`` with its socket passed as a file descriptor. With ``[server]
+topic_owner = "workers"`` the workers own the topics (:mod:`broker.bus.sharded`): the hub then
+carries the control plane only, the operations listener reaches the owners through a bus of
+its own, and before anything starts the store files are moved into the layout of this start
+(:func:`broker.shards.reshard`). It restarts a
 worker that exits, and kills and restarts one whose heartbeat stops (its loop is blocked).
 It tells systemd READY=1 once every worker listens, WATCHDOG=1 while they all beat,
 RELOADING=1 around SIGHUP and STOPPING=1 at SIGTERM.

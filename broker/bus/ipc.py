@@ -7,8 +7,12 @@ A publish request crosses batched (in a run of them, :meth:`broker.ipc.Link.call
 its reply says whether this worker watches the topic: then the hub has not forwarded the
 publication here, and this worker delivers it to its own subscribers when the reply arrives,
 from the reader, at the place in the link's order where the forwarded publication would have
-been (see :mod:`broker.hub`). Publications forwarded by the hub arrive in runs too, each run
-delivered in one loop."""
+been (see :mod:`broker.owner`). Publications forwarded by the hub arrive in runs too, each
+run delivered in one loop.
+
+:class:`LinkBus` is that request and reply logic for any owner of topics reached over a link
+(:class:`Caller`); :class:`IpcBus` is it with the hub as the owner of every topic, and
+:class:`broker.bus.sharded.ShardedBus` with each topic's owning worker."""
 
 from __future__ import annotations
 
