@@ -212,7 +212,8 @@ class ShardedBus(LinkBus):
                     key_values = [key.node, key.worker, key.conn]
                     link.send(["req", UNANSWERED, "join", topic, client, key_values])
         log.info("owner_link_up", owner=owner, watches=len(self._watches))
-        self.handlers.on_state(self.is_up)
+        if self.is_up:  # every owner reached again
+            self.handlers.on_state(True)
 
     def _lost(self, owner: int) -> None:
         log.warning("owner_link_lost", owner=owner)
