@@ -10,6 +10,9 @@ from typing import Any
 __all__ = ["chart", "headline", "markdown", "ratios", "targets"]
 
 BROKERS = ("broker-1w", "broker-2w")
+#: Two workers with topics owned by the workers ([server] topic_owner = "workers"): run in the
+#: throughput workloads only, beside the hub's two workers.
+OWNED = "broker-2w-owned"
 PEERS = ("nats", "socketio")
 
 NAMES = {"broker-1w": "1 worker", "broker-2w": "2 workers", "nats": "NATS", "socketio": "Socket.IO"}
@@ -315,6 +318,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{workload}: CPU/delivery {b} with history on disk within 10 % of memory-only",
                 _get(results, workload, f"{b}-store", "cpu_us_per_delivery"),
                 1.1 * off if off else None,
+                True,
+            )
+    # issue 17, target 2: a second worker costs at most 1.2x the first, per delivery, with
+    # topics ordered by the hub and owned by the workers
+    for workload in ("fanout", "topics", "topics_spread"):
+        one = _get(results, workload, "broker-1w", "cpu_us_per_delivery")
+        for b in ("broker-2w", OWNED):
+            add(
+                f"{workload}: CPU/delivery {b} at most 1.2x broker-1w's",
+                _get(results, workload, b, "cpu_us_per_delivery"),
+                1.2 * one if one else None,
                 True,
             )
     return out

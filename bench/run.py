@@ -20,6 +20,8 @@ Workloads (see :mod:`bench.workloads`):
                   memory allow) over 8 broker workers (bench.scale; the broker only)
   4. connect      handshakes with token verification per second, 2 broker workers
   5. topics       10,000 topics x 5 subscribers, publications spread over all of them
+                  (fan-out and the topics rows also run broker-2w-owned: two workers owning
+                  the topics, [server] topic_owner = "workers", no hub on the data path)
   6. abuse        a bystander's ping round trips on a worker where one client pipelines
                   history requests and another streams 1-byte fragments; with 1 and 2 broker
                   workers (the broker only: the peers have no history)
@@ -62,6 +64,7 @@ from bench.servers import Server, start_broker, start_nats, start_socketio
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PEERS = ("nats", "socketio")
+OWNED = report.OWNED
 
 
 def raise_nofile() -> int:
@@ -146,9 +149,12 @@ class Suite:
         if name == "socketio":
             return start_socketio(self.workdir)
         store = name.endswith("-store")
-        workers = int(name.removeprefix("broker-").removesuffix("-store").removesuffix("w"))
+        owned = "-owned" in name
+        workers = int(
+            name.removeprefix("broker-").removesuffix("-store").removesuffix("-owned")[:-1]
+        )
         options = BROKER_OPTIONS.get(workload, {})
-        return start_broker(self.workdir, workers=workers, store=store, **options)
+        return start_broker(self.workdir, workers=workers, store=store, owned=owned, **options)
 
     def step(
         self,
@@ -215,13 +221,16 @@ class Suite:
             return workloads.idle_connections(s, a, connections=n)
 
         brokers_first = ("broker-1w", "broker-2w", *PEERS)
+        # The throughput workloads also run two workers owning the topics (no hub on the
+        # data path), beside the hub's.
+        throughput = ("broker-1w", "broker-2w", OWNED, *PEERS)
         # With "store" asked for: each broker with history on disk right after it without, so
         # that the two runs of a pair see the same machine.
         with_store = "store" in only
         store_first = (
-            ("broker-1w", "broker-1w-store", "broker-2w", "broker-2w-store", *PEERS)
+            ("broker-1w", "broker-1w-store", "broker-2w", "broker-2w-store", OWNED, *PEERS)
             if with_store
-            else brokers_first
+            else throughput
         )
         plan: list[tuple[str, tuple[str, ...], Callable[[Server, str], dict[str, Any]], float]]
         plan = [
@@ -285,7 +294,7 @@ class Suite:
             ),
             (
                 "topics_spread",
-                brokers_first,
+                throughput,
                 lambda s, a: workloads.many_topics(
                     s, a, topics=2000 if q else 10000, duration=duration, publishers=8
                 ),

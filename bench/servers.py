@@ -210,10 +210,12 @@ def start_broker(
     delivery: str = "",
     store: bool = False,
     history: list[dict[str, Any]] | None = None,
+    owned: bool = False,
 ) -> Server:
     """Start the broker with ``workers`` workers, the suite's limits (and ``limits``);
     ``delivery``, when given, is the policy of every topic; with ``store``, history on disk
-    (``[store] path``); ``history`` as its ``[[history]]`` rules (default: the broker's)."""
+    (``[store] path``); ``history`` as its ``[[history]]`` rules (default: the broker's); with
+    ``owned``, topics owned by the workers (``topic_owner = "workers"``), not the hub."""
     secret = secrets.token_hex(32)
     lim = {
         "max_connections": 30000,
@@ -227,6 +229,7 @@ def start_broker(
         'listen = "127.0.0.1:0"',
         f"workers = {workers}",
         'http_listen = ""',
+        *(['topic_owner = "workers"'] if owned else []),
         "[auth]",
         f'jwt_secret = "{secret}"',
         "[limits]",
@@ -240,7 +243,7 @@ def start_broker(
         lines += ["[[delivery]]", 'pattern = ">"', f'policy = "{delivery}"']
     for rule in history or []:
         lines += ["[[history]]", *(f"{k} = {json.dumps(v)}" for k, v in rule.items())]
-    name = f"broker-{workers}w" + ("-store" if store else "")
+    name = f"broker-{workers}w" + ("-owned" if owned else "") + ("-store" if store else "")
     if store:
         db = workdir / f"{name}.db"
         for old in workdir.glob(f"{name}.db*"):

@@ -42,6 +42,8 @@ __all__ = [
 
 SECRET_ENV = "PUBSUB_BROKER_JWT_SECRET"
 API_KEYS_ENV = "PUBSUB_BROKER_API_KEYS"  # comma-separated; used when [api] keys is empty
+#: What ``[server] topic_owner`` may say (see :class:`ServerConfig`).
+TOPIC_OWNERS = ("hub", "workers")
 
 
 @attrs.frozen
@@ -57,6 +59,10 @@ class ServerConfig:
     worker_hang_timeout: float = 10.0
     http_max_connections: int = 512
     http_ops_reserve: int = 32
+    # With several workers and no Redis, who orders a topic's publications and keeps its
+    # history: "hub" (the supervisor's hub, for every topic) or "workers" (the worker the
+    # topic's name hashes to; broker.owner).
+    topic_owner: str = "hub"
 
 
 @attrs.frozen
@@ -223,6 +229,15 @@ class Config:
         assert isinstance(self.server.workers, int)
         return self.server.workers
 
+    @property
+    def owner_count(self) -> int:
+        """How many workers own topics (:mod:`broker.owner`): the workers with
+        ``topic_owner = "workers"``, several of them and no Redis; else 0 (the hub, the one
+        worker or Redis orders every topic)."""
+        count = self.worker_count
+        owned = self.server.topic_owner == "workers" and count > 1 and not self.bus.url
+        return count if owned else 0
+
 
 #: This process's name for itself when ``[server] node_id`` is empty: random, so that nothing
 #: a client sees reveals the host name. A supervisor hands its own to its workers.
@@ -350,6 +365,10 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.server.http_ops_reserve < cfg.server.http_max_connections:
         raise ConfigError(
             "server.http_ops_reserve", "must be at least 0 and below server.http_max_connections"
+        )
+    if cfg.server.topic_owner not in TOPIC_OWNERS:
+        raise ConfigError(
+            "server.topic_owner", f'expected "hub" or "workers", got {cfg.server.topic_owner!r}'
         )
     if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
         raise ConfigError(

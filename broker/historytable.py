@@ -164,6 +164,10 @@ class HistoryTable:
     def __len__(self) -> int:
         return len(self._topics)
 
+    def known_topics(self) -> list[str]:
+        """Every topic with a position: those holding history, then the tombstones."""
+        return [*self._topics, *self._tombstones]
+
     def set_clock(self, clock: Callable[[], float]) -> None:
         """Read the time from ``clock`` from now on: the same clock, called more cheaply (the
         store reads it once per publication)."""

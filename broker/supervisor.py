@@ -9,7 +9,11 @@ With several, this process is the *supervisor*. It owns the listening sockets (o
 ``SO_REUSEPORT`` socket per worker on the same port, so the kernel spreads connections and a
 restarted worker finds its queue of pending connections intact; or the one socket systemd
 passed), runs the hub of the local IPC bus and the operations listener, and starts each worker
-as ``python -m broker.workerproc`` with its socket passed as a file descriptor. It restarts a
+as ``python -m broker.workerproc`` with its socket passed as a file descriptor. With ``[server]
+topic_owner = "workers"`` the workers own the topics (:mod:`broker.bus.sharded`): the hub then
+carries the control plane only, the operations listener reaches the owners through a bus of
+its own, and before anything starts the store files are moved into the layout of this start
+(:func:`broker.shards.reshard`). It restarts a
 worker that exits, and kills and restarts one whose heartbeat stops (its loop is blocked).
 It tells systemd READY=1 once every worker listens, WATCHDOG=1 while they all beat,
 RELOADING=1 around SIGHUP and STOPPING=1 at SIGTERM.
@@ -40,17 +44,19 @@ import trio
 from broker import gctune, native, rlimit, systemd
 from broker.brokermetrics import history_snapshot, hub_presence_snapshot, snapshot_from_stats
 from broker.bus.base import Bus, BusHandlers, HistoryResult, Publication, StreamPosition
+from broker.bus.sharded import PEER_WAIT, ShardedBus
 from broker.config import Config, load_config, node_name, parse_hostport
 from broker.errors import ConfigError, ListenError
 from broker.hub import Hub
 from broker.logs import configure_logging
 from broker.metrics import merge, render
 from broker.protocol import check_data_size
+from broker.shards import reshard, shard_sockets
 from broker.store import StoreError
 from broker.topics import validate_pattern, validate_topic
 from broker.worker import Worker, make_listen_socket, make_redis_bus
 
-__all__ = ["Listeners", "bind_listeners", "log_listen_error", "run_broker"]
+__all__ = ["Listeners", "bind_listeners", "find_store_error", "log_listen_error", "run_broker"]
 
 log = structlog.get_logger()
 
@@ -213,8 +219,10 @@ class Supervisor:
         self.listeners = listeners
         self.overrides = overrides
         self.count = config.worker_count
-        # With Redis, Redis holds history: the hub keeps none on disk.
-        self.hub = Hub(config.history_rule, config.limits, None if config.bus.url else config.store)
+        # With Redis, Redis holds history, and with topics owned by the workers, they do: the
+        # hub then keeps none on disk.
+        keeps = not config.bus.url and not config.owner_count
+        self.hub = Hub(config.history_rule, config.limits, config.store if keeps else None)
         runtime = os.environ.get("RUNTIME_DIRECTORY")
         self._tmp = None if runtime else tempfile.TemporaryDirectory(prefix="pubsub-broker-")
         base = Path(runtime.split(":")[0]) if runtime else Path(self._tmp.name)  # type: ignore[union-attr]
@@ -225,18 +233,28 @@ class Supervisor:
         self.http: Any = None
         # One name for the whole broker: the workers are handed the supervisor's.
         self.node = node_name(config)
-        # With Redis, the operations listener publishes and reads through a bus of its own;
-        # the hub then only carries the workers' control traffic.
+        # With Redis, or with topics owned by the workers, the operations listener publishes
+        # and reads through a bus of its own; the hub then only carries the workers' control
+        # traffic.
         self.ops_bus: Bus | None = None
+        ignore = BusHandlers(lambda p: None, lambda e: None)
         if config.bus.url:
-            self.ops_bus = make_redis_bus(config, BusHandlers(lambda p: None, lambda e: None))
+            self.ops_bus = make_redis_bus(config, ignore)
+        elif config.owner_count:
+            self.ops_bus = ShardedBus(
+                ignore,
+                paths=shard_sockets(self.hub_path, config.owner_count),
+                index=None,
+                node=self.node,
+                wait_for_peers=False,
+            )
 
     def alive(self) -> bool:
         """Every worker connected, ready and beating recently (for the systemd watchdog)."""
         now = trio.current_time()
         links = self.hub.workers
         return len(links) == self.count and all(
-            w.ready and now - w.link.last_seen < self.config.server.worker_hang_timeout
+            w.ready and now - w.last_seen < self.config.server.worker_hang_timeout
             for w in links.values()
         )
 
@@ -259,6 +277,9 @@ class Supervisor:
                 if waited.cancelled_caught:
                     log.error("workers_not_ready", ready=len(self.hub.workers), expected=self.count)
                     raise SystemExit(3)
+                if isinstance(self.ops_bus, ShardedBus):  # the HTTP API reaches every owner
+                    with trio.move_on_after(PEER_WAIT):
+                        await self.ops_bus.wait_connected()
                 http_port, self.http = await _serve_http(
                     nursery, self.config, SupervisorBackend(self), self.listeners.http
                 )
@@ -339,9 +360,9 @@ class Supervisor:
             log.error("worker_exited", worker=index, pid=proc.pid, code=code)
             # Its connections are gone: forget them now, not when the link's EOF is read.
             wl = self.hub.workers.get(index)
-            if wl is not None and wl.pid == proc.pid:
+            if wl is not None and wl.pid == proc.pid and wl.link is not None:
                 wl.link.close()
-                self.hub._forget(wl)
+                self.hub.forget(wl)
             backoff = (
                 0.1 if trio.current_time() - started > 10 else min(backoff * 2, RESTART_BACKOFF_MAX)
             )
@@ -352,14 +373,14 @@ class Supervisor:
             await trio.sleep(1)
             now = trio.current_time()
             for index, wl in list(self.hub.workers.items()):
-                if wl.ready and now - wl.link.last_seen > self.config.server.worker_hang_timeout:
+                if wl.ready and now - wl.last_seen > self.config.server.worker_hang_timeout:
                     proc = self.procs.get(index)
                     if proc is not None and proc.returncode is None and proc.pid == wl.pid:
                         log.error(
                             "worker_hung",
                             worker=index,
                             pid=proc.pid,
-                            silent_for=round(now - wl.link.last_seen, 1),
+                            silent_for=round(now - wl.last_seen, 1),
                         )
                         proc.kill()
 
@@ -384,9 +405,12 @@ class SupervisorBackend:
         return sorted(await self.sup.hub.ask_all("stats"), key=lambda s: s.get("worker", 0))
 
     async def metrics_text(self) -> str:
-        snaps = [snapshot_from_stats(s) for s in await self._worker_stats()]
+        stats = await self._worker_stats()
+        snaps = [snapshot_from_stats(s) for s in stats]
         snaps.append(hub_presence_snapshot(self.sup.hub.store.presence_members))
-        if self.sup.ops_bus is None:  # the hub holds the history
+        if self.sup.config.owner_count:  # each worker holds its topics' history: added up
+            snaps += [history_snapshot(s.get("history", {})) for s in stats]
+        elif self.sup.ops_bus is None:  # the hub holds the history
             snaps.append(history_snapshot(self.sup.hub.history_stats()))
         return render(merge(snaps))
 
@@ -456,12 +480,13 @@ def run_broker(
     native.log_status(log)
     overrides = overrides or {}
     try:
+        reshard(config)  # before anything reads the store files
         if one_process:
             trio.run(_single, config, overrides, listeners)
         else:
             trio.run(Supervisor(config, overrides, listeners).run)
     except (SystemExit, KeyboardInterrupt, StoreError, BaseExceptionGroup) as exc:
-        store_error = _store_error(exc)
+        store_error = find_store_error(exc)
         if store_error is None:
             return _exit_code(exc)
         log.error(
@@ -488,9 +513,9 @@ def _exit_code(exc: BaseException) -> int:
     return 0
 
 
-def _store_error(exc: BaseException) -> StoreError | None:
+def find_store_error(exc: BaseException) -> StoreError | None:
     """The :class:`StoreError` that ended the broker, unwrapped from trio's groups."""
     if isinstance(exc, BaseExceptionGroup):
-        found = (_store_error(e) for e in exc.exceptions)
+        found = (find_store_error(e) for e in exc.exceptions)
         return next((e for e in found if e is not None), None)
     return exc if isinstance(exc, StoreError) else None

@@ -3,7 +3,9 @@
     python -m broker.workerproc --config FILE --index N --hub PATH --fds 3 --overrides '{}'
 
 It serves the listening socket(s) it was passed, talks to the supervisor's hub, drains on
-SIGTERM, reloads its configuration on SIGHUP, and exits when the hub goes away.
+SIGTERM, reloads its configuration on SIGHUP, and exits when the hub goes away. With
+``[server] topic_owner = "workers"`` it also owns a shard of the topics
+(:mod:`broker.bus.sharded`), served on a socket beside the hub's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,10 +25,14 @@ import trio
 from broker import gctune, native, rlimit
 from broker.bus.base import Bus, BusHandlers
 from broker.bus.ipc import HubClient, IpcBus
+from broker.bus.sharded import ShardedBus
 from broker.config import Config, load_config, node_name
 from broker.errors import ConfigError
 from broker.logs import configure_logging
-from broker.supervisor import needed_files, reload_config
+from broker.owner import TopicOwner, owner_limits
+from broker.shards import shard_sockets, shard_store
+from broker.store import StoreError
+from broker.supervisor import find_store_error, needed_files, reload_config
 from broker.worker import Worker, make_redis_bus
 
 log = structlog.get_logger()
@@ -42,7 +49,8 @@ async def run_worker(
     async def control(method: str, args: list[Any]) -> Any:
         worker = holder["worker"]
         if method == "stats":
-            return worker.stats()
+            # The history this worker holds as an owner of topics (none otherwise).
+            return {**worker.stats(), "history": worker.bus.history_stats()}
         if method == "disconnect":
             return worker.disconnect(args[0])
         raise ValueError(f"unknown control method {method!r}")
@@ -52,6 +60,20 @@ async def run_worker(
     def make_bus(cfg: Config, handlers: BusHandlers) -> Bus:
         if cfg.bus.url:
             return make_redis_bus(cfg, handlers)
+        count = cfg.owner_count
+        if count:  # this worker owns a shard of the topics (broker.bus.sharded)
+            owner = TopicOwner(
+                cfg.history_rule,
+                owner_limits(cfg.limits, count),
+                shard_store(cfg.store, index, count),
+            )
+            return ShardedBus(
+                handlers,
+                paths=shard_sockets(Path(hub), count),
+                index=index,
+                node=node_name(cfg),
+                owner=owner,
+            )
         return IpcBus(client, handlers)
 
     worker = Worker(config, index=index, bus_factory=make_bus)
@@ -101,8 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     rlimit.log_file_limit(rlimit.raise_file_limit(), needed=needed_files(config))
     native.log_status(log)
     fds = [int(f) for f in args.fds.split(",")]
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_worker, config, args.index, args.hub, fds, overrides)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(run_worker, config, args.index, args.hub, fds, overrides)
+    except (StoreError, BaseExceptionGroup) as exc:  # its store file, as an owner of topics
+        store_error = find_store_error(exc)
+        if store_error is None:
+            raise
+        log.error("store_unusable", path=store_error.path, problem=store_error.problem)
+        return 2
     return 0
 
 

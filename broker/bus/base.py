@@ -20,8 +20,9 @@ tracks whatever it is told to: the worker joins only topics that ``[presence] to
 so the others cost a bus nothing.
 
 Implementations: :mod:`broker.bus.local` (one worker, in-process), :mod:`broker.bus.ipc`
-(several workers on one machine, through the supervisor's hub) and :mod:`broker.bus.redis`
-(several machines).
+(several workers on one machine, through the supervisor's hub), :mod:`broker.bus.sharded`
+(several workers on one machine, each owning a share of the topics) and
+:mod:`broker.bus.redis` (several machines).
 """
 
 from __future__ import annotations

@@ -7,8 +7,12 @@ A publish request crosses batched (in a run of them, :meth:`broker.ipc.Link.call
 its reply says whether this worker watches the topic: then the hub has not forwarded the
 publication here, and this worker delivers it to its own subscribers when the reply arrives,
 from the reader, at the place in the link's order where the forwarded publication would have
-been (see :mod:`broker.hub`). Publications forwarded by the hub arrive in runs too, each run
-delivered in one loop."""
+been (see :mod:`broker.owner`). Publications forwarded by the hub arrive in runs too, each
+run delivered in one loop.
+
+:class:`LinkBus` is that request and reply logic for any owner of topics reached over a link
+(:class:`Caller`); :class:`IpcBus` is it with the hub as the owner of every topic, and
+:class:`broker.bus.sharded.ShardedBus` with each topic's owning worker."""
 
 from __future__ import annotations
 
@@ -31,15 +35,51 @@ from broker.bus.base import (
 from broker.errors import BusUnavailable, FrameError
 from broker.ipc import Link, fits, worst_size
 
-__all__ = ["HubClient", "IpcBus"]
+__all__ = ["Caller", "HubClient", "IpcBus", "LinkBus"]
 
 log = structlog.get_logger()
 HEARTBEAT = 1.0
+#: Seconds a publish waits for its owner's answer (the links' own request timeout).
+CALL_TIMEOUT = 10.0
 
 Control = Callable[[str, list[Any]], Awaitable[Any]]
 
 
-class HubClient:
+class Caller:
+    """Whatever carries a :class:`LinkBus`'s requests to the owner of a topic, over its
+    current :attr:`link` (None while there is none: requests then fail with
+    :class:`BusUnavailable`): the hub's :class:`HubClient`, or a link to one worker's shard
+    (:class:`broker.bus.sharded.ShardLink`)."""
+
+    link: Link | None = None
+    #: What a request made while there is no link fails with.
+    down = "not connected to the hub"
+
+    def call_run(
+        self,
+        done: Callable[[Any | BaseException], None],
+        kind: str,
+        values: tuple[Any, ...],
+        size: int,
+    ) -> None:
+        """:meth:`broker.ipc.Link.call_run` on the link, once there is one."""
+        if self.link is None:
+            done(BusUnavailable(self.down))
+            return
+        self.link.call_run(done, kind, values, size)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """:meth:`broker.ipc.Link.call` on the link, once there is one."""
+        if self.link is None:
+            raise BusUnavailable(self.down)
+        return await self.link.call(method, *args)
+
+    @property
+    def is_up(self) -> bool:
+        return self.link is not None and not self.link.closed
+
+
+class HubClient(Caller):
     """A worker's link to its supervisor's hub: the hello, readiness, heartbeats, and the
     supervisor's requests (``control``). Every multi-worker process has one, whatever its bus."""
 
@@ -69,24 +109,6 @@ class HubClient:
             nursery.cancel_scope.cancel()
         log.error("hub_link_lost")
 
-    def call_run(
-        self,
-        done: Callable[[Any | BaseException], None],
-        kind: str,
-        values: tuple[Any, ...],
-        size: int,
-    ) -> None:
-        """:meth:`broker.ipc.Link.call_run` on the link, once there is one."""
-        if self.link is None:
-            done(BusUnavailable("not connected to the hub"))
-            return
-        self.link.call_run(done, kind, values, size)
-
-    async def call(self, method: str, *args: Any) -> Any:
-        if self.link is None:
-            raise BusUnavailable("not connected to the hub")
-        return await self.link.call(method, *args)
-
     async def _heartbeat(self) -> None:
         # Sent from the worker's own loop: a blocked loop stops sending, which is how the
         # supervisor tells a hung worker from a busy one.
@@ -112,32 +134,20 @@ class HubClient:
             log.exception("control_failed", method=method)
             link.reply(rid, False, f"internal: {exc}")
 
-    @property
-    def is_up(self) -> bool:
-        return self.link is not None and not self.link.closed
-
     async def wait_closed(self) -> None:
         await self.connected.wait()
         assert self.link is not None
         await self.link.gone.wait()
 
 
-class IpcBus(Bus):
-    """The local bus over a :class:`HubClient` (which the worker process runs)."""
+class LinkBus(Bus):
+    """A bus whose topics are ordered in another process, reached over links
+    (:mod:`broker.ipc`): each request goes to :meth:`_caller` of its topic; publications and
+    presence events the owners forward arrive through :meth:`_on_push`."""
 
-    def __init__(self, client: HubClient, handlers: BusHandlers) -> None:
-        self.client = client
-        self.handlers = handlers
-        client.on_push = self._on_push
-
-    @property
-    def is_up(self) -> bool:
-        return self.client.is_up
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.client.connected.wait()
-        task_status.started()
-        await self.client.wait_closed()
+    def _caller(self, topic: str) -> Caller:
+        """What carries requests about ``topic``."""
+        raise NotImplementedError
 
     def _on_push(self, message: list[Any]) -> None:
         kind = message[0]
@@ -154,8 +164,8 @@ class IpcBus(Bus):
             _, topic, what, client = message
             self.handlers.on_presence(PresenceEvent(topic, what, client))
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        return await self.client.call(method, *args)
+    async def _call(self, method: str, topic: str, *args: Any) -> Any:
+        return await self._caller(topic).call(method, topic, *args)
 
     @staticmethod
     def _check_fits(topic: str, data: str, sender: str | None) -> int:
@@ -176,11 +186,10 @@ class IpcBus(Bus):
             answered.set()
 
         self.publish_nowait(topic, data, sender, done)
-        timeout = self.client.link.timeout if self.client.link is not None else 0
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(CALL_TIMEOUT):
             await answered.wait()
         if not slot:
-            raise BusUnavailable(f"no answer to publish in {timeout:g}s")
+            raise BusUnavailable(f"no answer to publish in {CALL_TIMEOUT:g}s")
         if isinstance(slot[0], BaseException):
             raise slot[0]
         return slot[0]
@@ -192,12 +201,24 @@ class IpcBus(Bus):
         sender: str | None,
         done: Callable[[Publication | BaseException], None],
     ) -> bool:
+        return self._publish_through(self._caller(topic), topic, data, sender, done)
+
+    def _publish_through(
+        self,
+        caller: Caller,
+        topic: str,
+        data: str,
+        sender: str | None,
+        done: Callable[[Publication | BaseException], None],
+    ) -> bool:
+        """:meth:`publish_nowait` through ``caller``, the topic's :meth:`_caller`."""
+
         def reply(result: Any | BaseException) -> None:
             if isinstance(result, BaseException):
                 done(result)
                 return
             pub = Publication(topic, result[0], result[1], sender, data)
-            if result[2]:  # watched here: the hub left the delivery to us
+            if result[2]:  # watched here: the owner left the delivery to us
                 self.handlers.on_publication(pub)
             done(pub)
 
@@ -206,7 +227,7 @@ class IpcBus(Bus):
         except FrameError as exc:
             done(exc)
             return True
-        self.client.call_run(reply, "publish", (topic, data, sender), size)
+        caller.call_run(reply, "publish", (topic, data, sender), size)
         return True
 
     async def position(self, topic: str) -> StreamPosition:
@@ -217,7 +238,7 @@ class IpcBus(Bus):
         self, topic: str, since: StreamPosition | None, limit: int | None, *, newest: bool = False
     ) -> HistoryResult:
         raw_since = None if since is None else [since.offset, since.epoch]
-        # A paged reply (broker.hub.history_reply): the items arrive in bounded messages.
+        # A paged reply (broker.owner.history_reply): the items arrive in bounded messages.
         pubs, pos, recovered, missed = await self._call("history", topic, raw_since, limit, newest)
         return HistoryResult(
             tuple(Publication(topic, o, e, s, d) for o, e, s, d in pubs),
@@ -240,3 +261,25 @@ class IpcBus(Bus):
 
     async def presence(self, topic: str) -> list[str]:
         return list(await self._call("presence", topic))
+
+
+class IpcBus(LinkBus):
+    """The local bus over a :class:`HubClient` (which the worker process runs): the hub
+    owns every topic."""
+
+    def __init__(self, client: HubClient, handlers: BusHandlers) -> None:
+        self.client = client
+        self.handlers = handlers
+        client.on_push = self._on_push
+
+    def _caller(self, topic: str) -> Caller:
+        return self.client
+
+    @property
+    def is_up(self) -> bool:
+        return self.client.is_up
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.client.connected.wait()
+        task_status.started()
+        await self.client.wait_closed()

@@ -54,6 +54,10 @@ class Subscriber:
                 if position is not None:
                     frame["since"] = position
                 reply = await call(ws, **frame)
+                if not reply["ok"]:  # unavailable: the topic's owner is restarting
+                    await ws.close()
+                    await asyncio.sleep(0.1)
+                    continue
                 epoch = reply["epoch"]
                 self.epochs.append(epoch)
                 if position is None:

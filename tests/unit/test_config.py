@@ -189,3 +189,17 @@ def test_the_token_cache_size_defaults_to_ten_thousand_and_may_be_zero() -> None
     assert error_key({"auth": {**SECRET["auth"], "token_cache_size": "many"}}) == (
         "auth.token_cache_size"
     )
+
+
+def test_topics_are_owned_by_the_hub_unless_the_workers_are_asked_to() -> None:
+    def owners(server: dict[str, object], bus: dict[str, object] | None = None) -> int:
+        return parse_config({**SECRET, "server": server, "bus": bus or {}}, env={}).owner_count
+
+    assert parse_config(SECRET, env={}).server.topic_owner == "hub"
+    assert owners({"workers": 4}) == 0
+    assert owners({"workers": 4, "topic_owner": "workers"}) == 4
+    # One worker orders its topics itself, and with Redis, Redis does.
+    assert owners({"workers": 1, "topic_owner": "workers"}) == 0
+    redis = {"url": "redis://127.0.0.1:6379/0"}
+    assert owners({"workers": 4, "topic_owner": "workers"}, redis) == 0
+    assert error_key({**SECRET, "server": {"topic_owner": "shards"}}) == "server.topic_owner"

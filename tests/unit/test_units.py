@@ -149,6 +149,7 @@ CONFIG_KEYS = {
         "shutdown_timeout",
         "http_max_connections",
         "http_ops_reserve",
+        "topic_owner",
     },
     "auth": {
         "jwt_secret",
