@@ -91,7 +91,9 @@ class TopicStore(HistoryTable, PresenceTable):
         t = self._topics.get(topic)
         journal = self.journal
         if journal is not None:
-            journal.publishing(topic, (t.offset if t is not None else self._known(topic)[1]) + 1)
+            last = t.offset if t is not None else self._known(topic)[1]
+            if not last % journal.block:  # the next offset is the first of a block
+                journal.publishing(topic, last + 1)
         if t is None:
             rule = self.rule_for(topic)
             if not rule.size:
@@ -112,9 +114,10 @@ class TopicStore(HistoryTable, PresenceTable):
         pub = Publication(t.name, offset, t.epoch, sender, data)
         n = entry_size(data, sender)
         buf = t.buffer
-        buf.append((now, pub, n))
+        entry = (now, pub, n)
+        buf.append(entry)
         if journal is not None:
-            journal.kept(now, pub, n)
+            journal.kept.append(entry)
         t.bytes += n
         self.bytes += n
         self.entries += 1

@@ -231,7 +231,7 @@ class HistoryTable:
             if self.journal is not None:
                 self.journal.touched(t.name)
         if self.journal is not None:
-            self.journal.evicted(t.name, pub.offset)
+            self.journal.evicted(t.name, pub.offset, n)
 
     def _expire(self, t: TopicHistory, now: float) -> None:
         horizon = now - t.rule.ttl

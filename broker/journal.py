@@ -17,20 +17,28 @@ __all__ = ["Journal", "PersistedState"]
 
 class Journal(Protocol):
     """What the store tells the keeper of its copy on disk (:class:`broker.store.DiskJournal`).
-    Every method is called on the event loop and must not block."""
+    Every method is called on the event loop and must not block.
+
+    What the store does for the journal per publication is kept to one list append and one
+    remainder: a method call costs as much as all the rest, and with many topics, where each
+    publication has few deliveries, it shows in the broker's CPU per delivery."""
+
+    #: Where the store appends every publication it holds, as it holds it: the very entry its
+    #: history holds, ``(time kept (the store's clock), publication, size as``
+    #: :func:`~broker.historytable.entry_bytes` ``counts it)``. The journal may replace the list
+    #: (the store looks it up at every publication).
+    kept: list[tuple[float, Publication, int]]
+    #: Offsets come in blocks of this many: :meth:`publishing` is called for the first offset
+    #: of each block only (offsets ``1, block + 1, 2 * block + 1``...).
+    block: int
 
     def publishing(self, topic: str, offset: int) -> None:
-        """``offset`` of ``topic`` is about to be used. Raise :class:`~broker.errors.FrameError`
-        (``unavailable``) when it may not be used yet (it is past what the disk has reserved
-        for the topic)."""
+        """``offset`` of ``topic``, the first of a block, is about to be used. Raise
+        :class:`~broker.errors.FrameError` (``unavailable``) when it may not be used yet (it is
+        past what the disk has reserved for the topic)."""
 
-    def kept(self, when: float, pub: Publication, size: int) -> None:
-        """``pub`` is held from ``when`` (the store's clock), ``size`` bytes as
-        :func:`~broker.historytable.entry_bytes` counts them. One call per held publication,
-        while its objects are still in the processor's cache."""
-
-    def evicted(self, topic: str, offset: int) -> None:
-        """``topic``'s entries up to ``offset`` left history."""
+    def evicted(self, topic: str, offset: int, size: int) -> None:
+        """``topic``'s entries up to ``offset`` left history, the last of them ``size`` bytes."""
 
     def touched(self, topic: str) -> None:
         """``topic``'s position or gap changed otherwise than by a held publication: the

@@ -3,9 +3,9 @@ kept in an SQLite file, so that a restart keeps every topic's epoch and history.
 
 Theory of operation
 -------------------
-The event loop never waits for the disk. :class:`DiskJournal` is handed every publication the
-store keeps (:meth:`kept`: one list append, while its objects are fresh in the processor's
-cache) and told of every eviction (:meth:`evicted`) and of topics changed otherwise
+The event loop never waits for the disk. The store appends every publication it keeps to
+:attr:`DiskJournal.kept` (the entry its history holds: one list append, nothing else on the
+way of a publication) and tells the journal of every eviction (:meth:`evicted`) and of topics changed otherwise
 (:meth:`touched`: a publication not kept, a gap closed; and every topic at a start). Every
 ``flush_interval`` its flusher task makes a :class:`Batch` and a worker thread commits it in
 one transaction (:class:`Database`; WAL mode).
@@ -36,9 +36,10 @@ twice what memory holds (plus the slack and what a batch adds). A start that fin
 twice what it loads rewrites it at once. What the file holds beyond memory are real
 publications: a start applies the rules (ttl, size, bytes) to them again.
 
-What waits for the disk is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their
-topics are read from history instead, so what is queued is then their names only. A
-publication evicted before its batch is not written.
+What waits for the disk is bounded: the publications kept for the next batch are the entries
+history holds (the list holds them, not a copy), but for those history evicted meanwhile;
+past :data:`PENDING_MAX_BYTES` of those, their topics are read from history instead, so what
+is queued is then their names only. A publication evicted before its batch is not written.
 
 Crash safety rests on two things written with every batch:
 
@@ -107,9 +108,10 @@ __all__ = ["RESERVE_MIN", "Batch", "Database", "DiskJournal", "StoreError", "mak
 
 log = structlog.get_logger()
 
-#: Bytes of publications held for the next batch at most (as history counts them); past it,
-#: their topics are read from history instead: what waits for the disk stays bounded when
-#: commits stall or fail.
+#: Bytes of publications held for the next batch that history has evicted meanwhile (as
+#: history counts them), at most: past it, their topics are read from history instead, so what
+#: waits for the disk stays bounded when commits stall or fail. (What history still holds
+#: costs the journal a list slot only.)
 PENDING_MAX_BYTES = 64 * 1024 * 1024
 #: The fewest offsets reserved ahead of a topic's latest one (see the module docstring).
 RESERVE_MIN = 10_000
@@ -201,10 +203,12 @@ class DiskJournal:
         self.ack_on_disk = config.ack == "disk"
         self.db: Database | None = None
         self._dirty: set[str] = set()  # topics whose state the next batch reads from history
-        # Publications held since the last batch, as (time kept, publication), in order: the
-        # next chunk's entries, but for the topics it reads from history.
-        self._pending: list[tuple[float, Publication]] = []
-        self._pending_bytes = 0
+        # Publications held since the last batch, as history holds them (time kept,
+        # publication, size), in order: the next chunk's entries, but for the topics it reads
+        # from history. The store appends to it (see broker.journal.Journal.kept).
+        self.kept: list[tuple[float, Publication, int]] = []
+        # Bytes of those that history evicted since (what only the list still holds).
+        self._gone_bytes = 0
         # Each topic's newest evicted offset since the last batch: older pending
         # publications are not written (what memory no longer holds is not history).
         self._evicted: dict[str, int] = {}
@@ -212,7 +216,7 @@ class DiskJournal:
         # Topics whose row the next batch checks: without a row on disk, or past half their
         # reservation (noted by publishing() at the first offset of a block).
         self._low: set[str] = set()
-        self._block = max(1, RESERVE_MIN // 10)
+        self.block = max(1, RESERVE_MIN // 10)
         # The newest offset on disk of topics read from history (at a start, and after a
         # batch that read them); it may lag for the others: what lags is written again.
         self._written: dict[str, int] = {}
@@ -244,11 +248,10 @@ class DiskJournal:
     # --- the Journal protocol (on the event loop, never blocking) ---------------------------
 
     def publishing(self, topic: str, offset: int) -> None:
-        # Only the first offset of a block can pass a reservation (a multiple of the block),
-        # and every topic starts at one: a topic without a row is seen at its first offset
-        # (the others known to the store have one on disk, or in the batch being committed).
-        if (offset - 1) % self._block:
-            return
+        # Called at the first offset of a block only: only it can pass a reservation (a
+        # multiple of the block), and every topic starts at one, so a topic without a row is
+        # seen at its first offset (the others known to the store have one on disk, or in the
+        # batch being committed).
         row = self._rows.get(topic)
         if row is None or offset > row[3]:
             if row is not None and offset > row[1]:
@@ -258,16 +261,13 @@ class DiskJournal:
                 )
             self._low.add(topic)
 
-    def kept(self, when: float, pub: Publication, size: int) -> None:
-        self._pending.append((when, pub))
-        self._pending_bytes += size
-        if self._pending_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
-            self._dirty.update(p.topic for _, p in self._pending)  # read history instead
-            self._pending.clear()
-            self._pending_bytes = 0
-
-    def evicted(self, topic: str, offset: int) -> None:
+    def evicted(self, topic: str, offset: int, size: int) -> None:
         self._evicted[topic] = offset
+        self._gone_bytes += size  # an over-count when it was kept before the last batch
+        if self._gone_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
+            self._dirty.update(p.topic for _, p, _ in self.kept)  # read history instead
+            self.kept = []
+            self._gone_bytes = 0
 
     def touched(self, topic: str) -> None:
         self._dirty.add(topic)
@@ -378,10 +378,10 @@ class DiskJournal:
         of the publications kept since, in order, and of the topics read from history; the
         rows that changed (every row with ``clean``, a stop); the compacted chunks."""
         dirty, self._dirty = self._dirty, set()
-        pending, self._pending = self._pending, []
+        pending, self.kept = self.kept, []
         evicted, self._evicted = self._evicted, {}
         low, self._low = self._low, set()
-        self._pending_bytes = 0
+        self._gone_bytes = 0
         forget, self._forgotten = list(self._forgotten), set()
         for topic in forget:  # a batch committed since may have noted its old epoch
             self._written.pop(topic, None)
@@ -394,18 +394,19 @@ class DiskJournal:
             gone = evicted.get
             entries = [
                 (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data)
-                for when, p in pending
+                for when, p, _ in pending
                 if p.offset > gone(p.topic, 0) and p.topic not in dirty
             ]
         else:
             entries = [
-                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data) for when, p in pending
+                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data)
+                for when, p, _ in pending
             ]
         count = len(entries)
         rows: list[RowValues] = []
         final = clean is not None
         rows_on_disk = self._rows
-        block = self._block
+        block = self.block
 
         def row(
             topic: str, epoch: str, offset: int, gap: tuple[int, int] | None, pace: int
@@ -437,7 +438,7 @@ class DiskJournal:
         others = (set(rows_on_disk) | low if final else low) - dirty
         if others:
             paces = dict.fromkeys(others, 0)
-            for _, p in pending:
+            for _, p, _ in pending:
                 if p.topic in paces:
                     paces[p.topic] += 1
             for topic, epoch, offset, gap, _ in store.persisted_states(others, _NOTHING_NEW, 0):
@@ -551,7 +552,7 @@ class DiskJournal:
             await self._compact(store)
         if not (
             self._dirty
-            or self._pending
+            or self.kept
             or self._forgotten
             or self._waiting
             or self._low
@@ -609,7 +610,7 @@ class DiskJournal:
         journal, bytes."""
         return {
             **self.stats_counts,
-            "queued_topics": len(self._dirty) + len(self._pending),
+            "queued_topics": len(self._dirty) + len(self.kept),
             "waiting": len(self._waiting),
             "journal_entries": self._on_disk,
             "bytes": self.db.size() if self.db is not None else 0,
