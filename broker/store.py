@@ -11,9 +11,9 @@ way of a publication) and tells the journal of every eviction (:meth:`evicted`) 
 one transaction (:class:`Database`; WAL mode).
 
 The file is a *journal* in publication order: a batch appends **one chunk** holding every
-entry kept since the last one, whatever its topic, as ``(topic, epoch, offset, time, sender,
-data)`` tuples marshalled together. Building it is one pass over the publications in the order
-they were kept (no grouping by topic), and the writer thread inserts one row however many topics
+entry kept since the last one, whatever its topic, its ``(topic, epoch, offset, time, sender,
+data)`` marshalled together (one flat list of fields: :mod:`broker.storefile`). Building it is
+one pass over the publications in the order they were kept (no grouping by topic), and the writer thread inserts one row however many topics
 changed: with many topics a publication costs the store about the same as with one. (One chunk
 per changed topic and batch, the previous layout, cost a row insert and a marshalled chunk per
 topic, which with 10,000 topics was most of the store's cost.) Topics changed otherwise than by
@@ -78,7 +78,6 @@ names the file.
 from __future__ import annotations
 
 import contextlib
-import marshal
 import sqlite3
 import sys
 import time
@@ -94,6 +93,7 @@ from broker.config import StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
 from broker.storefile import (
+    ENTRY_FIELDS,
     UNDECODABLE,
     Batch,
     Database,
@@ -101,6 +101,8 @@ from broker.storefile import (
     Held,
     RowValues,
     StoreError,
+    decode_chunk,
+    encode_chunk,
     open_database,
 )
 
@@ -389,20 +391,20 @@ class DiskJournal:
         # forgotten epoch, and its evicted offsets of either.
         dirty.update(forget)
         wall = time.time() - store.now()
-        # The hot loop: one tuple per publication, in the order kept.
+        # The hot loop: each publication's fields onto one flat list, in the order kept, times
+        # on the store's clock (the chunk says how to make them wall time): see
+        # broker.storefile for why no tuple or float is kept per publication.
+        fields: list[Any] = []
+        add = fields.extend
         if dirty or evicted:
             gone = evicted.get
-            entries = [
-                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data)
-                for when, p, _ in pending
-                if p.offset > gone(p.topic, 0) and p.topic not in dirty
-            ]
+            for when, p, _ in pending:
+                if p.offset > gone(p.topic, 0) and p.topic not in dirty:
+                    add((p.topic, p.epoch, p.offset, when, p.sender, p.data))
         else:
-            entries = [
-                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data)
-                for when, p, _ in pending
-            ]
-        count = len(entries)
+            for when, p, _ in pending:
+                add((p.topic, p.epoch, p.offset, when, p.sender, p.data))
+        count = len(fields) // ENTRY_FIELDS
         rows: list[RowValues] = []
         final = clean is not None
         rows_on_disk = self._rows
@@ -428,9 +430,10 @@ class DiskJournal:
                 rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
 
         written: dict[str, int] = {}
-        for topic, epoch, offset, gap, new in store.persisted_states(dirty, self._written, wall):
+        for topic, epoch, offset, gap, new in store.persisted_states(dirty, self._written, 0.0):
             if new:
-                entries.extend((topic, epoch, *e) for e in new)
+                for e in new:
+                    add((topic, epoch, *e))
                 count += len(new)
                 written[topic] = new[-1][0]
             row(topic, epoch, offset, gap, len(new))
@@ -443,16 +446,18 @@ class DiskJournal:
                     paces[p.topic] += 1
             for topic, epoch, offset, gap, _ in store.persisted_states(others, _NOTHING_NEW, 0):
                 row(topic, epoch, offset, gap, paces[topic])
-        if self._carry:
-            entries.extend(self._carry)
-            self._carry = []
+        for topic, epoch, offset, at, sender, data in self._carry:  # in wall time
+            add((topic, epoch, offset, at - wall, sender, data))
+        self._carry = []
         deletes, self._doomed = self._doomed, []
-        chunk = 0
-        if entries:
+        chunk, blob = 0, None
+        if fields:
             chunk, self._next_chunk = self._next_chunk, self._next_chunk + 1
-        # Marshalled here, on the event loop, not in the writer thread: see Database.commit.
-        blob = marshal.dumps(entries) if entries else None
-        return Batch(forget, rows, deletes, chunk, entries, clean, count, written, blob)
+            # Marshalled here, on the event loop, not in the writer thread: see
+            # Database.commit.
+            blob = encode_chunk(wall, fields)
+        topics = fields[::ENTRY_FIELDS]
+        return Batch(forget, rows, deletes, chunk, topics, clean, count, written, blob)
 
     async def _compact(self, store: TopicStore) -> None:
         """While the journal holds more than twice what history holds: read its oldest chunks
@@ -471,7 +476,7 @@ class DiskJournal:
         ids = [cid for cid, _ in taken]
         try:
             blobs = await trio.to_thread.run_sync(self.db.read, ids)
-            entries = [e for blob in blobs for e in marshal.loads(blob)]
+            entries = [e for blob in blobs for e in decode_chunk(blob)]
         except (sqlite3.Error, *UNDECODABLE) as exc:
             chunks.extendleft(reversed(taken))  # left as they are; tried again next flush
             self._note_failure("store_compaction_failed", exc)
@@ -491,9 +496,9 @@ class DiskJournal:
         for topic, epoch, offset, reserved, gap_from, gap_to in batch.rows:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
             self._rows[topic] = (epoch, reserved, gap, reserved - (reserved - offset) // 2)
-        if batch.entries:
-            self._chunks.append((batch.chunk, len(batch.entries)))
-            self._on_disk += len(batch.entries)
+        if batch.topics:
+            self._chunks.append((batch.chunk, len(batch.topics)))
+            self._on_disk += len(batch.topics)
         self._written.update(batch.written)
         self.stats_counts["batches"] += 1
         self.stats_counts["rows"] += batch.count
@@ -507,7 +512,7 @@ class DiskJournal:
         stays bounded however long commits fail), and its compaction is undone: the chunks
         stay, with what they hold."""
         self._dirty.update(r[0] for r in batch.rows)
-        self._dirty.update(e[0] for e in batch.entries)
+        self._dirty.update(batch.topics)
         self._forgotten.update(batch.forget)
         self._chunks.extendleft(reversed(batch.deletes))
         self._on_disk += sum(count for _, count in batch.deletes)
