@@ -456,8 +456,8 @@ class DiskJournal:
             # Marshalled here, on the event loop, not in the writer thread: see
             # Database.commit.
             blob = encode_chunk(wall, fields)
-        topics = fields[::ENTRY_FIELDS]
-        return Batch(forget, rows, deletes, chunk, topics, clean, count, written, blob)
+        entries = len(fields) // ENTRY_FIELDS
+        return Batch(forget, rows, deletes, chunk, entries, clean, count, written, blob)
 
     async def _compact(self, store: TopicStore) -> None:
         """While the journal holds more than twice what history holds: read its oldest chunks
@@ -496,9 +496,9 @@ class DiskJournal:
         for topic, epoch, offset, reserved, gap_from, gap_to in batch.rows:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
             self._rows[topic] = (epoch, reserved, gap, reserved - (reserved - offset) // 2)
-        if batch.topics:
-            self._chunks.append((batch.chunk, len(batch.topics)))
-            self._on_disk += len(batch.topics)
+        if batch.entries:
+            self._chunks.append((batch.chunk, batch.entries))
+            self._on_disk += batch.entries
         self._written.update(batch.written)
         self.stats_counts["batches"] += 1
         self.stats_counts["rows"] += batch.count
@@ -512,7 +512,8 @@ class DiskJournal:
         stays bounded however long commits fail), and its compaction is undone: the chunks
         stay, with what they hold."""
         self._dirty.update(r[0] for r in batch.rows)
-        self._dirty.update(batch.topics)
+        if batch.blob is not None:  # rare: the chunk is read back rather than kept aside
+            self._dirty.update(entry[0] for entry in decode_chunk(batch.blob))
         self._forgotten.update(batch.forget)
         self._chunks.extendleft(reversed(batch.deletes))
         self._on_disk += sum(count for _, count in batch.deletes)

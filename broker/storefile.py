@@ -146,8 +146,7 @@ class Row:
 class Batch:
     """One transaction: topics to forget, topic rows to write, journal chunks to delete
     (``(id, entries)``, oldest first), and the new chunk ``chunk``, ``blob`` (none: no chunk),
-    whose entries are of ``topics`` (one per entry, in order); ``clean`` sets the clean-stop
-    marker when not None. ``count`` is how many of the entries are new publications (the rest
+    holding ``entries`` entries; ``clean`` sets the clean-stop marker when not None. ``count`` is how many of the entries are new publications (the rest
     are written again by compaction), ``written`` the newest offset written for each topic
     read from history."""
 
@@ -155,7 +154,7 @@ class Batch:
     rows: list[RowValues]
     deletes: list[tuple[int, int]]
     chunk: int
-    topics: list[str]
+    entries: int
     clean: bool | None = None
     count: int = 0
     written: dict[str, int] = attrs.field(factory=dict)
@@ -286,7 +285,7 @@ class Database:
         ):
             # Most batches: one statement, a transaction of its own. Every statement hands the
             # interpreter lock to this thread and back twice (the event loop waits each time).
-            c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.topics), blob))
+            c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, batch.entries, blob))
             return
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -298,9 +297,7 @@ class Database:
                 )
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
             if blob is not None:
-                c.execute(
-                    "INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.topics), blob)
-                )
+                c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, batch.entries, blob))
             if batch.clean is not None:
                 c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
             c.execute("COMMIT")
