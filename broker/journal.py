@@ -37,8 +37,13 @@ class Journal(Protocol):
         :class:`~broker.errors.FrameError` (``unavailable``) when it may not be used yet (it is
         past what the disk has reserved for the topic)."""
 
+    #: The store's clock when the journal last took :attr:`kept`: the store reports evictions
+    #: of entries kept at or after it only (those the journal may not have written yet).
+    since: float
+
     def evicted(self, topic: str, offset: int, size: int) -> None:
-        """``topic``'s entries up to ``offset`` left history, the last of them ``size`` bytes."""
+        """``topic``'s entries up to ``offset`` left history, the last of them (``size`` bytes)
+        kept at or after :attr:`since`."""
 
     def touched(self, topic: str) -> None:
         """``topic``'s position or gap changed otherwise than by a held publication: the

@@ -78,6 +78,7 @@ names the file.
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import sys
 import time
@@ -209,10 +210,12 @@ class DiskJournal:
         # publication, size), in order: the next chunk's entries, but for the topics it reads
         # from history. The store appends to it (see broker.journal.Journal.kept).
         self.kept: list[tuple[float, Publication, int]] = []
-        # Bytes of those that history evicted since (what only the list still holds).
+        # Bytes of those that history evicted since (what only the list still holds), and
+        # when the list was last taken: the store reports evictions of entries kept since.
         self._gone_bytes = 0
-        # Each topic's newest evicted offset since the last batch: older pending
-        # publications are not written (what memory no longer holds is not history).
+        self.since = -math.inf
+        # Each topic's newest evicted offset of what was kept since the last batch: older
+        # pending publications are not written (what memory no longer holds is not history).
         self._evicted: dict[str, int] = {}
         self._forgotten: set[str] = set()
         # Topics whose row the next batch checks: without a row on disk, or past half their
@@ -265,7 +268,7 @@ class DiskJournal:
 
     def evicted(self, topic: str, offset: int, size: int) -> None:
         self._evicted[topic] = offset
-        self._gone_bytes += size  # an over-count when it was kept before the last batch
+        self._gone_bytes += size
         if self._gone_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
             self._dirty.update(p.topic for _, p, _ in self.kept)  # read history instead
             self.kept = []
@@ -381,6 +384,7 @@ class DiskJournal:
         rows that changed (every row with ``clean``, a stop); the compacted chunks."""
         dirty, self._dirty = self._dirty, set()
         pending, self.kept = self.kept, []
+        self.since = store.now()
         evicted, self._evicted = self._evicted, {}
         low, self._low = self._low, set()
         self._gone_bytes = 0
