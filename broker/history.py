@@ -114,10 +114,9 @@ class TopicStore(HistoryTable, PresenceTable):
         pub = Publication(t.name, offset, t.epoch, sender, data)
         n = entry_size(data, sender)
         buf = t.buffer
-        entry = (now, pub, n)
-        buf.append(entry)
+        buf.append((now, pub, n))
         if journal is not None:
-            journal.kept.append(entry)
+            journal.kept.extend((t.name, t.epoch, offset, now, sender, data))
         t.bytes += n
         self.bytes += n
         self.entries += 1

@@ -8,26 +8,28 @@ imports the other's implementation. Nothing here does I/O.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from broker.bus.base import Publication
+__all__ = ["KEPT_FIELDS", "Journal", "PersistedState"]
 
-__all__ = ["Journal", "PersistedState"]
+#: Fields per publication in :attr:`Journal.kept`.
+KEPT_FIELDS = 6
 
 
 class Journal(Protocol):
     """What the store tells the keeper of its copy on disk (:class:`broker.store.DiskJournal`).
     Every method is called on the event loop and must not block.
 
-    What the store does for the journal per publication is kept to one list append and one
+    What the store does for the journal per publication is kept to one list extend and one
     remainder: a method call costs as much as all the rest, and with many topics, where each
     publication has few deliveries, it shows in the broker's CPU per delivery."""
 
-    #: Where the store appends every publication it holds, as it holds it: the very entry its
-    #: history holds, ``(time kept (the store's clock), publication, size as``
-    #: :func:`~broker.historytable.entry_bytes` ``counts it)``. The journal may replace the list
-    #: (the store looks it up at every publication).
-    kept: list[tuple[float, Publication, int]]
+    #: Where the store appends the fields of every publication it holds, as it holds it, one
+    #: publication after the other: ``topic, epoch, offset, time kept (the store's clock),
+    #: sender, data`` (:data:`KEPT_FIELDS` of them; while their objects are in the processor's
+    #: cache, so that the journal need not visit the publication again). The journal may
+    #: replace the list (the store looks it up at every publication).
+    kept: list[Any]
     #: Offsets come in blocks of this many: :meth:`publishing` is called for the first offset
     #: of each block only (offsets ``1, block + 1, 2 * block + 1``...).
     block: int

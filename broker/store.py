@@ -3,9 +3,10 @@ kept in an SQLite file, so that a restart keeps every topic's epoch and history.
 
 Theory of operation
 -------------------
-The event loop never waits for the disk. The store appends every publication it keeps to
-:attr:`DiskJournal.kept` (the entry its history holds: one list append, nothing else on the
-way of a publication) and tells the journal of every eviction (:meth:`evicted`) and of topics changed otherwise
+The event loop never waits for the disk. The store appends the fields of every publication
+it keeps to :attr:`DiskJournal.kept` (one list extend, nothing else on the way of a
+publication: the list is the next chunk's fields as they are, see :mod:`broker.storefile`)
+and tells the journal of every eviction (:meth:`evicted`) and of topics changed otherwise
 (:meth:`touched`: a publication not kept, a gap closed; and every topic at a start). Every
 ``flush_interval`` its flusher task makes a :class:`Batch` and a worker thread commits it in
 one transaction (:class:`Database`; WAL mode).
@@ -36,10 +37,10 @@ twice what memory holds (plus the slack and what a batch adds). A start that fin
 twice what it loads rewrites it at once. What the file holds beyond memory are real
 publications: a start applies the rules (ttl, size, bytes) to them again.
 
-What waits for the disk is bounded: the publications kept for the next batch are the entries
-history holds (the list holds them, not a copy), but for those history evicted meanwhile;
-past :data:`PENDING_MAX_BYTES` of those, their topics are read from history instead, so what
-is queued is then their names only. A publication evicted before its batch is not written.
+What waits for the disk is bounded: the publications kept for the next batch are the ones
+history holds (the list holds their fields, not a copy), but for those history evicted
+meanwhile; past :data:`PENDING_MAX_BYTES` of those, their topics are read from history
+instead, so what is queued is then their names only. A publication evicted before its batch is not written.
 
 Crash safety rests on two things written with every batch:
 
@@ -89,10 +90,10 @@ from typing import Any
 import structlog
 import trio
 
-from broker.bus.base import Publication
 from broker.config import StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
+from broker.journal import KEPT_FIELDS
 from broker.storefile import (
     ENTRY_FIELDS,
     UNDECODABLE,
@@ -110,6 +111,9 @@ from broker.storefile import (
 __all__ = ["RESERVE_MIN", "Batch", "Database", "DiskJournal", "StoreError", "make_journal"]
 
 log = structlog.get_logger()
+
+# A chunk's fields are the fields the store keeps, as they are (DiskJournal.build).
+assert KEPT_FIELDS == ENTRY_FIELDS
 
 #: Bytes of publications held for the next batch that history has evicted meanwhile (as
 #: history counts them), at most: past it, their topics are read from history instead, so what
@@ -206,10 +210,10 @@ class DiskJournal:
         self.ack_on_disk = config.ack == "disk"
         self.db: Database | None = None
         self._dirty: set[str] = set()  # topics whose state the next batch reads from history
-        # Publications held since the last batch, as history holds them (time kept,
-        # publication, size), in order: the next chunk's entries, but for the topics it reads
-        # from history. The store appends to it (see broker.journal.Journal.kept).
-        self.kept: list[tuple[float, Publication, int]] = []
+        # The fields of the publications held since the last batch, in order: the next
+        # chunk's, but for the topics it reads from history. The store extends it (see
+        # broker.journal.Journal.kept).
+        self.kept: list[Any] = []
         # Bytes of those that history evicted since (what only the list still holds), and
         # when the list was last taken: the store reports evictions of entries kept since.
         self._gone_bytes = 0
@@ -270,7 +274,7 @@ class DiskJournal:
         self._evicted[topic] = offset
         self._gone_bytes += size
         if self._gone_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
-            self._dirty.update(p.topic for _, p, _ in self.kept)  # read history instead
+            self._dirty.update(self.kept[::KEPT_FIELDS])  # read history instead
             self.kept = []
             self._gone_bytes = 0
 
@@ -395,20 +399,20 @@ class DiskJournal:
         # forgotten epoch, and its evicted offsets of either.
         dirty.update(forget)
         wall = time.time() - store.now()
-        # The hot loop: each publication's fields onto one flat list, in the order kept, times
-        # on the store's clock (the chunk says how to make them wall time): see
-        # broker.storefile for why no tuple or float is kept per publication.
-        fields: list[Any] = []
-        add = fields.extend
+        # The chunk's fields are those kept, times on the store's clock (the chunk says how
+        # to make them wall time): but for topics read from history and what was evicted
+        # before it was written, nothing is done per publication here.
+        n = ENTRY_FIELDS
+        fields: list[Any] = pending
         if dirty or evicted:
             gone = evicted.get
-            for when, p, _ in pending:
-                if p.offset > gone(p.topic, 0) and p.topic not in dirty:
-                    add((p.topic, p.epoch, p.offset, when, p.sender, p.data))
-        else:
-            for when, p, _ in pending:
-                add((p.topic, p.epoch, p.offset, when, p.sender, p.data))
-        count = len(fields) // ENTRY_FIELDS
+            fields = []
+            for i in range(0, len(pending), n):
+                topic = pending[i]
+                if pending[i + 2] > gone(topic, 0) and topic not in dirty:
+                    fields += pending[i : i + n]
+        add = fields.extend
+        count = len(fields) // n
         rows: list[RowValues] = []
         final = clean is not None
         rows_on_disk = self._rows
@@ -445,9 +449,9 @@ class DiskJournal:
         others = (set(rows_on_disk) | low if final else low) - dirty
         if others:
             paces = dict.fromkeys(others, 0)
-            for _, p, _ in pending:
-                if p.topic in paces:
-                    paces[p.topic] += 1
+            for topic in pending[::n]:
+                if topic in paces:
+                    paces[topic] += 1
             for topic, epoch, offset, gap, _ in store.persisted_states(others, _NOTHING_NEW, 0):
                 row(topic, epoch, offset, gap, paces[topic])
         for topic, epoch, offset, at, sender, data in self._carry:  # in wall time
@@ -460,7 +464,7 @@ class DiskJournal:
             # Marshalled here, on the event loop, not in the writer thread: see
             # Database.commit.
             blob = encode_chunk(wall, fields)
-        entries = len(fields) // ENTRY_FIELDS
+        entries = len(fields) // n
         return Batch(forget, rows, deletes, chunk, entries, clean, count, written, blob)
 
     async def _compact(self, store: TopicStore) -> None:
@@ -620,7 +624,7 @@ class DiskJournal:
         journal, bytes."""
         return {
             **self.stats_counts,
-            "queued_topics": len(self._dirty) + len(self.kept),
+            "queued_topics": len(self._dirty) + len(self.kept) // KEPT_FIELDS,
             "waiting": len(self._waiting),
             "journal_entries": self._on_disk,
             "bytes": self.db.size() if self.db is not None else 0,
