@@ -14,7 +14,8 @@ one transaction (:class:`Database`; WAL mode).
 The file is a *journal* in publication order: a batch appends **one chunk** holding every
 entry kept since the last one, whatever its topic, its ``(topic, epoch, offset, time, sender,
 data)`` marshalled together (one flat list of fields: :mod:`broker.storefile`). Building it is
-one pass over the publications in the order they were kept (no grouping by topic), and the writer thread inserts one row however many topics
+marshalling the list the store extended as it kept them, in that order (no grouping by topic,
+nothing done per publication), and the writer thread inserts one row however many topics
 changed: with many topics a publication costs the store about the same as with one. (One chunk
 per changed topic and batch, the previous layout, cost a row insert and a marshalled chunk per
 topic, which with 10,000 topics was most of the store's cost.) Topics changed otherwise than by
@@ -40,7 +41,8 @@ publications: a start applies the rules (ttl, size, bytes) to them again.
 What waits for the disk is bounded: the publications kept for the next batch are the ones
 history holds (the list holds their fields, not a copy), but for those history evicted
 meanwhile; past :data:`PENDING_MAX_BYTES` of those, their topics are read from history
-instead, so what is queued is then their names only. A publication evicted before its batch is not written.
+instead, so what is queued is then their names only. A publication evicted before its batch
+is not written.
 
 Crash safety rests on two things written with every batch:
 

@@ -9,10 +9,11 @@ entries ``(topic, epoch, offset, wall time, sender, data)`` (:func:`decode_chunk
 
 A chunk is marshalled (version 2) as ``(shift, fields)``: the entries' fields one after the
 other in one flat list, each time on the broker's clock, and ``shift`` what turns those into
-wall time. That is what costs the event loop least to build: no tuple per entry, no float
-made per entry, and marshal's version 2 keeps no table of the objects it has written (with
-every string shared by a publication, version 4 spent more on that table than it saved in
-bytes). Format 2 (each chunk the marshalled list of entry tuples, in wall time) differs only
+wall time. That is what costs the event loop least to build: the store extends that list as
+it keeps each publication (:attr:`broker.journal.Journal.kept`), a batch marshals it as it is,
+no tuple or float is kept per entry, and marshal's version 2 keeps no table of the objects it
+has written (with every string shared by a publication, version 4 spent more on that table
+than it saved in bytes). Format 2 (each chunk the marshalled list of entry tuples, in wall time) differs only
 in that: its chunks are read as they are and the file is marked format 3 when opened. Format 1
 (one chunk of ``(offset, time, sender, data)`` per topic and batch, in a ``chunks`` table) is
 converted when opened. The file is opened with an exclusive lock (a second broker fails) in WAL
@@ -146,9 +147,9 @@ class Row:
 class Batch:
     """One transaction: topics to forget, topic rows to write, journal chunks to delete
     (``(id, entries)``, oldest first), and the new chunk ``chunk``, ``blob`` (none: no chunk),
-    holding ``entries`` entries; ``clean`` sets the clean-stop marker when not None. ``count`` is how many of the entries are new publications (the rest
-    are written again by compaction), ``written`` the newest offset written for each topic
-    read from history."""
+    holding ``entries`` entries; ``clean`` sets the clean-stop marker when not None. ``count``
+    is how many of the entries are new publications (the rest are written again by
+    compaction), ``written`` the newest offset written for each topic read from history."""
 
     forget: list[str]
     rows: list[RowValues]
