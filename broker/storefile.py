@@ -16,9 +16,10 @@ has written (with every string shared by a publication, version 4 spent more on 
 than it saved in bytes). Format 2 (each chunk the marshalled list of entry tuples, in wall
 time) differs only in that: its chunks are read as they are and the file is marked format 3
 when opened. Format 1 (one chunk of ``(offset, time, sender, data)`` per topic and batch, in
-a ``chunks`` table) is converted when opened. The file is opened with an exclusive lock (a second broker fails) in WAL
-mode with incremental vacuum; a new file gets 64 KiB pages (:data:`PAGE_SIZE`: a commit writes
-the WAL a page at a time, so large pages mean few system calls).
+a ``chunks`` table) is converted when opened. The file is opened with an exclusive lock (a
+second broker fails) in WAL mode with incremental vacuum; a new file gets 64 KiB pages
+(:data:`PAGE_SIZE`: a commit writes the WAL a page at a time, so large pages mean few system
+calls).
 """
 
 from __future__ import annotations
