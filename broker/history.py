@@ -91,7 +91,9 @@ class TopicStore(HistoryTable, PresenceTable):
         t = self._topics.get(topic)
         journal = self.journal
         if journal is not None:
-            journal.publishing(topic, (t.offset if t is not None else self._known(topic)[1]) + 1)
+            last = t.offset if t is not None else self._known(topic)[1]
+            if not last % journal.block:  # the next offset is the first of a block
+                journal.publishing(topic, last + 1)
         if t is None:
             rule = self.rule_for(topic)
             if not rule.size:
@@ -114,7 +116,7 @@ class TopicStore(HistoryTable, PresenceTable):
         buf = t.buffer
         buf.append((now, pub, n))
         if journal is not None:
-            journal.kept(now, pub, n)
+            journal.kept.extend((t.name, t.epoch, offset, now, sender, data))
         t.bytes += n
         self.bytes += n
         self.entries += 1

@@ -224,7 +224,7 @@ class HistoryTable:
     # --- history --------------------------------------------------------------------------
 
     def _evict_first(self, t: TopicHistory, reason: str) -> None:
-        _, pub, n = t.buffer.popleft()
+        kept, pub, n = t.buffer.popleft()
         t.bytes -= n
         self.bytes -= n
         self.entries -= 1
@@ -234,8 +234,10 @@ class HistoryTable:
             t.gap = None  # nothing older than the gap is held: recovery is contiguous again
             if self.journal is not None:
                 self.journal.touched(t.name)
-        if self.journal is not None:
-            self.journal.evicted(t.name, pub.offset)
+        # Only what the journal may not have written yet: with history full, every
+        # publication evicts one, and a call each would cost as much as the rest it pays for.
+        if self.journal is not None and kept >= self.journal.since:
+            self.journal.evicted(t.name, pub.offset, n)
 
     def _expire(self, t: TopicHistory, now: float) -> None:
         horizon = now - t.rule.ttl

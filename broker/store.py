@@ -3,17 +3,19 @@ kept in an SQLite file, so that a restart keeps every topic's epoch and history.
 
 Theory of operation
 -------------------
-The event loop never waits for the disk. :class:`DiskJournal` is handed every publication the
-store keeps (:meth:`kept`: one list append, while its objects are fresh in the processor's
-cache) and told of every eviction (:meth:`evicted`) and of topics changed otherwise
+The event loop never waits for the disk. The store appends the fields of every publication
+it keeps to :attr:`DiskJournal.kept` (one list extend, nothing else on the way of a
+publication: the list is the next chunk's fields as they are, see :mod:`broker.storefile`)
+and tells the journal of every eviction (:meth:`evicted`) and of topics changed otherwise
 (:meth:`touched`: a publication not kept, a gap closed; and every topic at a start). Every
 ``flush_interval`` its flusher task makes a :class:`Batch` and a worker thread commits it in
 one transaction (:class:`Database`; WAL mode).
 
 The file is a *journal* in publication order: a batch appends **one chunk** holding every
-entry kept since the last one, whatever its topic, as ``(topic, epoch, offset, time, sender,
-data)`` tuples marshalled together. Building it is one pass over the publications in the order
-they were kept (no grouping by topic), and the writer thread inserts one row however many topics
+entry kept since the last one, whatever its topic, its ``(topic, epoch, offset, time, sender,
+data)`` marshalled together (one flat list of fields: :mod:`broker.storefile`). Building it is
+marshalling the list the store extended as it kept them, in that order (no grouping by topic,
+nothing done per publication), and the writer thread inserts one row however many topics
 changed: with many topics a publication costs the store about the same as with one. (One chunk
 per changed topic and batch, the previous layout, cost a row insert and a marshalled chunk per
 topic, which with 10,000 topics was most of the store's cost.) Topics changed otherwise than by
@@ -36,9 +38,11 @@ twice what memory holds (plus the slack and what a batch adds). A start that fin
 twice what it loads rewrites it at once. What the file holds beyond memory are real
 publications: a start applies the rules (ttl, size, bytes) to them again.
 
-What waits for the disk is bounded: past :data:`PENDING_MAX_BYTES` of kept publications, their
-topics are read from history instead, so what is queued is then their names only. A
-publication evicted before its batch is not written.
+What waits for the disk is bounded: the publications kept for the next batch are the ones
+history holds (the list holds their fields, not a copy), but for those history evicted
+meanwhile; past :data:`PENDING_MAX_BYTES` of those, their topics are read from history
+instead, so what is queued is then their names only. A publication evicted before its batch
+is not written.
 
 Crash safety rests on two things written with every batch:
 
@@ -77,7 +81,7 @@ names the file.
 from __future__ import annotations
 
 import contextlib
-import marshal
+import math
 import sqlite3
 import sys
 import time
@@ -88,11 +92,12 @@ from typing import Any
 import structlog
 import trio
 
-from broker.bus.base import Publication
 from broker.config import StoreConfig
 from broker.errors import FrameError
 from broker.history import TopicStore
+from broker.journal import KEPT_FIELDS
 from broker.storefile import (
+    ENTRY_FIELDS,
     UNDECODABLE,
     Batch,
     Database,
@@ -100,6 +105,8 @@ from broker.storefile import (
     Held,
     RowValues,
     StoreError,
+    decode_chunk,
+    encode_chunk,
     open_database,
 )
 
@@ -107,9 +114,13 @@ __all__ = ["RESERVE_MIN", "Batch", "Database", "DiskJournal", "StoreError", "mak
 
 log = structlog.get_logger()
 
-#: Bytes of publications held for the next batch at most (as history counts them); past it,
-#: their topics are read from history instead: what waits for the disk stays bounded when
-#: commits stall or fail.
+# A chunk's fields are the fields the store keeps, as they are (DiskJournal.build).
+assert KEPT_FIELDS == ENTRY_FIELDS
+
+#: Bytes of publications held for the next batch that history has evicted meanwhile (as
+#: history counts them), at most: past it, their topics are read from history instead, so what
+#: waits for the disk stays bounded when commits stall or fail. (What history still holds
+#: costs the journal a list slot only.)
 PENDING_MAX_BYTES = 64 * 1024 * 1024
 #: The fewest offsets reserved ahead of a topic's latest one (see the module docstring).
 RESERVE_MIN = 10_000
@@ -201,18 +212,22 @@ class DiskJournal:
         self.ack_on_disk = config.ack == "disk"
         self.db: Database | None = None
         self._dirty: set[str] = set()  # topics whose state the next batch reads from history
-        # Publications held since the last batch, as (time kept, publication), in order: the
-        # next chunk's entries, but for the topics it reads from history.
-        self._pending: list[tuple[float, Publication]] = []
-        self._pending_bytes = 0
-        # Each topic's newest evicted offset since the last batch: older pending
-        # publications are not written (what memory no longer holds is not history).
+        # The fields of the publications held since the last batch, in order: the next
+        # chunk's, but for the topics it reads from history. The store extends it (see
+        # broker.journal.Journal.kept).
+        self.kept: list[Any] = []
+        # Bytes of those that history evicted since (what only the list still holds), and
+        # when the list was last taken: the store reports evictions of entries kept since.
+        self._gone_bytes = 0
+        self.since = -math.inf
+        # Each topic's newest evicted offset of what was kept since the last batch: older
+        # pending publications are not written (what memory no longer holds is not history).
         self._evicted: dict[str, int] = {}
         self._forgotten: set[str] = set()
         # Topics whose row the next batch checks: without a row on disk, or past half their
         # reservation (noted by publishing() at the first offset of a block).
         self._low: set[str] = set()
-        self._block = max(1, RESERVE_MIN // 10)
+        self.block = max(1, RESERVE_MIN // 10)
         # The newest offset on disk of topics read from history (at a start, and after a
         # batch that read them); it may lag for the others: what lags is written again.
         self._written: dict[str, int] = {}
@@ -244,11 +259,10 @@ class DiskJournal:
     # --- the Journal protocol (on the event loop, never blocking) ---------------------------
 
     def publishing(self, topic: str, offset: int) -> None:
-        # Only the first offset of a block can pass a reservation (a multiple of the block),
-        # and every topic starts at one: a topic without a row is seen at its first offset
-        # (the others known to the store have one on disk, or in the batch being committed).
-        if (offset - 1) % self._block:
-            return
+        # Called at the first offset of a block only: only it can pass a reservation (a
+        # multiple of the block), and every topic starts at one, so a topic without a row is
+        # seen at its first offset (the others known to the store have one on disk, or in the
+        # batch being committed).
         row = self._rows.get(topic)
         if row is None or offset > row[3]:
             if row is not None and offset > row[1]:
@@ -258,16 +272,13 @@ class DiskJournal:
                 )
             self._low.add(topic)
 
-    def kept(self, when: float, pub: Publication, size: int) -> None:
-        self._pending.append((when, pub))
-        self._pending_bytes += size
-        if self._pending_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
-            self._dirty.update(p.topic for _, p in self._pending)  # read history instead
-            self._pending.clear()
-            self._pending_bytes = 0
-
-    def evicted(self, topic: str, offset: int) -> None:
+    def evicted(self, topic: str, offset: int, size: int) -> None:
         self._evicted[topic] = offset
+        self._gone_bytes += size
+        if self._gone_bytes > PENDING_MAX_BYTES:  # commits stalled or failing
+            self._dirty.update(self.kept[::KEPT_FIELDS])  # read history instead
+            self.kept = []
+            self._gone_bytes = 0
 
     def touched(self, topic: str) -> None:
         self._dirty.add(topic)
@@ -378,10 +389,11 @@ class DiskJournal:
         of the publications kept since, in order, and of the topics read from history; the
         rows that changed (every row with ``clean``, a stop); the compacted chunks."""
         dirty, self._dirty = self._dirty, set()
-        pending, self._pending = self._pending, []
+        pending, self.kept = self.kept, []
+        self.since = store.now()
         evicted, self._evicted = self._evicted, {}
         low, self._low = self._low, set()
-        self._pending_bytes = 0
+        self._gone_bytes = 0
         forget, self._forgotten = list(self._forgotten), set()
         for topic in forget:  # a batch committed since may have noted its old epoch
             self._written.pop(topic, None)
@@ -389,23 +401,24 @@ class DiskJournal:
         # forgotten epoch, and its evicted offsets of either.
         dirty.update(forget)
         wall = time.time() - store.now()
-        # The hot loop: one tuple per publication, in the order kept.
+        # The chunk's fields are those kept, times on the store's clock (the chunk says how
+        # to make them wall time): but for topics read from history and what was evicted
+        # before it was written, nothing is done per publication here.
+        n = ENTRY_FIELDS
+        fields: list[Any] = pending
         if dirty or evicted:
             gone = evicted.get
-            entries = [
-                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data)
-                for when, p in pending
-                if p.offset > gone(p.topic, 0) and p.topic not in dirty
-            ]
-        else:
-            entries = [
-                (p.topic, p.epoch, p.offset, when + wall, p.sender, p.data) for when, p in pending
-            ]
-        count = len(entries)
+            fields = []
+            for i in range(0, len(pending), n):
+                topic = pending[i]
+                if pending[i + 2] > gone(topic, 0) and topic not in dirty:
+                    fields += pending[i : i + n]
+        add = fields.extend
+        count = len(fields) // n
         rows: list[RowValues] = []
         final = clean is not None
         rows_on_disk = self._rows
-        block = self._block
+        block = self.block
 
         def row(
             topic: str, epoch: str, offset: int, gap: tuple[int, int] | None, pace: int
@@ -427,9 +440,10 @@ class DiskJournal:
                 rows.append((topic, epoch, offset, reserved, gap_from, gap_to))
 
         written: dict[str, int] = {}
-        for topic, epoch, offset, gap, new in store.persisted_states(dirty, self._written, wall):
+        for topic, epoch, offset, gap, new in store.persisted_states(dirty, self._written, 0.0):
             if new:
-                entries.extend((topic, epoch, *e) for e in new)
+                for e in new:
+                    add((topic, epoch, *e))
                 count += len(new)
                 written[topic] = new[-1][0]
             row(topic, epoch, offset, gap, len(new))
@@ -437,20 +451,22 @@ class DiskJournal:
         others = (set(rows_on_disk) | low if final else low) - dirty
         if others:
             paces = dict.fromkeys(others, 0)
-            for _, p in pending:
-                if p.topic in paces:
-                    paces[p.topic] += 1
+            for topic in pending[::n]:
+                if topic in paces:
+                    paces[topic] += 1
             for topic, epoch, offset, gap, _ in store.persisted_states(others, _NOTHING_NEW, 0):
                 row(topic, epoch, offset, gap, paces[topic])
-        if self._carry:
-            entries.extend(self._carry)
-            self._carry = []
+        for topic, epoch, offset, at, sender, data in self._carry:  # in wall time
+            add((topic, epoch, offset, at - wall, sender, data))
+        self._carry = []
         deletes, self._doomed = self._doomed, []
-        chunk = 0
-        if entries:
+        chunk, blob = 0, None
+        if fields:
             chunk, self._next_chunk = self._next_chunk, self._next_chunk + 1
-        # Marshalled here, on the event loop, not in the writer thread: see Database.commit.
-        blob = marshal.dumps(entries) if entries else None
+            # Marshalled here, on the event loop, not in the writer thread: see
+            # Database.commit.
+            blob = encode_chunk(wall, fields)
+        entries = len(fields) // n
         return Batch(forget, rows, deletes, chunk, entries, clean, count, written, blob)
 
     async def _compact(self, store: TopicStore) -> None:
@@ -470,7 +486,7 @@ class DiskJournal:
         ids = [cid for cid, _ in taken]
         try:
             blobs = await trio.to_thread.run_sync(self.db.read, ids)
-            entries = [e for blob in blobs for e in marshal.loads(blob)]
+            entries = [e for blob in blobs for e in decode_chunk(blob)]
         except (sqlite3.Error, *UNDECODABLE) as exc:
             chunks.extendleft(reversed(taken))  # left as they are; tried again next flush
             self._note_failure("store_compaction_failed", exc)
@@ -491,8 +507,8 @@ class DiskJournal:
             gap = None if gap_from is None or gap_to is None else (gap_from, gap_to)
             self._rows[topic] = (epoch, reserved, gap, reserved - (reserved - offset) // 2)
         if batch.entries:
-            self._chunks.append((batch.chunk, len(batch.entries)))
-            self._on_disk += len(batch.entries)
+            self._chunks.append((batch.chunk, batch.entries))
+            self._on_disk += batch.entries
         self._written.update(batch.written)
         self.stats_counts["batches"] += 1
         self.stats_counts["rows"] += batch.count
@@ -506,7 +522,8 @@ class DiskJournal:
         stays bounded however long commits fail), and its compaction is undone: the chunks
         stay, with what they hold."""
         self._dirty.update(r[0] for r in batch.rows)
-        self._dirty.update(e[0] for e in batch.entries)
+        if batch.blob is not None:  # rare: the chunk is read back rather than kept aside
+            self._dirty.update(entry[0] for entry in decode_chunk(batch.blob))
         self._forgotten.update(batch.forget)
         self._chunks.extendleft(reversed(batch.deletes))
         self._on_disk += sum(count for _, count in batch.deletes)
@@ -551,7 +568,7 @@ class DiskJournal:
             await self._compact(store)
         if not (
             self._dirty
-            or self._pending
+            or self.kept
             or self._forgotten
             or self._waiting
             or self._low
@@ -609,7 +626,7 @@ class DiskJournal:
         journal, bytes."""
         return {
             **self.stats_counts,
-            "queued_topics": len(self._dirty) + len(self._pending),
+            "queued_topics": len(self._dirty) + len(self.kept) // KEPT_FIELDS,
             "waiting": len(self._waiting),
             "journal_entries": self._on_disk,
             "bytes": self.db.size() if self.db is not None else 0,

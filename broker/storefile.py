@@ -1,15 +1,25 @@
 """The history store's SQLite file (:mod:`broker.store` keeps history in it): its layout, the
 conversion of the previous one, and its transactions.
 
-Layout (format 2)
+Layout (format 3)
 -----------------
 ``meta`` holds the format and the clean-stop marker; ``topics`` one row per topic (epoch,
-offset, reserved mark, gap); ``journal`` the chunks, in the order written, each the
-marshalled list of its entries ``(topic, epoch, offset, wall time, sender, data)``. Format 1
-(one chunk of ``(offset, time, sender, data)`` per topic and batch, in a ``chunks`` table) is
-converted when opened. The file is opened with an exclusive lock (a second broker fails) in WAL
-mode with incremental vacuum; a new file gets 64 KiB pages (:data:`PAGE_SIZE`: a commit writes
-the WAL a page at a time, so large pages mean few system calls).
+offset, reserved mark, gap); ``journal`` the chunks, in the order written, each holding its
+entries ``(topic, epoch, offset, wall time, sender, data)`` (:func:`decode_chunk`).
+
+A chunk is marshalled (version 2) as ``(shift, fields)``: the entries' fields one after the
+other in one flat list, each time on the broker's clock, and ``shift`` what turns those into
+wall time. That is what costs the event loop least to build: the store extends that list as
+it keeps each publication (:attr:`broker.journal.Journal.kept`), a batch marshals it as it is,
+no tuple or float is kept per entry, and marshal's version 2 keeps no table of the objects it
+has written (with every string shared by a publication, version 4 spent more on that table
+than it saved in bytes). Format 2 (each chunk the marshalled list of entry tuples, in wall
+time) differs only in that: its chunks are read as they are and the file is marked format 3
+when opened. Format 1 (one chunk of ``(offset, time, sender, data)`` per topic and batch, in
+a ``chunks`` table) is converted when opened. The file is opened with an exclusive lock (a
+second broker fails) in WAL mode with incremental vacuum; a new file gets 64 KiB pages
+(:data:`PAGE_SIZE`: a commit writes the WAL a page at a time, so large pages mean few system
+calls).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import structlog
@@ -28,6 +39,7 @@ import structlog
 from broker.errors import BrokerError
 
 __all__ = [
+    "ENTRY_FIELDS",
     "FORMAT",
     "UNDECODABLE",
     "Batch",
@@ -37,13 +49,20 @@ __all__ = [
     "Row",
     "RowValues",
     "StoreError",
+    "decode_chunk",
+    "encode_chunk",
     "open_database",
 ]
 
 log = structlog.get_logger()
 
-#: The layout this broker writes; 1 (one chunk per topic and batch) is converted at start.
-FORMAT = 2
+#: The layout this broker writes; 2 (chunks of entry tuples) is read as it is, 1 (one chunk
+#: per topic and batch) is converted at start.
+FORMAT = 3
+#: The marshal version of a chunk (see the module docstring).
+CHUNK_MARSHAL = 2
+#: Fields of an entry, as a chunk's flat list holds them.
+ENTRY_FIELDS = 6
 #: Entries a converted format-1 file's chunks hold at most.
 MIGRATE_ENTRIES = 50_000
 CACHE_KIB = 32768  # SQLite's page cache, per store
@@ -79,6 +98,32 @@ RowValues = tuple[str, str, int, int, int | None, int | None]
 UNDECODABLE = (ValueError, EOFError, TypeError, IndexError)
 
 
+def encode_chunk(shift: float, fields: list[Any]) -> bytes:
+    """A chunk of the entries whose fields ``fields`` holds one after the other, their times on
+    a clock that ``shift`` turns into wall time."""
+    return marshal.dumps((shift, fields), CHUNK_MARSHAL)
+
+
+def encode_entries(entries: list[Entry]) -> bytes:
+    """A chunk of ``entries`` (times in wall time)."""
+    return encode_chunk(0.0, [field for entry in entries for field in entry])
+
+
+def decode_chunk(blob: bytes) -> list[Entry]:
+    """The entries of a chunk (either format), times in wall time. Raises one of
+    :data:`UNDECODABLE` when ``blob`` is not a chunk."""
+    chunk = marshal.loads(blob)
+    if isinstance(chunk, list):  # format 2: the entries themselves
+        return chunk
+    shift, fields = chunk
+    n = ENTRY_FIELDS
+    if len(fields) % n:
+        raise ValueError(f"a chunk of {len(fields)} fields, not entries of {n}")
+    times = [when + shift for when in fields[3::n]]
+    columns = (fields[0::n], fields[1::n], fields[2::n], times, fields[4::n], fields[5::n])
+    return list(zip(*columns, strict=True))
+
+
 class StoreError(BrokerError):
     """The store file cannot be used (unreadable, not writable, held by another broker)."""
 
@@ -102,17 +147,16 @@ class Row:
 @attrs.frozen
 class Batch:
     """One transaction: topics to forget, topic rows to write, journal chunks to delete
-    (``(id, entries)``, oldest first), and the new chunk ``chunk`` holding ``entries`` (none:
-    no chunk); ``clean`` sets the clean-stop marker when not None. ``count`` is how many of
-    the entries are new publications (the rest are written again by compaction), ``written``
-    the newest offset written for each topic read from history, ``blob`` the entries
-    marshalled."""
+    (``(id, entries)``, oldest first), and the new chunk ``chunk``, ``blob`` (none: no chunk),
+    holding ``entries`` entries; ``clean`` sets the clean-stop marker when not None. ``count``
+    is how many of the entries are new publications (the rest are written again by
+    compaction), ``written`` the newest offset written for each topic read from history."""
 
     forget: list[str]
     rows: list[RowValues]
     deletes: list[tuple[int, int]]
     chunk: int
-    entries: list[Entry]
+    entries: int
     clean: bool | None = None
     count: int = 0
     written: dict[str, int] = attrs.field(factory=dict)
@@ -152,6 +196,8 @@ class Database:
             c.execute("INSERT INTO meta VALUES ('format', ?), ('clean', 1)", (FORMAT,))
         elif fmt[0] == 1:
             self._convert_format_1()
+        elif fmt[0] == 2:  # its chunks are read as they are; new ones are of this format
+            c.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
         elif fmt[0] != FORMAT:
             raise StoreError(path, f"format {fmt[0]} is not {FORMAT}, the one this broker reads")
 
@@ -190,7 +236,7 @@ class Database:
 
     def _insert(self, chunk: int, entries: list[Entry]) -> None:
         self.conn.execute(
-            "INSERT INTO journal VALUES (?,?,?)", (chunk, len(entries), marshal.dumps(entries))
+            "INSERT INTO journal VALUES (?,?,?)", (chunk, len(entries), encode_entries(entries))
         )
 
     def load(self) -> tuple[bool, list[Row], list[tuple[int, int]], dict[str, list[Entry]]]:
@@ -208,7 +254,7 @@ class Database:
         by_topic: dict[str, list[Entry]] = {}
         for cid, count, blob in c.execute("SELECT id, count, entries FROM journal ORDER BY id"):
             chunks.append((cid, count))
-            for entry in marshal.loads(blob):
+            for entry in decode_chunk(blob):
                 mine = by_topic.get(entry[0])
                 if mine is None:
                     by_topic[entry[0]] = [entry]
@@ -217,8 +263,9 @@ class Database:
         return clean, rows, chunks, by_topic
 
     def read(self, ids: list[int]) -> list[bytes]:
-        """The marshalled entries of the chunks ``ids`` (compaction; decoded by the caller, see
-        :meth:`commit`). Raises :class:`sqlite3.Error`."""
+        """The chunks ``ids`` as stored (compaction; the caller decodes them with
+        :func:`decode_chunk`, not this thread: see :meth:`commit`). Raises
+        :class:`sqlite3.Error`."""
         return [
             blob
             for (blob,) in self.conn.execute(
@@ -240,7 +287,7 @@ class Database:
         ):
             # Most batches: one statement, a transaction of its own. Every statement hands the
             # interpreter lock to this thread and back twice (the event loop waits each time).
-            c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.entries), blob))
+            c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, batch.entries, blob))
             return
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -252,9 +299,7 @@ class Database:
                 )
             c.executemany("INSERT OR REPLACE INTO topics VALUES (?,?,?,?,?,?)", batch.rows)
             if blob is not None:
-                c.execute(
-                    "INSERT INTO journal VALUES (?,?,?)", (batch.chunk, len(batch.entries), blob)
-                )
+                c.execute("INSERT INTO journal VALUES (?,?,?)", (batch.chunk, batch.entries, blob))
             if batch.clean is not None:
                 c.execute("UPDATE meta SET value=? WHERE key='clean'", (int(batch.clean),))
             c.execute("COMMIT")
