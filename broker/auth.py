@@ -36,18 +36,16 @@ import functools
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
 import jwt
 import jwt.types
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.config import AuthConfig
-from broker.errors import AuthError, ConfigError, FrameError
+from broker.errors import AuthError, FrameError
 from broker.jwtcheck import make_decoder
+from broker.keys import PublicKey, load_public_key
 from broker.protocol import is_valid_unicode
 from broker.topics import pattern_covers, pattern_matches, patterns_overlap, validate_pattern
 
@@ -140,28 +138,6 @@ def _permissions(patterns: tuple[str, ...], key: str) -> Permissions:
                 reason="bad_claims",
             ) from None
     return Permissions.from_list(patterns)
-
-
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
-
-def load_public_key(path: str) -> tuple[PublicKey, str]:
-    """The PEM public key in ``path`` and the one algorithm it verifies (RS256 or ES256).
-
-    Raises :class:`ConfigError` (naming ``auth.jwt_public_key_file``) when the file cannot be
-    read or holds anything but an RSA or an EC P-256 public key."""
-    key_name = "auth.jwt_public_key_file"
-    try:
-        key = load_pem_public_key(Path(path).read_bytes())
-    except OSError as exc:
-        raise ConfigError(key_name, f"cannot read {path}: {exc.strerror}") from None
-    except (ValueError, TypeError):
-        raise ConfigError(key_name, f"{path} does not hold a PEM public key") from None
-    if isinstance(key, rsa.RSAPublicKey):
-        return key, "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return key, "ES256"
-    raise ConfigError(key_name, "must be an RSA (RS256) or EC P-256 (ES256) public key")
 
 
 class TokenVerifier:

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from broker.errors import BrokerError, ConfigError, FrameError
+from broker.keys import load_public_key
 from broker.topics import pattern_matches, validate_pattern
 
 __all__ = [
@@ -389,8 +390,6 @@ def _validate(cfg: Config) -> None:
             "auth.jwt_public_key_file", f"file not found: {cfg.auth.jwt_public_key_file}"
         )
     if cfg.auth.jwt_public_key_file:
-        from broker.auth import load_public_key  # auth imports this module
-
         load_public_key(cfg.auth.jwt_public_key_file)  # an RSA or EC P-256 key, or ConfigError
     for key, patterns in (
         ("auth.default_publish", cfg.auth.default_publish),
