@@ -211,7 +211,14 @@ class Connection:
             was_up = False
             try:
                 async with self._make_client() as client:
-                    await self._session(client, session)
+                    try:
+                        await self._session(client, session)
+                    finally:
+                        # Before the client's pool exits: a command started from now on
+                        # fails at once with BusUnavailable, and one in flight that meets
+                        # the exited pool ("not initialized or has exited") is told apart
+                        # from a bug by ops() (the client is no longer the current one).
+                        self.client = None
             except* redis_failures() as group:
                 reason = repr(leaf(group))
             except* Reconnect as group:
