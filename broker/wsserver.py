@@ -143,7 +143,8 @@ class FrameLimits:
 
 
 class ServerWebSocket:
-    """One client connection's WebSocket protocol state, over ``stream``, writing into
+    """One client connection's WebSocket protocol state, over ``stream`` (a trio stream, or
+    the connected socket itself, non-blocking, as the worker accepts plain TCP), writing into
     ``queue``, within ``limits``. ``last_receive`` and ``bytes_received`` say when and how much
     the client last sent (the idle timer and the metrics read them)."""
 
@@ -166,12 +167,24 @@ class ServerWebSocket:
     )
 
     def __init__(
-        self, stream: trio.abc.Stream, queue: SendQueue, limits: FrameLimits | None = None
+        self,
+        stream: trio.abc.Stream | socket.socket,
+        queue: SendQueue,
+        limits: FrameLimits | None = None,
     ) -> None:
-        self.stream = stream
-        # A plain TCP stream is read from its socket directly (as the send queue writes it):
-        # three coroutine frames fewer for every idle connection to hold.
-        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # A plain TCP connection is read from its socket directly (as the send queue writes
+        # it): three coroutine frames fewer for every idle connection to hold. The worker
+        # hands over the socket itself, without trio's socket and SocketStream around it:
+        # those cost two system calls a connect (TCP_NODELAY and TCP_NOTSENT_LOWAT, which an
+        # accepted socket inherits from its listener, where the worker sets them once).
+        self.socket: socket.socket | trio.socket.SocketType | None
+        self.stream: trio.abc.Stream | None
+        if isinstance(stream, socket.socket):
+            self.socket, self.stream = stream, None
+        elif isinstance(stream, trio.SocketStream):
+            self.socket, self.stream = stream.socket, stream
+        else:
+            self.socket, self.stream = None, stream
         self.queue = queue
         queue.attach(stream)
         self.limits = FrameLimits() if limits is None else limits
@@ -186,7 +199,8 @@ class ServerWebSocket:
         # Made by accept(), or earlier when frames came right behind the upgrade request.
         self._reader: FrameReader | None = None
         self._unparsed: memoryview | None = None  # the rest of a read, past PARSE_SIZE
-        # Set by accept(): the next read waits for the socket first (see _receive).
+        # The next read waits for the socket first: set by a read that emptied it and by
+        # accept() (see _receive).
         self._wait_first = False
         #: the client's close frame (code, reason), once it has sent one
         self.remote_close: tuple[int, str] | None = None
@@ -200,10 +214,18 @@ class ServerWebSocket:
 
         A plain socket is read directly, with ``SocketStream.receive_some``'s checkpoints
         (cancellable only before anything is read, a shielded yield after an immediate read)
-        but not its three layers of coroutines, which every idle connection would hold."""
+        but not its three layers of coroutines, which every idle connection would hold.
+
+        A read that did not fill :data:`RECEIVE_SIZE` emptied the socket, so the next one
+        waits for it first: reading again at once nearly always finds nothing (at 20,000
+        publications a second a read brings a few frames), and that costs a system call and
+        an exception per wake-up. Waiting costs nothing more when bytes did come meanwhile:
+        the wait is answered in the scheduler's next pass, where an immediate read would
+        have yielded once anyway. Only a full read tries again at once."""
         sock = self.socket
         data: bytes | bytearray
         if sock is None:
+            assert self.stream is not None
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -211,19 +233,16 @@ class ServerWebSocket:
             if not isinstance(data, bytes):  # the Stream interface allows a bytearray
                 data = bytes(data)
         else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            waited = False
-            if self._wait_first:
-                # The first read after the 101 was queued: the client has not seen it yet, so
-                # what it sends next is nearly never there, and a read that finds nothing
-                # costs a system call and an exception. (A client that sent more right behind
-                # its request is woken for at once.)
-                self._wait_first = False
+            waited = self._wait_first
+            if waited:
+                # (Also set by accept(): the client has not seen the 101 yet. A client that
+                # sent more right behind its request is woken for at once.)
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return b""
-                waited = True
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 fd = sock.fileno()  # -1 once closed: never read a number that was reused
                 if fd < 0:
@@ -242,6 +261,7 @@ class ServerWebSocket:
                 except trio.ClosedResourceError:
                     return b""
                 waited = True
+            self._wait_first = len(data) < RECEIVE_SIZE
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.last_receive = trio.current_time()
@@ -541,12 +561,16 @@ class ServerWebSocket:
     async def aclose(self) -> None:
         """Drop what is queued and release the socket, without waiting for anything."""
         self.queue.close()
-        if self.socket is not None:
+        sock = self.socket
+        if sock is not None:
             # What SocketStream.aclose does, without its checkpoint or the cancel scope that
             # aclose_forcefully puts around it: those cost a short connection about 13 % of
             # its CPU, measured on the connect benchmark.
-            self.socket.close()
+            if isinstance(sock, socket.socket) and sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(sock)  # what trio's socket does before closing
+            sock.close()
             return
+        assert self.stream is not None
         await trio.aclose_forcefully(self.stream)
 
     @property
