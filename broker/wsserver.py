@@ -199,8 +199,7 @@ class ServerWebSocket:
         # Made by accept(), or earlier when frames came right behind the upgrade request.
         self._reader: FrameReader | None = None
         self._unparsed: memoryview | None = None  # the rest of a read, past PARSE_SIZE
-        # The next read waits for the socket first: set by a read that emptied it and by
-        # accept() (see _receive).
+        # Set by accept(): the next read waits for the socket first (see _receive).
         self._wait_first = False
         #: the client's close frame (code, reason), once it has sent one
         self.remote_close: tuple[int, str] | None = None
@@ -214,14 +213,7 @@ class ServerWebSocket:
 
         A plain socket is read directly, with ``SocketStream.receive_some``'s checkpoints
         (cancellable only before anything is read, a shielded yield after an immediate read)
-        but not its three layers of coroutines, which every idle connection would hold.
-
-        A read that did not fill :data:`RECEIVE_SIZE` emptied the socket, so the next one
-        waits for it first: reading again at once nearly always finds nothing (at 20,000
-        publications a second a read brings a few frames), and that costs a system call and
-        an exception per wake-up. Waiting costs nothing more when bytes did come meanwhile:
-        the wait is answered in the scheduler's next pass, where an immediate read would
-        have yielded once anyway. Only a full read tries again at once."""
+        but not its three layers of coroutines, which every idle connection would hold."""
         sock = self.socket
         data: bytes | bytearray
         if sock is None:
@@ -233,16 +225,19 @@ class ServerWebSocket:
             if not isinstance(data, bytes):  # the Stream interface allows a bytearray
                 data = bytes(data)
         else:
-            waited = self._wait_first
-            if waited:
-                # (Also set by accept(): the client has not seen the 101 yet. A client that
-                # sent more right behind its request is woken for at once.)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
+            if self._wait_first:
+                # The first read after the 101 was queued: the client has not seen it yet, so
+                # what it sends next is nearly never there, and a read that finds nothing
+                # costs a system call and an exception. (A client that sent more right behind
+                # its request is woken for at once.)
+                self._wait_first = False
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return b""
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
+                waited = True
             while True:
                 fd = sock.fileno()  # -1 once closed: never read a number that was reused
                 if fd < 0:
@@ -261,7 +256,6 @@ class ServerWebSocket:
                 except trio.ClosedResourceError:
                     return b""
                 waited = True
-            self._wait_first = len(data) < RECEIVE_SIZE
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.last_receive = trio.current_time()

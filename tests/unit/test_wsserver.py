@@ -8,7 +8,6 @@ in order, and every ping is answered in order."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +22,6 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import wsserver
 from broker.sendqueue import Flusher, SendQueue
 from broker.worker import Worker, tune_listener
 from broker.wsserver import MAX_REQUEST_HEAD, VIOLATION_DRAIN, FrameLimits, ServerWebSocket
@@ -107,43 +105,6 @@ async def test_pipelined_and_byte_by_byte_frames_are_all_served_in_order() -> No
             return got
 
         assert await run(talk) == [*range(50), "slow"]
-
-
-async def test_a_read_that_empties_the_socket_waits_for_it_before_reading_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A read that did not fill the buffer emptied the socket: the next read waits for the
-    # socket first instead of finding nothing (a system call and an exception per wake-up).
-    reads: list[str] = []
-
-    class CountingOs:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(os, name)
-
-        @staticmethod
-        def read(fd: int, n: int) -> bytes:
-            try:
-                data = os.read(fd, n)
-            except BlockingIOError:
-                reads.append("empty")
-                raise
-            reads.append("data")
-            return data
-
-    async with client(make_worker()) as run:
-        await run(lambda c: None)  # upgraded: the welcome is read
-        monkeypatch.setattr(wsserver, "os", CountingOs())
-
-        def talk(c: Client) -> list[Any]:
-            got = []
-            for i in range(5):  # one frame a read, each after the last reply
-                c.send(c.op(op="ping", id=i))
-                got.append(c.reader.json()["id"])
-            return got
-
-        assert await run(talk) == list(range(5))
-    assert reads.count("data") >= 5
-    assert "empty" not in reads
 
 
 def test_accepted_sockets_inherit_the_tcp_options_set_on_the_listener() -> None:
