@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -207,7 +208,7 @@ class SendQueue:
         self.appended = 0  # bytes ever queued
         self.settled = 0  # bytes ever written or dropped: waiters wake when it passes their mark
         self._state = IDLE
-        self._socket: trio.socket.SocketType | None = None
+        self._socket: socket.socket | trio.socket.SocketType | None = None
         self._stream: trio.abc.Stream | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
         self._drain_scope: trio.CancelScope | None = None  # the drainer's, while one runs
@@ -218,10 +219,12 @@ class SendQueue:
         #: It receives topics delivered ``latest``: ``write_timeout`` does not cut it.
         self.receives_latest = False
 
-    def attach(self, stream: trio.abc.Stream) -> None:
-        """Write to ``stream``: directly to its socket when it is a plain
-        :class:`trio.SocketStream`, else through ``send_all`` in the drainer."""
-        if isinstance(stream, trio.SocketStream):
+    def attach(self, stream: trio.abc.Stream | socket.socket) -> None:
+        """Write to ``stream``: directly to its socket when it is a non-blocking socket or a
+        plain :class:`trio.SocketStream`, else through ``send_all`` in the drainer."""
+        if isinstance(stream, socket.socket):
+            self._socket = stream
+        elif isinstance(stream, trio.SocketStream):
             self._socket = stream.socket
         else:
             self._stream = stream

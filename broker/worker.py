@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections import Counter, deque
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import structlog
@@ -73,6 +74,23 @@ ACCEPT_SKIP_ERRNOS = frozenset(
 )
 #: connections accepted from a plain socket per wake-up before the others run
 ACCEPT_BATCH = 64
+# What trio's SocketStream sets on each TCP connection (16 KiB unsent at most: the kernel
+# says writable only once that little is left), set once on a plain listener instead: an
+# accepted socket inherits both (Linux copies the listener's TCP options to its children).
+_INHERITED_OPTIONS = tuple(
+    (getattr(socket, name), value)
+    for name, value in (("TCP_NODELAY", 1), ("TCP_NOTSENT_LOWAT", 2**14))
+    if hasattr(socket, name)
+)
+
+
+def tune_listener(sock: socket.socket) -> None:
+    """Set on the listening ``sock`` the TCP options trio's ``SocketStream`` sets on each
+    connection, which its accepted sockets then inherit; best effort, as trio's (a socket
+    that is not TCP takes none of them)."""
+    for option, value in _INHERITED_OPTIONS:
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def make_listen_socket(
@@ -310,9 +328,14 @@ class Worker:
         connection waiting is taken per wake-up (up to :data:`ACCEPT_BATCH`), with the
         standard library's ``accept``. trio's listener yields after each accepted connection
         and wraps the call in its socket machinery: about 7 µs of CPU a connection more,
-        measured, some 3 % of a short connection. Failures are handled as trio's listener and
-        :meth:`_accept_from` handle them. Closes ``sock`` when cancelled."""
+        measured, some 3 % of a short connection. The connection goes to :meth:`_handle` as
+        the accepted socket itself, made non-blocking: trio's socket and ``SocketStream``
+        around it would set ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` on each one, which an
+        accepted socket inherits from its listener, where they are set here once. Failures are
+        handled as trio's listener and :meth:`_accept_from` handle them. Closes ``sock`` when
+        cancelled."""
         sock.setblocking(False)  # (a socket handed over by its descriptor may not be)
+        tune_listener(sock)
         with sock:
             while True:
                 for _ in range(ACCEPT_BATCH):
@@ -326,11 +349,11 @@ class Worker:
                         await self._accept_failed(exc)
                         break
                     try:
-                        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+                        conn.setblocking(False)
                     except BaseException:
                         conn.close()
                         raise
-                    nursery.start_soon(self._handle, stream)
+                    nursery.start_soon(self._handle, conn)
                 else:  # a full batch: let the connections just taken run first
                     await trio.lowlevel.checkpoint()
                     continue
@@ -376,7 +399,7 @@ class Worker:
                 await self._sessions_changed.wait()
         log.info("stopped", remaining=len(self.sessions))
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _handle(self, stream: trio.abc.Stream | socket.socket) -> None:
         conn_id = next(self._ids)
         structlog.contextvars.bind_contextvars(conn=conn_id)
         cfg = self.config
@@ -389,7 +412,10 @@ class Worker:
             )
             ws = ServerWebSocket(stream, queue, self.frame_limits)
         except BaseException:  # nothing owns the stream yet: close it here
-            await trio.aclose_forcefully(stream)
+            if isinstance(stream, socket.socket):
+                stream.close()
+            else:
+                await trio.aclose_forcefully(stream)
             raise
         try:
             await self._connection(conn_id, ws)

@@ -143,7 +143,8 @@ class FrameLimits:
 
 
 class ServerWebSocket:
-    """One client connection's WebSocket protocol state, over ``stream``, writing into
+    """One client connection's WebSocket protocol state, over ``stream`` (a trio stream, or
+    the connected socket itself, non-blocking, as the worker accepts plain TCP), writing into
     ``queue``, within ``limits``. ``last_receive`` and ``bytes_received`` say when and how much
     the client last sent (the idle timer and the metrics read them)."""
 
@@ -166,12 +167,24 @@ class ServerWebSocket:
     )
 
     def __init__(
-        self, stream: trio.abc.Stream, queue: SendQueue, limits: FrameLimits | None = None
+        self,
+        stream: trio.abc.Stream | socket.socket,
+        queue: SendQueue,
+        limits: FrameLimits | None = None,
     ) -> None:
-        self.stream = stream
-        # A plain TCP stream is read from its socket directly (as the send queue writes it):
-        # three coroutine frames fewer for every idle connection to hold.
-        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # A plain TCP connection is read from its socket directly (as the send queue writes
+        # it): three coroutine frames fewer for every idle connection to hold. The worker
+        # hands over the socket itself, without trio's socket and SocketStream around it:
+        # those cost two system calls a connect (TCP_NODELAY and TCP_NOTSENT_LOWAT, which an
+        # accepted socket inherits from its listener, where the worker sets them once).
+        self.socket: socket.socket | trio.socket.SocketType | None
+        self.stream: trio.abc.Stream | None
+        if isinstance(stream, socket.socket):
+            self.socket, self.stream = stream, None
+        elif isinstance(stream, trio.SocketStream):
+            self.socket, self.stream = stream.socket, stream
+        else:
+            self.socket, self.stream = None, stream
         self.queue = queue
         queue.attach(stream)
         self.limits = FrameLimits() if limits is None else limits
@@ -204,6 +217,7 @@ class ServerWebSocket:
         sock = self.socket
         data: bytes | bytearray
         if sock is None:
+            assert self.stream is not None
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -541,12 +555,20 @@ class ServerWebSocket:
     async def aclose(self) -> None:
         """Drop what is queued and release the socket, without waiting for anything."""
         self.queue.close()
-        if self.socket is not None:
+        sock = self.socket
+        if sock is not None:
             # What SocketStream.aclose does, without its checkpoint or the cancel scope that
             # aclose_forcefully puts around it: those cost a short connection about 13 % of
             # its CPU, measured on the connect benchmark.
-            self.socket.close()
+            # The accepted socket is closed without trio's notify_closing (an epoll_ctl and
+            # its bookkeeping, about 4 % of a reconnect's samples): only two tasks ever wait
+            # on it, this connection's reader, which is the caller, and its drainer, which
+            # queue.close() just cancelled (trio delivers that at once to a task blocked in a
+            # wait, and the wait drops its registration), and the kernel takes a closed
+            # descriptor out of the epoll set itself.
+            sock.close()
             return
+        assert self.stream is not None
         await trio.aclose_forcefully(self.stream)
 
     @property

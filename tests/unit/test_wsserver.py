@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.sendqueue import Flusher, SendQueue
-from broker.worker import Worker
+from broker.worker import Worker, tune_listener
 from broker.wsserver import MAX_REQUEST_HEAD, VIOLATION_DRAIN, FrameLimits, ServerWebSocket
 from tests.support.inmemory import make_worker, running, token
 from tests.support.rawws import FrameReader, encode_frame, http_request, read_response
@@ -60,8 +60,8 @@ async def client(worker: Worker) -> AsyncIterator[Callable[[Callable[[Client], T
     server_sock, client_sock = socket.socketpair()
     client_sock.settimeout(10)
     async with running(worker) as nursery:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(server_sock))
-        nursery.start_soon(worker._handle, stream)
+        server_sock.setblocking(False)  # handed over as the worker's accept loop does
+        nursery.start_soon(worker._handle, server_sock)
         box: list[Client] = []
 
         async def run(fn: Callable[[Client], T]) -> T:
@@ -105,6 +105,17 @@ async def test_pipelined_and_byte_by_byte_frames_are_all_served_in_order() -> No
             return got
 
         assert await run(talk) == [*range(50), "slow"]
+
+
+def test_accepted_sockets_inherit_the_tcp_options_set_on_the_listener() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        tune_listener(listener)
+        with (
+            socket.create_connection(listener.getsockname()) as _,
+            listener.accept()[0] as conn,
+        ):
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 2**14
 
 
 async def test_a_fragmented_message_over_the_limit_is_closed_with_1009() -> None:
