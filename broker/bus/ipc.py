@@ -16,6 +16,7 @@ run delivered in one loop.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -145,9 +146,9 @@ class LinkBus(Bus):
     (:mod:`broker.ipc`): each request goes to :meth:`_caller` of its topic; publications and
     presence events the owners forward arrive through :meth:`_on_push`."""
 
+    @abc.abstractmethod
     def _caller(self, topic: str) -> Caller:
         """What carries requests about ``topic``."""
-        raise NotImplementedError
 
     def _on_push(self, message: list[Any]) -> None:
         kind = message[0]
